@@ -1,0 +1,71 @@
+# Tally's entry points. `make help` lists them; README.md explains them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SERVICES := scripts/services.sh
+PYTEST_ARGS ?=
+
+.PHONY: help venv services services-down services-status lint fmt test test-unit \
+        test-integration test-fault demo bench clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required, found " + sys.version.split()[0])'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP) ## Create .venv and install the package with its dev tools
+
+services: ## Start Kafka (KRaft), PostgreSQL and Redis on loopback (reuses running ones)
+	@$(SERVICES) up
+
+services-down: ## Stop the local services started by `make services`
+	@$(SERVICES) down
+
+services-status: ## Say which local services are up
+	@$(SERVICES) status
+
+lint: $(STAMP) ## ruff check, ruff format --check, mypy on the packages
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: $(STAMP) ## Format and auto-fix with ruff
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# pytest exits 5 when it collected nothing; that is a broken suite, not a pass.
+define run_pytest
+	@set +e; $(PY) -m pytest $(1) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests in $(1): failing" >&2; exit 1; fi; \
+	exit $$rc
+endef
+
+test: lint services ## Lint, start the services, run every test suite against them
+	$(call run_pytest,tests)
+
+test-unit: $(STAMP) ## Only the pure, fast unit tests (no services needed)
+	$(call run_pytest,tests/unit)
+
+test-integration: $(STAMP) services ## Only the integration tests (real services)
+	$(call run_pytest,tests/integration)
+
+test-fault: $(STAMP) services ## Only the fault tests (kills and restarts)
+	$(call run_pytest,tests/fault)
+
+demo: $(STAMP) services ## Run the main job against the local services and print its summary
+	$(VENV)/bin/tally demo
+
+bench: $(STAMP) services ## Run the benchmarks and print their numbers
+	$(VENV)/bin/tally bench
+
+clean: ## Remove the virtualenv and caches (not the services' data: see services-down)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Sinks: the events topic projected into PostgreSQL and Redis (issue #4)."""

@@ -1,0 +1,1 @@
+"""The engine: the pure ledger state machine and the Faust app that runs it."""

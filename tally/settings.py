@@ -1,0 +1,100 @@
+"""Settings: read once from TALLY_* environment variables at the entry point, validated, frozen.
+
+Nothing else in the code base reads the environment; the `Settings` object is passed down.
+msgspec does the type conversion and bounds checks (the same library that checks the wire
+schema), this module only maps its errors back to the variable the user typed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+PREFIX = "TALLY_"
+
+# Variables with the prefix that belong to other tools of the project (the local
+# services script), so that they are not reported as unknown settings.
+_FOREIGN = frozenset({"TALLY_CACHE_DIR", "TALLY_KAFKA_PORT", "TALLY_PG_PORT", "TALLY_REDIS_PORT"})
+
+_TOPIC_PREFIX = r"^[A-Za-z0-9_-]{1,40}$"
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or out of range; the message names the variable."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every knob of a Tally process. Defaults point at the local stack (`make services`)."""
+
+    kafka_bootstrap: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1:9092"
+    pg_dsn: Annotated[str, msgspec.Meta(pattern=r"^postgres(ql)?://")] = (
+        "postgresql://postgres@127.0.0.1:5432/tally"
+    )
+    redis_url: Annotated[str, msgspec.Meta(pattern=r"^(redis|rediss|unix)://")] = (
+        "redis://127.0.0.1:6379/0"
+    )
+    # Shards = partitions of every topic. Fixed for a deployment: changing it moves
+    # accounts between shards, which is a migration (replay into new topics).
+    partitions: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    topic_prefix: Annotated[str, msgspec.Meta(pattern=_TOPIC_PREFIX)] = "tally"
+    data_dir: Annotated[str, msgspec.Meta(min_length=1)] = ".cache/engine"
+    web_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 6066
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with passwords in DSNs and URLs masked, for logs."""
+        out = msgspec.structs.asdict(self)
+        for key in ("pg_dsn", "redis_url", "kafka_bootstrap"):
+            out[key] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", out[key])
+        return out
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def load(environ: Mapping[str, str]) -> Settings:
+    """Build Settings from an environment mapping; raise SettingsError naming the bad variable."""
+    fields = {f.name for f in msgspec.structs.fields(Settings)}
+    unknown = sorted(
+        k
+        for k in environ
+        if k.startswith(PREFIX) and k not in _FOREIGN and k[len(PREFIX) :].lower() not in fields
+    )
+    if unknown:
+        # A typo in a variable name would otherwise silently fall back to a default.
+        raise SettingsError(f"unknown setting {unknown[0]} (known: {_known_names(fields)})")
+    raw: dict[str, Any] = {}
+    for name in fields:
+        value = environ.get(env_name(name))
+        if value is not None:
+            raw[name] = value.strip()
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(_explain(exc, raw)) from None
+
+
+_PLAIN = {
+    "Expected `int`, got `str`": "expected a whole number",
+    "Expected `str`, got `int`": "expected text",
+}
+
+
+def _known_names(fields: set[str]) -> str:
+    return ", ".join(sorted(env_name(f) for f in fields))
+
+
+def _explain(exc: msgspec.ValidationError, raw: Mapping[str, Any]) -> str:
+    message = str(exc)
+    match = re.search(r"at `\$\.(\w+)`", message)
+    if not match:
+        return f"bad settings: {message}"
+    field = match.group(1)
+    problem = message[: match.start()].rstrip(" -")
+    problem = _PLAIN.get(problem, problem)
+    return f"bad setting {env_name(field)}={raw.get(field)!r}: {problem}"

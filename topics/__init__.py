@@ -1,0 +1,1 @@
+"""The wire contract: topic specs, command and event schemas, codec, sharding."""

@@ -1,0 +1,35 @@
+"""Every bound of the wire contract in one place, each with the reason it exists."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Balances, amounts and limits are signed 64-bit integers in the asset's minor unit, so
+# that every store on the way (Kafka JSON readers, PostgreSQL BIGINT, Redis) holds them
+# without loss. Python ints do not overflow; the ledger checks against these instead.
+AMOUNT_MAX: Final = 2**63 - 1
+BALANCE_MIN: Final = -(2**63)
+
+# An account id is short enough for a Kafka key and a Redis key, and free of the
+# separators ('|', '{', '}', '/', whitespace) that the stores and derived ids use.
+ACCOUNT_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
+ACCOUNT_ID_LEN_MAX: Final = 64
+ASSET_PATTERN: Final = r"^[A-Z0-9]{1,12}$"
+ASSET_LEN_MAX: Final = 12
+
+# Client-chosen idempotency keys (a UUID fits). '/' is kept out of client ids because the
+# engine derives the ids of the internal commands it emits as "<command_id>/<suffix>".
+COMMAND_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,128}$"
+COMMAND_ID_LEN_MAX: Final = 128
+HOLD_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+# One disbursement fans out to at most this many payees: it bounds the size of one
+# command record (about 100 bytes a leg) and the work one command may cause.
+DISBURSE_LEGS_MAX: Final = 1000
+
+# A raw record larger than this is not decoded at all: 1,000 legs fit in ~120 KiB.
+COMMAND_BYTES_MAX: Final = 256 * 1024
+
+# A rejection's human-readable detail is cut to this length so that a hostile record
+# cannot make the engine write large events.
+DETAIL_LEN_MAX: Final = 300

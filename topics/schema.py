@@ -1,0 +1,254 @@
+"""The one definition of every command and event on Tally's topics (schema version 1).
+
+The ingress validates with it, the engine decodes with it, the sinks read it and the
+tests generate data from it. JSON on the wire; amounts are integers in minor units
+(floats, strings and booleans are refused by the decoder, not coerced).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+import msgspec
+
+from topics import limits
+
+SCHEMA_VERSION = 1
+
+AccountId = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=limits.ACCOUNT_ID_PATTERN,
+        description="1-64 characters of [A-Za-z0-9_.:-]",
+    ),
+]
+Asset = Annotated[
+    str,
+    msgspec.Meta(pattern=limits.ASSET_PATTERN, description="1-12 characters of [A-Z0-9]"),
+]
+CommandId = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=limits.COMMAND_ID_PATTERN,
+        description="client-chosen idempotency key, 1-128 characters of [A-Za-z0-9_.:-]",
+    ),
+]
+HoldId = Annotated[str, msgspec.Meta(pattern=limits.HOLD_ID_PATTERN)]
+Amount = Annotated[
+    int,
+    msgspec.Meta(ge=1, le=limits.AMOUNT_MAX, description="minor units, 1 to 2^63-1"),
+]
+Limit = Annotated[int, msgspec.Meta(ge=0, le=limits.AMOUNT_MAX)]
+EpochMs = Annotated[int, msgspec.Meta(ge=0, le=limits.AMOUNT_MAX)]
+AccountStatus = Literal["active", "frozen", "closed"]
+
+
+class _Command(
+    msgspec.Struct,
+    tag_field="kind",
+    forbid_unknown_fields=True,
+    frozen=True,
+    kw_only=True,
+):
+    """Fields every command carries. `account` is the paying or owning account: it is
+    the Kafka key, so it decides the partition the command is applied on."""
+
+    v: Literal[1] = 1
+    command_id: CommandId
+    account: AccountId
+
+
+class Deposit(_Command, tag="deposit", frozen=True):
+    """Money enters the system: credit `amount` of `asset` to `account`."""
+
+    asset: Asset
+    amount: Amount
+
+
+class Withdraw(_Command, tag="withdraw", frozen=True):
+    """Money leaves the system: debit `amount` of `asset` from `account`."""
+
+    asset: Asset
+    amount: Amount
+
+
+class Transfer(_Command, tag="transfer", frozen=True):
+    """Debit `account`, credit `to` (possibly on another partition)."""
+
+    to: AccountId
+    asset: Asset
+    amount: Amount
+
+
+class Leg(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """One payee of a disbursement."""
+
+    to: AccountId
+    amount: Amount
+
+
+class Disburse(_Command, tag="disburse", frozen=True):
+    """One debit of the sum of the legs from `account`, one credit per leg."""
+
+    asset: Asset
+    legs: Annotated[list[Leg], msgspec.Meta(min_length=1, max_length=limits.DISBURSE_LEGS_MAX)]
+
+
+class Hold(_Command, tag="hold", frozen=True):
+    """Reserve `amount` of `account`'s available funds under `hold_id`, optionally
+    until `expires_at_ms` (epoch milliseconds), after which the engine releases it."""
+
+    hold_id: HoldId
+    asset: Asset
+    amount: Amount
+    expires_at_ms: EpochMs | None = None
+
+
+class Release(_Command, tag="release", frozen=True):
+    """Give a hold's whole amount back to available."""
+
+    hold_id: HoldId
+
+
+class Capture(_Command, tag="capture", frozen=True):
+    """Settle `amount` of a hold (all of it when absent) out of the system, or to
+    account `to`; the rest of the hold is released."""
+
+    hold_id: HoldId
+    amount: Amount | None = None
+    to: AccountId | None = None
+
+
+class Configure(_Command, tag="configure", frozen=True):
+    """Change an account's status, or its overdraft limit for one asset."""
+
+    status: AccountStatus | None = None
+    asset: Asset | None = None
+    overdraft_limit: Limit | None = None
+
+
+# Internal commands: the engine emits these to its own internal topic, never clients.
+# They travel between partitions to finish what one partition started.
+
+
+class Credit(_Command, tag="credit", frozen=True):
+    """The payee's half of a transfer, disbursement or capture."""
+
+    asset: Asset
+    amount: Amount
+    origin_command_id: CommandId
+    origin_account: AccountId
+
+
+class Refund(_Command, tag="refund", frozen=True):
+    """Gives back to the payer a credit the payee's partition could not apply."""
+
+    asset: Asset
+    amount: Amount
+    origin_command_id: CommandId
+    reason: str
+
+
+class Expire(_Command, tag="expire", frozen=True):
+    """Asks the owning partition to release a hold whose expiry time has passed."""
+
+    hold_id: HoldId
+
+
+PublicCommand = Deposit | Withdraw | Transfer | Disburse | Hold | Release | Capture | Configure
+InternalCommand = Credit | Refund | Expire
+Command = PublicCommand | InternalCommand
+
+PUBLIC_KINDS: tuple[str, ...] = (
+    "deposit",
+    "withdraw",
+    "transfer",
+    "disburse",
+    "hold",
+    "release",
+    "capture",
+    "configure",
+)
+INTERNAL_KINDS: tuple[str, ...] = ("credit", "refund", "expire")
+
+
+class Status(enum.StrEnum):
+    APPLIED = "applied"
+    REJECTED = "rejected"
+    DUPLICATE = "duplicate"
+
+
+class Reason(enum.StrEnum):
+    """Why a command was rejected. Checked in the order the ledger documents."""
+
+    INVALID_COMMAND = "invalid_command"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    COMMAND_ID_REUSED = "command_id_reused"
+    ACCOUNT_FROZEN = "account_frozen"
+    ACCOUNT_CLOSED = "account_closed"
+    ACCOUNT_NOT_EMPTY = "account_not_empty"
+    SAME_ACCOUNT = "same_account"
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    BALANCE_OVERFLOW = "balance_overflow"
+    HOLD_EXISTS = "hold_exists"
+    HOLD_NOT_FOUND = "hold_not_found"
+    HOLD_EXPIRED = "hold_expired"
+    HOLD_NOT_EXPIRED = "hold_not_expired"
+    AMOUNT_EXCEEDS_HOLD = "amount_exceeds_hold"
+    NOTHING_TO_CONFIGURE = "nothing_to_configure"
+
+
+class Entry(msgspec.Struct, frozen=True, kw_only=True):
+    """One balance change: the (account, asset) balance after it, and what moved."""
+
+    account: str
+    asset: str
+    seq: int
+    available: int
+    held: int
+    delta_available: int
+    delta_held: int
+
+
+class FirstResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What a repeated command_id points at: the outcome of its first application."""
+
+    status: Status
+    reason: Reason | None = None
+    at_ms: int
+
+
+class Result(msgspec.Struct, frozen=True, kw_only=True):
+    """The one result event a command gets, keyed by `account` on the events topic.
+
+    `entries` lists every balance the command changed on this partition, in order;
+    a rejected or duplicate command changes nothing and has none.
+    """
+
+    v: Literal[1] = 1
+    command_id: str
+    account: str
+    kind: str
+    status: Status
+    reason: Reason | None = None
+    detail: str | None = None
+    first: FirstResult | None = None
+    entries: list[Entry] = []
+    at_ms: int
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A record the engine could not turn into a command with a usable command_id.
+
+    `raw` is the record's value as text (undecodable bytes escaped), never dropped.
+    """
+
+    v: Literal[1] = 1
+    reason: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key: str | None
+    raw: str
+    at_ms: int

@@ -1,0 +1,68 @@
+"""The topics Tally reads and writes: names, partition counts, cleanup and retention."""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+import msgspec
+
+DAY_MS: Final = 24 * 3600 * 1000
+
+
+class TopicSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    partitions: int
+    cleanup_policy: Literal["delete", "compact"]
+    # -1 keeps records forever. The events topic is the source every sink store is
+    # rebuilt from, so it keeps everything unless an operator decides otherwise.
+    retention_ms: int
+
+    def config(self) -> dict[str, str]:
+        """Topic-level settings as the broker's admin API spells them."""
+        return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+
+
+class Topics(msgspec.Struct, frozen=True, kw_only=True):
+    """Every topic of one deployment. All are co-partitioned: partition p of each holds
+    the accounts of shard p, which is what lets one agent own a shard end to end."""
+
+    commands: TopicSpec
+    internal: TopicSpec
+    events: TopicSpec
+    dead_letter: TopicSpec
+
+    def all(self) -> tuple[TopicSpec, ...]:
+        return (self.commands, self.internal, self.events, self.dead_letter)
+
+
+def topics_for(prefix: str, partitions: int) -> Topics:
+    """The topic set of a deployment named `prefix` with `partitions` shards."""
+    return Topics(
+        # Client commands, keyed by the paying/owning account.
+        commands=TopicSpec(
+            name=f"{prefix}.commands",
+            partitions=partitions,
+            cleanup_policy="delete",
+            retention_ms=7 * DAY_MS,
+        ),
+        # Credits, refunds and expiries the engine sends itself between partitions.
+        # Kept apart from client commands so that no client can forge a credit.
+        internal=TopicSpec(
+            name=f"{prefix}.internal",
+            partitions=partitions,
+            cleanup_policy="delete",
+            retention_ms=7 * DAY_MS,
+        ),
+        events=TopicSpec(
+            name=f"{prefix}.events",
+            partitions=partitions,
+            cleanup_policy="delete",
+            retention_ms=-1,
+        ),
+        dead_letter=TopicSpec(
+            name=f"{prefix}.dead-letter",
+            partitions=partitions,
+            cleanup_policy="delete",
+            retention_ms=30 * DAY_MS,
+        ),
+    )
