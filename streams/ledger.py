@@ -246,7 +246,7 @@ class _Change:
     # Outcomes --------------------------------------------------------------------------
 
     def applied(self, digest: str) -> Outcome:
-        result = self._result(Status.APPLIED, None, None)
+        result = self._result(Status.APPLIED, None, None, len(self.emits))
         return Outcome(
             result=result,
             balances=self.balances,
@@ -257,7 +257,6 @@ class _Change:
         )
 
     def rejected(self, rejected: _Rejected, digest: str) -> Outcome:
-        result = self._result(Status.REJECTED, rejected.reason, rejected.detail)
         emits: list[InternalCommand] = []
         command = self.command
         if isinstance(command, Credit):
@@ -272,10 +271,13 @@ class _Change:
                     reason=rejected.reason.value,
                 )
             )
+        result = self._result(Status.REJECTED, rejected.reason, rejected.detail, len(emits))
         record = CommandRecord(digest, Status.REJECTED, rejected.reason, self.now_ms)
         return Outcome(result=result, record=record, emits=emits)
 
-    def _result(self, status: Status, reason: Reason | None, detail: str | None) -> Result:
+    def _result(
+        self, status: Status, reason: Reason | None, detail: str | None, emitted: int
+    ) -> Result:
         return Result(
             command_id=self.command.command_id,
             account=self.command.account,
@@ -284,6 +286,7 @@ class _Change:
             reason=reason,
             detail=detail,
             entries=self.entries if status is Status.APPLIED else [],
+            emitted=emitted,
             at_ms=self.now_ms,
         )
 

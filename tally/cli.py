@@ -44,28 +44,61 @@ def config() -> None:
 
 
 @main.command()
+@click.option("--count", default=20_000, show_default=True, type=click.IntRange(1, 2_000_000))
+@click.option("--accounts", default=1000, show_default=True, type=click.IntRange(2, 1_000_000))
+@click.option("--seed", default=7, show_default=True, type=int)
+@click.option("--keep", is_flag=True, help="Keep the demo's topics and state afterwards.")
+@click.option(
+    "--stack-check/--no-stack-check",
+    default=True,
+    show_default=True,
+    help="First round-trip records through Kafka, PostgreSQL and Redis.",
+)
+def demo(count: int, accounts: int, seed: int, keep: bool, stack_check: bool) -> None:
+    """Run the engine and a mixed workload of COUNT commands in this process, then check
+    exactly-once results, seq continuity, the tables and conservation."""
+    settings = _settings()
+    logging.basicConfig(level=logging.WARNING)
+    if stack_check:
+        _roundtrip(settings, count=2000, accounts=100, seed=seed)
+        click.echo("")
+    from tally import demo as demo_job
+
+    ok = demo_job.run(settings, count=count, accounts=accounts, seed=seed, keep=keep)
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
 @click.option("--count", default=5000, show_default=True, type=click.IntRange(1, 1_000_000))
 @click.option("--accounts", default=500, show_default=True, type=click.IntRange(1, 1_000_000))
 @click.option("--seed", default=7, show_default=True, type=int)
-def demo(count: int, accounts: int, seed: int) -> None:
+def roundtrip_check(count: int, accounts: int, seed: int) -> None:
     """Round trip COUNT deposits through Kafka, PostgreSQL and Redis and check the totals."""
-    settings = _settings()
-    logging.basicConfig(level=settings.log_level)
+    _roundtrip(_settings(), count=count, accounts=accounts, seed=seed)
+
+
+def _roundtrip(settings: Settings, *, count: int, accounts: int, seed: int) -> None:
     try:
         report = asyncio.run(roundtrip.run(settings, count=count, accounts=accounts, seed=seed))
     except roundtrip.RoundTripError as exc:
-        click.echo(f"tally demo: FAILED: {exc}", err=True)
+        click.echo(f"tally: round trip FAILED: {exc}", err=True)
         sys.exit(1)
     except OSError as exc:
-        click.echo(f"tally demo: a service is unreachable ({exc}); run `make services`", err=True)
+        click.echo(f"tally: a service is unreachable ({exc}); run `make services`", err=True)
         sys.exit(1)
     click.echo(roundtrip.render(report))
 
 
 @main.command()
 def engine() -> None:
-    """Run the balance engine worker (Faust agents over the commands topic)."""
-    _not_yet("engine", 3)
+    """Run one engine worker: apply commands from Kafka against RocksDB tables.
+
+    Stop it with SIGTERM or Ctrl-C; a worker that stopped any other way restores its
+    state from the changelog topics on the next start.
+    """
+    from streams import worker
+
+    sys.exit(worker.run(_settings()))
 
 
 @main.command()

@@ -47,7 +47,11 @@ _internal = msgspec.json.Decoder(InternalCommand)
 _any_json = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 _command_id_re = re.compile(limits.COMMAND_ID_PATTERN)
+_internal_id_re = re.compile(limits.INTERNAL_ID_PATTERN)
 _account_re = re.compile(limits.ACCOUNT_ID_PATTERN)
+# What msgspec raises on bytes it cannot read as JSON: besides DecodeError, invalid UTF-8
+# inside a string raises UnicodeDecodeError and deep nesting raises RecursionError.
+_NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 def decode_command(raw: bytes, *, internal: bool = False) -> Command | Invalid | Undecodable:
@@ -58,21 +62,21 @@ def decode_command(raw: bytes, *, internal: bool = False) -> Command | Invalid |
         command: Command = (_internal if internal else _public).decode(raw)
         return command
     except msgspec.ValidationError as exc:
-        return _salvage(raw, str(exc))
-    except msgspec.DecodeError as exc:
+        return _salvage(raw, str(exc), _internal_id_re if internal else _command_id_re)
+    except _NOT_JSON as exc:
         return Undecodable(f"malformed JSON: {exc}")
 
 
-def _salvage(raw: bytes, error: str) -> Invalid | Undecodable:
+def _salvage(raw: bytes, error: str, id_re: re.Pattern[str]) -> Invalid | Undecodable:
     """Find out whether an invalid record can still be answered by command_id."""
     try:
         obj: Any = _any_json.decode(raw)
-    except msgspec.DecodeError as exc:
+    except _NOT_JSON as exc:
         return Undecodable(f"malformed JSON: {exc}")
     if not isinstance(obj, dict):
         return Undecodable(f"not a JSON object: {error}")
     command_id = obj.get("command_id")
-    if not isinstance(command_id, str) or not _command_id_re.match(command_id):
+    if not isinstance(command_id, str) or not id_re.match(command_id):
         return Undecodable(f"no usable command_id: {error}")
     account = obj.get("account")
     kind = obj.get("kind")

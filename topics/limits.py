@@ -21,6 +21,8 @@ ASSET_LEN_MAX: Final = 12
 # engine derives the ids of the internal commands it emits as "<command_id>/<suffix>".
 COMMAND_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,128}$"
 COMMAND_ID_LEN_MAX: Final = 128
+# Ids of internal commands: a client id plus "/credit/<leg>" and "/refund" suffixes.
+INTERNAL_ID_PATTERN: Final = r"^[A-Za-z0-9_.:/-]{1,160}$"
 HOLD_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 # One disbursement fans out to at most this many payees: it bounds the size of one

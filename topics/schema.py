@@ -34,6 +34,7 @@ CommandId = Annotated[
         description="client-chosen idempotency key, 1-128 characters of [A-Za-z0-9_.:-]",
     ),
 ]
+InternalId = Annotated[str, msgspec.Meta(pattern=limits.INTERNAL_ID_PATTERN)]
 HoldId = Annotated[str, msgspec.Meta(pattern=limits.HOLD_ID_PATTERN)]
 Amount = Annotated[
     int,
@@ -44,7 +45,7 @@ EpochMs = Annotated[int, msgspec.Meta(ge=0, le=limits.AMOUNT_MAX)]
 AccountStatus = Literal["active", "frozen", "closed"]
 
 
-class _Command(
+class _Base(
     msgspec.Struct,
     tag_field="kind",
     forbid_unknown_fields=True,
@@ -55,8 +56,15 @@ class _Command(
     the Kafka key, so it decides the partition the command is applied on."""
 
     v: Literal[1] = 1
-    command_id: CommandId
     account: AccountId
+
+
+class _Command(_Base, frozen=True):
+    command_id: CommandId
+
+
+class _Internal(_Base, frozen=True):
+    command_id: InternalId
 
 
 class Deposit(_Command, tag="deposit", frozen=True):
@@ -132,7 +140,7 @@ class Configure(_Command, tag="configure", frozen=True):
 # They travel between partitions to finish what one partition started.
 
 
-class Credit(_Command, tag="credit", frozen=True):
+class Credit(_Internal, tag="credit", frozen=True):
     """The payee's half of a transfer, disbursement or capture."""
 
     asset: Asset
@@ -141,7 +149,7 @@ class Credit(_Command, tag="credit", frozen=True):
     origin_account: AccountId
 
 
-class Refund(_Command, tag="refund", frozen=True):
+class Refund(_Internal, tag="refund", frozen=True):
     """Gives back to the payer a credit the payee's partition could not apply."""
 
     asset: Asset
@@ -150,7 +158,7 @@ class Refund(_Command, tag="refund", frozen=True):
     reason: str
 
 
-class Expire(_Command, tag="expire", frozen=True):
+class Expire(_Internal, tag="expire", frozen=True):
     """Asks the owning partition to release a hold whose expiry time has passed."""
 
     hold_id: HoldId
@@ -223,7 +231,10 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     """The one result event a command gets, keyed by `account` on the events topic.
 
     `entries` lists every balance the command changed on this partition, in order;
-    a rejected or duplicate command changes nothing and has none.
+    a rejected or duplicate command changes nothing and has none. `emitted` counts the
+    internal commands the outcome sent to other shards, whose ids derive from this one:
+    "<id>/credit" (transfer, capture to an account), "<id>/credit/<i>" (disbursement leg
+    i), "<id>/refund" (a rejected credit).
     """
 
     v: Literal[1] = 1
@@ -235,6 +246,7 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     detail: str | None = None
     first: FirstResult | None = None
     entries: list[Entry] = []
+    emitted: int = 0
     at_ms: int
 
 

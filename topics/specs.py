@@ -66,3 +66,8 @@ def topics_for(prefix: str, partitions: int) -> Topics:
             retention_ms=30 * DAY_MS,
         ),
     )
+
+
+def changelog_spec(name: str, partitions: int) -> TopicSpec:
+    """A table's changelog: compacted, so it keeps the last value of every key forever."""
+    return TopicSpec(name=name, partitions=partitions, cleanup_policy="compact", retention_ms=-1)

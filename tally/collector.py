@@ -1,0 +1,156 @@
+"""Read result events and dead letters back from Kafka, and check them against each other.
+
+Used by the demo, the benchmark and the integration tests: it is how anything outside
+the engine learns what the engine decided, so it reads committed records only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from topics.codec import decode_dead_letter, decode_result
+from topics.schema import DeadLetter, Result, Status
+from topics.specs import Topics
+
+poll_timeout_ms = 200
+poll_records_max = 10_000
+
+
+@dataclass
+class Results:
+    """Everything read so far, indexed the ways the checks need."""
+
+    by_id: dict[str, list[Result]] = field(default_factory=lambda: defaultdict(list))
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    received_at: dict[str, float] = field(default_factory=dict)
+    last_at: float = 0.0
+    count: int = 0
+
+    def add(self, result: Result) -> None:
+        self.by_id[result.command_id].append(result)
+        self.received_at.setdefault(result.command_id, time.monotonic())
+        self.last_at = time.monotonic()
+        self.count += 1
+
+    def statuses(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for results in self.by_id.values():
+            for r in results:
+                out[
+                    r.status.value if r.reason is None else f"{r.status.value}:{r.reason.value}"
+                ] += 1
+        return out
+
+    def pending_internal(self) -> list[str]:
+        """Ids of internal commands the results imply (credits, refunds) not yet answered."""
+        return [
+            implied
+            for results in list(self.by_id.values())
+            for r in results
+            for implied in implied_ids(r)
+            if implied not in self.by_id
+        ]
+
+
+def implied_ids(result: Result) -> list[str]:
+    """The ids of the internal commands an outcome sent (see `Result.emitted`)."""
+    if not result.emitted or result.status is Status.DUPLICATE:
+        return []
+    if result.kind == "disburse":
+        return [f"{result.command_id}/credit/{i}" for i in range(result.emitted)]
+    if result.kind == "credit":
+        return [f"{result.command_id}/refund"]
+    return [f"{result.command_id}/credit"]
+
+
+class Collector:
+    """Consumes the events and dead-letter topics from given offsets into `Results`."""
+
+    def __init__(self, bootstrap: str, topics: Topics) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.results = Results()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, *, from_end: bool = True) -> None:
+        """Start reading; with `from_end` only what is produced from now on."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        await consumer.start()
+        tps = [
+            TopicPartition(spec.name, p)
+            for spec in (self.topics.events, self.topics.dead_letter)
+            for p in range(spec.partitions)
+        ]
+        consumer.assign(tps)
+        if from_end:
+            await consumer.seek_to_end(*tps)
+        else:
+            await consumer.seek_to_beginning(*tps)
+        for tp in tps:  # resolve the lazy seek now, before anything is produced
+            await consumer.position(tp)
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        events = self.topics.events.name
+        while True:
+            batches = await self._consumer.getmany(
+                timeout_ms=poll_timeout_ms, max_records=poll_records_max
+            )
+            for tp, records in batches.items():
+                for record in records:
+                    if tp.topic == events:
+                        self.results.add(decode_result(record.value or b""))
+                    else:
+                        self.results.dead_letters.append(decode_dead_letter(record.value or b""))
+
+    async def wait_for(
+        self, done: Callable[[Results], bool], *, timeout_s: float, say: Callable[[str], None]
+    ) -> bool:
+        """Wait until `done(results)` holds; report progress every few seconds."""
+        deadline = time.monotonic() + timeout_s
+        next_report = time.monotonic() + 5
+        while not done(self.results):
+            if self._task is not None and self._task.done():
+                self._task.result()  # surfaces the reader's exception
+            if time.monotonic() > deadline:
+                return False
+            if time.monotonic() > next_report:
+                say(f"  ... {self.results.count} results so far")
+                next_report += 5
+            await asyncio.sleep(0.1)
+        return True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+def expected_counts(ids: Iterable[str | None]) -> Counter[str]:
+    """How many results each command id should get: one per record carrying it."""
+    return Counter(i for i in ids if i is not None)
+
+
+def all_answered(expected: Mapping[str, int]) -> Callable[[Results], bool]:
+    def done(results: Results) -> bool:
+        return all(len(results.by_id.get(i, ())) >= n for i, n in expected.items())
+
+    return done

@@ -1,0 +1,224 @@
+"""The main job: the engine and a realistic workload in one process, checked at the end.
+
+The demo runs in topics and a state directory of its own (prefix `demo-<id>`), so every
+run starts from nothing and its conservation check covers exactly its own money; both are
+removed afterwards unless `keep` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import faust
+import msgspec
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from streams.app import Engine
+from streams.state import BalanceState
+from streams.worker import prepare_state_dir
+from tally import checks
+from tally.collector import Collector, all_answered, expected_counts
+from tally.settings import Settings
+from tally.workload import Workload, build
+from topics.admin import ensure_topics
+from topics.shard import shard_of
+
+log = logging.getLogger(__name__)
+
+# A share of records produced to a wrong partition, as a CRC32-partitioning client
+# (kcat, librdkafka) would: the engine must forward them to their account's shard.
+misplaced_share = 0.01
+drain_timeout_s = 300.0
+
+
+class DemoJob:
+    """Produces the workload once the engine runs, waits for it to drain, checks it."""
+
+    def __init__(
+        self, engine: Engine, workload: Workload, *, seed: int, say: Callable[[str], None]
+    ) -> None:
+        self.engine = engine
+        self.workload = workload
+        self.seed = seed
+        self.say = say
+        self.ok = False
+        self.worker: Any = None
+        self._stopping: asyncio.Future[None] | None = None
+
+    async def run(self) -> None:
+        try:
+            self.ok = await self._run()
+        except Exception:
+            log.exception("demo failed")
+            self.ok = False
+        finally:
+            if self.worker is not None:
+                self._stopping = asyncio.ensure_future(self.worker.stop())
+
+    async def _run(self) -> bool:
+        settings = self.engine.settings
+        collector = Collector(settings.kafka_bootstrap, self.engine.topics)
+        await collector.start(from_end=True)
+        try:
+            started = time.monotonic()
+            misplaced = await self._produce()
+            produced_s = time.monotonic() - started
+            self.say(
+                f"produced {len(self.workload.records)} records in {produced_s:.1f}s "
+                f"({misplaced} to a wrong partition on purpose)"
+            )
+            expected = expected_counts(r.command_id for r in self.workload.records)
+            answered = await collector.wait_for(
+                all_answered(expected), timeout_s=drain_timeout_s, say=self.say
+            )
+            applied_s = time.monotonic() - started
+            if not answered:
+                self.say(f"FAILED: not every record was answered in {drain_timeout_s}s")
+                return False
+            self.say(
+                f"all {sum(expected.values())} client records answered in {applied_s:.1f}s: "
+                f"{sum(expected.values()) / applied_s:,.0f} commands/s end to end"
+            )
+            await self._drain(collector)
+            return self._report(collector, expected, applied_s)
+        finally:
+            await collector.stop()
+
+    async def _produce(self) -> int:
+        settings = self.engine.settings
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_batch_size=256 * 1024,
+        )
+        rng = random.Random(self.seed)
+        misplaced = 0
+        await producer.start()
+        try:
+            pending = []
+            for record in self.workload.records:
+                partition = None
+                if rng.random() < misplaced_share:
+                    right = shard_of(record.key, settings.partitions)
+                    partition = (right + 1) % settings.partitions
+                    misplaced += 1
+                pending.append(
+                    await producer.send(
+                        self.engine.topics.commands.name,
+                        key=record.key.encode(),
+                        value=record.value,
+                        partition=partition,
+                    )
+                )
+            await asyncio.gather(*pending)
+        finally:
+            await producer.stop()
+        return misplaced
+
+    async def _drain(self, collector: Collector) -> None:
+        """Wait for credits, refunds and hold expiries to finish, then for quiet."""
+        wait_until = self.workload.hold_expiry_max_ms / 1000 + 3
+        if wait_until > time.time():
+            self.say(f"waiting {wait_until - time.time():.0f}s for the last holds to expire")
+        await collector.wait_for(
+            lambda r: (
+                not r.pending_internal()
+                and time.time() > wait_until
+                and time.monotonic() - r.last_at > 2.0
+            ),
+            timeout_s=drain_timeout_s,
+            say=self.say,
+        )
+
+    def _report(self, collector: Collector, expected: dict[str, int], seconds: float) -> bool:
+        results = collector.results
+        balances = self._balances()
+        self.say("")
+        self.say("results by status and reason:")
+        for status, n in sorted(results.statuses().items(), key=lambda kv: -kv[1]):
+            self.say(f"  {status:<40}{n:>8}")
+        self.say(f"  {'dead-lettered':<40}{len(results.dead_letters):>8}")
+        self.say(f"  {'forwarded (wrong partition)':<40}{self.engine.counts['forwarded']:>8}")
+        self.say("")
+        self.say(f"{len(balances)} balances in the engine's tables; checks:")
+        found = checks.run_checks(
+            expected=expected,
+            garbage=self.workload.garbage,
+            results=results,
+            balances=balances,
+        )
+        self.say(checks.render(found))
+        ok = all(c.ok for c in found)
+        self.say("")
+        self.say("RESULT: " + ("all checks hold" if ok else "CHECKS FAILED"))
+        return ok
+
+    def _balances(self) -> dict[tuple[str, str], BalanceState]:
+        decode = msgspec.json.Decoder(BalanceState).decode
+        out = {}
+        for key, raw in self.engine.state.balances.items():
+            account, _, asset = key.decode().partition("|")
+            out[(account, asset)] = decode(raw)
+        return out
+
+
+def run(
+    settings: Settings,
+    *,
+    count: int,
+    accounts: int,
+    seed: int,
+    keep: bool = False,
+    say: Callable[[str], None] = print,
+) -> bool:
+    """Run the demo in this process; True when every check held."""
+    run_id = uuid.uuid4().hex[:8]
+    settings = msgspec.structs.replace(
+        settings,
+        topic_prefix=f"demo-{run_id}",
+        data_dir=str(Path(settings.data_dir) / f"demo-{run_id}"),
+    )
+    app_id = f"demo-{run_id}-engine"
+    specs = Engine.all_topic_specs(settings, app_id)
+    asyncio.run(ensure_topics(settings.kafka_bootstrap, specs))
+    prepare_state_dir(Path(settings.data_dir))
+    workload = build(count=count, accounts=accounts, seed=seed, now_ms=int(time.time() * 1000))
+    say(
+        f"demo {run_id}: {len(workload.records)} records over {accounts} accounts, "
+        f"{settings.partitions} shards, {settings.processing_guarantee}, seed {seed}"
+    )
+    engine = Engine(settings, app_id=app_id)
+    job = DemoJob(engine, workload, seed=seed, say=say)
+    engine.app.task(job.run)
+    worker = faust.Worker(engine.app, loglevel="warning", quiet=True)
+    job.worker = worker
+    with contextlib.suppress(SystemExit):
+        worker.execute_from_commandline()
+    if not keep:
+        shutil.rmtree(settings.data_dir, ignore_errors=True)
+        asyncio.run(_delete_topics(settings.kafka_bootstrap, engine))
+    return job.ok
+
+
+async def _delete_topics(bootstrap: str, engine: Engine) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        names = [spec.name for spec in engine.topics.all()]
+        prefix = f"{engine.app.conf.id}-"
+        names += [t for t in await admin.list_topics() if t.startswith(prefix)]
+        await admin.delete_topics(names)
+    finally:
+        await admin.close()

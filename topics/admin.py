@@ -1,0 +1,54 @@
+"""Create the deployment's topics from their specs, and refuse a partition-count mismatch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import suppress
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from topics.specs import TopicSpec
+
+
+class TopicMismatch(RuntimeError):
+    """An existing topic has a different partition count than the deployment's shards."""
+
+
+async def ensure_topics(
+    bootstrap: str, specs: Iterable[TopicSpec], *, replication: int = 1
+) -> list[str]:
+    """Create the missing topics; return the names created. Existing topics must have the
+    configured partition count: shards are fixed, so a mismatch is a migration, not an edit."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        wanted = list(specs)
+        existing = set(await admin.list_topics())
+        missing = [spec for spec in wanted if spec.name not in existing]
+        if missing:
+            # Another process may create them between our list and create: that is fine.
+            with suppress(TopicAlreadyExistsError):
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            spec.name,
+                            num_partitions=spec.partitions,
+                            replication_factor=replication,
+                            topic_configs=spec.config(),
+                        )
+                        for spec in missing
+                    ]
+                )
+        described = await admin.describe_topics([spec.name for spec in wanted])
+        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        for spec in wanted:
+            if counts.get(spec.name, spec.partitions) != spec.partitions:
+                raise TopicMismatch(
+                    f"topic {spec.name} has {counts[spec.name]} partitions but "
+                    f"TALLY_PARTITIONS is {spec.partitions}; changing the shard count "
+                    "needs a replay into new topics"
+                )
+        return [spec.name for spec in missing]
+    finally:
+        await admin.close()
