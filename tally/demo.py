@@ -18,14 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import faust
 import msgspec
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from streams.app import Engine
 from streams.state import BalanceState
-from streams.worker import prepare_state_dir
+from streams.worker import Worker, prepare_state_dir
 from tally import checks
 from tally.collector import Collector, all_answered, expected_counts
 from tally.settings import Settings
@@ -202,7 +201,7 @@ def run(
     engine = Engine(settings, app_id=app_id)
     job = DemoJob(engine, workload, seed=seed, say=say)
     engine.app.task(job.run)
-    worker = faust.Worker(engine.app, loglevel="warning", quiet=True)
+    worker = Worker(engine.app, loglevel="warning")
     job.worker = worker
     with contextlib.suppress(SystemExit):
         worker.execute_from_commandline()

@@ -17,7 +17,16 @@ PREFIX = "TALLY_"
 
 # Variables with the prefix that belong to other tools of the project (the local
 # services script), so that they are not reported as unknown settings.
-_FOREIGN = frozenset({"TALLY_CACHE_DIR", "TALLY_KAFKA_PORT", "TALLY_PG_PORT", "TALLY_REDIS_PORT"})
+_FOREIGN = frozenset(
+    {
+        "TALLY_CACHE_DIR",
+        "TALLY_KAFKA_PORT",
+        "TALLY_KAFKA_CONTROLLER_PORT",
+        "TALLY_PG_PORT",
+        "TALLY_REDIS_PORT",
+        "TALLY_SERVICES_MODE",
+    }
+)
 
 _TOPIC_PREFIX = r"^[A-Za-z0-9_-]{1,40}$"
 
@@ -60,11 +69,9 @@ def env_name(field: str) -> str:
 def load(environ: Mapping[str, str]) -> Settings:
     """Build Settings from an environment mapping; raise SettingsError naming the bad variable."""
     fields = {f.name for f in msgspec.structs.fields(Settings)}
-    unknown = sorted(
-        k
-        for k in environ
-        if k.startswith(PREFIX) and k not in _FOREIGN and k[len(PREFIX) :].lower() not in fields
-    )
+    known = {env_name(f) for f in fields} | _FOREIGN
+    # Names are matched exactly: TALLY_Partitions is a typo, not TALLY_PARTITIONS.
+    unknown = sorted(k for k in environ if k.upper().startswith(PREFIX) and k not in known)
     if unknown:
         # A typo in a variable name would otherwise silently fall back to a default.
         raise SettingsError(f"unknown setting {unknown[0]} (known: {_known_names(fields)})")

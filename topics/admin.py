@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterable
 from contextlib import suppress
 
@@ -9,6 +11,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from topics.specs import TopicSpec
+
+# How long a freshly created topic may take to show its partitions in metadata.
+metadata_wait_s = 15.0
 
 
 class TopicMismatch(RuntimeError):
@@ -40,8 +45,7 @@ async def ensure_topics(
                         for spec in missing
                     ]
                 )
-        described = await admin.describe_topics([spec.name for spec in wanted])
-        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        counts = await _partition_counts(admin, [spec.name for spec in wanted])
         for spec in wanted:
             if counts.get(spec.name, spec.partitions) != spec.partitions:
                 raise TopicMismatch(
@@ -52,3 +56,15 @@ async def ensure_topics(
         return [spec.name for spec in missing]
     finally:
         await admin.close()
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
+    """Partition counts by topic, waiting out the moment after a create when the broker
+    still describes a new topic with no partitions."""
+    deadline = time.monotonic() + metadata_wait_s
+    while True:
+        described = await admin.describe_topics(names)
+        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        if all(counts.get(n, 0) > 0 for n in names) or time.monotonic() > deadline:
+            return counts
+        await asyncio.sleep(0.2)

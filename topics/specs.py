@@ -19,7 +19,11 @@ class TopicSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     def config(self) -> dict[str, str]:
         """Topic-level settings as the broker's admin API spells them."""
-        return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+        config = {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+        if self.retention_ms == -1:
+            # Kept forever means by size too, whatever the broker's default says.
+            config["retention.bytes"] = "-1"
+        return config
 
 
 class Topics(msgspec.Struct, frozen=True, kw_only=True):
