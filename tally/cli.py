@@ -142,3 +142,7 @@ def import_() -> None:
 def bench() -> None:
     """Run the benchmarks and print their numbers."""
     _not_yet("bench", 3)
+
+
+if __name__ == "__main__":
+    main()

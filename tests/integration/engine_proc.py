@@ -1,0 +1,142 @@
+"""Run a real `tally engine` worker process for a test, on topics of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiokafka import AIOKafkaProducer
+
+from streams.state import BalanceState
+from tally.settings import Settings
+from topics.codec import encode
+from topics.specs import Topics, topics_for
+
+ROOT = Path(__file__).resolve().parents[2]
+ready_timeout_s = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EngineProcess:
+    """One engine worker as a child process, with its own prefix, state dir and port."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        prefix: str,
+        data_dir: Path,
+        guarantee: str = "exactly_once",
+        partitions: int = 4,
+    ) -> None:
+        self.settings = settings
+        self.prefix = prefix
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.partitions = partitions
+        self.topics: Topics = topics_for(prefix, partitions)
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
+            "TALLY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "TALLY_TOPIC_PREFIX": prefix,
+            "TALLY_PARTITIONS": str(partitions),
+            "TALLY_DATA_DIR": str(data_dir),
+            "TALLY_WEB_PORT": str(self.port),
+            "TALLY_PROCESSING_GUARANTEE": guarantee,
+            "TALLY_LOG_LEVEL": "INFO",
+        }
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tally.cli",
+            "engine",
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        log.close()
+        await self.wait_ready()
+
+    async def wait_ready(self) -> None:
+        """Ready once faust says so in the log (recovery done, partitions assigned)."""
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        deadline = asyncio.get_running_loop().time() + ready_timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                raise AssertionError(f"engine exited {self.proc.returncode}:\n{self.tail()}")
+            text = self.log_path.read_bytes()[start:].decode(errors="replace")
+            if "Recovery]: Worker ready" in text or "[^Worker]: Ready" in text:
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"engine not ready in {ready_timeout_s}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def stop(self) -> int:
+        """SIGTERM, the clean way; returns the exit code."""
+        return await self._signal(signal.SIGTERM)
+
+    async def kill(self) -> int:
+        """SIGKILL: no chance to commit or clean up anything."""
+        return await self._signal(signal.SIGKILL)
+
+    async def _signal(self, sig: int) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 60)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        return int(self.proc.returncode or 0)
+
+    async def balances(self, account: str) -> dict[str, BalanceState]:
+        """The strongly consistent read: the owning worker's table view."""
+        url = f"http://127.0.0.1:{self.port}/balances/{account}/"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert response.status == 200, await response.text()
+            body: dict[str, Any] = await response.json()
+        return {
+            asset: BalanceState(b["available"], b["held"], b["seq"])
+            for asset, b in body["balances"].items()
+        }
+
+
+async def produce(
+    settings: Settings, topic: str, records: list[tuple[str, bytes, int | None]]
+) -> None:
+    """Produce (key, value, partition-or-None) records in order, acks=all."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
+    )
+    await producer.start()
+    try:
+        for key, value, partition in records:
+            await producer.send_and_wait(topic, key=key.encode(), value=value, partition=partition)
+    finally:
+        await producer.stop()
+
+
+def command(c: Any) -> tuple[str, bytes, None]:
+    return (c.account, encode(c), None)
