@@ -17,6 +17,7 @@ consume (events, dead letters). So every record the agent produces goes out thro
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import heapq
 import logging
@@ -44,6 +45,8 @@ expiry_rescan_every_ticks = 30
 # Producer batching: records of one partition wait this long to share a request.
 producer_linger_s = 0.005
 producer_max_batch_bytes = 512 * 1024
+session_timeout_s = 10.0
+heartbeat_interval_s = 2.0
 
 
 class Engine:
@@ -70,6 +73,10 @@ class Engine:
             producer_linger=producer_linger_s,
             producer_max_batch_size=producer_max_batch_bytes,
             producer_acks=-1,
+            # A killed worker's partitions are reassigned once its session expires; the
+            # default minute would stall every partition it held for that long.
+            broker_session_timeout=session_timeout_s,
+            broker_heartbeat_interval=heartbeat_interval_s,
         )
         self.source = self.app.topic(
             self.topics.commands.name,
@@ -87,7 +94,10 @@ class Engine:
             )
             for name in TABLE_NAMES
         }
-        self.state = TableState(**tables)
+        app_id_used = self.app.conf.id
+        self.state = TableState(
+            tables, {name: f"{app_id_used}-{name}-changelog" for name in TABLE_NAMES}
+        )
         self.counts: Counter[str] = Counter()
         self._expiry_heap: list[tuple[int, str, str]] = []
         self._expiry_known: set[tuple[int, str, str]] = set()
@@ -100,6 +110,8 @@ class Engine:
             self._process
         )
         self.app.timer(expiry_check_interval_s)(self._expire_holds)
+        self._gate = asyncio.Lock()
+        self.app.task(self._install_commit_gate)
         self.app.page("/balances/{account}/")(
             self.app.table_route(table=tables["balances"], match_info="account")(self._view)
         )
@@ -127,7 +139,34 @@ class Engine:
 
     async def _process(self, stream: Any) -> None:
         async for event in stream.events():
+            # Shielded: a worker stopping mid-record finishes the record before the final
+            # commit, instead of committing half of its outputs.
+            await asyncio.shield(self._handle_atomically(event))
+
+    async def _handle_atomically(self, event: Any) -> None:
+        """One record's outputs and its offset land in the same transaction.
+
+        faust commits on a timer (and on rebalance and stop), concurrently with the agent.
+        A commit that fell between a record's first output and its ack would put those
+        outputs in a committed transaction while the record's offset stays uncommitted:
+        after a crash the record is processed again on top of its own effects. So the
+        record is handled (every output handed to the transactional producer) and acked
+        under a gate that every commit also takes."""
+        async with self._gate:
             await self.handle(event)
+            event.ack()
+
+    async def _install_commit_gate(self) -> None:
+        """Make every faust commit (timer, rebalance, stop) wait for the record in hand.
+        faust offers no hook for this, so the consumer's commit method is wrapped."""
+        consumer = self.app.consumer
+        force_commit = consumer.force_commit
+
+        async def gated_force_commit(*args: Any, **kwargs: Any) -> bool:
+            async with self._gate:
+                return bool(await force_commit(*args, **kwargs))
+
+        consumer.force_commit = gated_force_commit
 
     async def handle(self, event: Any) -> None:
         """Decide one record of the commands or internal topic."""
@@ -157,7 +196,8 @@ class Engine:
                 log.exception("ledger failed on %s", decoded.command_id)
                 await self._dead_letter(message, f"engine error: {exc!r}", now_ms)
                 return
-            self.state.commit(outcome)
+            for topic, key, value in self.state.commit(outcome):
+                await self._send_raw(topic, key, value, partition, partition)
             self._track_expiry(decoded)
         for emitted in outcome.emits:
             await self._send(
@@ -197,18 +237,17 @@ class Engine:
         self, topic: str, key: str | None, value: bytes, partition: int, source: int
     ) -> None:
         """Produce one record inside the transaction of source partition `source`."""
+        await self._send_raw(topic, None if key is None else key.encode(), value, partition, source)
+
+    async def _send_raw(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int, source: int
+    ) -> None:
         transactional_id = None
         if self.exactly_once:
             group = self.app.assignor.group_for_topic(self.topics.commands.name)
             transactional_id = f"{self.app.conf.id}-{group}-{source}"
         await self.app.producer.send(
-            topic,
-            None if key is None else key.encode(),
-            value,
-            partition,
-            None,
-            None,
-            transactional_id=transactional_id,
+            topic, key, value, partition, None, None, transactional_id=transactional_id
         )
 
     # Hold expiry -------------------------------------------------------------------------

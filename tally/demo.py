@@ -167,7 +167,7 @@ class DemoJob:
     def _balances(self) -> dict[tuple[str, str], BalanceState]:
         decode = msgspec.json.Decoder(BalanceState).decode
         out = {}
-        for key, raw in self.engine.state.balances.items():
+        for key, raw in self.engine.state.tables["balances"].data.items():
             account, _, asset = key.decode().partition("|")
             out[(account, asset)] = decode(raw)
         return out
