@@ -38,6 +38,7 @@ from streams.state import (
 )
 from topics import limits
 from topics.codec import Invalid, encode
+from topics.ids import credit_id, refund_id
 from topics.schema import (
     Capture,
     Command,
@@ -230,11 +231,11 @@ class _Change:
             self.accounts[account] = AccountState(acct.status, (*acct.assets, asset))
         self.balances[(account, asset)] = new
 
-    def credit_to(self, to: str, asset: str, amount: int, suffix: str) -> None:
+    def credit_to(self, to: str, asset: str, amount: int, leg: int | None = None) -> None:
         cmd = self.command
         self.emits.append(
             Credit(
-                command_id=f"{cmd.command_id}/{suffix}",
+                command_id=credit_id(cmd.account, cmd.command_id, leg),
                 account=to,
                 asset=asset,
                 amount=amount,
@@ -263,7 +264,7 @@ class _Change:
             # The payer was already debited on its own shard: send the money back.
             emits.append(
                 Refund(
-                    command_id=f"{command.command_id}/refund",
+                    command_id=refund_id(command.command_id),
                     account=command.origin_account,
                     asset=command.asset,
                     amount=command.amount,
@@ -317,7 +318,7 @@ def _transfer(c: _Change, cmd: Transfer) -> None:
     c.may_pay(cmd.account)
     c.has_funds(cmd.account, cmd.asset, cmd.amount)
     c.move(cmd.account, cmd.asset, -cmd.amount, 0)
-    c.credit_to(cmd.to, cmd.asset, cmd.amount, "credit")
+    c.credit_to(cmd.to, cmd.asset, cmd.amount)
 
 
 def _disburse(c: _Change, cmd: Disburse) -> None:
@@ -331,7 +332,7 @@ def _disburse(c: _Change, cmd: Disburse) -> None:
     c.has_funds(cmd.account, cmd.asset, total)
     c.move(cmd.account, cmd.asset, -total, 0)
     for index, leg in enumerate(cmd.legs):
-        c.credit_to(leg.to, cmd.asset, leg.amount, f"credit/{index}")
+        c.credit_to(leg.to, cmd.asset, leg.amount, index)
 
 
 def _hold(c: _Change, cmd: Hold) -> None:
@@ -373,7 +374,7 @@ def _capture(c: _Change, cmd: Capture) -> None:
     c.move(cmd.account, held.asset, held.amount - amount, -held.amount)
     c.holds[(cmd.account, cmd.hold_id)] = None
     if cmd.to is not None:
-        c.credit_to(cmd.to, held.asset, amount, "credit")
+        c.credit_to(cmd.to, held.asset, amount)
 
 
 def _configure(c: _Change, cmd: Configure) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from topics.codec import decode_dead_letter, decode_result
+from topics.ids import credit_id, refund_id
 from topics.schema import DeadLetter, Result, Status
 from topics.specs import Topics
 
@@ -64,10 +65,10 @@ def implied_ids(result: Result) -> list[str]:
     if not result.emitted or result.status is Status.DUPLICATE:
         return []
     if result.kind == "disburse":
-        return [f"{result.command_id}/credit/{i}" for i in range(result.emitted)]
+        return [credit_id(result.account, result.command_id, i) for i in range(result.emitted)]
     if result.kind == "credit":
-        return [f"{result.command_id}/refund"]
-    return [f"{result.command_id}/credit"]
+        return [refund_id(result.command_id)]
+    return [credit_id(result.account, result.command_id)]
 
 
 class Collector:

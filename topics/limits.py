@@ -10,20 +10,24 @@ from typing import Final
 AMOUNT_MAX: Final = 2**63 - 1
 BALANCE_MIN: Final = -(2**63)
 
+# Every pattern ends in (?!\n)$: Python's '$' also matches before a final newline, so
+# "alice\n" would pass a plain '^...$'; the lookahead refuses it (and means the same
+# in the ECMA regex dialect of JSON Schema).
+
 # An account id is short enough for a Kafka key and a Redis key, and free of the
 # separators ('|', '{', '}', '/', whitespace) that the stores and derived ids use.
-ACCOUNT_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
+ACCOUNT_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$"
 ACCOUNT_ID_LEN_MAX: Final = 64
-ASSET_PATTERN: Final = r"^[A-Z0-9]{1,12}$"
+ASSET_PATTERN: Final = r"^[A-Z0-9]{1,12}(?!\n)$"
 ASSET_LEN_MAX: Final = 12
 
 # Client-chosen idempotency keys (a UUID fits). '/' is kept out of client ids because the
 # engine derives the ids of the internal commands it emits as "<command_id>/<suffix>".
-COMMAND_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,128}$"
+COMMAND_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,128}(?!\n)$"
 COMMAND_ID_LEN_MAX: Final = 128
-# Ids of internal commands: a client id plus "/credit/<leg>" and "/refund" suffixes.
-INTERNAL_ID_PATTERN: Final = r"^[A-Za-z0-9_.:/-]{1,160}$"
-HOLD_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
+# Ids of internal commands: "<payer>/<client id>/credit[/<leg>][/refund]" (topics.ids).
+INTERNAL_ID_PATTERN: Final = r"^[A-Za-z0-9_.:/-]{1,220}(?!\n)$"
+HOLD_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$"
 
 # One disbursement fans out to at most this many payees: it bounds the size of one
 # command record (about 100 bytes a leg) and the work one command may cause.

@@ -232,9 +232,9 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
 
     `entries` lists every balance the command changed on this partition, in order;
     a rejected or duplicate command changes nothing and has none. `emitted` counts the
-    internal commands the outcome sent to other shards, whose ids derive from this one:
-    "<id>/credit" (transfer, capture to an account), "<id>/credit/<i>" (disbursement leg
-    i), "<id>/refund" (a rejected credit).
+    internal commands the outcome sent to other shards, whose ids derive from this one
+    by `topics.ids`: "<account>/<id>/credit" (transfer, capture to an account),
+    "<account>/<id>/credit/<i>" (disbursement leg i), "<id>/refund" (a rejected credit).
     """
 
     v: Literal[1] = 1

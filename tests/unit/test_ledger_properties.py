@@ -268,7 +268,7 @@ class LedgerWorld(RuleBasedStateMachine):
 
     def credit(self, cmd: Command, to: str, asset: str, amount: int, suffix: str) -> Credit:
         return Credit(
-            command_id=f"{cmd.command_id}/{suffix}",
+            command_id=f"{cmd.account}/{cmd.command_id}/{suffix}",
             account=to,
             asset=asset,
             amount=amount,

@@ -256,7 +256,7 @@ def test_transfer_debits_payer_and_emits_one_credit(shard: MemoryShard) -> None:
     assert shard.balance("bob", "USD") is None
     assert out.emits == [
         Credit(
-            command_id="t1/credit",
+            command_id="alice/t1/credit",
             account="bob",
             asset="USD",
             amount=40,
@@ -343,7 +343,7 @@ def test_disburse_debits_the_total_and_emits_one_credit_per_leg(shard: MemorySha
     ]
     assert out.emits == [
         Credit(
-            command_id=f"x1/credit/{i}",
+            command_id=f"alice/x1/credit/{i}",
             account=leg.to,
             asset="USD",
             amount=leg.amount,
@@ -566,7 +566,7 @@ def test_capture_to_another_account_emits_a_credit(shard: MemoryShard) -> None:
     assert_applied(out)
     assert out.emits == [
         Credit(
-            command_id="c1/credit",
+            command_id="alice/c1/credit",
             account="bob",
             asset="USD",
             amount=10,
