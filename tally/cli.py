@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import click
@@ -138,10 +139,34 @@ def import_() -> None:
     _not_yet("import", 6)
 
 
-@main.command()
+@main.group()
 def bench() -> None:
-    """Run the benchmarks and print their numbers."""
-    _not_yet("bench", 3)
+    """Benchmarks against the real local services; they print their numbers."""
+
+
+@bench.command(name="engine")
+@click.option("--count", default=200_000, show_default=True, type=click.IntRange(1000, 5_000_000))
+@click.option(
+    "--guarantee",
+    type=click.Choice(["both", "exactly_once", "at_least_once"]),
+    default="both",
+    show_default=True,
+)
+@click.option(
+    "--report",
+    default="reports/bench-engine.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
+def bench_engine(count: int, guarantee: str, report: Path) -> None:
+    """Engine throughput on a backlog of COUNT mixed commands, produce->result latency,
+    and the raw aiokafka consume->produce ceiling."""
+    from tally import bench as bench_job
+
+    settings = _settings()
+    logging.basicConfig(level=logging.WARNING)
+    guarantees = ["exactly_once", "at_least_once"] if guarantee == "both" else [guarantee]
+    asyncio.run(bench_job.run(settings, count=count, guarantees=guarantees, report=report))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import pytest
 from streams.state import BalanceState
 from tally import checks
 from tally.collector import Collector, all_answered, expected_counts
+from tally.procs import EngineProcess, produce
 from tally.settings import Settings
 from tally.workload import build
-from tests.integration.engine_proc import EngineProcess, produce
 
 pytestmark = pytest.mark.fault
 

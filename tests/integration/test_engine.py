@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tally.collector import Collector, Results, all_answered, expected_counts
+from tally.procs import EngineProcess, command, produce
 from tally.settings import Settings
-from tests.integration.engine_proc import EngineProcess, command, produce
 from topics.codec import encode
 from topics.ids import credit_id, refund_id
 from topics.schema import (

@@ -1,4 +1,5 @@
-"""Run a real `tally engine` worker process for a test, on topics of the test's own."""
+"""Run real `tally engine` worker processes on topics of their own: for the benchmark,
+the fault harness and the tests."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tally.settings import Settings
 from topics.codec import encode
 from topics.specs import Topics, topics_for
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ready_timeout_s = 90.0
 
 
@@ -26,6 +27,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class EngineError(RuntimeError):
+    """The engine process exited or did not become ready."""
 
 
 class EngineProcess:
@@ -39,6 +44,7 @@ class EngineProcess:
         data_dir: Path,
         guarantee: str = "exactly_once",
         partitions: int = 4,
+        log_level: str = "INFO",
     ) -> None:
         self.settings = settings
         self.prefix = prefix
@@ -55,7 +61,8 @@ class EngineProcess:
             "TALLY_DATA_DIR": str(data_dir),
             "TALLY_WEB_PORT": str(self.port),
             "TALLY_PROCESSING_GUARANTEE": guarantee,
-            "TALLY_LOG_LEVEL": "INFO",
+            # INFO at least: readiness is read from faust's "Worker ready" line.
+            "TALLY_LOG_LEVEL": log_level,
         }
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -79,14 +86,15 @@ class EngineProcess:
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         deadline = asyncio.get_running_loop().time() + ready_timeout_s
         while asyncio.get_running_loop().time() < deadline:
-            assert self.proc is not None
+            if self.proc is None:
+                raise EngineError("engine was not started")
             if self.proc.returncode is not None:
-                raise AssertionError(f"engine exited {self.proc.returncode}:\n{self.tail()}")
+                raise EngineError(f"engine exited {self.proc.returncode}:\n{self.tail()}")
             text = self.log_path.read_bytes()[start:].decode(errors="replace")
             if "Recovery]: Worker ready" in text or "[^Worker]: Ready" in text:
                 return
             await asyncio.sleep(0.2)
-        raise AssertionError(f"engine not ready in {ready_timeout_s}s:\n{self.tail()}")
+        raise EngineError(f"engine not ready in {ready_timeout_s}s:\n{self.tail()}")
 
     def tail(self, lines: int = 60) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -101,7 +109,8 @@ class EngineProcess:
         return await self._signal(signal.SIGKILL)
 
     async def _signal(self, sig: int) -> int:
-        assert self.proc is not None
+        if self.proc is None:
+            raise EngineError("engine was not started")
         if self.proc.returncode is None:
             self.proc.send_signal(sig)
             try:
@@ -115,7 +124,8 @@ class EngineProcess:
         """The strongly consistent read: the owning worker's table view."""
         url = f"http://127.0.0.1:{self.port}/balances/{account}/"
         async with aiohttp.ClientSession() as session, session.get(url) as response:
-            assert response.status == 200, await response.text()
+            if response.status != 200:
+                raise EngineError(f"GET {url}: {response.status} {await response.text()}")
             body: dict[str, Any] = await response.json()
         return {
             asset: BalanceState(b["available"], b["held"], b["seq"])

@@ -1,0 +1,262 @@
+"""`tally bench engine`: sustained engine throughput, produce->result latency and the raw
+pipe ceiling, measured against the real broker and printed as a table plus a JSON report.
+
+Method. N commands of the seeded mixed workload are produced first. An engine worker
+process is then started on them: throughput is client commands answered per second,
+from the first result to the last (worker start-up and recovery excluded). With the
+worker still running, a paced stream of commands at a rate it can keep up with gives
+the latency from produce to the result being readable (read-committed). The raw pipe
+is plain aiokafka consume -> produce of the same records with no state and no
+decoding: the ceiling any Python consumer on this broker and machine starts from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from streams.app import Engine
+from tally.collector import Collector, all_answered, expected_counts
+from tally.procs import EngineProcess
+from tally.settings import Settings
+from tally.workload import Record, build
+from topics.admin import ensure_topics
+from topics.specs import TopicSpec
+
+drain_timeout_s = 900.0
+latency_rate_per_s = 200
+latency_seconds = 10
+raw_pipe_timeout_s = 300.0
+
+
+@dataclass
+class EngineResult:
+    guarantee: str
+    commands: int
+    produce_per_s: float
+    applied_per_s: float
+    results_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    latency_samples: int
+
+
+async def _produce(bootstrap: str, topic: str, records: list[Record]) -> float:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_batch_size=512 * 1024,
+    )
+    await producer.start()
+    started = time.perf_counter()
+    try:
+        futures = [await producer.send(topic, key=r.key.encode(), value=r.value) for r in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return len(records) / (time.perf_counter() - started)
+
+
+async def engine_phase(
+    settings: Settings, *, guarantee: str, count: int, workdir: Path, say: Callable[[str], None]
+) -> EngineResult:
+    prefix = f"bench-{uuid.uuid4().hex[:6]}"
+    proc = EngineProcess(
+        settings,
+        prefix=prefix,
+        data_dir=workdir / prefix,
+        guarantee=guarantee,
+        partitions=settings.partitions,
+    )
+    bench_settings = _with(settings, prefix)
+    await ensure_topics(
+        settings.kafka_bootstrap,
+        Engine.all_topic_specs(bench_settings, Engine.app_id_of(bench_settings)),
+    )
+    work = build(
+        count=count,
+        accounts=max(100, count // 20),
+        seed=1,
+        now_ms=int(time.time() * 1000),
+        expiring_holds=False,
+    )
+    say(f"[{guarantee}] producing {len(work.records):,} commands to {prefix}.commands")
+    produce_rate = await _produce(settings.kafka_bootstrap, proc.topics.commands.name, work.records)
+    expected = expected_counts(r.command_id for r in work.records)
+    collector = Collector(settings.kafka_bootstrap, proc.topics)
+    await collector.start(from_end=False)
+    try:
+        say(f"[{guarantee}] starting an engine worker on the backlog")
+        await proc.start()
+        done = all_answered(expected)
+        if not await collector.wait_for(done, timeout_s=drain_timeout_s, say=say):
+            raise RuntimeError(f"engine did not drain {count} commands in {drain_timeout_s}s")
+        results = collector.results
+        client_times = [results.received_at[i] for i in expected]
+        first = min(results.received_at.values())
+        applied_rate = len(client_times) / max(max(client_times) - first, 1e-9)
+        results_rate = results.count / max(results.last_at - first, 1e-9)
+        say(f"[{guarantee}] measuring latency at {latency_rate_per_s}/s for {latency_seconds}s")
+        latencies = await _latency(settings, proc, collector)
+    finally:
+        await collector.stop()
+        await proc.stop()
+    return EngineResult(
+        guarantee=guarantee,
+        commands=len(work.records),
+        produce_per_s=produce_rate,
+        applied_per_s=applied_rate,
+        results_per_s=results_rate,
+        latency_p50_ms=_pct(latencies, 50),
+        latency_p99_ms=_pct(latencies, 99),
+        latency_samples=len(latencies),
+    )
+
+
+async def _latency(settings: Settings, proc: EngineProcess, collector: Collector) -> list[float]:
+    """Paced deposits, each timed from its send to its result arriving at the collector."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
+    )
+    await producer.start()
+    sent: dict[str, float] = {}
+    run = uuid.uuid4().hex[:6]
+    try:
+        total = latency_rate_per_s * latency_seconds
+        started = time.monotonic()
+        for i in range(total):
+            due = started + i / latency_rate_per_s
+            if (delay := due - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+            command_id = f"lat-{run}-{i}"
+            value = json.dumps(
+                {
+                    "kind": "deposit",
+                    "command_id": command_id,
+                    "account": f"lat-{i % 97}",
+                    "asset": "USD",
+                    "amount": 1,
+                }
+            ).encode()
+            sent[command_id] = time.monotonic()
+            await producer.send(
+                proc.topics.commands.name, key=f"lat-{i % 97}".encode(), value=value
+            )
+    finally:
+        await producer.stop()
+    await collector.wait_for(
+        lambda r: all(i in r.by_id for i in sent), timeout_s=60, say=lambda _: None
+    )
+    received = collector.results.received_at
+    return [(received[i] - t) * 1000 for i, t in sent.items() if i in received]
+
+
+async def raw_pipe(settings: Settings, *, count: int, say: Callable[[str], None]) -> float:
+    """records/s of a stateless aiokafka consume -> produce loop over `count` records."""
+    prefix = f"bench-pipe-{uuid.uuid4().hex[:6]}"
+    n = settings.partitions
+    source = TopicSpec(name=f"{prefix}.in", partitions=n, cleanup_policy="delete", retention_ms=-1)
+    sink = TopicSpec(name=f"{prefix}.out", partitions=n, cleanup_policy="delete", retention_ms=-1)
+    await ensure_topics(settings.kafka_bootstrap, [source, sink])
+    work = build(count=count, accounts=max(100, count // 20), seed=1, now_ms=0)
+    await _produce(settings.kafka_bootstrap, source.name, work.records)
+    say(f"[raw pipe] consume -> produce of {count:,} records")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_batch_size=512 * 1024,
+    )
+    await consumer.start()
+    await producer.start()
+    try:
+        tps = [TopicPartition(source.name, p) for p in range(n)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        moved = 0
+        started = time.perf_counter()
+        deadline = time.monotonic() + raw_pipe_timeout_s
+        while moved < len(work.records) and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            futures = []
+            for tp, records in batches.items():
+                for r in records:
+                    futures.append(
+                        await producer.send(
+                            sink.name, key=r.key, value=r.value, partition=tp.partition
+                        )
+                    )
+            await asyncio.gather(*futures)
+            moved += len(futures)
+        return moved / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def _with(settings: Settings, prefix: str) -> Settings:
+    import msgspec
+
+    return msgspec.structs.replace(settings, topic_prefix=prefix)
+
+
+def _write(report: Path, out: dict[str, object]) -> None:
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(out, indent=2))
+
+
+def _pct(values: list[float], pct: int) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
+
+
+async def run(
+    settings: Settings,
+    *,
+    count: int,
+    guarantees: list[str],
+    report: Path,
+    say: Callable[[str], None] = print,
+) -> dict[str, object]:
+    workdir = Path(settings.data_dir) / "bench"
+    engines = [
+        await engine_phase(settings, guarantee=g, count=count, workdir=workdir, say=say)
+        for g in guarantees
+    ]
+    pipe = await raw_pipe(settings, count=count, say=say)
+    out: dict[str, object] = {
+        "commands": count,
+        "partitions": settings.partitions,
+        "raw_pipe_per_s": pipe,
+        "engine": [asdict(e) for e in engines],
+    }
+    await asyncio.to_thread(_write, report, out)
+    say("")
+    say(f"{'run':<22}{'commands/s':>12}{'results/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'vs pipe':>9}")
+    for e in engines:
+        say(
+            f"{'engine ' + e.guarantee:<22}{e.applied_per_s:>12,.0f}{e.results_per_s:>12,.0f}"
+            f"{e.latency_p50_ms:>9.1f}{e.latency_p99_ms:>9.1f}{e.applied_per_s / pipe:>9.1%}"
+        )
+    say(f"{'raw pipe (no state)':<22}{pipe:>12,.0f}")
+    say(f"\nreport written to {report}")
+    return out
