@@ -51,7 +51,7 @@ define run_pytest
 endef
 
 test: lint services ## Lint, start the services, run every test suite against them
-	$(call run_pytest,tests)
+	$(call run_pytest,tests/unit tests/integration tests/fault)
 
 test-unit: $(STAMP) ## Only the pure, fast unit tests (no services needed)
 	$(call run_pytest,tests/unit)
