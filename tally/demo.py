@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaProducer
@@ -51,8 +52,6 @@ class DemoJob:
         self.seed = seed
         self.say = say
         self.ok = False
-        self.worker: Any = None
-        self._stopping: asyncio.Future[None] | None = None
 
     async def run(self) -> None:
         try:
@@ -61,8 +60,10 @@ class DemoJob:
             log.exception("demo failed")
             self.ok = False
         finally:
-            if self.worker is not None:
-                self._stopping = asyncio.ensure_future(self.worker.stop())
+            # Stop the way an operator does: faust's signal handler runs the same clean
+            # shutdown as for `tally engine`; stopping the worker object from inside
+            # leaves faust's consumer thread alive and the process hanging.
+            os.kill(os.getpid(), signal.SIGTERM)
 
     async def _run(self) -> bool:
         settings = self.engine.settings
@@ -202,7 +203,6 @@ def run(
     job = DemoJob(engine, workload, seed=seed, say=say)
     engine.app.task(job.run)
     worker = Worker(engine.app, loglevel="warning")
-    job.worker = worker
     with contextlib.suppress(SystemExit):
         worker.execute_from_commandline()
     if not keep:
