@@ -48,17 +48,17 @@ class EngineProcess:
     ) -> None:
         self.settings = settings
         self.prefix = prefix
-        self.data_dir = data_dir
+        self.data_dir = data_dir.resolve()
         self.port = free_port()
         self.partitions = partitions
         self.topics: Topics = topics_for(prefix, partitions)
-        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
             "TALLY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
             "TALLY_TOPIC_PREFIX": prefix,
             "TALLY_PARTITIONS": str(partitions),
-            "TALLY_DATA_DIR": str(data_dir),
+            "TALLY_DATA_DIR": str(self.data_dir),
             "TALLY_WEB_PORT": str(self.port),
             "TALLY_PROCESSING_GUARANTEE": guarantee,
             # INFO at least: readiness is read from faust's "Worker ready" line.
@@ -67,6 +67,7 @@ class EngineProcess:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -101,7 +102,9 @@ class EngineProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     async def stop(self) -> int:
-        """SIGTERM, the clean way; returns the exit code."""
+        """SIGTERM, the clean way; returns the exit code (0 when it never started)."""
+        if self.proc is None:
+            return 0
         return await self._signal(signal.SIGTERM)
 
     async def kill(self) -> int:
