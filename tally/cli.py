@@ -24,6 +24,19 @@ def _settings() -> Settings:
         sys.exit(2)
 
 
+def _exit_now(code: int) -> NoReturn:
+    """Exit without waiting for faust's consumer thread.
+
+    After faust's worker has stopped, its aiokafka consumer thread sometimes stays alive
+    (faust logs "Event loop is closed" from it every few minutes) and, being a non-daemon
+    thread, keeps the process from exiting. Everything of ours is finished and flushed by
+    then, so the process leaves without waiting for it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def _not_yet(what: str, issue: int) -> NoReturn:
     """Subcommands whose issue has not landed say so plainly and fail."""
     click.echo(f"tally {what}: not implemented yet (tracked in issue #{issue})", err=True)
@@ -66,7 +79,7 @@ def demo(count: int, accounts: int, seed: int, keep: bool, stack_check: bool) ->
     from tally import demo as demo_job
 
     ok = demo_job.run(settings, count=count, accounts=accounts, seed=seed, keep=keep)
-    sys.exit(0 if ok else 1)
+    _exit_now(0 if ok else 1)
 
 
 @main.command()
@@ -99,7 +112,7 @@ def engine() -> None:
     """
     from streams import worker
 
-    sys.exit(worker.run(_settings()))
+    _exit_now(worker.run(_settings()))
 
 
 @main.command()
