@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "services.sh"
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("TALLY_CACHE_DIR", ROOT / ".cache")).resolve()
 
 
 def _count(pattern: str) -> int:
@@ -28,10 +23,10 @@ def test_second_up_reuses_every_service() -> None:
         assert any(
             line.startswith(f"{service}:") and "already running" in line for line in lines
         ), done.stdout
-    cache = _cache_dir()
-    assert _count(f"kafka.Kafka {cache}/kafka/server.properties") == 1
-    assert _count(f"postgres -D {cache}/pg/data") == 1
-    assert _count("redis-server 127.0.0.1:") == 1
+    # Exactly one of each on the machine, whichever checkout started it.
+    assert _count(r"java .*kafka\.Kafka ") == 1
+    assert _count(r"postgres -D ") == 1
+    assert _count(r"redis-server 127\.0\.0\.1:") == 1
 
 
 def test_status_reports_all_three_up() -> None:
