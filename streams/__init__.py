@@ -1,1 +1,1 @@
-"""The engine: the pure ledger state machine and the Faust app that runs it."""
+"""The engine: the pure ledger state machine, the shard stores and the worker that runs them."""

@@ -1,87 +1,107 @@
-"""Run one engine worker process: topics ensured, local state checked, Faust worker started.
+"""Run one engine worker process: topics ensured, the engine and its web server started,
+stopped cleanly on SIGTERM/SIGINT.
 
-Local state after a crash is not trusted. Faust writes table changes into RocksDB as it
-applies them, but under exactly-once they only become real when the partition's Kafka
-transaction commits; a worker killed mid-transaction leaves RocksDB ahead of the
-changelog, and reprocessing the aborted records against it would answer them as
-duplicates of effects that never happened. So a worker that did not stop cleanly starts
-from an empty state directory and restores every table from the changelog topics
-(read-committed), exactly as a worker whose disk was lost.
+Local state needs no special care after a crash: RocksDB only ever holds batches whose
+Kafka transaction committed, with the changelog offset they reached, so a start after
+`kill -9` catches up from that offset like any other start (see `streams.store`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-from pathlib import Path
-from typing import Any
+import signal
+import time
+from collections.abc import Awaitable, Callable
 
-import faust
-
-from streams.app import Engine
+from streams.engine import Engine
+from streams.web import WorkerWeb, client_id_for
 from tally.settings import Settings
 from topics.admin import ensure_topics
 
 log = logging.getLogger(__name__)
 
-CLEAN_MARKER = "tally-clean-shutdown"
+WEB_HOST = "127.0.0.1"
 
 
-class Worker(faust.Worker):
-    """faust's worker without its terminal spinner and stdout redirection.
+class VerificationRetries(logging.Filter):
+    """Fold aiokafka's per-partition warning for a retried NOT_ENOUGH_REPLICAS into one
+    line a minute with a count. Kafka >= 3.8 answers it while the previous transaction's
+    markers are being written (see `streams.engine`); the retry lands, but one warning
+    per partition per batch would bury every other log line."""
 
-    The spinner sets the root logger to DEBUG so that it turns on every record; every
-    debug call in aiokafka and faust then builds a LogRecord, about a tenth of the
-    engine's CPU under load. Prints stay prints, so job output is not logged twice.
-    """
+    every_s = 60.0
 
-    def __init__(self, app: Any, *, loglevel: str) -> None:
-        super().__init__(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.since = time.monotonic()
 
-    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
-        logger.setLevel(level)
-
-
-def prepare_state_dir(data_dir: Path) -> bool:
-    """Make `data_dir` safe to start from; return True when it was wiped as unclean."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    marker = data_dir / CLEAN_MARKER
-    contents = [p for p in data_dir.iterdir() if p.name != CLEAN_MARKER]
-    wiped = False
-    if contents and not marker.exists():
-        for path in contents:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        wiped = True
-    marker.unlink(missing_ok=True)
-    return wiped
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "NotEnoughReplicasError" not in record.getMessage():
+            return True
+        self.count += 1
+        now = time.monotonic()
+        if now - self.since < self.every_s:
+            return False
+        record.msg = "%d produce requests retried on NOT_ENOUGH_REPLICAS in the last %.0fs"
+        record.args = (self.count, now - self.since)
+        self.count, self.since = 0, now
+        return True
 
 
-def mark_clean(data_dir: Path) -> None:
-    (data_dir / CLEAN_MARKER).write_text("the last worker on this directory stopped cleanly\n")
+def quiet_verification_retries() -> None:
+    logging.getLogger("aiokafka.producer.sender").addFilter(VerificationRetries())
+
+
+async def serve(
+    settings: Settings,
+    *,
+    app_id: str | None = None,
+    job: Callable[[Engine], Awaitable[None]] | None = None,
+) -> Engine:
+    """Run a worker until a signal, or until `job` (run beside it) returns."""
+    quiet_verification_retries()
+    engine = Engine(settings, app_id=app_id)
+    await ensure_topics(settings.kafka_bootstrap, Engine.all_topic_specs(settings, engine.app_id))
+    web = WorkerWeb(engine, WEB_HOST, settings.web_port)
+    await web.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, engine.stop)
+    run = asyncio.create_task(
+        engine.run(client_id=client_id_for(WEB_HOST, settings.web_port)), name="engine"
+    )
+    side = None
+    if job is not None:
+
+        async def job_then_stop() -> None:
+            try:
+                await job(engine)
+            finally:
+                engine.stop()
+
+        side = asyncio.create_task(job_then_stop(), name="job")
+    try:
+        await run
+    finally:
+        if side is not None:
+            side.cancel()
+            await asyncio.gather(side, return_exceptions=True)
+        await web.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return engine
 
 
 def run(settings: Settings) -> int:
-    """Run the worker until it is stopped (SIGTERM/SIGINT); return its exit code."""
-    logging.basicConfig(level=settings.log_level)
-    specs = Engine.all_topic_specs(settings, Engine.app_id_of(settings))
-    asyncio.run(ensure_topics(settings.kafka_bootstrap, specs))
-    data_dir = Path(settings.data_dir)
-    if prepare_state_dir(data_dir):
-        log.warning(
-            "state in %s was not left by a clean stop: discarded, restoring from changelogs",
-            data_dir,
-        )
-    engine = Engine(settings)
-    worker = Worker(engine.app, loglevel=settings.log_level.lower())
-    code = 1
+    """Run the worker until it is stopped; return its exit code."""
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    if code == 0 and engine.app.crash_reason is None:
-        mark_clean(data_dir)
-    return code
+        asyncio.run(serve(settings))
+    except Exception:
+        log.exception("engine worker failed")
+        return 1
+    return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams.app import Engine
+from streams.engine import Engine
 from tally.collector import Collector, all_answered, expected_counts
 from tally.procs import EngineProcess
 from tally.settings import Settings

@@ -24,19 +24,6 @@ def _settings() -> Settings:
         sys.exit(2)
 
 
-def _exit_now(code: int) -> NoReturn:
-    """Exit without waiting for faust's consumer thread.
-
-    After faust's worker has stopped, its aiokafka consumer thread sometimes stays alive
-    (faust logs "Event loop is closed" from it every few minutes) and, being a non-daemon
-    thread, keeps the process from exiting. Everything of ours is finished and flushed by
-    then, so the process leaves without waiting for it."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
-
-
 def _not_yet(what: str, issue: int) -> NoReturn:
     """Subcommands whose issue has not landed say so plainly and fail."""
     click.echo(f"tally {what}: not implemented yet (tracked in issue #{issue})", err=True)
@@ -79,7 +66,7 @@ def demo(count: int, accounts: int, seed: int, keep: bool, stack_check: bool) ->
     from tally import demo as demo_job
 
     ok = demo_job.run(settings, count=count, accounts=accounts, seed=seed, keep=keep)
-    _exit_now(0 if ok else 1)
+    sys.exit(0 if ok else 1)
 
 
 @main.command()
@@ -107,12 +94,13 @@ def _roundtrip(settings: Settings, *, count: int, accounts: int, seed: int) -> N
 def engine() -> None:
     """Run one engine worker: apply commands from Kafka against RocksDB tables.
 
-    Stop it with SIGTERM or Ctrl-C; a worker that stopped any other way restores its
-    state from the changelog topics on the next start.
+    Workers with the same TALLY_TOPIC_PREFIX share the shards (one Kafka consumer
+    group). Stop with SIGTERM or Ctrl-C. A worker that was killed loses nothing: its
+    next start catches its RocksDB up from the changelog topic.
     """
     from streams import worker
 
-    _exit_now(worker.run(_settings()))
+    sys.exit(worker.run(_settings()))
 
 
 @main.command()

@@ -8,12 +8,9 @@ removed afterwards unless `keep` is set.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import random
 import shutil
-import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -23,14 +20,13 @@ import msgspec
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from streams.app import Engine
+from streams.engine import Engine
 from streams.state import BalanceState
-from streams.worker import Worker, prepare_state_dir
+from streams.worker import serve
 from tally import checks
 from tally.collector import Collector, all_answered, expected_counts
 from tally.settings import Settings
 from tally.workload import Workload, build
-from topics.admin import ensure_topics
 from topics.shard import shard_of
 
 log = logging.getLogger(__name__)
@@ -44,26 +40,22 @@ drain_timeout_s = 300.0
 class DemoJob:
     """Produces the workload once the engine runs, waits for it to drain, checks it."""
 
-    def __init__(
-        self, engine: Engine, workload: Workload, *, seed: int, say: Callable[[str], None]
-    ) -> None:
-        self.engine = engine
+    engine: Engine
+
+    def __init__(self, workload: Workload, *, seed: int, say: Callable[[str], None]) -> None:
         self.workload = workload
         self.seed = seed
         self.say = say
         self.ok = False
 
-    async def run(self) -> None:
+    async def run(self, engine: Engine) -> None:
+        """Run beside the engine; the engine stops when this returns."""
+        self.engine = engine
         try:
             self.ok = await self._run()
         except Exception:
             log.exception("demo failed")
             self.ok = False
-        finally:
-            # Stop the way an operator does: faust's signal handler runs the same clean
-            # shutdown as for `tally engine`; stopping the worker object from inside
-            # leaves faust's consumer thread alive and the process hanging.
-            os.kill(os.getpid(), signal.SIGTERM)
 
     async def _run(self) -> bool:
         settings = self.engine.settings
@@ -166,12 +158,11 @@ class DemoJob:
         return ok
 
     def _balances(self) -> dict[tuple[str, str], BalanceState]:
-        decode = msgspec.json.Decoder(BalanceState).decode
-        out = {}
-        for key, raw in self.engine.state.tables["balances"].data.items():
-            account, _, asset = key.decode().partition("|")
-            out[(account, asset)] = decode(raw)
-        return out
+        return {
+            (account, asset): bal
+            for store in self.engine.stores.values()
+            for account, asset, bal in store.balances()
+        }
 
 
 def run(
@@ -191,33 +182,27 @@ def run(
         data_dir=str(Path(settings.data_dir) / f"demo-{run_id}"),
     )
     app_id = f"demo-{run_id}-engine"
-    specs = Engine.all_topic_specs(settings, app_id)
-    asyncio.run(ensure_topics(settings.kafka_bootstrap, specs))
-    prepare_state_dir(Path(settings.data_dir))
     workload = build(count=count, accounts=accounts, seed=seed, now_ms=int(time.time() * 1000))
     say(
         f"demo {run_id}: {len(workload.records)} records over {accounts} accounts, "
         f"{settings.partitions} shards, {settings.processing_guarantee}, seed {seed}"
     )
-    engine = Engine(settings, app_id=app_id)
-    job = DemoJob(engine, workload, seed=seed, say=say)
-    engine.app.task(job.run)
-    worker = Worker(engine.app, loglevel="warning")
-    with contextlib.suppress(SystemExit):
-        worker.execute_from_commandline()
-    if not keep:
-        shutil.rmtree(settings.data_dir, ignore_errors=True)
-        asyncio.run(_delete_topics(settings.kafka_bootstrap, engine))
+    job = DemoJob(workload, seed=seed, say=say)
+    try:
+        asyncio.run(serve(settings, app_id=app_id, job=job.run))
+    finally:
+        if not keep:
+            shutil.rmtree(settings.data_dir, ignore_errors=True)
+            asyncio.run(_delete_topics(settings, app_id))
     return job.ok
 
 
-async def _delete_topics(bootstrap: str, engine: Engine) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def _delete_topics(settings: Settings, app_id: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        names = [spec.name for spec in engine.topics.all()]
-        prefix = f"{engine.app.conf.id}-"
-        names += [t for t in await admin.list_topics() if t.startswith(prefix)]
-        await admin.delete_topics(names)
+        names = [spec.name for spec in Engine.all_topic_specs(settings, app_id)]
+        existing = set(await admin.list_topics())
+        await admin.delete_topics([n for n in names if n in existing])
     finally:
         await admin.close()

@@ -45,6 +45,7 @@ class EngineProcess:
         guarantee: str = "exactly_once",
         partitions: int = 4,
         log_level: str = "INFO",
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.prefix = prefix
@@ -61,8 +62,8 @@ class EngineProcess:
             "TALLY_DATA_DIR": str(self.data_dir),
             "TALLY_WEB_PORT": str(self.port),
             "TALLY_PROCESSING_GUARANTEE": guarantee,
-            # INFO at least: readiness is read from faust's "Worker ready" line.
             "TALLY_LOG_LEVEL": log_level,
+            **(extra_env or {}),
         }
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -83,18 +84,22 @@ class EngineProcess:
         await self.wait_ready()
 
     async def wait_ready(self) -> None:
-        """Ready once faust says so in the log (recovery done, partitions assigned)."""
-        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        """Ready once the worker's /readyz says so (partitions assigned and recovered)."""
         deadline = asyncio.get_running_loop().time() + ready_timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            if self.proc is None:
-                raise EngineError("engine was not started")
-            if self.proc.returncode is not None:
-                raise EngineError(f"engine exited {self.proc.returncode}:\n{self.tail()}")
-            text = self.log_path.read_bytes()[start:].decode(errors="replace")
-            if "Recovery]: Worker ready" in text or "[^Worker]: Ready" in text:
-                return
-            await asyncio.sleep(0.2)
+        url = f"http://127.0.0.1:{self.port}/readyz"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while asyncio.get_running_loop().time() < deadline:
+                if self.proc is None:
+                    raise EngineError("engine was not started")
+                if self.proc.returncode is not None:
+                    raise EngineError(f"engine exited {self.proc.returncode}:\n{self.tail()}")
+                try:
+                    async with session.get(url) as response:
+                        if response.status == 200:
+                            return
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.2)
         raise EngineError(f"engine not ready in {ready_timeout_s}s:\n{self.tail()}")
 
     def tail(self, lines: int = 60) -> str:

@@ -52,13 +52,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     data_dir: Annotated[str, msgspec.Meta(min_length=1)] = ".cache/engine"
     web_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 6066
     processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    # How long a command_id is remembered: a repeat within this window is answered as a
+    # duplicate; after it the record is pruned and the id may apply again. 0 keeps all.
+    idempotency_retention_s: Annotated[int, msgspec.Meta(ge=0)] = 7 * 24 * 3600
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with passwords in DSNs and URLs masked, for logs."""
         out = msgspec.structs.asdict(self)
         for key in ("pg_dsn", "redis_url", "kafka_bootstrap"):
-            out[key] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", out[key])
+            out[key] = re.sub(r"(://[^:/@]*:).*@", r"\1***@", out[key])
         return out
 
 

@@ -21,13 +21,6 @@ from tally.workload import build
 pytestmark = pytest.mark.fault
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known gap (issue #3): after kill -9 a few records' offsets end up committed while "
-        "their results and credits are not; remove this marker when the test passes"
-    ),
-)
 @pytest.mark.parametrize("seed", [11])
 async def test_kill_9_mid_stream_then_restart(
     settings: Settings, unique: str, tmp_path: Path, seed: int

@@ -1,0 +1,163 @@
+"""The worker's own HTTP server: the table view of balances, liveness and readiness.
+
+`GET /balances/{account}` answers from the RocksDB of the worker that owns the account's
+shard, with what its committed batches have applied. A worker that does not own the
+shard asks Kafka which member of the engine's consumer group does (the group's
+description carries each member's assignment and client id, and the client id carries
+the member's web address) and forwards the request there, once.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.protocol import ConsumerProtocol
+
+from streams.engine import Engine
+from topics import limits
+from topics.shard import shard_of
+
+CLIENT_ID_PREFIX = "tally-engine-"
+owners_ttl_s = 2.0
+forward_timeout_s = 5.0
+_ACCOUNT = re.compile(limits.ACCOUNT_ID_PATTERN)
+
+
+def client_id_for(host: str, port: int) -> str:
+    """The consumer client id that tells other workers where this one's web server is."""
+    return f"{CLIENT_ID_PREFIX}{host}-{port}"
+
+
+def _address_of(client_id: str) -> str | None:
+    if not client_id.startswith(CLIENT_ID_PREFIX):
+        return None
+    host, _, port = client_id[len(CLIENT_ID_PREFIX) :].rpartition("-")
+    return f"http://{host}:{port}" if host and port.isdigit() else None
+
+
+def _problem(status: int, title: str, **extra: Any) -> web.Response:
+    return web.json_response(
+        {"type": "about:blank", "title": title, "status": status, **extra},
+        status=status,
+        content_type="application/problem+json",
+    )
+
+
+class WorkerWeb:
+    def __init__(self, engine: Engine, host: str, port: int) -> None:
+        self.engine = engine
+        self.host = host
+        self.port = port
+        self.address = f"http://{host}:{port}"
+        self._owners: dict[int, str] = {}
+        self._owners_at = 0.0
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application()
+        self.app.router.add_get("/livez", self.livez)
+        self.app.router.add_get("/readyz", self.readyz)
+        self.app.router.add_get("/balances/{account}", self.balances)
+        self.app.router.add_get("/balances/{account}/", self.balances)
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def livez(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        engine = self.engine
+        body = {
+            "ready": engine.ready,
+            "serving": sorted(engine.owned),
+            "recovering": sorted(engine.recovering),
+            "counts": dict(engine.counts),
+        }
+        return web.json_response(body, status=200 if engine.ready else 503)
+
+    async def balances(self, request: web.Request) -> web.Response:
+        account = request.match_info["account"]
+        if not _ACCOUNT.match(account):
+            return _problem(
+                400,
+                "invalid account id",
+                field="account",
+                detail="1-64 characters of A-Z a-z 0-9 _ . : -",
+            )
+        engine = self.engine
+        shard = shard_of(account, engine.partitions)
+        if engine.owns(account):
+            balances = engine.balances_of(account)
+            return web.json_response(
+                {
+                    "account": account,
+                    "shard_id": shard,
+                    "balances": {
+                        asset: {"available": b.available, "held": b.held, "seq": b.seq}
+                        for asset, b in balances.items()
+                    },
+                }
+            )
+        owner = None if "forwarded" in request.query else await self._owner(shard)
+        if owner is None or owner == self.address:
+            return _problem(
+                503,
+                "shard not served right now",
+                detail=f"no worker serves shard {shard} yet (starting or rebalancing)",
+                shard_id=shard,
+                headers={"Retry-After": "1"},
+            )
+        url = f"{owner}/balances/{account}?forwarded=1"
+        timeout = aiohttp.ClientTimeout(total=forward_timeout_s)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(url) as response,
+            ):
+                return web.Response(
+                    body=await response.read(),
+                    status=response.status,
+                    content_type=response.content_type,
+                )
+        except (aiohttp.ClientError, TimeoutError):
+            self._owners_at = 0.0
+            return _problem(503, "owner unreachable", detail=f"{owner} did not answer")
+
+    async def _owner(self, shard: int) -> str | None:
+        if time.monotonic() - self._owners_at > owners_ttl_s:
+            self._owners = await self._describe()
+            self._owners_at = time.monotonic()
+        return self._owners.get(shard)
+
+    async def _describe(self) -> dict[int, str]:
+        """shard -> web address of the group member assigned the shard's commands."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.engine.settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            responses = await admin.describe_consumer_groups([self.engine.group_id])
+        finally:
+            await admin.close()
+        owners: dict[int, str] = {}
+        commands = self.engine.topics.commands.name
+        for response in responses:
+            for group in response.groups:
+                for member in group[5]:
+                    client_id, raw_assignment = member[1], member[-1]
+                    address = _address_of(client_id)
+                    if address is None or not raw_assignment:
+                        continue
+                    assignment = ConsumerProtocol.ASSIGNMENT.decode(raw_assignment)
+                    for topic, partitions in assignment.assignment:
+                        if topic == commands:
+                            owners.update(dict.fromkeys(partitions, address))
+        return owners
