@@ -62,7 +62,7 @@ async def test_kcat_produced_commands_are_applied_on_their_shard(
         {"kind": "withdraw", "command_id": f"k2-{unique}", "account": account,
          "asset": "USD", "amount": 400},
     ]  # fmt: skip
-    # The README's command: key and value separated by a tab, one record per line.
+    # The README's command: key, a tab, the JSON; one record per line.
     payload = "".join(f"{account}\t{json.dumps(line)}\n" for line in lines).encode()
     collector = Collector(settings.kafka_bootstrap, engine.topics)
     await collector.start(from_end=False)
@@ -75,7 +75,7 @@ async def test_kcat_produced_commands_are_applied_on_their_shard(
             "-t",
             engine.topics.commands.name,
             "-K",
-            "\t",
+            "\\t",  # as typed in the README: kcat unescapes it
             stdin=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
