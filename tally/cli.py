@@ -106,14 +106,42 @@ def engine() -> None:
 @main.command()
 @click.argument("target", type=click.Choice(["postgres", "redis"]))
 def sink(target: str) -> None:
-    """Run one sink: project the events topic into PostgreSQL or Redis."""
-    _not_yet(f"sink {target}", 4)
+    """Run one sink: project the events topic into PostgreSQL or Redis.
+
+    Consumes <prefix>.events as group <prefix>-sink-TARGET in batches
+    (TALLY_SINK_BATCH_SIZE events or TALLY_SINK_LINGER_MS), writes each idempotently,
+    then commits. The PostgreSQL sink migrates its schema first. Stop with SIGTERM.
+    """
+    from sinks import service
+
+    sys.exit(service.run(_settings(), target))
 
 
 @main.command()
 def migrate() -> None:
-    """Apply pending SQL migrations to PostgreSQL."""
-    _not_yet("migrate", 4)
+    """Apply pending SQL migrations to the deployment's PostgreSQL schema.
+
+    The schema is named after TALLY_TOPIC_PREFIX; files come from migrations/ in order,
+    each in its own transaction. Safe to run twice or concurrently (advisory lock).
+    """
+    from sinks.migrate import MigrationError
+    from sinks.migrate import migrate as run_migrations
+
+    settings = _settings()
+    try:
+        applied = asyncio.run(
+            run_migrations(
+                settings.pg_dsn, settings.topic_prefix, settings.partitions, say=click.echo
+            )
+        )
+    except MigrationError as exc:
+        click.echo(f"tally migrate: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"tally migrate: PostgreSQL unreachable ({exc})", err=True)
+        sys.exit(1)
+    if not applied:
+        click.echo(f"schema {settings.topic_prefix}: up to date")
 
 
 @main.command()

@@ -20,6 +20,9 @@ import msgspec
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from sinks import service as sink_service
+from sinks import verify
+from sinks.runner import SinkRunner
 from streams.engine import Engine
 from streams.state import BalanceState
 from streams.worker import serve
@@ -41,6 +44,7 @@ class DemoJob:
     """Produces the workload once the engine runs, waits for it to drain, checks it."""
 
     engine: Engine
+    sinks: list[SinkRunner]
 
     def __init__(self, workload: Workload, *, seed: int, say: Callable[[str], None]) -> None:
         self.workload = workload
@@ -58,6 +62,18 @@ class DemoJob:
             self.ok = False
 
     async def _run(self) -> bool:
+        settings = self.engine.settings
+        await sink_service.prepare(settings, "postgres")
+        self.sinks = [sink_service.runner_for(settings, t) for t in sink_service.TARGETS]
+        sink_tasks = [asyncio.create_task(r.run(), name=r.store.name) for r in self.sinks]
+        try:
+            return await self._run_workload()
+        finally:
+            for runner in self.sinks:
+                runner.stop()
+            await asyncio.gather(*sink_tasks, return_exceptions=True)
+
+    async def _run_workload(self) -> bool:
         settings = self.engine.settings
         collector = Collector(settings.kafka_bootstrap, self.engine.topics)
         await collector.start(from_end=True)
@@ -82,7 +98,8 @@ class DemoJob:
                 f"{sum(expected.values()) / applied_s:,.0f} commands/s end to end"
             )
             await self._drain(collector)
-            return self._report(collector, expected, applied_s)
+            ok = self._report(collector, expected, applied_s)
+            return await self._stores() and ok
         finally:
             await collector.stop()
 
@@ -157,6 +174,35 @@ class DemoJob:
         self.say("RESULT: " + ("all checks hold" if ok else "CHECKS FAILED"))
         return ok
 
+    async def _stores(self) -> bool:
+        """The sinks' stores, drained, against the engine's tables."""
+        settings = self.engine.settings
+        if not await verify.wait_drained(self.sinks, timeout_s=drain_timeout_s):
+            self.say("FAILED: the sinks did not catch up with the events topic")
+            return False
+        engine = {k: (b.available, b.held, b.seq) for k, b in self._balances().items()}
+        found = await verify.agreement(
+            settings.pg_dsn,
+            sink_service.schema_of(settings),
+            settings.redis_url,
+            settings.topic_prefix,
+            engine,
+        )
+        self.say("")
+        written = ", ".join(
+            f"{r.store.name} {r.written_events} events / {r.written_entries} entries"
+            for r in self.sinks
+        )
+        self.say(f"sinks drained ({written}); stores against the engine:")
+        for comparison in found:
+            self.say(comparison.line())
+        ok = all(c.ok for c in found)
+        self.say("")
+        self.say(
+            "RESULT: " + ("PostgreSQL and Redis agree with the engine" if ok else "STORES DISAGREE")
+        )
+        return ok
+
     def _balances(self) -> dict[tuple[str, str], BalanceState]:
         return {
             (account, asset): bal
@@ -194,6 +240,14 @@ def run(
         if not keep:
             shutil.rmtree(settings.data_dir, ignore_errors=True)
             asyncio.run(_delete_topics(settings, app_id))
+            asyncio.run(
+                verify.drop(
+                    settings.pg_dsn,
+                    sink_service.schema_of(settings),
+                    settings.redis_url,
+                    settings.topic_prefix,
+                )
+            )
     return job.ok
 
 

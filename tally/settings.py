@@ -55,6 +55,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # How long a command_id is remembered: a repeat within this window is answered as a
     # duplicate; after it the record is pruned and the id may apply again. 0 keeps all.
     idempotency_retention_s: Annotated[int, msgspec.Meta(ge=0)] = 7 * 24 * 3600
+    # Sinks: a batch is this many events, or what arrived within the linger.
+    sink_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000
+    sink_linger_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 200
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def redacted(self) -> dict[str, Any]:

@@ -1,0 +1,177 @@
+"""The PostgreSQL store: each batch of result events in one transaction.
+
+Per batch: `ledger_entries` and `command_results` by `unnest` inserts that skip rows
+already there (so a replayed batch adds nothing), `balances` by one upsert that only
+moves forward (`WHERE excluded.seq > balances.seq`), the batch's breakpoints computed
+from the entries in SQL, and the consumed offsets into `sink_offsets`. The offsets
+commit with the rows: after a crash the sink resumes exactly after the last batch that
+reached PostgreSQL, whatever Kafka's own committed offsets say (they are committed too,
+afterwards, for lag monitoring).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from sinks.migrate import quote
+from sinks.runner import Batch
+from topics.schema import Reason, Status
+
+# A breakpoint at every seq that is a multiple of this, per (account, asset).
+breakpoint_every = 100
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_ENTRIES = """
+INSERT INTO ledger_entries (shard_id, account, asset, seq, command_id, kind,
+    delta_available, delta_held, available, held, at)
+SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+    $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::timestamptz[])
+ON CONFLICT DO NOTHING
+"""
+
+_RESULTS = """
+INSERT INTO command_results (shard_id, command_id, account, kind, status, reason, at)
+SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+    $7::timestamptz[])
+ON CONFLICT (shard_id, command_id) DO UPDATE SET
+    account = excluded.account, kind = excluded.kind, status = excluded.status,
+    reason = excluded.reason, at = excluded.at
+WHERE command_results.reason = 'invalid_command'
+"""
+
+_BALANCES = """
+INSERT INTO balances (shard_id, account, asset, available, held, seq, updated_at)
+SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+    $6::bigint[], $7::timestamptz[])
+ON CONFLICT (shard_id, account, asset) DO UPDATE SET
+    available = excluded.available, held = excluded.held, seq = excluded.seq,
+    updated_at = excluded.updated_at
+WHERE excluded.seq > balances.seq
+"""
+
+_BREAKPOINTS = """
+INSERT INTO breakpoints (shard_id, account, asset, from_seq, to_seq, delta_available,
+    delta_held, available_before, held_before, available_after, held_after, created_at)
+SELECT e.shard_id, e.account, e.asset, e.seq - $5 + 1, e.seq,
+    sum(d.delta_available), sum(d.delta_held),
+    e.available - sum(d.delta_available), e.held - sum(d.delta_held),
+    e.available, e.held, e.at
+FROM unnest($1::int[], $2::text[], $3::text[], $4::bigint[]) AS c(shard_id, account, asset, seq)
+JOIN ledger_entries e ON e.shard_id = c.shard_id AND e.account = c.account
+    AND e.asset = c.asset AND e.seq = c.seq
+JOIN ledger_entries d ON d.shard_id = c.shard_id AND d.account = c.account
+    AND d.asset = c.asset AND d.seq BETWEEN c.seq - $5 + 1 AND c.seq
+GROUP BY e.shard_id, e.account, e.asset, e.seq, e.available, e.held, e.at
+ON CONFLICT DO NOTHING
+"""
+
+_OFFSETS = """
+INSERT INTO sink_offsets (topic, partition, next_offset)
+SELECT $1, * FROM unnest($2::int[], $3::bigint[])
+ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset
+"""
+
+
+def at(ms: int) -> datetime:
+    """An event's time as a timestamptz, exactly (no float on the way)."""
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+class PostgresStore:
+    name = "postgres"
+    unavailable: tuple[type[BaseException], ...] = (
+        OSError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.AdminShutdownError,
+        TimeoutError,
+    )
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.conn: asyncpg.Connection | None = None
+
+    async def open(self) -> None:
+        self.conn = await asyncpg.connect(
+            self.dsn, server_settings={"search_path": quote(self.schema)}, timeout=5
+        )
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def offsets(self, topic: str) -> dict[int, int] | None:
+        conn = await self._conn()
+        rows = await conn.fetch(
+            "SELECT partition, next_offset FROM sink_offsets WHERE topic = $1", topic
+        )
+        return {row["partition"]: row["next_offset"] for row in rows}
+
+    async def _conn(self) -> asyncpg.Connection:
+        if self.conn is None or self.conn.is_closed():
+            await self.open()
+        assert self.conn is not None
+        return self.conn
+
+    async def write(self, batch: Batch) -> None:
+        entries: list[list[Any]] = [[] for _ in range(11)]
+        results: dict[tuple[int, str], tuple[Any, ...]] = {}
+        balances: dict[tuple[int, str, str], tuple[Any, ...]] = {}
+        breakpoints: list[list[Any]] = [[], [], [], []]
+        for shard, result in batch.events:
+            when = at(result.at_ms)
+            for e in result.entries:
+                row = (
+                    shard, e.account, e.asset, e.seq, result.command_id, result.kind,
+                    e.delta_available, e.delta_held, e.available, e.held, when,
+                )  # fmt: skip
+                for column, value in zip(entries, row, strict=True):
+                    column.append(value)
+                key = (shard, e.account, e.asset)
+                if key not in balances or balances[key][5] < e.seq:
+                    balances[key] = (shard, e.account, e.asset, e.available, e.held, e.seq, when)
+                if e.seq % breakpoint_every == 0:
+                    for column, value in zip(
+                        breakpoints, (shard, e.account, e.asset, e.seq), strict=True
+                    ):
+                        column.append(value)
+            if result.status is Status.DUPLICATE or result.reason is Reason.COMMAND_ID_REUSED:
+                continue  # not a decision: the first result already is one
+            rkey = (shard, result.command_id)
+            known = results.get(rkey)
+            if known is None or known[5] == Reason.INVALID_COMMAND.value:
+                results[rkey] = (
+                    shard,
+                    result.command_id,
+                    result.account,
+                    result.kind,
+                    result.status.value,
+                    None if result.reason is None else result.reason.value,
+                    when,
+                )
+        conn = await self._conn()
+        async with conn.transaction():
+            if entries[0]:
+                await conn.execute(_ENTRIES, *entries)
+            if results:
+                await conn.execute(_RESULTS, *_columns(results.values(), 7))
+            if balances:
+                await conn.execute(_BALANCES, *_columns(balances.values(), 7))
+            if breakpoints[0]:
+                await conn.execute(_BREAKPOINTS, *breakpoints, breakpoint_every)
+            parts = sorted(batch.offsets.items())
+            await conn.execute(_OFFSETS, batch.topic, [p for p, _ in parts], [o for _, o in parts])
+
+
+def _columns(rows: Any, width: int) -> list[list[Any]]:
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    for row in rows:
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns

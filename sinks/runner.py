@@ -1,0 +1,290 @@
+"""The loop every sink shares: consume the events topic in batches, hand each batch to a
+store, commit, and never skip or half-write anything.
+
+A batch is up to `batch_size` events or whatever arrived within `linger_ms` of its first
+one. The store writes it idempotently (replaying a batch changes nothing); only then are
+the Kafka offsets committed, so a crash repeats at most the batch in flight. A store
+that keeps its own offsets (PostgreSQL, in the batch's transaction) is asked for them
+whenever partitions are assigned, and its offsets win over Kafka's.
+
+A store that is down (connection refused, restarting) is retried with exponential
+backoff and full jitter, on the same batch, until it answers; the sink logs once when
+it goes down and once when it is back, not once per retry. An event that cannot be
+decoded goes to the dead-letter topic and the sink goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.structs import TopicPartition
+
+from topics import limits
+from topics.codec import decode_result, encode
+from topics.schema import DeadLetter, Result
+from topics.specs import Topics
+
+log = logging.getLogger(__name__)
+
+backoff_first_s = 0.1
+backoff_max_s = 5.0
+status_every_s = 10.0
+
+
+@dataclass
+class Batch:
+    """Decoded events of one poll, in partition order, and where each partition ends."""
+
+    topic: str
+    events: list[tuple[int, Result]] = field(default_factory=list)  # (shard, result)
+    offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset
+
+    @property
+    def entries(self) -> int:
+        return sum(len(r.entries) for _, r in self.events)
+
+
+class Store(Protocol):
+    name: str
+    # Exceptions that mean "the store is unreachable right now": retried.
+    unavailable: tuple[type[BaseException], ...]
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def offsets(self, topic: str) -> dict[int, int] | None:
+        """The store's own next offsets per partition, or None if it keeps none."""
+        ...
+
+    async def write(self, batch: Batch) -> None: ...
+
+
+class SinkRunner:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        bootstrap: str,
+        topics: Topics,
+        group_id: str,
+        batch_size: int = 5000,
+        linger_ms: int = 200,
+    ) -> None:
+        self.store = store
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.topic = topics.events.name
+        self.group_id = group_id
+        self.batch_size = batch_size
+        self.linger_s = linger_ms / 1000
+        self.written_events = 0
+        self.written_entries = 0
+        self.dead_lettered = 0
+        self.down_since: float | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.on_batch: Callable[[Batch], None] | None = None
+        self._stopping = asyncio.Event()
+        self._reseek: set[TopicPartition] = set()
+        self._next: dict[TopicPartition, int] = {}
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def lag(self) -> int:
+        """Events on the topic not yet consumed, over the assigned partitions. (The
+        consumer's position moves past transaction markers; our own offsets do not.)"""
+        consumer = self.consumer
+        if consumer is None:
+            return 0
+        total = 0
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is not None:
+                total += max(0, high - await consumer.position(tp))
+        return total
+
+    async def run(self) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True
+        )
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            # A store outage holds the loop on one batch; stay in the group meanwhile.
+            max_poll_interval_ms=900_000,
+        )
+        self.consumer.subscribe([self.topic], listener=_Listener(self))
+        await self._retrying(self.store.open)
+        await producer.start()
+        await self.consumer.start()
+        last_status = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                polled = await self._poll()
+                if self._reseek:
+                    await self._seek_to_store()
+                    continue  # what was polled came from before the seek
+                batch, letters = self._decode(polled)
+                for letter in letters:
+                    await producer.send_and_wait(
+                        self.topics.dead_letter.name,
+                        encode(letter),
+                        partition=letter.source_partition,
+                    )
+                if batch.offsets:
+                    await self._retrying(lambda b=batch: self.store.write(b))  # type: ignore[misc]
+                    with contextlib.suppress(Exception):
+                        # Failing here (a rebalance) only means the next owner repeats
+                        # this batch, which the stores absorb.
+                        await self.consumer.commit(
+                            {TopicPartition(self.topic, p): o for p, o in batch.offsets.items()}
+                        )
+                    for p, o in batch.offsets.items():
+                        self._next[TopicPartition(self.topic, p)] = o
+                self.written_events += len(batch.events)
+                self.written_entries += batch.entries
+                if self.on_batch is not None:
+                    self.on_batch(batch)
+                now = time.monotonic()
+                if now - last_status >= status_every_s:
+                    last_status = now
+                    log.info(
+                        "sink %s: %d events, %d entries written, lag %d",
+                        self.store.name,
+                        self.written_events,
+                        self.written_entries,
+                        await self.lag(),
+                    )
+        finally:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            await self.store.close()
+
+    async def _poll(self) -> dict[TopicPartition, list[Any]]:
+        assert self.consumer is not None
+        polled: dict[TopicPartition, list[Any]] = await self.consumer.getmany(
+            timeout_ms=200, max_records=self.batch_size
+        )
+        count = sum(len(v) for v in polled.values())
+        deadline = time.monotonic() + self.linger_s
+        while count and count < self.batch_size and not self._reseek:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            more = await self.consumer.getmany(
+                timeout_ms=int(remaining * 1000) + 1, max_records=self.batch_size - count
+            )
+            for tp, records in more.items():
+                polled.setdefault(tp, []).extend(records)
+                count += len(records)
+        return polled
+
+    def _decode(self, polled: dict[TopicPartition, list[Any]]) -> tuple[Batch, list[DeadLetter]]:
+        batch = Batch(topic=self.topic)
+        letters = []
+        for tp, records in sorted(polled.items(), key=lambda kv: kv[0].partition):
+            expected = self._next.get(tp)
+            for record in records:
+                if expected is not None and record.offset < expected:
+                    continue  # written already (redelivered after a rebalance or seek)
+                try:
+                    result = decode_result(record.value or b"")
+                except msgspec.MsgspecError as exc:
+                    letters.append(self._letter(record, f"{exc}"))
+                    continue
+                batch.events.append((tp.partition, result))
+            if records:
+                batch.offsets[tp.partition] = max(
+                    records[-1].offset + 1, batch.offsets.get(tp.partition, 0)
+                )
+        self.dead_lettered += len(letters)
+        return batch, letters
+
+    def _letter(self, record: Any, reason: str) -> DeadLetter:
+        raw = record.value or b""
+        return DeadLetter(
+            reason=f"sink {self.store.name}: undecodable event: {reason}"[: limits.DETAIL_LEN_MAX],
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            key=None if record.key is None else record.key.decode("utf-8", "replace"),
+            raw=raw.decode("utf-8", "backslashreplace"),
+            at_ms=int(record.timestamp),
+        )
+
+    async def _seek_to_store(self) -> None:
+        assert self.consumer is not None
+        tps, self._reseek = self._reseek, set()
+        stored = await self._retrying(lambda: self.store.offsets(self.topic))
+        assigned = self.consumer.assignment()
+        for tp in tps:
+            if tp not in assigned:
+                continue
+            if stored is None:
+                committed = await self.consumer.committed(tp)
+                if committed is None:
+                    self._next.pop(tp, None)
+                    await self.consumer.seek_to_beginning(tp)
+                else:
+                    self._next[tp] = committed
+                    self.consumer.seek(tp, committed)
+            else:
+                offset = stored.get(tp.partition, 0)
+                self._next[tp] = offset
+                self.consumer.seek(tp, offset)
+
+    async def _retrying(self, call: Callable[[], Any]) -> Any:
+        """Run `call` until the store answers; log the outage once, and the recovery."""
+        delay = backoff_first_s
+        while True:
+            try:
+                result = await call()
+            except self.store.unavailable as exc:
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    log.warning("sink %s: store unavailable (%s); retrying", self.store.name, exc)
+                if self._stopping.is_set():
+                    raise
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(backoff_max_s, delay * 2)
+                with contextlib.suppress(*self.store.unavailable):
+                    await self.store.close()
+                    await self.store.open()
+                continue
+            if self.down_since is not None:
+                log.warning(
+                    "sink %s: store back after %.1fs",
+                    self.store.name,
+                    time.monotonic() - self.down_since,
+                )
+                self.down_since = None
+            return result
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runner: SinkRunner) -> None:
+        self.runner = runner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        for tp in revoked:
+            self.runner._next.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        # The seek happens in the loop, where a store outage can be waited out.
+        self.runner._reseek |= set(assigned)
