@@ -67,6 +67,7 @@ demo: $(STAMP) services ## Run the main job against the local services and print
 
 bench: $(STAMP) services ## Run the benchmarks (BENCH_COUNT=200000) and print their numbers
 	$(VENV)/bin/tally bench engine --count $(BENCH_COUNT)
+	$(VENV)/bin/tally bench sinks --events $(BENCH_COUNT)
 
 clean: ## Remove the virtualenv and caches (not the services' data: see services-down)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,16 +1,19 @@
 """The PostgreSQL store: each batch of result events in one transaction.
 
-Per batch: `ledger_entries` and `command_results` by `unnest` inserts that skip rows
-already there (so a replayed batch adds nothing), `balances` by one upsert that only
-moves forward (`WHERE excluded.seq > balances.seq`), the batch's breakpoints computed
-from the entries in SQL, and the consumed offsets into `sink_offsets`. The offsets
-commit with the rows: after a crash the sink resumes exactly after the last batch that
-reached PostgreSQL, whatever Kafka's own committed offsets say (they are committed too,
-afterwards, for lag monitoring).
+Per batch: `ledger_entries` and `command_results` by COPY; if a row is already there
+(a replay, a batch repeated after a crash) the transaction is redone with `unnest`
+inserts that skip existing rows, so a replayed batch adds nothing. Then `balances` by
+one upsert that only moves forward (`WHERE excluded.seq > balances.seq`), the batch's
+breakpoints computed from the entries in SQL, and the consumed offsets into
+`sink_offsets`. The offsets commit with the rows: after a crash the sink resumes
+exactly after the last batch that reached PostgreSQL, whatever Kafka's own committed
+offsets say (they are committed too, afterwards, for lag monitoring). Partitions are
+split over two connections that write concurrently (see `write`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -68,6 +71,12 @@ GROUP BY e.shard_id, e.account, e.asset, e.seq, e.available, e.held, e.at
 ON CONFLICT DO NOTHING
 """
 
+_ENTRY_COLUMNS = [
+    "shard_id", "account", "asset", "seq", "command_id", "kind",
+    "delta_available", "delta_held", "available", "held", "at",
+]  # fmt: skip
+_RESULT_COLUMNS = ["shard_id", "command_id", "account", "kind", "status", "reason", "at"]
+
 _OFFSETS = """
 INSERT INTO sink_offsets (topic, partition, next_offset)
 SELECT $1, * FROM unnest($2::int[], $3::bigint[])
@@ -91,36 +100,62 @@ class PostgresStore:
         TimeoutError,
     )
 
-    def __init__(self, dsn: str, schema: str) -> None:
+    def __init__(
+        self, dsn: str, schema: str, *, breakpoint_every: int = breakpoint_every, lanes: int = 2
+    ) -> None:
         self.dsn = dsn
         self.schema = schema
-        self.conn: asyncpg.Connection | None = None
+        self.breakpoint_every = breakpoint_every
+        self.lanes = lanes
+        self.conns: list[asyncpg.Connection] = []
 
     async def open(self) -> None:
-        self.conn = await asyncpg.connect(
-            self.dsn, server_settings={"search_path": quote(self.schema)}, timeout=5
-        )
+        await self.close()
+        self.conns = [
+            await asyncpg.connect(
+                self.dsn, server_settings={"search_path": quote(self.schema)}, timeout=5
+            )
+            for _ in range(self.lanes)
+        ]
 
     async def close(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
+        conns, self.conns = self.conns, []
+        for conn in conns:
             conn.terminate()
 
     async def offsets(self, topic: str) -> dict[int, int] | None:
-        conn = await self._conn()
+        conn = (await self._conns())[0]
         rows = await conn.fetch(
             "SELECT partition, next_offset FROM sink_offsets WHERE topic = $1", topic
         )
         return {row["partition"]: row["next_offset"] for row in rows}
 
-    async def _conn(self) -> asyncpg.Connection:
-        if self.conn is None or self.conn.is_closed():
+    async def _conns(self) -> list[asyncpg.Connection]:
+        if not self.conns or any(c.is_closed() for c in self.conns):
             await self.open()
-        assert self.conn is not None
-        return self.conn
+        return self.conns
 
     async def write(self, batch: Batch) -> None:
-        entries: list[list[Any]] = [[] for _ in range(11)]
+        """Partition p's events and offset go through lane p % lanes, each lane one
+        transaction on its own connection, the lanes concurrently: PostgreSQL works on
+        two cores while Python prepares. A partition always takes the same lane, so its
+        rows and its offset always commit together."""
+        conns = await self._conns()
+        lanes = [Batch(topic=batch.topic) for _ in conns]
+        for shard, result in batch.events:
+            lanes[shard % len(conns)].events.append((shard, result))
+        for partition, offset in batch.offsets.items():
+            lanes[partition % len(conns)].offsets[partition] = offset
+        await asyncio.gather(
+            *(
+                self._write(conn, lane)
+                for conn, lane in zip(conns, lanes, strict=True)
+                if lane.offsets
+            )
+        )
+
+    async def _write(self, conn: asyncpg.Connection, batch: Batch) -> None:
+        entry_rows: list[tuple[Any, ...]] = []
         results: dict[tuple[int, str], tuple[Any, ...]] = {}
         balances: dict[tuple[int, str, str], tuple[Any, ...]] = {}
         breakpoints: list[list[Any]] = [[], [], [], []]
@@ -131,12 +166,11 @@ class PostgresStore:
                     shard, e.account, e.asset, e.seq, result.command_id, result.kind,
                     e.delta_available, e.delta_held, e.available, e.held, when,
                 )  # fmt: skip
-                for column, value in zip(entries, row, strict=True):
-                    column.append(value)
+                entry_rows.append(row)
                 key = (shard, e.account, e.asset)
                 if key not in balances or balances[key][5] < e.seq:
                     balances[key] = (shard, e.account, e.asset, e.available, e.held, e.seq, when)
-                if e.seq % breakpoint_every == 0:
+                if e.seq % self.breakpoint_every == 0:
                     for column, value in zip(
                         breakpoints, (shard, e.account, e.asset, e.seq), strict=True
                     ):
@@ -155,18 +189,42 @@ class PostgresStore:
                     None if result.reason is None else result.reason.value,
                     when,
                 )
-        conn = await self._conn()
-        async with conn.transaction():
-            if entries[0]:
-                await conn.execute(_ENTRIES, *entries)
-            if results:
-                await conn.execute(_RESULTS, *_columns(results.values(), 7))
-            if balances:
-                await conn.execute(_BALANCES, *_columns(balances.values(), 7))
-            if breakpoints[0]:
-                await conn.execute(_BREAKPOINTS, *breakpoints, breakpoint_every)
-            parts = sorted(batch.offsets.items())
-            await conn.execute(_OFFSETS, batch.topic, [p for p, _ in parts], [o for _, o in parts])
+        parts = sorted(batch.offsets.items())
+        try:
+            # The usual case, a batch never written before: COPY, the fastest way in.
+            async with conn.transaction():
+                if entry_rows:
+                    await conn.copy_records_to_table(
+                        "ledger_entries", records=entry_rows, columns=_ENTRY_COLUMNS
+                    )
+                if results:
+                    await conn.copy_records_to_table(
+                        "command_results", records=list(results.values()), columns=_RESULT_COLUMNS
+                    )
+                await self._rest(conn, batch.topic, balances, breakpoints, parts)
+        except asyncpg.UniqueViolationError:
+            # Rows already there: a replay, a batch repeated after a crash, or a command
+            # id seen before. Same rows again, skipping what exists.
+            async with conn.transaction():
+                if entry_rows:
+                    await conn.execute(_ENTRIES, *_columns(entry_rows, 11))
+                if results:
+                    await conn.execute(_RESULTS, *_columns(results.values(), 7))
+                await self._rest(conn, batch.topic, balances, breakpoints, parts)
+
+    async def _rest(
+        self,
+        conn: asyncpg.Connection,
+        topic: str,
+        balances: dict[tuple[int, str, str], tuple[Any, ...]],
+        breakpoints: list[list[Any]],
+        parts: list[tuple[int, int]],
+    ) -> None:
+        if balances:
+            await conn.execute(_BALANCES, *_columns(balances.values(), 7))
+        if breakpoints[0]:
+            await conn.execute(_BREAKPOINTS, *breakpoints, self.breakpoint_every)
+        await conn.execute(_OFFSETS, topic, [p for p, _ in parts], [o for _, o in parts])
 
 
 def _columns(rows: Any, width: int) -> list[list[Any]]:

@@ -91,6 +91,7 @@ class SinkRunner:
         self.written_entries = 0
         self.dead_lettered = 0
         self.down_since: float | None = None
+        self.outages = 0
         self.consumer: AIOKafkaConsumer | None = None
         self.on_batch: Callable[[Batch], None] | None = None
         self._stopping = asyncio.Event()
@@ -258,6 +259,7 @@ class SinkRunner:
             except self.store.unavailable as exc:
                 if self.down_since is None:
                     self.down_since = time.monotonic()
+                    self.outages += 1
                     log.warning("sink %s: store unavailable (%s); retrying", self.store.name, exc)
                 if self._stopping.is_set():
                     raise

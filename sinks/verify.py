@@ -182,3 +182,45 @@ async def drop(dsn: str, schema: str, redis_url: str, prefix: str) -> None:
             await client.delete(*batch)
     finally:
         await client.aclose()
+
+
+def event_balances(results: Any) -> Balances:
+    """The last state of every balance as the result events tell it (a Collector's
+    Results): what the engine's tables hold, by the engine's own account."""
+    out: Balances = {}
+    for group in results.by_id.values():
+        for result in group:
+            for e in result.entries:
+                key = (e.account, e.asset)
+                if key not in out or out[key][2] < e.seq:
+                    out[key] = (e.available, e.held, e.seq)
+    return out
+
+
+async def pg_dump(dsn: str, schema: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the projection tables, in key order (sink_offsets aside)."""
+    order = {
+        "balances": "shard_id, account, asset",
+        "ledger_entries": "shard_id, account, asset, seq",
+        "command_results": "shard_id, command_id",
+        "breakpoints": "shard_id, account, asset, to_seq",
+    }
+    return {
+        table: [tuple(r) for r in await _fetch(dsn, schema, f"SELECT * FROM {table} ORDER BY {by}")]
+        for table, by in order.items()
+    }
+
+
+async def redis_dump(url: str, prefix: str) -> dict[bytes, Any]:
+    client: Any = aioredis.from_url(url)
+    try:
+        out: dict[bytes, Any] = {}
+        async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            kind = await client.type(key)
+            if kind == b"hash":
+                out[key] = sorted((await client.hgetall(key)).items())
+            elif kind == b"set":
+                out[key] = sorted(await client.smembers(key))
+        return dict(sorted(out.items()))
+    finally:
+        await client.aclose()

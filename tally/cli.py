@@ -198,5 +198,23 @@ def bench_engine(count: int, guarantee: str, report: Path) -> None:
     asyncio.run(bench_job.run(settings, count=count, guarantees=guarantees, report=report))
 
 
+@bench.command(name="sinks")
+@click.option("--events", default=200_000, show_default=True, type=click.IntRange(1000, 5_000_000))
+@click.option(
+    "--report",
+    default="reports/bench-sinks.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
+def bench_sinks(events: int, report: Path) -> None:
+    """PostgreSQL and Redis sink throughput on EVENTS pre-produced result events, and the
+    lag from an event's send to its visibility in each store."""
+    from tally import bench_sinks as job
+
+    settings = _settings()
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(job.run(settings, count=events, report=report))
+
+
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from topics.codec import decode_dead_letter, decode_result
@@ -33,6 +34,7 @@ class Results:
     received_at: dict[str, float] = field(default_factory=dict)
     last_at: float = 0.0
     count: int = 0
+    foreign: int = 0
 
     def add(self, result: Result) -> None:
         self.by_id[result.command_id].append(result)
@@ -114,10 +116,15 @@ class Collector:
             )
             for tp, records in batches.items():
                 for record in records:
-                    if tp.topic == events:
-                        self.results.add(decode_result(record.value or b""))
-                    else:
-                        self.results.dead_letters.append(decode_dead_letter(record.value or b""))
+                    try:
+                        if tp.topic == events:
+                            self.results.add(decode_result(record.value or b""))
+                        else:
+                            letter = decode_dead_letter(record.value or b"")
+                            self.results.dead_letters.append(letter)
+                    except msgspec.MsgspecError:
+                        # Not the engine's: counted, so a check can say so.
+                        self.results.foreign += 1
 
     async def wait_for(
         self, done: Callable[[Results], bool], *, timeout_s: float, say: Callable[[str], None]

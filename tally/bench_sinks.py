@@ -1,0 +1,220 @@
+"""`tally bench sinks`: how fast each sink drains a pre-filled events topic, and how long
+an event takes to become visible in each store once the sinks are caught up.
+
+Method. N synthetic result events (one balance entry each, over N/20 accounts, seq
+increasing per account) are produced to a fresh deployment's events topic. Each sink
+then starts from offset 0 with its default batch settings: throughput is entries
+written per second from its first batch to the last. With both sinks still running and
+caught up, paced events (200/s for 10 s) carry their send time; an event's lag is the
+time from that send to the commit of the store write that contains it (PostgreSQL's
+transaction, Redis's pipeline), i.e. the moment a reader could see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import msgspec
+from aiokafka import AIOKafkaProducer
+
+from sinks import service, verify
+from sinks.runner import Batch, SinkRunner
+from tally.settings import Settings
+from topics.codec import encode
+from topics.schema import Entry, Result, Status
+from topics.shard import shard_of
+from topics.specs import topics_for
+
+lag_rate_per_s = 200
+lag_seconds = 10
+drain_timeout_s = 600.0
+
+
+@dataclass
+class SinkResult:
+    target: str
+    events: int
+    entries_per_s: float
+    store_writes: int
+    lag_p50_ms: float
+    lag_p99_ms: float
+    lag_samples: int
+
+
+def _events(count: int, accounts: int, now_ms: int) -> list[tuple[str, bytes]]:
+    seqs = [0] * accounts
+    out = []
+    for i in range(count):
+        a = i % accounts
+        seqs[a] += 1
+        account = f"bench-{a}"
+        entry = Entry(
+            account=account, asset="USD", seq=seqs[a], available=seqs[a] * 10, held=0,
+            delta_available=10, delta_held=0,
+        )  # fmt: skip
+        result = Result(
+            command_id=f"b-{i}", account=account, kind="deposit", status=Status.APPLIED,
+            entries=[entry], at_ms=now_ms,
+        )  # fmt: skip
+        out.append((account, encode(result)))
+    return out
+
+
+async def _produce(
+    bootstrap: str, topic: str, partitions: int, events: list[tuple[str, bytes]]
+) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=512 * 1024
+    )
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(topic, value, key=key.encode(), partition=shard_of(key, partitions))
+            for key, value in events
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def _drain(runner: SinkRunner, total_entries: int) -> tuple[float, asyncio.Task[None]]:
+    """Start one sink from offset 0 and wait until it has written every entry; its
+    entries/s, and its task (it keeps running for the lag phase)."""
+    first: list[float] = []
+
+    def on_batch(batch: Batch) -> None:
+        if not first and batch.events:
+            first.append(time.perf_counter())
+
+    runner.on_batch = on_batch
+    task = asyncio.create_task(runner.run())
+    deadline = time.monotonic() + drain_timeout_s
+    while runner.written_entries < total_entries:
+        if task.done():
+            task.result()
+            raise RuntimeError(f"sink {runner.store.name} stopped early")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sink {runner.store.name} did not drain in {drain_timeout_s}s")
+        await asyncio.sleep(0.01)
+    done = time.perf_counter()
+    runner.on_batch = None
+    return total_entries / max(done - first[0], 1e-9), task
+
+
+async def _lags(
+    settings: Settings, runners: list[SinkRunner], accounts: int
+) -> dict[str, list[float]]:
+    lags: dict[str, list[float]] = {r.store.name: [] for r in runners}
+    sent: dict[str, float] = {}
+    for runner in runners:
+
+        def on_batch(batch: Batch, name: str = runner.store.name) -> None:
+            now = time.time() * 1000
+            for _, result in batch.events:
+                if result.command_id in sent:
+                    lags[name].append(now - sent[result.command_id])
+
+        runner.on_batch = on_batch
+    topic = topics_for(settings.topic_prefix, settings.partitions).events.name
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        started = time.monotonic()
+        for i in range(lag_rate_per_s * lag_seconds):
+            due = started + i / lag_rate_per_s
+            if (delay := due - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+            account = f"lag-{i % 97}"
+            entry = Entry(
+                account=account, asset="USD", seq=i // 97 + 1, available=1, held=0,
+                delta_available=1, delta_held=0,
+            )  # fmt: skip
+            command_id = f"lag-{i}"
+            now_ms = time.time() * 1000
+            result = Result(
+                command_id=command_id, account=account, kind="deposit", status=Status.APPLIED,
+                entries=[entry], at_ms=int(now_ms),
+            )  # fmt: skip
+            sent[command_id] = now_ms
+            await producer.send(
+                topic, encode(result), key=account.encode(),
+                partition=shard_of(account, settings.partitions),
+            )  # fmt: skip
+    finally:
+        await producer.stop()
+    # Polled, not awaited on an event: the callbacks run inside the sinks' loops.
+    for _ in range(600):
+        if all(len(v) >= len(sent) for v in lags.values()):
+            break
+        await asyncio.sleep(0.1)
+    return lags
+
+
+def _pct(values: list[float], pct: int) -> float:
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
+
+
+async def run(
+    settings: Settings, *, count: int, report: Path, say: Callable[[str], None] = print
+) -> dict[str, object]:
+    prefix = f"bench-sinks-{uuid.uuid4().hex[:6]}"
+    local = msgspec.structs.replace(settings, topic_prefix=prefix)
+    await service.prepare(local, "postgres")
+    accounts = max(100, count // 20)
+    say(f"[sinks] producing {count:,} result events over {accounts:,} accounts to {prefix}.events")
+    events = _events(count, accounts, int(time.time() * 1000))
+    topic = topics_for(prefix, local.partitions).events.name
+    await _produce(local.kafka_bootstrap, topic, local.partitions, events)
+    runners = [service.runner_for(local, target) for target in service.TARGETS]
+    rates = {}
+    tasks = []
+    try:
+        for runner in runners:
+            say(f"[sinks] {runner.store.name}: draining {count:,} events from offset 0")
+            rates[runner.store.name], task = await _drain(runner, count)
+            tasks.append(task)
+        say(f"[sinks] lag at {lag_rate_per_s}/s for {lag_seconds}s, both sinks caught up")
+        lags = await _lags(local, runners, accounts)
+    finally:
+        for runner in runners:
+            runner.stop()
+        await asyncio.gather(*tasks)
+        await verify.drop(local.pg_dsn, service.schema_of(local), local.redis_url, prefix)
+    results = [
+        SinkResult(
+            target=r.store.name,
+            events=count,
+            entries_per_s=rates[r.store.name],
+            store_writes=int(getattr(r.store, "written", r.written_entries)),
+            lag_p50_ms=_pct(lags[r.store.name], 50),
+            lag_p99_ms=_pct(lags[r.store.name], 99),
+            lag_samples=len(lags[r.store.name]),
+        )
+        for r in runners
+    ]
+    out: dict[str, object] = {
+        "events": count,
+        "partitions": local.partitions,
+        "batch_size": local.sink_batch_size,
+        "linger_ms": local.sink_linger_ms,
+        "sinks": [asdict(x) for x in results],
+    }
+    report.parent.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(report.write_text, json.dumps(out, indent=2))
+    say("")
+    say(f"{'sink':<12}{'entries/s':>12}{'lag p50 ms':>12}{'lag p99 ms':>12}{'samples':>9}")
+    for x in results:
+        say(
+            f"{x.target:<12}{x.entries_per_s:>12,.0f}{x.lag_p50_ms:>12.1f}{x.lag_p99_ms:>12.1f}{x.lag_samples:>9}"
+        )
+    say(f"\nreport written to {report}")
+    return out

@@ -1,0 +1,164 @@
+"""Sinks under faults, with real processes and a real PostgreSQL: `kill -9` of a sink
+mid-stream, and PostgreSQL stopped for a few seconds under load. Afterwards no row is
+lost, none is doubled, and the stores agree with the engine's events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from sinks import verify
+from tally.procs import ROOT
+from tally.settings import Settings
+from tests.integration.sink_support import Deployment, deployment, running
+
+pytestmark = pytest.mark.fault
+
+
+async def _entries(d: Deployment) -> int:
+    conn = await asyncpg.connect(d.settings.pg_dsn)
+    try:
+        n = await conn.fetchval(f'SELECT count(*) FROM "{d.schema}".ledger_entries')
+        return int(n)
+    finally:
+        await conn.close()
+
+
+async def _until(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        if await predicate():
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+def _sink_process_env(d: Deployment) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
+        "TALLY_KAFKA_BOOTSTRAP": d.settings.kafka_bootstrap,
+        "TALLY_PG_DSN": d.settings.pg_dsn,
+        "TALLY_TOPIC_PREFIX": d.settings.topic_prefix,
+        "TALLY_PARTITIONS": str(d.settings.partitions),
+        # Small batches: many transactions, so the kill lands among them.
+        "TALLY_SINK_BATCH_SIZE": "100",
+        "TALLY_SINK_LINGER_MS": "20",
+    }
+
+
+async def test_kill_9_of_the_postgres_sink_loses_and_doubles_nothing(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    async with deployment(settings, unique, tmp_path, count=3000) as d:
+        log = (tmp_path / "sink.log").open("ab")
+        start = [sys.executable, "-m", "tally.cli", "sink", "postgres"]
+        env = _sink_process_env(d)
+        sink = await asyncio.create_subprocess_exec(
+            *start, cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+        producing = asyncio.create_task(d.produce())
+        try:
+            assert await _until(lambda: _has_rows(d, 500), 90), (tmp_path / "sink.log").read_text()
+            sink.send_signal(signal.SIGKILL)
+            assert await sink.wait() == -signal.SIGKILL
+            sink = await asyncio.create_subprocess_exec(
+                *start, cwd=ROOT, env=env, stdout=log, stderr=log
+            )
+            await producing
+            events = await d.drained()
+            total = sum(len(r.entries) for g in d.collector.results.by_id.values() for r in g)
+
+            async def caught_up() -> bool:
+                return await _entries(d) == total and await d.pg() == events
+
+            assert await _until(caught_up, 90), (
+                f"{await _entries(d)} of {total} entries; {shlex.join(start)} log:\n"
+                + (tmp_path / "sink.log").read_text()[-3000:]
+            )
+        finally:
+            producing.cancel()
+            if sink.returncode is None:
+                sink.send_signal(signal.SIGTERM)
+                await sink.wait()
+            log.close()
+        s = d.settings
+        found = await verify.agreement(s.pg_dsn, d.schema, s.redis_url, "-unused-", events)
+        pg_checks = [c for c in found if "Redis" not in c.name]
+        assert all(c.ok for c in pg_checks), "\n".join(c.line() for c in pg_checks)
+
+
+async def _has_rows(d: Deployment, n: int) -> bool:
+    try:
+        return await _entries(d) >= n
+    except asyncpg.UndefinedTableError:
+        return False
+
+
+async def _pg_cluster(dsn: str) -> tuple[str, str, str]:
+    """(pg_ctl, data directory, the -o options it was started with) of the server."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        data = str(await conn.fetchval("SHOW data_directory"))
+    finally:
+        await conn.close()
+    argv = _postmaster_argv(data)
+    options = argv[argv.index("-D") + 2 :]  # after the binary, -D and the data directory
+    return str(Path(argv[0]).with_name("pg_ctl")), data, shlex.join(options)
+
+
+def _postmaster_argv(data: str) -> list[str]:
+    return shlex.split(Path(data, "postmaster.opts").read_text())
+
+
+async def _pg_ctl(*args: str) -> None:
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    proc = await asyncio.create_subprocess_exec(
+        *as_postgres, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
+
+
+async def test_postgres_stopped_under_load_then_the_sink_catches_up(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    pg_ctl, data, options = await _pg_cluster(settings.pg_dsn)
+    async with deployment(settings, unique, tmp_path, count=3000) as d:
+        pg, rd = d.runner("postgres"), d.runner("redis")
+        pg.batch_size = 100
+        stopped = restarted = False
+        async with running(pg, rd):
+            producing = asyncio.create_task(d.produce())
+            try:
+                assert await _until(lambda: _has_rows(d, 300), 90)
+                await _pg_ctl(pg_ctl, "-D", data, "-m", "fast", "-w", "stop")
+                stopped = True
+                await asyncio.sleep(3)
+                await _pg_ctl(
+                    pg_ctl, "-D", data, "-w", "-l", "/tmp/tally-pg-restart.log", "-o", options,
+                    "start",
+                )  # fmt: skip
+                restarted = True
+                await producing
+                events = await d.drained()
+                assert await verify.wait_drained([pg, rd], timeout_s=120)
+            finally:
+                producing.cancel()
+                if stopped and not restarted:
+                    await _pg_ctl(
+                        pg_ctl, "-D", data, "-w", "-l", "/tmp/tally-pg-restart.log", "-o",
+                        options, "start",
+                    )  # fmt: skip
+        assert pg.outages >= 1, "the sink never saw PostgreSQL go away"
+        assert pg.down_since is None
+        s = d.settings
+        found = await verify.agreement(s.pg_dsn, d.schema, s.redis_url, s.topic_prefix, events)
+        assert all(c.ok for c in found), "\n".join(c.line() for c in found)
