@@ -20,17 +20,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sinks.runner import Batch
 
 # KEYS: balance key, assets key, balance key, assets key, ...
-# ARGV: asset, available, held, seq per balance. Returns the number of balances written.
+# ARGV: "available:held:seq" per balance (one argument each: packing arguments is most of
+# the client's work). The asset is the balance key's last segment (assets never hold ':').
+# Returns the number of balances written.
 LWW_SCRIPT = """
 local written = 0
 for i = 1, #KEYS, 2 do
-  local base = (i - 1) * 2
-  local seq = tonumber(ARGV[base + 4])
+  local available, held, seq = string.match(ARGV[(i + 1) / 2], '^(-?%d+):(%d+):(%d+)$')
   local current = redis.call('HGET', KEYS[i], 'seq')
-  if current == false or tonumber(current) < seq then
-    redis.call('HSET', KEYS[i], 'available', ARGV[base + 2], 'held', ARGV[base + 3],
-               'seq', ARGV[base + 4])
-    redis.call('SADD', KEYS[i + 1], ARGV[base + 1])
+  if current == false or tonumber(current) < tonumber(seq) then
+    redis.call('HSET', KEYS[i], 'available', available, 'held', held, 'seq', seq)
+    redis.call('SADD', KEYS[i + 1], string.match(KEYS[i], '([^:]+)$'))
     written = written + 1
   end
 end
@@ -89,7 +89,7 @@ class RedisStore:
             keys, args = by_shard.setdefault(shard, ([], []))
             keys += (balance_key(self.prefix, shard, account, asset),
                      assets_key(self.prefix, shard, account))  # fmt: skip
-            args += (asset, available, held, seq)
+            args.append(b"%d:%d:%d" % (available, held, seq))
         if not by_shard:
             return
         async with self.client.pipeline(transaction=False) as pipe:

@@ -97,6 +97,8 @@ class SinkRunner:
         self._stopping = asyncio.Event()
         self._reseek: set[TopicPartition] = set()
         self._next: dict[TopicPartition, int] = {}
+        self._pending: tuple[Batch, asyncio.Task[None]] | None = None
+        self._last_status = 0.0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -132,11 +134,12 @@ class SinkRunner:
         await self._retrying(self.store.open)
         await producer.start()
         await self.consumer.start()
-        last_status = time.monotonic()
+        self._last_status = time.monotonic()
         try:
             while not self._stopping.is_set():
                 polled = await self._poll()
                 if self._reseek:
+                    await self._finish()
                     await self._seek_to_store()
                     continue  # what was polled came from before the seek
                 batch, letters = self._decode(polled)
@@ -146,36 +149,58 @@ class SinkRunner:
                         encode(letter),
                         partition=letter.source_partition,
                     )
+                # One write in flight: batch N is written while batch N+1 is polled and
+                # decoded. Writes stay in order; N is committed before N+1 is written.
+                await self._finish()
                 if batch.offsets:
-                    await self._retrying(lambda b=batch: self.store.write(b))  # type: ignore[misc]
-                    with contextlib.suppress(Exception):
-                        # Failing here (a rebalance) only means the next owner repeats
-                        # this batch, which the stores absorb.
-                        await self.consumer.commit(
-                            {TopicPartition(self.topic, p): o for p, o in batch.offsets.items()}
-                        )
-                    for p, o in batch.offsets.items():
-                        self._next[TopicPartition(self.topic, p)] = o
-                self.written_events += len(batch.events)
-                self.written_entries += batch.entries
-                if self.on_batch is not None:
-                    self.on_batch(batch)
-                now = time.monotonic()
-                if now - last_status >= status_every_s:
-                    last_status = now
-                    log.info(
-                        "sink %s: %d events, %d entries written, lag %d",
-                        self.store.name,
-                        self.written_events,
-                        self.written_entries,
-                        await self.lag(),
-                    )
+                    self._pending = (batch, asyncio.create_task(self._write(batch)))
+            await self._finish()
         finally:
+            if self._pending is not None:
+                self._pending[1].cancel()
+                await asyncio.gather(self._pending[1], return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
             with contextlib.suppress(Exception):
                 await producer.stop()
             await self.store.close()
+
+    async def _write(self, batch: Batch) -> None:
+        """Write one batch (retrying while the store is down); it is visible from here."""
+        await self._retrying(lambda: self.store.write(batch))
+        self.written_events += len(batch.events)
+        self.written_entries += batch.entries
+        if self.on_batch is not None:
+            self.on_batch(batch)
+
+    async def _finish(self) -> None:
+        """Wait for the write in flight, then commit its offsets and count it."""
+        if self._pending is None:
+            return
+        batch, write = self._pending
+        try:
+            await write
+        finally:
+            self._pending = None
+        assert self.consumer is not None
+        with contextlib.suppress(Exception):
+            # Failing here (a rebalance) only means the next owner repeats this batch,
+            # which the stores absorb.
+            await self.consumer.commit(
+                {TopicPartition(self.topic, p): o for p, o in batch.offsets.items()}
+            )
+        for p, o in batch.offsets.items():
+            self._next[TopicPartition(self.topic, p)] = o
+        now = time.monotonic()
+        if now - self._last_status >= status_every_s:
+            self._last_status = now
+            log.info(
+                "sink %s: %d events, %d entries written, lag %d",
+                self.store.name,
+                self.written_events,
+                self.written_entries,
+                await self.lag(),
+            )
 
     async def _poll(self) -> dict[TopicPartition, list[Any]]:
         assert self.consumer is not None
