@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from tally.settings import Settings
 
@@ -21,7 +24,7 @@ def _reachable(host: str, port: int) -> bool:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def stack(settings: Settings) -> None:
+def stack(settings: Settings) -> Iterator[None]:
     """Fail every integration test at once, with the fix, when a service is down."""
     kafka_host, _, kafka_port = settings.kafka_bootstrap.split(",")[0].rpartition(":")
     pg = urlparse(settings.pg_dsn)
@@ -37,3 +40,30 @@ def stack(settings: Settings) -> None:
     ]
     if down:
         pytest.fail(f"services not reachable: {', '.join(down)} (start them: make services)")
+    before = asyncio.run(_topics(settings.kafka_bootstrap))
+    yield
+    # Every test makes topics of its own; left behind, thousands of partitions pile up
+    # in the dev broker and make each of its restarts take minutes.
+    asyncio.run(_delete_new_topics(settings.kafka_bootstrap, before))
+
+
+async def _topics(bootstrap: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+async def _delete_new_topics(bootstrap: str, before: set[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        new = sorted(
+            t for t in await admin.list_topics() if t not in before and not t.startswith("_")
+        )
+        for start in range(0, len(new), 100):
+            await admin.delete_topics(new[start : start + 100])
+    finally:
+        await admin.close()
