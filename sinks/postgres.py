@@ -8,7 +8,7 @@ breakpoints computed from the entries in SQL, and the consumed offsets into
 `sink_offsets`. The offsets commit with the rows: after a crash the sink resumes
 exactly after the last batch that reached PostgreSQL, whatever Kafka's own committed
 offsets say (they are committed too, afterwards, for lag monitoring). Partitions are
-split over two connections that write concurrently (see `write`).
+split over four connections that write concurrently (see `write`).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class PostgresStore:
     )
 
     def __init__(
-        self, dsn: str, schema: str, *, breakpoint_every: int = breakpoint_every, lanes: int = 2
+        self, dsn: str, schema: str, *, breakpoint_every: int = breakpoint_every, lanes: int = 4
     ) -> None:
         self.dsn = dsn
         self.schema = schema
@@ -138,7 +138,7 @@ class PostgresStore:
     async def write(self, batch: Batch) -> None:
         """Partition p's events and offset go through lane p % lanes, each lane one
         transaction on its own connection, the lanes concurrently: PostgreSQL works on
-        two cores while Python prepares. A partition always takes the same lane, so its
+        several backends while Python prepares. A partition always takes the same lane, so its
         rows and its offset always commit together."""
         conns = await self._conns()
         lanes = [Batch(topic=batch.topic) for _ in conns]

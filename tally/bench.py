@@ -29,7 +29,7 @@ from tally.collector import Collector, all_answered, expected_counts
 from tally.procs import EngineProcess
 from tally.settings import Settings
 from tally.workload import Record, build
-from topics.admin import ensure_topics
+from topics.admin import delete_topics, ensure_topics
 from topics.specs import TopicSpec
 
 drain_timeout_s = 900.0
@@ -112,6 +112,13 @@ async def engine_phase(
     finally:
         await collector.stop()
         await proc.stop()
+        await delete_topics(
+            settings.kafka_bootstrap,
+            [
+                t.name
+                for t in Engine.all_topic_specs(bench_settings, Engine.app_id_of(bench_settings))
+            ],
+        )
     return EngineResult(
         guarantee=guarantee,
         commands=len(work.records),
@@ -218,6 +225,7 @@ async def raw_pipe(settings: Settings, *, count: int, say: Callable[[str], None]
     finally:
         await consumer.stop()
         await producer.stop()
+        await delete_topics(settings.kafka_bootstrap, [source.name, sink.name])
 
 
 def _with(settings: Settings, prefix: str) -> Settings:

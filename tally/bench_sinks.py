@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaProducer
 from sinks import service, verify
 from sinks.runner import Batch, SinkRunner
 from tally.settings import Settings
+from topics.admin import delete_topics
 from topics.codec import encode
 from topics.schema import Entry, Result, Status
 from topics.shard import shard_of
@@ -195,6 +196,9 @@ async def run(
             runner.stop()
         await asyncio.gather(*tasks)
         await verify.drop(local.pg_dsn, service.schema_of(local), local.redis_url, prefix)
+        await delete_topics(
+            local.kafka_bootstrap, [t.name for t in topics_for(prefix, local.partitions).all()]
+        )
     results = [
         SinkResult(
             target=r.store.name,

@@ -68,3 +68,17 @@ async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dic
         if all(counts.get(n, 0) > 0 for n in names) or time.monotonic() > deadline:
             return counts
         await asyncio.sleep(0.2)
+
+
+async def delete_topics(bootstrap: str, names: list[str]) -> None:
+    """Delete the named topics that exist (benchmarks and demos clean up after
+    themselves: thousands of leftover partitions make a dev broker slow to restart)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        doomed = [n for n in names if n in existing]
+        for start in range(0, len(doomed), 100):
+            await admin.delete_topics(doomed[start : start + 100])
+    finally:
+        await admin.close()
