@@ -248,6 +248,10 @@ kafka_format_storage() {
 # The inner shell writes its own pid and then execs java, so the pidfile holds the JVM's pid.
 # Sets KAFKA_LOG_OFFSET: readiness only looks at log lines written after this point.
 kafka_launch() {
+    # One old log is kept; the broker logs every partition at start, so it grows fast.
+    if [ "$(stat -c %s "$KAFKA_LOG" 2>/dev/null || echo 0)" -gt $((64 * 1024 * 1024)) ]; then
+        mv -f "$KAFKA_LOG" "$KAFKA_LOG.1"
+    fi
     KAFKA_LOG_OFFSET=$(stat -c %s "$KAFKA_LOG" 2>/dev/null || echo 0)
     printf '\n==== services.sh: starting kafka %s ====\n' "$(date -Is)" >>"$KAFKA_LOG"
     # shellcheck disable=SC2016 # $$ and $@ belong to the inner shell
@@ -282,8 +286,11 @@ kafka_wait_ready() {
             kafka_show_failure
             die "kafka: the broker (pid $pid) exited during startup"
         fi
+        # grep reads a file, not a pipe from tail: grep -q stops at the first match, and
+        # under pipefail the SIGPIPE that kills tail (once this run's log outgrows the pipe
+        # buffer, as it does with many partitions) would read as "not started" forever.
         if kafka_probe "$KAFKA_PORT" &&
-            tail -c +"$((KAFKA_LOG_OFFSET + 1))" "$KAFKA_LOG" | grep -q 'Kafka Server started'; then
+            grep -q 'Kafka Server started' <(tail -c +"$((KAFKA_LOG_OFFSET + 1))" "$KAFKA_LOG"); then
             return 0
         fi
         if [ "$SECONDS" -ge "$deadline" ]; then
