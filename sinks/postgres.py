@@ -159,8 +159,11 @@ class PostgresStore:
         results: dict[tuple[int, str], tuple[Any, ...]] = {}
         balances: dict[tuple[int, str, str], tuple[Any, ...]] = {}
         breakpoints: list[list[Any]] = [[], [], [], []]
+        times: dict[int, datetime] = {}  # events of a batch share few distinct times
         for shard, result in batch.events:
-            when = at(result.at_ms)
+            when = times.get(result.at_ms)
+            if when is None:
+                when = times[result.at_ms] = at(result.at_ms)
             for e in result.entries:
                 row = (
                     shard, e.account, e.asset, e.seq, result.command_id, result.kind,
