@@ -3,29 +3,39 @@ an event takes to become visible in each store once the sinks are caught up.
 
 Method. N synthetic result events (one balance entry each, over N/20 accounts, seq
 increasing per account) are produced to a fresh deployment's events topic. Each sink
-then starts from offset 0 with its default batch settings, Redis first, then
-PostgreSQL: throughput is entries written per second from its first batch to the
-last. With both sinks still running and caught up, paced events (200/s for 10 s)
-carry their send time; an event's lag is the time from that send to the end of the
-store write that contains it (PostgreSQL's commit, Redis's pipeline), i.e. the moment
-a reader could see it.
+then runs as its own `tally sink` process, as deployed, from offset 0 with its default
+batch settings, Redis first, then PostgreSQL. Throughput is N over the time from the
+first write visible in the store to the last event of every partition being visible
+(the store is read every 20 ms; a sink writes a partition in order). Then both sinks
+run in this process, resume where the processes stopped, and with both caught up paced
+events (200/s for 10 s) carry their send time: an event's lag is the time from that
+send to the end of the store write that contains it (PostgreSQL's commit, Redis's
+pipeline), i.e. the moment a reader could see it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import msgspec
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from sinks import service, verify
+from sinks.migrate import quote
+from sinks.redis_store import balance_key
 from sinks.runner import Batch, SinkRunner
 from tally.settings import Settings
 from topics.admin import delete_topics
@@ -37,6 +47,7 @@ from topics.specs import topics_for
 lag_rate_per_s = 200
 lag_seconds = 10
 drain_timeout_s = 600.0
+poll_s = 0.02
 
 
 @dataclass
@@ -44,7 +55,6 @@ class SinkResult:
     target: str
     events: int
     entries_per_s: float
-    store_writes: int
     lag_p50_ms: float
     lag_p99_ms: float
     lag_samples: int
@@ -86,28 +96,89 @@ async def _produce(
         await producer.stop()
 
 
-async def _drain(runner: SinkRunner, total_entries: int) -> tuple[float, asyncio.Task[None]]:
-    """Start one sink from offset 0 and wait until it has written every entry; its
-    entries/s, and its task (it keeps running for the lag phase)."""
-    first: list[float] = []
+def _watch_keys(
+    count: int, accounts: int, partitions: int
+) -> tuple[list[tuple[int, str, int]], list[tuple[int, str, int]]]:
+    """Per partition, the (shard, account, seq) of its first and of its last event. A sink
+    writes a partition in order, so the last one visible means the partition is done."""
+    first: dict[int, tuple[int, str, int]] = {}
+    last: dict[int, tuple[int, str, int]] = {}
+    seqs = [0] * accounts
+    for i in range(count):
+        a = i % accounts
+        seqs[a] += 1
+        account = f"bench-{a}"
+        shard = shard_of(account, partitions)
+        first.setdefault(shard, (shard, account, seqs[a]))
+        last[shard] = (shard, account, seqs[a])
+    return list(first.values()), list(last.values())
 
-    def on_batch(batch: Batch) -> None:
-        if not first and batch.events:
-            first.append(time.perf_counter())
 
-    runner.on_batch = on_batch
-    task = asyncio.create_task(runner.run())
-    deadline = time.monotonic() + drain_timeout_s
-    while runner.written_entries < total_entries:
-        if task.done():
-            task.result()
-            raise RuntimeError(f"sink {runner.store.name} stopped early")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"sink {runner.store.name} did not drain in {drain_timeout_s}s")
-        await asyncio.sleep(0.01)
-    done = time.perf_counter()
-    runner.on_batch = None
-    return total_entries / max(done - first[0], 1e-9), task
+async def _seqs(settings: Settings, target: str, keys: list[tuple[int, str, int]]) -> list[int]:
+    """The stored seq of each watched balance (0 when not there yet)."""
+    if target == "postgres":
+        conn = await asyncpg.connect(settings.pg_dsn)
+        try:
+            rows = await conn.fetch(
+                f"SELECT shard_id, account, seq FROM {quote(service.schema_of(settings))}.balances"
+                " WHERE (shard_id, account) IN (SELECT * FROM unnest($1::int[], $2::text[]))"
+                " AND asset = 'USD'",
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+            )
+        finally:
+            await conn.close()
+        found = {(r["shard_id"], r["account"]): r["seq"] for r in rows}
+        return [found.get((k[0], k[1]), 0) for k in keys]
+    client: Any = aioredis.from_url(settings.redis_url)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for shard, account, _ in keys:
+                pipe.hget(balance_key(settings.topic_prefix, shard, account, "USD"), "seq")
+            values = await pipe.execute()
+    finally:
+        await client.aclose()
+    return [int(v) if v is not None else 0 for v in values]
+
+
+async def _drain(settings: Settings, target: str, count: int, accounts: int) -> float:
+    """Run `tally sink TARGET` as its own process from offset 0 until the last event of
+    every partition is visible in the store; entries/s from the first visible write."""
+    first, last = _watch_keys(count, accounts, settings.partitions)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
+        "TALLY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "TALLY_PG_DSN": settings.pg_dsn,
+        "TALLY_REDIS_URL": settings.redis_url,
+        "TALLY_TOPIC_PREFIX": settings.topic_prefix,
+        "TALLY_PARTITIONS": str(settings.partitions),
+        "TALLY_SINK_BATCH_SIZE": str(settings.sink_batch_size),
+        "TALLY_SINK_LINGER_MS": str(settings.sink_linger_ms),
+        "TALLY_LOG_LEVEL": "WARNING",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tally.cli", "sink", target, env=env
+    )
+    try:
+        deadline = time.monotonic() + drain_timeout_s
+        started: float | None = None
+        while True:
+            if proc.returncode is not None:
+                raise RuntimeError(f"tally sink {target} exited {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tally sink {target} did not drain in {drain_timeout_s}s")
+            now = time.perf_counter()
+            if started is None and any(await _seqs(settings, target, first)):
+                started = now
+            if started is not None:
+                seqs = await _seqs(settings, target, last)
+                if all(got >= k[2] for got, k in zip(seqs, last, strict=True)):
+                    return count / max(now - started, 1e-9)
+            await asyncio.sleep(poll_s)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
 
 
 async def _lags(
@@ -179,16 +250,21 @@ async def run(
     # Not kept alive during the drains: 400,000 live objects make every full garbage
     # collection in the sinks' loop walk them.
     del events
-    # Redis first: PostgreSQL keeps working after its drain (autovacuum of the new rows,
-    # the checkpoint), which on two shared cores would be charged to whatever runs next.
-    runners = [service.runner_for(local, target) for target in ("redis", "postgres")]
+    # Each sink as its own process, as it is deployed; Redis first: PostgreSQL keeps
+    # working after its drain (autovacuum of the new rows, the checkpoint), which on
+    # two shared cores would be charged to whatever runs next.
     rates = {}
+    runners = [service.runner_for(local, target) for target in ("redis", "postgres")]
     tasks = []
     try:
         for runner in runners:
-            say(f"[sinks] {runner.store.name}: draining {count:,} events from offset 0")
-            rates[runner.store.name], task = await _drain(runner, count)
-            tasks.append(task)
+            name = runner.store.name
+            say(f"[sinks] tally sink {name}: draining {count:,} events from offset 0")
+            rates[name] = await _drain(local, name, count, accounts)
+        # Lag: the same sinks in this process, resuming where the processes stopped.
+        tasks = [asyncio.create_task(r.run()) for r in runners]
+        if not await verify.wait_drained(runners, timeout_s=120):
+            raise RuntimeError("the sinks did not catch up before the lag phase")
         say(f"[sinks] lag at {lag_rate_per_s}/s for {lag_seconds}s, both sinks caught up")
         lags = await _lags(local, runners, accounts)
     finally:
@@ -204,7 +280,6 @@ async def run(
             target=r.store.name,
             events=count,
             entries_per_s=rates[r.store.name],
-            store_writes=int(getattr(r.store, "written", r.written_entries)),
             lag_p50_ms=_pct(lags[r.store.name], 50),
             lag_p99_ms=_pct(lags[r.store.name], 99),
             lag_samples=len(lags[r.store.name]),
