@@ -79,6 +79,7 @@ class SinkRunner:
         group_id: str,
         batch_size: int = 5000,
         linger_ms: int = 200,
+        partitions: list[int] | None = None,
     ) -> None:
         self.store = store
         self.bootstrap = bootstrap
@@ -87,6 +88,9 @@ class SinkRunner:
         self.group_id = group_id
         self.batch_size = batch_size
         self.linger_s = linger_ms / 1000
+        # None: partitions come from the consumer group. A list: exactly these, assigned
+        # by the caller (the processes of one `tally sink --processes N` split them).
+        self.partitions = partitions
         self.written_events = 0
         self.written_entries = 0
         self.dead_lettered = 0
@@ -130,7 +134,12 @@ class SinkRunner:
             # A store outage holds the loop on one batch; stay in the group meanwhile.
             max_poll_interval_ms=900_000,
         )
-        self.consumer.subscribe([self.topic], listener=_Listener(self))
+        if self.partitions is None:
+            self.consumer.subscribe([self.topic], listener=_Listener(self))
+        else:
+            tps = [TopicPartition(self.topic, p) for p in self.partitions]
+            self.consumer.assign(tps)
+            self._reseek = set(tps)
         await self._retrying(self.store.open)
         await producer.start()
         await self.consumer.start()

@@ -4,8 +4,10 @@ the engine in one process (the demo)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import sys
 
 from sinks.migrate import migrate
 from sinks.postgres import PostgresStore
@@ -29,7 +31,7 @@ def group_of(settings: Settings, target: str) -> str:
     return f"{settings.topic_prefix}-sink-{target}"
 
 
-def runner_for(settings: Settings, target: str) -> SinkRunner:
+def runner_for(settings: Settings, target: str, partitions: list[int] | None = None) -> SinkRunner:
     store: Store
     if target == "postgres":
         store = PostgresStore(settings.pg_dsn, schema_of(settings))
@@ -44,6 +46,7 @@ def runner_for(settings: Settings, target: str) -> SinkRunner:
         group_id=group_of(settings, target),
         batch_size=settings.sink_batch_size,
         linger_ms=settings.sink_linger_ms,
+        partitions=partitions,
     )
 
 
@@ -55,22 +58,77 @@ async def prepare(settings: Settings, target: str) -> None:
         await migrate(settings.pg_dsn, schema_of(settings), settings.partitions, say=log.info)
 
 
-async def serve(settings: Settings, target: str) -> None:
+async def serve(settings: Settings, target: str, partitions: list[int] | None = None) -> None:
     await prepare(settings, target)
-    runner = runner_for(settings, target)
+    runner = runner_for(settings, target, partitions)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runner.stop)
-    log.info("sink %s: consuming %s as group %s", target, runner.topic, runner.group_id)
+    what = "group" if partitions is None else f"partitions {partitions} of group"
+    log.info("sink %s: consuming %s, %s %s", target, runner.topic, what, runner.group_id)
     await runner.run()
 
 
-def run(settings: Settings, target: str) -> int:
+def split(partitions: int, processes: int) -> list[list[int]]:
+    """Partition p goes to process p % processes (never an empty process)."""
+    groups = [[p for p in range(partitions) if p % processes == k] for k in range(processes)]
+    return [g for g in groups if g]
+
+
+async def supervise(settings: Settings, target: str, processes: int) -> None:
+    """Run the sink as several processes, each with a fixed share of the partitions.
+
+    One Python process tops out before PostgreSQL does (decoding, row building and
+    COPY encoding are CPU work in the sink), so a sink can spread over processes. The
+    shares are fixed (no consumer-group rebalancing between them); a process that dies
+    is started again after a second and resumes from its store's offsets."""
+    await prepare(settings, target)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    shares = split(settings.partitions, processes)
+    children: dict[int, asyncio.subprocess.Process] = {}
+
+    async def start(k: int) -> None:
+        children[k] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tally.cli", "sink", target,
+            "--partitions", ",".join(str(p) for p in shares[k]),
+        )  # fmt: skip
+
+    for k in range(len(shares)):
+        await start(k)
+    log.info("sink %s: %d processes, partitions %s", target, len(shares), shares)
+    while not stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), 0.5)
+        for k, child in list(children.items()):
+            if child.returncode is not None and not stopping.is_set():
+                log.warning(
+                    "sink %s: process for partitions %s exited %s; starting it again",
+                    target,
+                    shares[k],
+                    child.returncode,
+                )
+                await asyncio.sleep(1)
+                await start(k)
+    for child in children.values():
+        if child.returncode is None:
+            child.send_signal(signal.SIGTERM)
+    await asyncio.gather(*(child.wait() for child in children.values()))
+
+
+def run(
+    settings: Settings, target: str, *, processes: int = 1, partitions: list[int] | None = None
+) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        asyncio.run(serve(settings, target))
+        if processes > 1:
+            asyncio.run(supervise(settings, target, processes))
+        else:
+            asyncio.run(serve(settings, target, partitions))
     except Exception:
         log.exception("sink %s failed", target)
         return 1

@@ -3,14 +3,14 @@ an event takes to become visible in each store once the sinks are caught up.
 
 Method. N synthetic result events (one balance entry each, over N/20 accounts, seq
 increasing per account) are produced to a fresh deployment's events topic. Each sink
-then runs as its own `tally sink` process, as deployed, from offset 0 with its default
-batch settings, Redis first, then PostgreSQL. Throughput is N over the time from the
-first write visible in the store to the last event of every partition being visible
-(the store is read every 20 ms; a sink writes a partition in order). Then both sinks
-run in this process, resume where the processes stopped, and with both caught up paced
-events (200/s for 10 s) carry their send time: an event's lag is the time from that
-send to the end of the store write that contains it (PostgreSQL's commit, Redis's
-pipeline), i.e. the moment a reader could see it.
+then runs as `tally sink --processes P` (P = 2 unless told otherwise), as deployed,
+from offset 0 with its default batch settings, Redis first, then PostgreSQL.
+Throughput is N over the time from the first write visible in the store to the last
+event of every partition being visible (the store is read every 20 ms; a sink writes a
+partition in order). Then both sinks run in this process, resume where the processes
+stopped, and with both caught up paced events (200/s for 10 s) carry their send time:
+an event's lag is the time from that send to the end of the store write that contains
+it (PostgreSQL's commit, Redis's pipeline), i.e. the moment a reader could see it.
 """
 
 from __future__ import annotations
@@ -141,9 +141,11 @@ async def _seqs(settings: Settings, target: str, keys: list[tuple[int, str, int]
     return [int(v) if v is not None else 0 for v in values]
 
 
-async def _drain(settings: Settings, target: str, count: int, accounts: int) -> float:
-    """Run `tally sink TARGET` as its own process from offset 0 until the last event of
-    every partition is visible in the store; entries/s from the first visible write."""
+async def _drain(
+    settings: Settings, target: str, count: int, accounts: int, processes: int
+) -> float:
+    """Run `tally sink TARGET --processes N` from offset 0 until the last event of every
+    partition is visible in the store; entries/s from the first visible write."""
     first, last = _watch_keys(count, accounts, settings.partitions)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
@@ -157,8 +159,9 @@ async def _drain(settings: Settings, target: str, count: int, accounts: int) -> 
         "TALLY_LOG_LEVEL": "WARNING",
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tally.cli", "sink", target, env=env
-    )
+        sys.executable, "-m", "tally.cli", "sink", target, "--processes", str(processes),
+        env=env,
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + drain_timeout_s
         started: float | None = None
@@ -237,7 +240,12 @@ def _pct(values: list[float], pct: int) -> float:
 
 
 async def run(
-    settings: Settings, *, count: int, report: Path, say: Callable[[str], None] = print
+    settings: Settings,
+    *,
+    count: int,
+    processes: int,
+    report: Path,
+    say: Callable[[str], None] = print,
 ) -> dict[str, object]:
     prefix = f"bench-sinks-{uuid.uuid4().hex[:6]}"
     local = msgspec.structs.replace(settings, topic_prefix=prefix)
@@ -259,8 +267,11 @@ async def run(
     try:
         for runner in runners:
             name = runner.store.name
-            say(f"[sinks] tally sink {name}: draining {count:,} events from offset 0")
-            rates[name] = await _drain(local, name, count, accounts)
+            say(
+                f"[sinks] tally sink {name} --processes {processes}: "
+                f"draining {count:,} events from offset 0"
+            )
+            rates[name] = await _drain(local, name, count, accounts, processes)
         # Lag: the same sinks in this process, resuming where the processes stopped.
         tasks = [asyncio.create_task(r.run()) for r in runners]
         if not await verify.wait_drained(runners, timeout_s=120):
@@ -288,6 +299,7 @@ async def run(
     ]
     out: dict[str, object] = {
         "events": count,
+        "sink_processes": processes,
         "partitions": local.partitions,
         "batch_size": local.sink_batch_size,
         "linger_ms": local.sink_linger_ms,
@@ -296,6 +308,7 @@ async def run(
     report.parent.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(report.write_text, json.dumps(out, indent=2))
     say("")
+    say(f"sinks drained with --processes {processes}")
     say(f"{'sink':<12}{'entries/s':>12}{'lag p50 ms':>12}{'lag p99 ms':>12}{'samples':>9}")
     for x in results:
         say(

@@ -105,16 +105,37 @@ def engine() -> None:
 
 @main.command()
 @click.argument("target", type=click.Choice(["postgres", "redis"]))
-def sink(target: str) -> None:
+@click.option(
+    "--processes",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Spread the partitions over this many processes on this host (fixed shares, "
+    "no rebalancing between them; a process that dies is restarted).",
+)
+@click.option("--partitions", hidden=True, help="Internal: the share of one such process.")
+def sink(target: str, processes: int, partitions: str | None) -> None:
     """Run one sink: project the events topic into PostgreSQL or Redis.
 
-    Consumes <prefix>.events as group <prefix>-sink-TARGET in batches
-    (TALLY_SINK_BATCH_SIZE events or TALLY_SINK_LINGER_MS), writes each idempotently,
-    then commits. The PostgreSQL sink migrates its schema first. Stop with SIGTERM.
+    Consumes <prefix>.events in batches (TALLY_SINK_BATCH_SIZE events or
+    TALLY_SINK_LINGER_MS), writes each idempotently, then commits. With --processes 1
+    (the default) it is a member of the consumer group <prefix>-sink-TARGET, so several
+    hosts can share the partitions; with --processes N it splits them over N processes
+    here instead: do not mix the two for one target. The PostgreSQL sink migrates its
+    schema first. Stop with SIGTERM.
     """
     from sinks import service
 
-    sys.exit(service.run(_settings(), target))
+    settings = _settings()
+    shares = None
+    if partitions is not None:
+        try:
+            shares = sorted({int(p) for p in partitions.split(",")})
+        except ValueError:
+            raise click.BadParameter("a comma-separated list of partition numbers") from None
+        if not shares or shares[0] < 0 or shares[-1] >= settings.partitions:
+            raise click.BadParameter(f"partitions must be within 0..{settings.partitions - 1}")
+    sys.exit(service.run(settings, target, processes=processes, partitions=shares))
 
 
 @main.command()
@@ -201,19 +222,26 @@ def bench_engine(count: int, guarantee: str, report: Path) -> None:
 @bench.command(name="sinks")
 @click.option("--events", default=200_000, show_default=True, type=click.IntRange(1000, 5_000_000))
 @click.option(
+    "--processes",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Run each sink as `tally sink --processes N` for the throughput phase.",
+)
+@click.option(
     "--report",
     default="reports/bench-sinks.json",
     show_default=True,
     type=click.Path(dir_okay=False, path_type=Path),
 )
-def bench_sinks(events: int, report: Path) -> None:
+def bench_sinks(events: int, processes: int, report: Path) -> None:
     """PostgreSQL and Redis sink throughput on EVENTS pre-produced result events, and the
     lag from an event's send to its visibility in each store."""
     from tally import bench_sinks as job
 
     settings = _settings()
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(job.run(settings, count=events, report=report))
+    asyncio.run(job.run(settings, count=events, processes=processes, report=report))
 
 
 if __name__ == "__main__":

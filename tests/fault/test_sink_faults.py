@@ -162,3 +162,47 @@ async def test_postgres_stopped_under_load_then_the_sink_catches_up(
         s = d.settings
         found = await verify.agreement(s.pg_dsn, d.schema, s.redis_url, s.topic_prefix, events)
         assert all(c.ok for c in found), "\n".join(c.line() for c in found)
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(x) for x in text.split()]
+
+
+async def test_sink_processes_split_the_partitions_and_a_killed_one_is_restarted(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    async with deployment(settings, unique, tmp_path, count=3000) as d:
+        log = (tmp_path / "sink.log").open("ab")
+        env = _sink_process_env(d)
+        start = [sys.executable, "-m", "tally.cli", "sink", "postgres", "--processes", "2"]
+        parent = await asyncio.create_subprocess_exec(
+            *start, cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+        producing = asyncio.create_task(d.produce())
+        try:
+            assert await _until(lambda: _has_rows(d, 300), 90), (tmp_path / "sink.log").read_text()
+            children = _children(parent.pid)
+            assert len(children) == 2, children
+            os.kill(children[0], signal.SIGKILL)
+            await producing
+            events = await d.drained()
+            total = sum(len(r.entries) for g in d.collector.results.by_id.values() for r in g)
+
+            async def caught_up() -> bool:
+                return await _entries(d) == total and await d.pg() == events
+
+            assert await _until(caught_up, 90), (tmp_path / "sink.log").read_text()[-3000:]
+            restarted = _children(parent.pid)
+            assert len(restarted) == 2 and children[0] not in restarted
+        finally:
+            producing.cancel()
+            if parent.returncode is None:
+                parent.send_signal(signal.SIGTERM)
+                assert await parent.wait() == 0
+            log.close()
+        assert "starting it again" in (tmp_path / "sink.log").read_text()
+        s = d.settings
+        found = await verify.agreement(s.pg_dsn, d.schema, s.redis_url, "-unused-", events)
+        pg_checks = [c for c in found if "Redis" not in c.name]
+        assert all(c.ok for c in pg_checks), "\n".join(c.line() for c in pg_checks)
