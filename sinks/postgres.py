@@ -7,13 +7,11 @@ one upsert that only moves forward (`WHERE excluded.seq > balances.seq`), the ba
 breakpoints computed from the entries in SQL, and the consumed offsets into
 `sink_offsets`. The offsets commit with the rows: after a crash the sink resumes
 exactly after the last batch that reached PostgreSQL, whatever Kafka's own committed
-offsets say (they are committed too, afterwards, for lag monitoring). Partitions are
-split over four connections that write concurrently (see `write`).
+offsets say (they are committed too, afterwards, for lag monitoring).
 """
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -100,59 +98,38 @@ class PostgresStore:
         TimeoutError,
     )
 
-    def __init__(
-        self, dsn: str, schema: str, *, breakpoint_every: int = breakpoint_every, lanes: int = 4
-    ) -> None:
+    def __init__(self, dsn: str, schema: str, *, breakpoint_every: int = breakpoint_every) -> None:
         self.dsn = dsn
         self.schema = schema
         self.breakpoint_every = breakpoint_every
-        self.lanes = lanes
-        self.conns: list[asyncpg.Connection] = []
+        self.conn: asyncpg.Connection | None = None
 
     async def open(self) -> None:
         await self.close()
-        self.conns = [
-            await asyncpg.connect(
-                self.dsn, server_settings={"search_path": quote(self.schema)}, timeout=5
-            )
-            for _ in range(self.lanes)
-        ]
+        self.conn = await asyncpg.connect(
+            self.dsn, server_settings={"search_path": quote(self.schema)}, timeout=5
+        )
 
     async def close(self) -> None:
-        conns, self.conns = self.conns, []
-        for conn in conns:
+        conn, self.conn = self.conn, None
+        if conn is not None:
             conn.terminate()
 
     async def offsets(self, topic: str) -> dict[int, int] | None:
-        conn = (await self._conns())[0]
+        conn = await self._conn()
         rows = await conn.fetch(
             "SELECT partition, next_offset FROM sink_offsets WHERE topic = $1", topic
         )
         return {row["partition"]: row["next_offset"] for row in rows}
 
-    async def _conns(self) -> list[asyncpg.Connection]:
-        if not self.conns or any(c.is_closed() for c in self.conns):
+    async def _conn(self) -> asyncpg.Connection:
+        if self.conn is None or self.conn.is_closed():
             await self.open()
-        return self.conns
+        assert self.conn is not None
+        return self.conn
 
     async def write(self, batch: Batch) -> None:
-        """Partition p's events and offset go through lane p % lanes, each lane one
-        transaction on its own connection, the lanes concurrently: PostgreSQL works on
-        several backends while Python prepares. A partition always takes the same lane, so its
-        rows and its offset always commit together."""
-        conns = await self._conns()
-        lanes = [Batch(topic=batch.topic) for _ in conns]
-        for shard, result in batch.events:
-            lanes[shard % len(conns)].events.append((shard, result))
-        for partition, offset in batch.offsets.items():
-            lanes[partition % len(conns)].offsets[partition] = offset
-        await asyncio.gather(
-            *(
-                self._write(conn, lane)
-                for conn, lane in zip(conns, lanes, strict=True)
-                if lane.offsets
-            )
-        )
+        await self._write(await self._conn(), batch)
 
     async def _write(self, conn: asyncpg.Connection, batch: Batch) -> None:
         entry_rows: list[tuple[Any, ...]] = []
