@@ -35,7 +35,6 @@ import heapq
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import TopicPartition
 
 from streams import ledger
+from streams.state import BalanceState
 from streams.store import ShardStore
 from tally.settings import Settings
 from topics import limits
@@ -104,7 +104,6 @@ class Engine:
         self.assigned_once = asyncio.Event()
         self.counts: Counter[str] = Counter()
         self.consumer: AIOKafkaConsumer | None = None
-        self._plain: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._expiries: list[tuple[int, str, str]] = []
@@ -118,8 +117,6 @@ class Engine:
         # same records twice (a fetch from the committed offset in flight while the
         # position is reset to that same offset).
         self._next: dict[TopicPartition, int] = {}
-        # Called after every committed batch with the number of records it consumed.
-        self.on_batch: Callable[[int], None] | None = None
 
     @staticmethod
     def topics_of(settings: Settings) -> Topics:
@@ -148,8 +145,6 @@ class Engine:
         """Consume and apply until `stop()`. An infrastructure error that cannot be
         rolled back ends the run with the exception; nothing half-done is kept."""
         bootstrap = self.settings.kafka_bootstrap
-        self._plain = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-        await self._plain.start()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=self.group_id,
@@ -187,9 +182,6 @@ class Engine:
                     await self.consumer.stop()
             for p in list(self.producers):
                 await self._drop_producer(p)
-            if self._plain is not None:
-                with contextlib.suppress(Exception):
-                    await self._plain.stop()
             for store in self.stores.values():
                 store.close()
             self.stores.clear()
@@ -325,10 +317,6 @@ class Engine:
                 )
         finally:
             await restore.stop()
-        for p in shards:
-            for account, hold_id, held in self.stores[p].open_holds():
-                if held.expires_at_ms is not None:
-                    self._watch((held.expires_at_ms, account, hold_id))
 
     # The batch ---------------------------------------------------------------------------
 
@@ -364,18 +352,13 @@ class Engine:
             ),
             return_exceptions=True,
         )
-        consumed = 0
         for p, outcome in zip(sorted(shards), outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 await self._failed(p, batches.get(p, _Batch()), outcome)
-            else:
-                consumed += outcome
-        if self.on_batch is not None and consumed:
-            self.on_batch(consumed)
 
     async def _shard_batch(
         self, p: int, batch: _Batch, expiries: list[Expire], prunes: list[str]
-    ) -> int:
+    ) -> None:
         store = self.stores[p]
         producer = self.producers[p]
         out: list[Output] = []
@@ -410,7 +393,6 @@ class Engine:
         offsets = [f.result().offset for f in changelog]
         store.flush(max(offsets) + 1 if offsets else None)
         self._next.update(batch.offsets)
-        return len(batch.records)
 
     async def _failed(self, p: int, batch: _Batch, error: BaseException) -> None:
         """A shard's batch did not commit. Its local changes are already discarded."""
@@ -560,7 +542,7 @@ class Engine:
     def owns(self, account: str) -> bool:
         return shard_of(account, self.partitions) in self.owned
 
-    def balances_of(self, account: str) -> dict[str, Any]:
+    def balances_of(self, account: str) -> dict[str, BalanceState]:
         store = self.stores[shard_of(account, self.partitions)]
         return store.balances_of(account)
 

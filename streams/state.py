@@ -1,8 +1,7 @@
 """What the ledger keeps per shard: balances, account settings, open holds, command records.
 
 These structs are the values of the engine's tables (and of their changelogs), encoded as
-compact JSON arrays. Keys are built by the functions here so that every module spells
-them the same way; '|' never occurs in account ids, assets or hold ids.
+compact JSON arrays; `streams.store` builds their keys.
 """
 
 from __future__ import annotations
@@ -66,11 +65,3 @@ class StateView(Protocol):
     def hold(self, account: str, hold_id: str) -> HoldState | None: ...
 
     def command(self, command_id: str) -> CommandRecord | None: ...
-
-
-def balance_key(account: str, asset: str) -> str:
-    return f"{account}|{asset}"
-
-
-def hold_key(account: str, hold_id: str) -> str:
-    return f"{account}|{hold_id}"

@@ -40,11 +40,15 @@ def _address_of(client_id: str) -> str | None:
     return f"http://{host}:{port}" if host and port.isdigit() else None
 
 
-def _problem(status: int, title: str, **extra: Any) -> web.Response:
+def _problem(
+    status: int, title: str, *, headers: dict[str, str] | None = None, **extra: Any
+) -> web.Response:
+    """An RFC 9457 problem; `extra` goes into the body, `headers` onto the response."""
     return web.json_response(
         {"type": "about:blank", "title": title, "status": status, **extra},
         status=status,
         content_type="application/problem+json",
+        headers=headers,
     )
 
 
@@ -131,7 +135,12 @@ class WorkerWeb:
                 )
         except (aiohttp.ClientError, TimeoutError):
             self._owners_at = 0.0
-            return _problem(503, "owner unreachable", detail=f"{owner} did not answer")
+            return _problem(
+                503,
+                "owner unreachable",
+                detail=f"{owner} did not answer",
+                headers={"Retry-After": "1"},
+            )
 
     async def _owner(self, shard: int) -> str | None:
         if time.monotonic() - self._owners_at > owners_ttl_s:

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from streams.engine import Engine
 from tally.collector import Collector, all_answered, expected_counts
-from tally.procs import EngineProcess
+from tally.procs import EngineProcess, produce
 from tally.settings import Settings
 from tally.workload import Record, build
 from topics.admin import delete_topics, ensure_topics
@@ -50,22 +50,8 @@ class EngineResult:
     latency_samples: int
 
 
-async def _produce(bootstrap: str, topic: str, records: list[Record]) -> float:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=5,
-        max_batch_size=512 * 1024,
-    )
-    await producer.start()
-    started = time.perf_counter()
-    try:
-        futures = [await producer.send(topic, key=r.key.encode(), value=r.value) for r in records]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    return len(records) / (time.perf_counter() - started)
+def _records(records: list[Record]) -> list[tuple[str, bytes, int | None]]:
+    return [(r.key, r.value, None) for r in records]
 
 
 async def engine_phase(
@@ -92,7 +78,9 @@ async def engine_phase(
         expiring_holds=False,
     )
     say(f"[{guarantee}] producing {len(work.records):,} commands to {prefix}.commands")
-    produce_rate = await _produce(settings.kafka_bootstrap, proc.topics.commands.name, work.records)
+    produce_rate = await produce(
+        settings.kafka_bootstrap, proc.topics.commands.name, _records(work.records)
+    )
     expected = expected_counts(r.command_id for r in work.records)
     collector = Collector(settings.kafka_bootstrap, proc.topics)
     await collector.start(from_end=False)
@@ -186,7 +174,7 @@ async def raw_pipe(settings: Settings, *, count: int, say: Callable[[str], None]
     sink = TopicSpec(name=f"{prefix}.out", partitions=n, cleanup_policy="delete", retention_ms=-1)
     await ensure_topics(settings.kafka_bootstrap, [source, sink])
     work = build(count=count, accounts=max(100, count // 20), seed=1, now_ms=0)
-    await _produce(settings.kafka_bootstrap, source.name, work.records)
+    await produce(settings.kafka_bootstrap, source.name, _records(work.records))
     say(f"[raw pipe] consume -> produce of {count:,} records")
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import statistics
 import sys
@@ -37,7 +36,8 @@ from sinks import service, verify
 from sinks.migrate import quote
 from sinks.redis_store import balance_key
 from sinks.runner import Batch, SinkRunner
-from tally.settings import Settings
+from tally.procs import produce
+from tally.settings import Settings, child_env
 from topics.admin import delete_topics
 from topics.codec import encode
 from topics.schema import Entry, Result, Status
@@ -79,23 +79,6 @@ def _events(count: int, accounts: int, now_ms: int) -> list[tuple[str, bytes]]:
     return out
 
 
-async def _produce(
-    bootstrap: str, topic: str, partitions: int, events: list[tuple[str, bytes]]
-) -> None:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=512 * 1024
-    )
-    await producer.start()
-    try:
-        futures = [
-            await producer.send(topic, value, key=key.encode(), partition=shard_of(key, partitions))
-            for key, value in events
-        ]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-
-
 def _watch_keys(
     count: int, accounts: int, partitions: int
 ) -> tuple[list[tuple[int, str, int]], list[tuple[int, str, int]]]:
@@ -114,31 +97,47 @@ def _watch_keys(
     return list(first.values()), list(last.values())
 
 
-async def _seqs(settings: Settings, target: str, keys: list[tuple[int, str, int]]) -> list[int]:
-    """The stored seq of each watched balance (0 when not there yet)."""
-    if target == "postgres":
-        conn = await asyncpg.connect(settings.pg_dsn)
-        try:
-            rows = await conn.fetch(
-                f"SELECT shard_id, account, seq FROM {quote(service.schema_of(settings))}.balances"
+class _Watch:
+    """Reads the stored seq of a few balances, over one connection for the whole drain."""
+
+    def __init__(self, settings: Settings, target: str) -> None:
+        self.settings = settings
+        self.target = target
+        self.conn: Any = None
+        self.client: Any = None
+
+    async def open(self) -> None:
+        if self.target == "postgres":
+            self.conn = await asyncpg.connect(
+                self.settings.pg_dsn,
+                server_settings={"search_path": quote(service.schema_of(self.settings))},
+            )
+        else:
+            self.client = aioredis.from_url(self.settings.redis_url)
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def seqs(self, keys: list[tuple[int, str, int]]) -> list[int]:
+        """The stored seq of each watched balance (0 when not there yet)."""
+        if self.conn is not None:
+            rows = await self.conn.fetch(
+                "SELECT shard_id, account, seq FROM balances"
                 " WHERE (shard_id, account) IN (SELECT * FROM unnest($1::int[], $2::text[]))"
                 " AND asset = 'USD'",
                 [k[0] for k in keys],
                 [k[1] for k in keys],
             )
-        finally:
-            await conn.close()
-        found = {(r["shard_id"], r["account"]): r["seq"] for r in rows}
-        return [found.get((k[0], k[1]), 0) for k in keys]
-    client: Any = aioredis.from_url(settings.redis_url)
-    try:
-        async with client.pipeline(transaction=False) as pipe:
+            found = {(r["shard_id"], r["account"]): r["seq"] for r in rows}
+            return [found.get((k[0], k[1]), 0) for k in keys]
+        async with self.client.pipeline(transaction=False) as pipe:
             for shard, account, _ in keys:
-                pipe.hget(balance_key(settings.topic_prefix, shard, account, "USD"), "seq")
+                pipe.hget(balance_key(self.settings.topic_prefix, shard, account, "USD"), "seq")
             values = await pipe.execute()
-    finally:
-        await client.aclose()
-    return [int(v) if v is not None else 0 for v in values]
+        return [int(v) if v is not None else 0 for v in values]
 
 
 async def _drain(
@@ -147,21 +146,13 @@ async def _drain(
     """Run `tally sink TARGET --processes N` from offset 0 until the last event of every
     partition is visible in the store; entries/s from the first visible write."""
     first, last = _watch_keys(count, accounts, settings.partitions)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
-        "TALLY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "TALLY_PG_DSN": settings.pg_dsn,
-        "TALLY_REDIS_URL": settings.redis_url,
-        "TALLY_TOPIC_PREFIX": settings.topic_prefix,
-        "TALLY_PARTITIONS": str(settings.partitions),
-        "TALLY_SINK_BATCH_SIZE": str(settings.sink_batch_size),
-        "TALLY_SINK_LINGER_MS": str(settings.sink_linger_ms),
-        "TALLY_LOG_LEVEL": "WARNING",
-    }
+    env = child_env(msgspec.structs.replace(settings, log_level="WARNING"))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tally.cli", "sink", target, "--processes", str(processes),
         env=env,
     )  # fmt: skip
+    watch = _Watch(settings, target)
+    await watch.open()
     try:
         deadline = time.monotonic() + drain_timeout_s
         started: float | None = None
@@ -171,14 +162,15 @@ async def _drain(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"tally sink {target} did not drain in {drain_timeout_s}s")
             now = time.perf_counter()
-            if started is None and any(await _seqs(settings, target, first)):
+            if started is None and any(await watch.seqs(first)):
                 started = now
             if started is not None:
-                seqs = await _seqs(settings, target, last)
+                seqs = await watch.seqs(last)
                 if all(got >= k[2] for got, k in zip(seqs, last, strict=True)):
                     return count / max(now - started, 1e-9)
             await asyncio.sleep(poll_s)
     finally:
+        await watch.close()
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             await proc.wait()
@@ -254,7 +246,8 @@ async def run(
     say(f"[sinks] producing {count:,} result events over {accounts:,} accounts to {prefix}.events")
     events = _events(count, accounts, int(time.time() * 1000))
     topic = topics_for(prefix, local.partitions).events.name
-    await _produce(local.kafka_bootstrap, topic, local.partitions, events)
+    # No partition given: the producer's murmur2 of the key is the account's shard.
+    await produce(local.kafka_bootstrap, topic, [(key, value, None) for key, value in events])
     # Not kept alive during the drains: 400,000 live objects make every full garbage
     # collection in the sinks' loop walk them.
     del events

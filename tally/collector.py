@@ -123,7 +123,7 @@ class Collector:
                             letter = decode_dead_letter(record.value or b"")
                             self.results.dead_letters.append(letter)
                     except msgspec.MsgspecError:
-                        # Not the engine's: counted, so a check can say so.
+                        # Not the engine's (a test's poison record, say): counted.
                         self.results.foreign += 1
 
     async def wait_for(

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from sinks import service as sink_service
@@ -28,6 +27,7 @@ from streams.state import BalanceState
 from streams.worker import serve
 from tally import checks
 from tally.collector import Collector, all_answered, expected_counts
+from tally.procs import produce
 from tally.settings import Settings
 from tally.workload import Workload, build
 from topics.shard import shard_of
@@ -104,37 +104,20 @@ class DemoJob:
             await collector.stop()
 
     async def _produce(self) -> int:
-        settings = self.engine.settings
-        producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_batch_size=256 * 1024,
-        )
+        """Produce the workload, a seeded share of it on a wrong partition; return how
+        many records were misplaced on purpose."""
+        partitions = self.engine.settings.partitions
         rng = random.Random(self.seed)
-        misplaced = 0
-        await producer.start()
-        try:
-            pending = []
-            for record in self.workload.records:
-                partition = None
-                if rng.random() < misplaced_share:
-                    right = shard_of(record.key, settings.partitions)
-                    partition = (right + 1) % settings.partitions
-                    misplaced += 1
-                pending.append(
-                    await producer.send(
-                        self.engine.topics.commands.name,
-                        key=record.key.encode(),
-                        value=record.value,
-                        partition=partition,
-                    )
-                )
-            await asyncio.gather(*pending)
-        finally:
-            await producer.stop()
-        return misplaced
+        records: list[tuple[str, bytes, int | None]] = []
+        for record in self.workload.records:
+            partition = None
+            if rng.random() < misplaced_share:
+                partition = (shard_of(record.key, partitions) + 1) % partitions
+            records.append((record.key, record.value, partition))
+        await produce(
+            self.engine.settings.kafka_bootstrap, self.engine.topics.commands.name, records
+        )
+        return sum(p is not None for _, _, p in records)
 
     async def _drain(self, collector: Collector) -> None:
         """Wait for credits, refunds and hold expiries to finish, then for quiet."""

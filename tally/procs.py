@@ -4,18 +4,19 @@ the fault harness and the tests."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiokafka import AIOKafkaProducer
 
 from streams.state import BalanceState
-from tally.settings import Settings
+from tally.settings import Settings, child_env
 from topics.codec import encode
 from topics.specs import Topics, topics_for
 
@@ -54,17 +55,18 @@ class EngineProcess:
         self.partitions = partitions
         self.topics: Topics = topics_for(prefix, partitions)
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
-            "TALLY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "TALLY_TOPIC_PREFIX": prefix,
-            "TALLY_PARTITIONS": str(partitions),
-            "TALLY_DATA_DIR": str(self.data_dir),
-            "TALLY_WEB_PORT": str(self.port),
-            "TALLY_PROCESSING_GUARANTEE": guarantee,
-            "TALLY_LOG_LEVEL": log_level,
-            **(extra_env or {}),
-        }
+        self.env = child_env(
+            msgspec.structs.replace(
+                settings,
+                topic_prefix=prefix,
+                partitions=partitions,
+                data_dir=str(self.data_dir),
+                web_port=self.port,
+                processing_guarantee=guarantee,
+                log_level=log_level,
+            )
+        )
+        self.env.update(extra_env or {})
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -101,6 +103,13 @@ class EngineProcess:
                     pass
                 await asyncio.sleep(0.2)
         raise EngineError(f"engine not ready in {ready_timeout_s}s:\n{self.tail()}")
+
+    async def readyz(self) -> dict[str, Any]:
+        """The worker's /readyz body: ready, shards served and recovering, counters."""
+        url = f"http://127.0.0.1:{self.port}/readyz"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            body: dict[str, Any] = await response.json()
+        return body
 
     def tail(self, lines: int = 60) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -142,18 +151,46 @@ class EngineProcess:
 
 
 async def produce(
-    settings: Settings, topic: str, records: list[tuple[str, bytes, int | None]]
-) -> None:
-    """Produce (key, value, partition-or-None) records in order, acks=all."""
+    bootstrap: str, topic: str, records: list[tuple[str, bytes, int | None]]
+) -> float:
+    """Produce (key, value, partition-or-None) records, acks=all, and return records/s.
+    Sent without waiting for each acknowledgement; the idempotent producer keeps each
+    partition's records in the order given. None places a record by murmur2 of its key
+    (the account's shard)."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_batch_size=512 * 1024,
     )
     await producer.start()
+    started = time.perf_counter()
     try:
-        for key, value, partition in records:
-            await producer.send_and_wait(topic, key=key.encode(), value=value, partition=partition)
+        sent = [
+            await producer.send(topic, key=key.encode(), value=value, partition=partition)
+            for key, value, partition in records
+        ]
+        await asyncio.gather(*sent)
     finally:
         await producer.stop()
+    return len(records) / max(time.perf_counter() - started, 1e-9)
+
+
+async def trickle(
+    bootstrap: str,
+    topic: str,
+    records: list[tuple[str, bytes, int | None]],
+    *,
+    chunks: int = 20,
+    pause_s: float = 0.1,
+) -> None:
+    """Produce records in `chunks` slices with a pause between them: a load that is
+    still arriving while a fault test kills or stops something."""
+    size = max(1, -(-len(records) // chunks))
+    for start in range(0, len(records), size):
+        await produce(bootstrap, topic, records[start : start + size])
+        await asyncio.sleep(pause_s)
 
 
 def command(c: Any) -> tuple[str, bytes, None]:

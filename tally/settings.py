@@ -7,6 +7,7 @@ schema), this module only maps its errors back to the variable the user typed.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -70,6 +71,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 def env_name(field: str) -> str:
     return PREFIX + field.upper()
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The TALLY_* variables that `load` reads back into these same settings: how a
+    process hands its settings (or changed ones) to a child process."""
+    return {env_name(k): str(v) for k, v in msgspec.structs.asdict(settings).items()}
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """This process's environment without its own TALLY_* variables, plus `settings`."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(PREFIX)},
+        **to_env(settings),
+    }
 
 
 def load(environ: Mapping[str, str]) -> Settings:

@@ -6,6 +6,7 @@ with table writes, result events and offsets of an open transaction in flight.""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from streams.state import BalanceState
 from tally import checks
 from tally.collector import Collector, all_answered, expected_counts
-from tally.procs import EngineProcess, produce
+from tally.procs import EngineProcess, trickle
 from tally.settings import Settings
 from tally.workload import build
 
@@ -31,16 +32,24 @@ async def test_kill_9_mid_stream_then_restart(
     collector = Collector(settings.kafka_bootstrap, engine.topics)
     await engine.start()
     await collector.start(from_end=False)
+    producing: asyncio.Task[None] | None = None
     try:
-        await produce(
-            settings, engine.topics.commands.name, [(r.key, r.value, None) for r in work.records]
+        producing = asyncio.create_task(
+            trickle(
+                settings.kafka_bootstrap,
+                engine.topics.commands.name,
+                [(r.key, r.value, None) for r in work.records],
+            )
         )
         third = sum(expected.values()) // 3
         assert await collector.wait_for(
             lambda r: r.count >= third, timeout_s=120, say=lambda _: None
         ), engine.tail()
         assert await engine.kill() != 0
+        # Mid-stream: commands were still arriving and unanswered when it died.
+        assert not producing.done() and not all_answered(expected)(collector.results)
         await engine.start()
+        await producing
         done = all_answered(expected)
         drained = await collector.wait_for(
             lambda r: done(r) and not r.pending_internal() and time.monotonic() - r.last_at > 3,
@@ -64,6 +73,8 @@ async def test_kill_9_mid_stream_then_restart(
             balances=balances,
         )
     finally:
+        if producing is not None:
+            producing.cancel()
         await collector.stop()
         await engine.stop()
     assert drained and all(c.ok for c in found), checks.render(found)

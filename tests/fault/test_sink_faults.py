@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
 
 from sinks import verify
 from tally.procs import ROOT
-from tally.settings import Settings
+from tally.settings import Settings, child_env
 from tests.integration.sink_support import Deployment, deployment, running
 
 pytestmark = pytest.mark.fault
@@ -42,16 +43,8 @@ async def _until(predicate, timeout_s: float) -> bool:  # type: ignore[no-untype
 
 
 def _sink_process_env(d: Deployment) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
-        "TALLY_KAFKA_BOOTSTRAP": d.settings.kafka_bootstrap,
-        "TALLY_PG_DSN": d.settings.pg_dsn,
-        "TALLY_TOPIC_PREFIX": d.settings.topic_prefix,
-        "TALLY_PARTITIONS": str(d.settings.partitions),
-        # Small batches: many transactions, so the kill lands among them.
-        "TALLY_SINK_BATCH_SIZE": "100",
-        "TALLY_SINK_LINGER_MS": "20",
-    }
+    # Small batches: many transactions, so the kill lands among them.
+    return child_env(msgspec.structs.replace(d.settings, sink_batch_size=100, sink_linger_ms=20))
 
 
 async def test_kill_9_of_the_postgres_sink_loses_and_doubles_nothing(

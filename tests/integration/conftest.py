@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from tally.procs import EngineProcess
 from tally.settings import Settings
 
 pytestmark = pytest.mark.integration
+
+ENGINE_PARTITIONS = 4
+
+
+@pytest.fixture
+async def engine(settings: Settings, unique: str, tmp_path: Path) -> AsyncIterator[EngineProcess]:
+    """One engine worker process on topics of this test's own, stopped afterwards."""
+    proc = EngineProcess(
+        settings, prefix=f"it-{unique}", data_dir=tmp_path / "state", partitions=ENGINE_PARTITIONS
+    )
+    await proc.start()
+    yield proc
+    await proc.stop()
 
 
 def _reachable(host: str, port: int) -> bool:

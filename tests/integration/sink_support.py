@@ -16,7 +16,7 @@ from sinks import service, verify
 from sinks.postgres import PostgresStore
 from sinks.runner import SinkRunner
 from tally.collector import Collector, all_answered, expected_counts
-from tally.procs import EngineProcess, produce
+from tally.procs import EngineProcess, trickle
 from tally.settings import Settings
 from tally.workload import Workload, build
 from topics.specs import topics_for
@@ -36,8 +36,10 @@ class Deployment:
         return service.schema_of(self.settings)
 
     async def produce(self) -> None:
+        """The workload, in slices over about two seconds: load still arriving while
+        a fault test breaks something."""
         records = [(r.key, r.value, None) for r in self.workload.records]
-        await produce(self.settings, self.engine.topics.commands.name, records)
+        await trickle(self.settings.kafka_bootstrap, self.engine.topics.commands.name, records)
 
     async def drained(self) -> verify.Balances:
         """Wait for every command, credit and refund to be answered; the final balances

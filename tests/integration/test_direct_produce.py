@@ -8,28 +8,17 @@ import asyncio
 import json
 import shutil
 import zlib
-from pathlib import Path
 
 import aiohttp
-import pytest
 from aiokafka import AIOKafkaProducer
 
 from tally.collector import Collector, all_answered
 from tally.procs import EngineProcess
 from tally.settings import Settings
+from tests.integration.conftest import ENGINE_PARTITIONS
 from topics.shard import shard_of
 
-PARTITIONS = 4
-
-
-@pytest.fixture
-async def engine(settings: Settings, unique: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    proc = EngineProcess(
-        settings, prefix=f"direct-{unique}", data_dir=tmp_path / "state", partitions=PARTITIONS
-    )
-    await proc.start()
-    yield proc
-    await proc.stop()
+PARTITIONS = ENGINE_PARTITIONS
 
 
 def _misplaced_by_crc32(stem: str) -> str:
@@ -39,15 +28,6 @@ def _misplaced_by_crc32(stem: str) -> str:
         if zlib.crc32(account.encode()) % PARTITIONS != shard_of(account, PARTITIONS):
             return account
     raise AssertionError("no misplaced account id found")
-
-
-async def _readyz(engine: EngineProcess) -> dict[str, object]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{engine.port}/readyz") as response,
-    ):
-        body: dict[str, object] = await response.json()
-        return body
 
 
 async def test_kcat_produced_commands_are_applied_on_their_shard(
@@ -92,7 +72,7 @@ async def test_kcat_produced_commands_are_applied_on_their_shard(
     assert [r.status.value for r in results.by_id[f"k2-{unique}"]] == ["applied"]
     balances = await engine.balances(account)
     assert (balances["USD"].available, balances["USD"].seq) == (1100, 2)
-    counts = (await _readyz(engine))["counts"]
+    counts = (await engine.readyz())["counts"]
     assert isinstance(counts, dict) and counts["forwarded"] == 2
 
 
@@ -129,3 +109,13 @@ async def test_aiokafka_produced_commands_are_applied(
     finally:
         await collector.stop()
     assert (await engine.balances(account))["EUR"].available == 250
+
+
+async def test_the_view_refuses_a_bad_account_id_naming_the_field(engine: EngineProcess) -> None:
+    async with aiohttp.ClientSession() as session:
+        for bad in ("a" * 65, "has space", "semi;colon"):
+            url = f"http://127.0.0.1:{engine.port}/balances/{bad}"
+            async with session.get(url) as response:
+                assert response.status == 400, bad
+                assert response.content_type == "application/problem+json"
+                assert (await response.json())["field"] == "account"

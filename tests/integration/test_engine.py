@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
-
-import pytest
 
 from tally.collector import Collector, Results, all_answered, expected_counts
 from tally.procs import EngineProcess, command, produce
 from tally.settings import Settings
+from tests.integration.conftest import ENGINE_PARTITIONS
 from topics.codec import encode
 from topics.ids import credit_id, refund_id
 from topics.schema import (
@@ -29,23 +27,13 @@ from topics.schema import (
 )
 from topics.shard import shard_of
 
-PARTITIONS = 4
+PARTITIONS = ENGINE_PARTITIONS
 
 
 def _one(results: Results, command_id: str) -> tuple[str, str | None]:
     got = results.by_id[command_id]
     assert len(got) == 1, got
     return got[0].status.value, None if got[0].reason is None else got[0].reason.value
-
-
-@pytest.fixture
-async def engine(settings: Settings, unique: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    proc = EngineProcess(
-        settings, prefix=f"test-{unique}", data_dir=tmp_path / "state", partitions=PARTITIONS
-    )
-    await proc.start()
-    yield proc
-    await proc.stop()
 
 
 async def test_every_kind_end_to_end_and_restart_from_changelogs(
@@ -83,7 +71,7 @@ async def test_every_kind_end_to_end_and_restart_from_changelogs(
     collector = Collector(settings.kafka_bootstrap, engine.topics)
     await collector.start(from_end=False)
     try:
-        await produce(settings, engine.topics.commands.name, records)
+        await produce(settings.kafka_bootstrap, engine.topics.commands.name, records)
         ids = [r.command_id for r in cmds] + ["d1", "bad1", "m1"]
         expected = expected_counts(ids)
         internal = [

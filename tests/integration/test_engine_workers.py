@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
-
-import aiohttp
 
 from tally.collector import Collector
 from tally.procs import EngineProcess, command, produce
@@ -15,15 +12,6 @@ from tally.settings import Settings
 from topics.schema import Deposit
 
 PARTITIONS = 4
-
-
-async def _readyz(engine: EngineProcess) -> dict[str, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{engine.port}/readyz") as response,
-    ):
-        body: dict[str, Any] = await response.json()
-        return body
 
 
 async def _statuses(collector: Collector, command_id: str, n: int) -> list[str]:
@@ -49,19 +37,19 @@ async def test_command_ids_are_forgotten_after_the_retention(
     await engine.start()
     await collector.start(from_end=False)
     try:
-        await produce(settings, engine.topics.commands.name, [command(deposit)])
+        await produce(settings.kafka_bootstrap, engine.topics.commands.name, [command(deposit)])
         assert await _statuses(collector, deposit.command_id, 1) == ["applied"]
         # Within the window: a repeat is a duplicate.
-        await produce(settings, engine.topics.commands.name, [command(deposit)])
+        await produce(settings.kafka_bootstrap, engine.topics.commands.name, [command(deposit)])
         assert await _statuses(collector, deposit.command_id, 2) == ["applied", "duplicate"]
         for _ in range(150):
-            if (await _readyz(engine))["counts"].get("pruned", 0) >= 1:
+            if (await engine.readyz())["counts"].get("pruned", 0) >= 1:
                 break
             await asyncio.sleep(0.1)
         else:
             raise AssertionError(f"the record was not pruned:\n{engine.tail()}")
         # After it: the id is new again, and applies.
-        await produce(settings, engine.topics.commands.name, [command(deposit)])
+        await produce(settings.kafka_bootstrap, engine.topics.commands.name, [command(deposit)])
         assert await _statuses(collector, deposit.command_id, 3) == [
             "applied",
             "duplicate",
@@ -93,14 +81,16 @@ async def test_two_workers_share_the_shards_and_route_the_view(
     try:
         # Both members hold shards once the group has settled on two members.
         for _ in range(300):
-            served = [set((await _readyz(w))["serving"]) for w in (a, b)]
+            served = [set((await w.readyz())["serving"]) for w in (a, b)]
             if all(served) and served[0] | served[1] == set(range(PARTITIONS)):
                 break
             await asyncio.sleep(0.1)
         else:
             raise AssertionError(f"shards not split: {served}\n{a.tail()}\n{b.tail()}")
         assert not served[0] & served[1]
-        await produce(settings, a.topics.commands.name, [command(d) for d in deposits])
+        await produce(
+            settings.kafka_bootstrap, a.topics.commands.name, [command(d) for d in deposits]
+        )
         assert await collector.wait_for(
             lambda r: all(d.command_id in r.by_id for d in deposits),
             timeout_s=60,
@@ -115,7 +105,7 @@ async def test_two_workers_share_the_shards_and_route_the_view(
         # The second worker leaves: the first takes every shard over and still answers.
         assert await b.stop() == 0
         for _ in range(300):
-            if set((await _readyz(a))["serving"]) == set(range(PARTITIONS)):
+            if set((await a.readyz())["serving"]) == set(range(PARTITIONS)):
                 break
             await asyncio.sleep(0.1)
         else:

@@ -61,6 +61,7 @@ async def test_stores_agree_and_a_replay_changes_nothing(
         found = await verify.agreement(s.pg_dsn, d.schema, s.redis_url, s.topic_prefix, events)
         assert all(c.ok for c in found), "\n".join(c.line() for c in found)
         assert pg.dead_lettered == 1 and rd.dead_lettered == 1
+        assert d.collector.results.foreign == 1  # the poison record, seen but not a result
         dump_pg = await verify.pg_dump(s.pg_dsn, d.schema)
         dump_redis = await verify.redis_dump(s.redis_url, s.topic_prefix)
         assert len(dump_pg["breakpoints"]) > 0

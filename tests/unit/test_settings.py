@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from tally.settings import Settings, SettingsError, load
+from tally.settings import Settings, SettingsError, load, to_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TALLY = Path(sys.executable).parent / "tally"
@@ -169,3 +170,11 @@ def test_cli_config_prints_redacted_settings() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "pw123" not in proc.stdout
     assert '"partitions": 12' in proc.stdout
+
+
+def test_to_env_reads_back_into_the_same_settings() -> None:
+    changed = msgspec.structs.replace(
+        load({}), topic_prefix="x-1", partitions=3, web_port=7000, log_level="WARNING"
+    )
+    assert load(to_env(changed)) == changed
+    assert to_env(changed)["TALLY_PARTITIONS"] == "3"
