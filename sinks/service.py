@@ -4,7 +4,6 @@ the engine in one process (the demo)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -14,6 +13,7 @@ from sinks.postgres import PostgresStore
 from sinks.redis_store import RedisStore
 from sinks.runner import SinkRunner, Store
 from tally.settings import Settings
+from tally.supervise import supervise as supervise_children
 from topics.admin import ensure_topics
 from topics.specs import topics_for
 
@@ -83,39 +83,16 @@ async def supervise(settings: Settings, target: str, processes: int) -> None:
     shares are fixed (no consumer-group rebalancing between them); a process that dies
     is started again after a second and resumes from its store's offsets."""
     await prepare(settings, target)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
     shares = split(settings.partitions, processes)
-    children: dict[int, asyncio.subprocess.Process] = {}
-
-    async def start(k: int) -> None:
-        children[k] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tally.cli", "sink", target,
-            "--partitions", ",".join(str(p) for p in shares[k]),
-        )  # fmt: skip
-
-    for k in range(len(shares)):
-        await start(k)
     log.info("sink %s: %d processes, partitions %s", target, len(shares), shares)
-    while not stopping.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), 0.5)
-        for k, child in list(children.items()):
-            if child.returncode is not None and not stopping.is_set():
-                log.warning(
-                    "sink %s: process for partitions %s exited %s; starting it again",
-                    target,
-                    shares[k],
-                    child.returncode,
-                )
-                await asyncio.sleep(1)
-                await start(k)
-    for child in children.values():
-        if child.returncode is None:
-            child.send_signal(signal.SIGTERM)
-    await asyncio.gather(*(child.wait() for child in children.values()))
+    await supervise_children(
+        f"sink {target}",
+        [
+            [sys.executable, "-m", "tally.cli", "sink", target,
+             "--partitions", ",".join(str(p) for p in share)]
+            for share in shares
+        ],
+    )  # fmt: skip
 
 
 def run(

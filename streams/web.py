@@ -52,14 +52,59 @@ def _problem(
     )
 
 
+class ShardOwners:
+    """Which engine worker serves which shard, from the engine group's description in
+    Kafka, cached for `owners_ttl_s` (forgotten when an owner stops answering)."""
+
+    def __init__(self, bootstrap: str, group_id: str, commands_topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.group_id = group_id
+        self.commands_topic = commands_topic
+        self._owners: dict[int, str] = {}
+        self._at = 0.0
+
+    async def of(self, shard: int) -> str | None:
+        """The web address of the worker assigned `shard`, or None if nobody is."""
+        if time.monotonic() - self._at > owners_ttl_s:
+            self._owners = await self._describe()
+            self._at = time.monotonic()
+        return self._owners.get(shard)
+
+    def forget(self) -> None:
+        self._at = 0.0
+
+    async def _describe(self) -> dict[int, str]:
+        """shard -> web address of the group member assigned the shard's commands."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            responses = await admin.describe_consumer_groups([self.group_id])
+        finally:
+            await admin.close()
+        owners: dict[int, str] = {}
+        for response in responses:
+            for group in response.groups:
+                for member in group[5]:
+                    client_id, raw_assignment = member[1], member[-1]
+                    address = _address_of(client_id)
+                    if address is None or not raw_assignment:
+                        continue
+                    assignment = ConsumerProtocol.ASSIGNMENT.decode(raw_assignment)
+                    for topic, partitions in assignment.assignment:
+                        if topic == self.commands_topic:
+                            owners.update(dict.fromkeys(partitions, address))
+        return owners
+
+
 class WorkerWeb:
     def __init__(self, engine: Engine, host: str, port: int) -> None:
         self.engine = engine
         self.host = host
         self.port = port
         self.address = f"http://{host}:{port}"
-        self._owners: dict[int, str] = {}
-        self._owners_at = 0.0
+        self._owners = ShardOwners(
+            engine.settings.kafka_bootstrap, engine.group_id, engine.topics.commands.name
+        )
         self._runner: web.AppRunner | None = None
         self.app = web.Application()
         self.app.router.add_get("/livez", self.livez)
@@ -134,7 +179,7 @@ class WorkerWeb:
                     content_type=response.content_type,
                 )
         except (aiohttp.ClientError, TimeoutError):
-            self._owners_at = 0.0
+            self._owners.forget()
             return _problem(
                 503,
                 "owner unreachable",
@@ -143,30 +188,4 @@ class WorkerWeb:
             )
 
     async def _owner(self, shard: int) -> str | None:
-        if time.monotonic() - self._owners_at > owners_ttl_s:
-            self._owners = await self._describe()
-            self._owners_at = time.monotonic()
-        return self._owners.get(shard)
-
-    async def _describe(self) -> dict[int, str]:
-        """shard -> web address of the group member assigned the shard's commands."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.engine.settings.kafka_bootstrap)
-        await admin.start()
-        try:
-            responses = await admin.describe_consumer_groups([self.engine.group_id])
-        finally:
-            await admin.close()
-        owners: dict[int, str] = {}
-        commands = self.engine.topics.commands.name
-        for response in responses:
-            for group in response.groups:
-                for member in group[5]:
-                    client_id, raw_assignment = member[1], member[-1]
-                    address = _address_of(client_id)
-                    if address is None or not raw_assignment:
-                        continue
-                    assignment = ConsumerProtocol.ASSIGNMENT.decode(raw_assignment)
-                    for topic, partitions in assignment.assignment:
-                        if topic == commands:
-                            owners.update(dict.fromkeys(partitions, address))
-        return owners
+        return await self._owners.of(shard)

@@ -166,9 +166,57 @@ def migrate() -> None:
 
 
 @main.command()
-def ingress() -> None:
-    """Run the HTTP ingress alone."""
-    _not_yet("ingress", 5)
+@click.option(
+    "--processes",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Run this many ingress processes on the same port (SO_REUSEPORT); the kernel "
+    "spreads connections over them. A process that dies is restarted.",
+)
+def ingress(processes: int) -> None:
+    """Run the HTTP ingress: signed commands in, balances and results out.
+
+    Listens on TALLY_INGRESS_HOST:TALLY_INGRESS_PORT. Requests under /v1 must be signed
+    with a key from TALLY_INGRESS_KEYS ("id:secret,..."); TALLY_INGRESS_INSECURE=1 turns
+    that off (warned at start; never in production). Answers 202 once Kafka has the
+    command (acks=all), 503 with Retry-After when it cannot. /openapi.json describes the
+    API; /livez, /readyz and /metrics are unsigned. Stop with SIGTERM.
+    """
+    from ingress import service
+
+    sys.exit(service.run(_settings(), processes=processes))
+
+
+@main.command()
+@click.argument("method")
+@click.argument("target")
+@click.argument("body", required=False, default="")
+@click.option(
+    "--key-id",
+    envvar="TALLY_CLIENT_KEY_ID",
+    required=True,
+    help="The client key id [env TALLY_CLIENT_KEY_ID].",
+)
+def sign(method: str, target: str, body: str, key_id: str) -> None:
+    """Print the signature headers for one request, one per line, for curl -H @file.
+
+    The secret is read from TALLY_CLIENT_SECRET (never an argument: arguments show in
+    `ps`). TARGET is the path and query exactly as sent; BODY the exact body bytes.
+
+    \b
+      body='{"kind":"deposit","command_id":"d1","account":"alice","asset":"USD","amount":5}'
+      curl -H @<(tally sign POST /v1/commands "$body") -H 'Content-Type: application/json' \\
+           -d "$body" http://127.0.0.1:8080/v1/commands
+    """
+    from ingress import signing
+
+    secret = os.environ.get("TALLY_CLIENT_SECRET")
+    if not secret:
+        click.echo("tally sign: set TALLY_CLIENT_SECRET to the client's secret", err=True)
+        sys.exit(2)
+    for name, value in signing.sign(key_id, secret.encode(), method, target, body.encode()).items():
+        click.echo(f"{name}: {value}")
 
 
 @main.command()

@@ -31,10 +31,92 @@ def free_port() -> int:
 
 
 class EngineError(RuntimeError):
-    """The engine process exited or did not become ready."""
+    """A child process exited or did not become ready."""
 
 
-class EngineProcess:
+class _Child:
+    """A `tally` subcommand as a child process, logging to a file, ready once its
+    /readyz answers 200."""
+
+    what = "engine"
+    port: int
+    log_path: Path
+    env: dict[str, str]
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tally.cli",
+            self.what,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        log.close()
+        await self.wait_ready()
+
+    async def wait_ready(self) -> None:
+        """Ready once /readyz says so (for the engine: partitions assigned and
+        recovered; for the ingress: Kafka, PostgreSQL and Redis reachable)."""
+        deadline = asyncio.get_running_loop().time() + ready_timeout_s
+        url = f"http://127.0.0.1:{self.port}/readyz"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
+            while asyncio.get_running_loop().time() < deadline:
+                if self.proc is None:
+                    raise EngineError(f"{self.what} was not started")
+                if self.proc.returncode is not None:
+                    raise EngineError(f"{self.what} exited {self.proc.returncode}:\n{self.tail()}")
+                try:
+                    async with session.get(url) as response:
+                        if response.status == 200:
+                            return
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.2)
+        raise EngineError(f"{self.what} not ready in {ready_timeout_s}s:\n{self.tail()}")
+
+    async def readyz(self) -> dict[str, Any]:
+        """The /readyz body."""
+        url = f"http://127.0.0.1:{self.port}/readyz"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            body: dict[str, Any] = await response.json(content_type=None)
+        return body
+
+    def tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def stop(self) -> int:
+        """SIGTERM, the clean way; returns the exit code (0 when it never started)."""
+        if self.proc is None:
+            return 0
+        return await self._signal(signal.SIGTERM)
+
+    async def kill(self) -> int:
+        """SIGKILL: no chance to commit or clean up anything."""
+        return await self._signal(signal.SIGKILL)
+
+    async def _signal(self, sig: int) -> int:
+        if self.proc is None:
+            raise EngineError(f"{self.what} was not started")
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 60)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        return int(self.proc.returncode or 0)
+
+
+class EngineProcess(_Child):
     """One engine worker as a child process, with its own prefix, state dir and port."""
 
     def __init__(
@@ -48,6 +130,7 @@ class EngineProcess:
         log_level: str = "INFO",
         extra_env: dict[str, str] | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.prefix = prefix
         self.data_dir = data_dir.resolve()
@@ -67,75 +150,6 @@ class EngineProcess:
             )
         )
         self.env.update(extra_env or {})
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tally.cli",
-            "engine",
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        log.close()
-        await self.wait_ready()
-
-    async def wait_ready(self) -> None:
-        """Ready once the worker's /readyz says so (partitions assigned and recovered)."""
-        deadline = asyncio.get_running_loop().time() + ready_timeout_s
-        url = f"http://127.0.0.1:{self.port}/readyz"
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-            while asyncio.get_running_loop().time() < deadline:
-                if self.proc is None:
-                    raise EngineError("engine was not started")
-                if self.proc.returncode is not None:
-                    raise EngineError(f"engine exited {self.proc.returncode}:\n{self.tail()}")
-                try:
-                    async with session.get(url) as response:
-                        if response.status == 200:
-                            return
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                await asyncio.sleep(0.2)
-        raise EngineError(f"engine not ready in {ready_timeout_s}s:\n{self.tail()}")
-
-    async def readyz(self) -> dict[str, Any]:
-        """The worker's /readyz body: ready, shards served and recovering, counters."""
-        url = f"http://127.0.0.1:{self.port}/readyz"
-        async with aiohttp.ClientSession() as session, session.get(url) as response:
-            body: dict[str, Any] = await response.json()
-        return body
-
-    def tail(self, lines: int = 60) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    async def stop(self) -> int:
-        """SIGTERM, the clean way; returns the exit code (0 when it never started)."""
-        if self.proc is None:
-            return 0
-        return await self._signal(signal.SIGTERM)
-
-    async def kill(self) -> int:
-        """SIGKILL: no chance to commit or clean up anything."""
-        return await self._signal(signal.SIGKILL)
-
-    async def _signal(self, sig: int) -> int:
-        if self.proc is None:
-            raise EngineError("engine was not started")
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 60)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        return int(self.proc.returncode or 0)
 
     async def balances(self, account: str) -> dict[str, BalanceState]:
         """The strongly consistent read: the owning worker's table view."""
@@ -148,6 +162,38 @@ class EngineProcess:
             asset: BalanceState(b["available"], b["held"], b["seq"])
             for asset, b in body["balances"].items()
         }
+
+
+class IngressProcess(_Child):
+    """`tally ingress` as a child process on a free port, for a deployment `prefix`."""
+
+    what = "ingress"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        prefix: str,
+        log_path: Path,
+        partitions: int = 4,
+        keys: dict[str, str] | None = None,
+        port: int | None = None,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = child_env(
+            msgspec.structs.replace(
+                settings,
+                topic_prefix=prefix,
+                partitions=partitions,
+                ingress_port=self.port,
+                ingress_keys=",".join(f"{k}:{v}" for k, v in (keys or {}).items()),
+                **overrides,
+            )
+        )
 
 
 async def produce(

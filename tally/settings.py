@@ -21,6 +21,8 @@ PREFIX = "TALLY_"
 _FOREIGN = frozenset(
     {
         "TALLY_CACHE_DIR",
+        "TALLY_CLIENT_KEY_ID",
+        "TALLY_CLIENT_SECRET",
         "TALLY_KAFKA_PORT",
         "TALLY_KAFKA_CONTROLLER_PORT",
         "TALLY_PG_PORT",
@@ -30,6 +32,9 @@ _FOREIGN = frozenset(
 )
 
 _TOPIC_PREFIX = r"^[A-Za-z0-9_-]{1,40}$"
+# "key-id:secret" pairs, comma separated: ids as in a header, secrets of 16+ printable
+# characters without ',' (empty: no keys).
+_KEYS = r"^([A-Za-z0-9_.-]{1,64}:[!-+\--~]{16,256}(,[A-Za-z0-9_.-]{1,64}:[!-+\--~]{16,256})*)?$"
 
 
 class SettingsError(ValueError):
@@ -59,13 +64,36 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Sinks: a batch is this many events, or what arrived within the linger.
     sink_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000
     sink_linger_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 200
+    # Ingress (HTTP). Client keys for request signatures: "key-id:secret,key-id:secret";
+    # a secret is at least 16 characters. Never logged (see `redacted`).
+    ingress_host: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
+    ingress_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8080
+    ingress_keys: Annotated[str, msgspec.Meta(pattern=_KEYS)] = ""
+    # Accept unsigned requests. For a laptop only; the ingress warns at every start.
+    ingress_insecure: bool = False
+    ingress_max_skew_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 300
+    ingress_body_max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = (
+        4 * 1024 * 1024
+    )
+    # Per client key (per address when unsigned), per ingress process: commands (or
+    # reads) a second, and the burst the bucket holds. 0 turns the limit off.
+    ingress_rate_per_s: Annotated[int, msgspec.Meta(ge=0)] = 5000
+    ingress_rate_burst: Annotated[int, msgspec.Meta(ge=1)] = 10000
+    # How long a request waits for the broker's acknowledgement before answering 503.
+    ingress_produce_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=120_000)] = 5000
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def client_keys(self) -> dict[str, bytes]:
+        """key id -> secret, from `ingress_keys`."""
+        pairs = (item.split(":", 1) for item in self.ingress_keys.split(",") if item)
+        return {key_id: secret.encode() for key_id, secret in pairs}
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with passwords in DSNs and URLs masked, for logs."""
         out = msgspec.structs.asdict(self)
         for key in ("pg_dsn", "redis_url", "kafka_bootstrap"):
             out[key] = re.sub(r"(://[^:/@]*:).*@", r"\1***@", out[key])
+        out["ingress_keys"] = ",".join(f"{key_id}:***" for key_id in self.client_keys())
         return out
 
 
@@ -113,6 +141,12 @@ _PLAIN = {
 }
 
 
+_SECRET = {
+    "ingress_keys": "expected key-id:secret pairs separated by ',' (ids of [A-Za-z0-9_.-], "
+    "secrets of 16-256 printable characters without ',')",
+}
+
+
 def _known_names(fields: set[str]) -> str:
     return ", ".join(sorted(env_name(f) for f in fields))
 
@@ -125,4 +159,7 @@ def _explain(exc: msgspec.ValidationError, raw: Mapping[str, Any]) -> str:
     field = match.group(1)
     problem = message[: match.start()].rstrip(" -")
     problem = _PLAIN.get(problem, problem)
+    if field in _SECRET:
+        # The value holds secrets: name the rule, never echo it.
+        return f"bad setting {env_name(field)} (value not shown): {_SECRET[field]}"
     return f"bad setting {env_name(field)}={raw.get(field)!r}: {problem}"

@@ -1,0 +1,644 @@
+"""The ingress: signed HTTP requests in, commands on Kafka out; balances and results out.
+
+Order of checks on a request, so that each answer is the most useful one and nothing
+is produced unless everything before it passed:
+  size (413) -> signature (401) -> rate limit (429) -> content type (415)
+  -> body and headers (400/422) -> produce (202 after the broker's ack, or 503).
+An accepted command is in Kafka with acks=all from an idempotent producer; a 503 means
+the broker did not confirm in time, and a retry with the same command_id is safe either
+way (the engine answers a repeat as a duplicate of the first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.structs import RecordMetadata
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import generate_latest
+
+from ingress import signing
+from ingress.commands import IDEMPOTENCY_KEY, parse_batch, parse_command
+from ingress.openapi import document
+from ingress.problems import Problem
+from ingress.ratelimit import TokenBuckets
+from ingress.results import ResultWaiter
+from sinks.migrate import quote
+from sinks.redis_store import assets_key, balance_key
+from streams.engine import Engine
+from streams.web import ShardOwners
+from tally.settings import Settings
+from topics import limits
+from topics.codec import encode
+from topics.schema import PublicCommand, Result
+from topics.shard import shard_of
+from topics.specs import topics_for
+
+log = logging.getLogger(__name__)
+
+WAIT_MAX_S = 30
+CHECK_TIMEOUT_S = 2.0
+_ACCOUNT = re.compile(limits.ACCOUNT_ID_PATTERN)
+_COMMAND_ID = re.compile(limits.COMMAND_ID_PATTERN)
+_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([^,;\s]*)", re.IGNORECASE)
+_json = msgspec.json.Encoder()
+# Metric labels are bounded: any other method a client invents counts as "other".
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_COMMAND_SQL = """
+SELECT shard_id, command_id, account, kind, status, reason,
+       (extract(epoch FROM at) * 1000)::bigint AS at_ms
+FROM command_results
+WHERE shard_id = ANY($1::int[]) AND command_id = $2
+ORDER BY shard_id
+LIMIT 2
+"""
+
+
+def _respond(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=_json.encode(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def prefer_wait(header: str | None) -> int:
+    """The N of `Prefer: wait=N` (RFC 7240), 0 without one."""
+    if header is None:
+        return 0
+    match = _WAIT.search(header)
+    if match is None:
+        return 0
+    value = match.group(1).strip('"')
+    if not value.isdigit() or int(value) > WAIT_MAX_S:
+        raise Problem(
+            400,
+            "invalid Prefer: wait",
+            f"wait=N takes whole seconds from 0 to {WAIT_MAX_S}",
+            field="Prefer",
+        )
+    return int(value)
+
+
+def _kind(command: PublicCommand) -> str:
+    tag = command.__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+class Metrics:
+    """Prometheus metrics of one ingress process. Labels are bounded sets (routes,
+    methods, statuses, kinds): never an account or command id."""
+
+    def __init__(self) -> None:
+        # The *_created series double the output and nobody graphs them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tally_ingress_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tally_ingress_request_duration_seconds",
+            "Time from request to answer, by route template, method and status.",
+            ["route", "method", "status"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.produce = Histogram(
+            "tally_ingress_produce_duration_seconds",
+            "Time from producing a request's commands to the broker's acknowledgement.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.commands = Counter(
+            "tally_ingress_commands",
+            "Commands by kind and outcome (accepted, unavailable) after validation.",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+
+
+class Ingress:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = topics_for(settings.topic_prefix, settings.partitions)
+        self.check(settings)
+        self.keys = settings.client_keys()
+        self.insecure = settings.ingress_insecure
+        self.metrics = Metrics()
+        self.buckets = TokenBuckets(settings.ingress_rate_per_s, settings.ingress_rate_burst)
+        self.produce_timeout_s = settings.ingress_produce_timeout_ms / 1000
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            max_batch_size=512 * 1024,
+            request_timeout_ms=settings.ingress_produce_timeout_ms,
+        )
+        self.waiter = ResultWaiter(
+            settings.kafka_bootstrap, self.topics.events.name, settings.partitions
+        )
+        self.owners = ShardOwners(
+            settings.kafka_bootstrap, Engine.app_id_of(settings), self.topics.commands.name
+        )
+        self.redis: Any = None
+        self.pg: Any = None
+        self.http: aiohttp.ClientSession | None = None
+        self.document = document()
+        self.app = web.Application(
+            middlewares=[self._middleware], client_max_size=settings.ingress_body_max_bytes
+        )
+        routes = self.app.router
+        routes.add_post("/v1/commands", self.post_command)
+        routes.add_post("/v1/commands/batch", self.post_batch)
+        routes.add_get("/v1/commands/{command_id}", self.get_command, allow_head=False)
+        routes.add_get("/v1/accounts/{account}/balances", self.get_balances, allow_head=False)
+        routes.add_get("/livez", self.livez, allow_head=False)
+        routes.add_get("/readyz", self.readyz, allow_head=False)
+        routes.add_get("/metrics", self.get_metrics, allow_head=False)
+        routes.add_get("/openapi.json", self.get_openapi, allow_head=False)
+        self.app.on_startup.append(self._open)
+        self.app.on_cleanup.append(self._close)
+
+    @staticmethod
+    def check(settings: Settings) -> None:
+        """Refuse to start without a way to authenticate clients."""
+        if not settings.client_keys() and not settings.ingress_insecure:
+            raise ValueError(
+                "TALLY_INGRESS_KEYS is empty: configure client keys, or set "
+                "TALLY_INGRESS_INSECURE=1 to accept unsigned requests (never in production)"
+            )
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def _open(self, _: web.Application) -> None:
+        if self.insecure:
+            log.warning(
+                "TALLY_INGRESS_INSECURE is set: requests are NOT signature-checked, anyone "
+                "who reaches this port can move money. Never run this way in production."
+            )
+        await self.producer.start()
+        await self.waiter.start()
+        self.redis = aioredis.from_url(
+            self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2
+        )
+        self.pg = await asyncpg.create_pool(
+            self.settings.pg_dsn,
+            min_size=0,
+            max_size=4,
+            timeout=5,
+            server_settings={"search_path": quote(self.settings.topic_prefix)},
+        )
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        log.info(
+            "ingress: producing to %s; %d client keys (%s)",
+            self.topics.commands.name,
+            len(self.keys),
+            ", ".join(sorted(self.keys)),
+        )
+
+    async def _close(self, _: web.Application) -> None:
+        for closing in (
+            self.http.close() if self.http else None,
+            self.pg.close() if self.pg else None,
+            self.redis.aclose() if self.redis else None,
+            self.waiter.stop(),
+            self.producer.stop(),
+        ):
+            if closing is not None:
+                with contextlib.suppress(Exception):
+                    await closing
+
+    # --- the middleware: errors as problems, and metrics ----------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except Problem as problem:
+            response = answer.response()
+        except web.HTTPException as exc:
+            headers = {k: v for k, v in exc.headers.items() if k in ("Allow",)}
+            field = "body" if exc.status == 413 else None
+            answer = Problem(exc.status, exc.reason, exc.text, field=field, headers=headers)
+            response = answer.response()
+        except Exception:
+            log.exception("ingress: %s %s failed", request.method, route)
+            response = Problem(500, "internal error", "see the ingress log").response()
+        status = str(response.status)
+        method = request.method if request.method in _METHODS else "other"
+        self.metrics.requests.labels(route, method, status).inc()
+        self.metrics.latency.labels(route, method, status).observe(time.perf_counter() - started)
+        return response
+
+    # --- the checks every /v1 request goes through -----------------------------
+
+    async def _admit(self, request: web.Request, *, cost: int = 1) -> tuple[str, bytes]:
+        """Read the body (bounded) and check the signature and the rate limit; return
+        the client (key id, or address when unsigned) and the body."""
+        limit = self.settings.ingress_body_max_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise Problem(
+                413,
+                "body too large",
+                f"{request.content_length} bytes; the limit is {limit}",
+                field="body",
+            )
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise Problem(
+                413, "body too large", f"the limit is {limit} bytes", field="body"
+            ) from None
+        if self.insecure:
+            client = f"address:{request.remote}"
+        else:
+            try:
+                client = signing.verify(
+                    self.keys,
+                    request.headers,
+                    request.method,
+                    request.raw_path,
+                    body,
+                    max_skew_s=self.settings.ingress_max_skew_s,
+                )
+            except signing.SignatureError as exc:
+                raise Problem(
+                    401,
+                    "request not signed correctly",
+                    exc.detail,
+                    field=exc.field,
+                    headers={"WWW-Authenticate": 'Tally-HMAC-SHA256 realm="tally"'},
+                ) from None
+        self._limit(client, cost)
+        return client, body
+
+    def _limit(self, client: str, cost: int) -> None:
+        wait_s = self.buckets.take(client, cost)
+        if wait_s > 0:
+            raise Problem(
+                429,
+                "rate limit exceeded",
+                f"this client may send {self.settings.ingress_rate_per_s} commands/s "
+                f"(bursts of {self.settings.ingress_rate_burst})",
+                headers={"Retry-After": TokenBuckets.retry_after(wait_s)},
+            )
+
+    @staticmethod
+    def _json_body(request: web.Request) -> None:
+        if request.content_type != "application/json":
+            raise Problem(
+                415,
+                "unsupported content type",
+                f"got {request.content_type or 'none'}; send application/json",
+                field="Content-Type",
+            )
+
+    @staticmethod
+    def _no_query(request: web.Request, allowed: tuple[str, ...] = ()) -> None:
+        for name in request.query:
+            if name not in allowed:
+                raise Problem(400, "unknown query parameter", f"{name!r} is not taken here",
+                              field=name)  # fmt: skip
+
+    # --- producing ----------------------------------------------------------------
+
+    async def _produce(self, commands: list[PublicCommand]) -> list[RecordMetadata | None]:
+        """Produce in order; the metadata of each record the broker acknowledged within
+        the produce timeout, None for the others."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.produce_timeout_s
+        started = time.perf_counter()
+        topic = self.topics.commands.name
+        futures: list[asyncio.Future[RecordMetadata]] = []
+        with contextlib.suppress(TimeoutError, KafkaError):
+            async with asyncio.timeout_at(deadline):
+                for command in commands:
+                    future = await self.producer.send(
+                        topic, value=encode(command), key=command.account.encode()
+                    )
+                    # A late failure after we answered must not log "never retrieved".
+                    future.add_done_callback(_retrieve)
+                    futures.append(future)
+        if futures:
+            await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+        self.metrics.produce.observe(time.perf_counter() - started)
+        out: list[RecordMetadata | None] = []
+        for i, command in enumerate(commands):
+            future = futures[i] if i < len(futures) else None
+            ok = future is not None and future.done() and future.exception() is None
+            out.append(future.result() if ok and future is not None else None)
+            outcome = "accepted" if ok else "unavailable"
+            self.metrics.commands.labels(_kind(command), outcome).inc()
+        return out
+
+    def _unavailable(self, detail: str) -> Problem:
+        return Problem(
+            503,
+            "Kafka unavailable",
+            detail,
+            field="kafka",
+            headers={"Retry-After": "2"},
+        )
+
+    # --- handlers -----------------------------------------------------------------
+
+    async def post_command(self, request: web.Request) -> web.Response:
+        self._no_query(request)
+        _, body = await self._admit(request)
+        self._json_body(request)
+        wait_s = prefer_wait(request.headers.get("Prefer"))
+        command = parse_command(body, request.headers.get(IDEMPOTENCY_KEY))
+        future = self.waiter.expect(command.account, command.command_id) if wait_s else None
+        try:
+            (meta,) = await self._produce([command])
+            if meta is None:
+                raise self._unavailable(
+                    "the broker did not acknowledge the command in time; it may or may not "
+                    "have been recorded: retry with the same command_id"
+                )
+            accepted = {
+                "command_id": command.command_id,
+                "account": command.account,
+                "kind": _kind(command),
+                "status": "accepted",
+                "partition": meta.partition,
+                "offset": meta.offset,
+            }
+            if future is None:
+                return _respond(accepted, 202)
+            try:
+                result: Result = await asyncio.wait_for(asyncio.shield(future), wait_s)
+            except TimeoutError:
+                return _respond(accepted, 202, headers={"Preference-Applied": f"wait={wait_s}"})
+            return web.Response(
+                body=encode(result),
+                status=200,
+                content_type="application/json",
+                headers={"Preference-Applied": f"wait={wait_s}"},
+            )
+        finally:
+            if future is not None:
+                self.waiter.forget(command.account, command.command_id, future)
+
+    async def post_batch(self, request: web.Request) -> web.Response:
+        self._no_query(request)
+        client, body = await self._admit(request)
+        self._json_body(request)
+        if IDEMPOTENCY_KEY in request.headers:
+            raise Problem(
+                400,
+                "Idempotency-Key on a batch",
+                "each command of a batch carries its own command_id",
+                field=IDEMPOTENCY_KEY,
+            )
+        items = parse_batch(body)
+        commands = [item for item in items if not isinstance(item, Problem)]
+        # The request paid for one command at admission; the rest of the batch now.
+        if len(commands) > 1:
+            self._limit(client, len(commands) - 1)
+        metas = iter(await self._produce(commands) if commands else [])
+        answers: list[dict[str, Any]] = []
+        accepted = unavailable = 0
+        for index, item in enumerate(items):
+            if isinstance(item, Problem):
+                answers.append({"index": index, "status": item.status, "problem": item.body()})
+                continue
+            meta = next(metas)
+            if meta is None:
+                unavailable += 1
+                problem = self._unavailable("not acknowledged in time; retry this command")
+                answers.append(
+                    {
+                        "index": index,
+                        "status": 503,
+                        "command_id": item.command_id,
+                        "problem": problem.body(),
+                    }
+                )
+                continue
+            accepted += 1
+            answers.append(
+                {
+                    "index": index,
+                    "status": 202,
+                    "command_id": item.command_id,
+                    "account": item.account,
+                    "partition": meta.partition,
+                    "offset": meta.offset,
+                }
+            )
+        summary = {
+            "accepted": accepted,
+            "invalid": len(items) - len(commands),
+            "unavailable": unavailable,
+            "items": answers,
+        }
+        if accepted == len(items):
+            return _respond(summary, 202)
+        if unavailable and not accepted:
+            return _respond(summary, 503, headers={"Retry-After": "2"})
+        return _respond(summary, 207)
+
+    async def get_command(self, request: web.Request) -> web.Response:
+        self._no_query(request, ("account",))
+        await self._admit(request)
+        command_id = request.match_info["command_id"]
+        if not _COMMAND_ID.match(command_id):
+            raise Problem(
+                400, "invalid command id", "1-128 characters of A-Z a-z 0-9 _ . : -",
+                field="command_id",
+            )  # fmt: skip
+        account = request.query.get("account")
+        if account is not None:
+            _check_account(account)
+            shards = [shard_of(account, self.settings.partitions)]
+        else:
+            shards = list(range(self.settings.partitions))
+        try:
+            rows = await asyncio.wait_for(
+                self.pg.fetch(_COMMAND_SQL, shards, command_id), CHECK_TIMEOUT_S * 2
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise Problem(
+                503, "PostgreSQL unavailable", type(exc).__name__, field="postgres",
+                headers={"Retry-After": "2"},
+            ) from None  # fmt: skip
+        if account is not None:
+            rows = [row for row in rows if row["account"] == account]
+        if not rows:
+            raise Problem(
+                404,
+                "no result yet",
+                "no result is recorded for this command id (not applied yet, or unknown)",
+                field="command_id",
+            )
+        if len(rows) > 1:
+            raise Problem(
+                409,
+                "command id used by several accounts",
+                "name the account: ?account=...",
+                field="account",
+            )
+        row = rows[0]
+        return _respond(dict(row.items()))
+
+    async def get_balances(self, request: web.Request) -> web.Response:
+        self._no_query(request, ("consistency",))
+        await self._admit(request)
+        account = request.match_info["account"]
+        _check_account(account)
+        consistency = request.query.get("consistency", "cached")
+        if consistency not in ("cached", "strong"):
+            raise Problem(
+                400, "invalid consistency", "cached (default) or strong", field="consistency"
+            )
+        shard = shard_of(account, self.settings.partitions)
+        if consistency == "strong":
+            balances = await self._strong(account, shard)
+        else:
+            balances = await self._cached(account, shard)
+        return _respond(
+            {
+                "account": account,
+                "shard_id": shard,
+                "consistency": consistency,
+                "balances": balances,
+            }
+        )
+
+    async def _cached(self, account: str, shard: int) -> dict[str, dict[str, int]]:
+        prefix = self.settings.topic_prefix
+        try:
+            raw_assets = await self.redis.smembers(assets_key(prefix, shard, account))
+            assets = sorted(a.decode() for a in raw_assets)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for asset in assets:
+                    key = balance_key(prefix, shard, account, asset)
+                    pipe.hmget(key, "available", "held", "seq")
+                rows = await pipe.execute()
+        except (aioredis.RedisError, OSError) as exc:
+            raise Problem(
+                503, "Redis unavailable", type(exc).__name__, field="redis",
+                headers={"Retry-After": "2"},
+            ) from None  # fmt: skip
+        return {
+            asset: {"available": int(row[0]), "held": int(row[1]), "seq": int(row[2])}
+            for asset, row in zip(assets, rows, strict=True)
+            if None not in row
+        }
+
+    async def _strong(self, account: str, shard: int) -> dict[str, dict[str, int]]:
+        assert self.http is not None
+        try:
+            owner = await asyncio.wait_for(self.owners.of(shard), CHECK_TIMEOUT_S * 2)
+        except (KafkaError, OSError, TimeoutError):
+            owner = None
+        if owner is None:
+            raise Problem(
+                503,
+                "engine unavailable",
+                f"no engine worker serves shard {shard} right now",
+                field="engine",
+                headers={"Retry-After": "1"},
+            )
+        try:
+            async with self.http.get(f"{owner}/balances/{account}?forwarded=1") as response:
+                body = await response.json() if response.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            body = None
+        if body is None:
+            self.owners.forget()
+            raise Problem(
+                503,
+                "engine unavailable",
+                f"the worker serving shard {shard} did not answer",
+                field="engine",
+                headers={"Retry-After": "1"},
+            )
+        balances: dict[str, dict[str, int]] = body["balances"]
+        return balances
+
+    async def livez(self, request: web.Request) -> web.Response:
+        return _respond({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        checks = dict(
+            zip(
+                ("kafka", "postgres", "redis"),
+                await asyncio.gather(
+                    _check(self.producer.client.fetch_all_metadata()),
+                    _check(self.pg.fetchval("SELECT 1")),
+                    _check(self.redis.ping()),
+                ),
+                strict=True,
+            )
+        )
+        failing = [name for name, state in checks.items() if state != "ok"]
+        if failing:
+            raise Problem(
+                503,
+                "not ready",
+                "; ".join(f"{name}: {checks[name]}" for name in failing),
+                field=failing[0],
+                failing=failing,
+                checks=checks,
+                headers={"Retry-After": "2"},
+            )
+        return _respond({"ready": True, "checks": checks})
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
+
+    async def get_openapi(self, request: web.Request) -> web.Response:
+        return _respond(self.document)
+
+
+def _check_account(account: str) -> None:
+    if not _ACCOUNT.match(account):
+        raise Problem(
+            400, "invalid account id", "1-64 characters of A-Z a-z 0-9 _ . : -", field="account"
+        )
+
+
+async def _check(probe: Awaitable[Any]) -> str:
+    try:
+        await asyncio.wait_for(probe, CHECK_TIMEOUT_S)
+    except Exception as exc:
+        return f"unreachable ({type(exc).__name__})"
+    return "ok"
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,100 @@
+"""Request bodies -> commands of `topics.schema`, or a Problem naming the field at fault.
+Pure: no I/O, so the unit tests can cover every rule."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from ingress.problems import Problem, from_validation
+from topics import limits
+from topics.schema import PUBLIC_KINDS, PublicCommand
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
+BATCH_MAX = 1000
+
+_any = msgspec.json.Decoder()
+_command_id = re.compile(limits.COMMAND_ID_PATTERN)
+# What msgspec raises on bytes that are not JSON (see topics.codec).
+_NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+def _json(body: bytes) -> Any:
+    if not body.strip():
+        raise Problem(400, "empty body", "the body must be a JSON object", field="body")
+    try:
+        return _any.decode(body)
+    except _NOT_JSON as exc:
+        raise Problem(400, "malformed JSON", str(exc)[:300], field="body") from None
+
+
+def _convert(obj: Any, prefix: str = "") -> PublicCommand:
+    if not isinstance(obj, dict):
+        raise Problem(
+            422, "not a command", "a command is a JSON object", field=prefix.lstrip(".") or "body"
+        )
+    try:
+        command: PublicCommand = msgspec.convert(obj, PublicCommand)
+    except msgspec.ValidationError as exc:
+        problem = from_validation(exc, prefix=prefix)
+        if problem.title == "unknown command kind":
+            problem.detail = f"kind must be one of {', '.join(PUBLIC_KINDS)}"
+        raise problem from None
+    return command
+
+
+def parse_command(body: bytes, idempotency_key: str | None) -> PublicCommand:
+    """One command. Its idempotency key is `command_id`, or the Idempotency-Key header
+    when the body has none; when both are given they must be the same."""
+    obj = _json(body)
+    if isinstance(obj, dict) and idempotency_key is not None:
+        if not _command_id.match(idempotency_key):
+            raise Problem(
+                400,
+                "invalid Idempotency-Key",
+                "1-128 characters of A-Z a-z 0-9 _ . : -",
+                field=IDEMPOTENCY_KEY,
+            )
+        given = obj.get("command_id")
+        if given is None:
+            obj["command_id"] = idempotency_key
+        elif given != idempotency_key:
+            raise Problem(
+                422,
+                "Idempotency-Key and command_id differ",
+                "give the key once, or the same value in both",
+                field="command_id",
+            )
+    return _convert(obj)
+
+
+def parse_batch(body: bytes) -> list[PublicCommand | Problem]:
+    """`{"commands": [...]}`, up to BATCH_MAX commands, each with its own command_id.
+    A bad envelope raises; a bad item is answered in its place."""
+    obj = _json(body)
+    if not isinstance(obj, dict):
+        raise Problem(422, "not a batch", 'expected {"commands": [...]}', field="body")
+    extra = sorted(set(obj) - {"commands"})
+    if extra:
+        raise Problem(422, "unknown field", "a batch has only `commands`", field=extra[0])
+    items = obj.get("commands")
+    if not isinstance(items, list):
+        raise Problem(422, "missing field", "`commands` must be a list", field="commands")
+    if not items:
+        raise Problem(422, "empty batch", "`commands` needs at least one item", field="commands")
+    if len(items) > BATCH_MAX:
+        raise Problem(
+            422,
+            "too many commands",
+            f"{len(items)} commands; a batch takes at most {BATCH_MAX}",
+            field="commands",
+        )
+    out: list[PublicCommand | Problem] = []
+    for i, item in enumerate(items):
+        try:
+            out.append(_convert(item, prefix=f"commands[{i}]"))
+        except Problem as problem:
+            out.append(problem)
+    return out

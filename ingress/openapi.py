@@ -1,0 +1,310 @@
+"""The OpenAPI 3.1 document of the ingress, served at /openapi.json.
+
+Command and result schemas are generated from `topics.schema` (the one definition), and
+the response bodies from the structs below, so the document cannot describe a field
+the code does not have. tests/integration/test_ingress_fuzz.py runs schemathesis
+against the live server to check that every answer matches this document.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from ingress import signing
+from ingress.commands import BATCH_MAX
+from topics import limits
+from topics.schema import PublicCommand, Result
+
+
+class Accepted(msgspec.Struct, kw_only=True):
+    """The broker acknowledged the command (acks=all); its result comes later."""
+
+    command_id: str
+    account: str
+    kind: str
+    status: str
+    partition: int
+    offset: int
+
+
+class BatchItem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One command of a batch: 202 accepted (with partition and offset), 422 invalid
+    (with its problem) or 503 not acknowledged in time (retry it)."""
+
+    index: int
+    status: int
+    command_id: str | None = None
+    account: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    problem: dict[str, Any] | None = None
+
+
+class BatchAnswer(msgspec.Struct, kw_only=True):
+    accepted: int
+    invalid: int
+    unavailable: int
+    items: list[BatchItem]
+
+
+class BatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    commands: Annotated[list[PublicCommand], msgspec.Meta(min_length=1, max_length=BATCH_MAX)]
+
+
+class BalanceOut(msgspec.Struct, kw_only=True):
+    available: int
+    held: int
+    seq: int
+
+
+class Balances(msgspec.Struct, kw_only=True):
+    account: str
+    shard_id: int
+    consistency: str
+    balances: dict[str, BalanceOut]
+
+
+class CommandRecord(msgspec.Struct, kw_only=True):
+    """The first decision the engine took on a command id, from PostgreSQL."""
+
+    shard_id: int
+    command_id: str
+    account: str
+    kind: str
+    status: str
+    reason: str | None
+    at_ms: int
+
+
+class Ready(msgspec.Struct, kw_only=True):
+    ready: bool
+    checks: dict[str, str]
+
+
+class Live(msgspec.Struct, kw_only=True):
+    status: str
+
+
+_PROBLEM = {
+    "type": "object",
+    "description": "RFC 9457 problem details; `field` names the body field (JSON path), "
+    "header, query or path parameter at fault.",
+    "required": ["type", "title", "status"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "field": {"type": "string"},
+        "failing": {"type": "array", "items": {"type": "string"}},
+        "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+_STATUS_TEXT = {
+    400: "Malformed request (JSON, header, query or path parameter); `field` says which.",
+    401: "Missing, malformed, stale or wrong signature; `field` names the header.",
+    404: "Not found.",
+    405: "Method not allowed.",
+    409: "The command id was used by several accounts; name one with ?account=.",
+    413: "Body larger than TALLY_INGRESS_BODY_MAX_BYTES.",
+    415: "Content-Type is not application/json.",
+    422: "Well-formed JSON that breaks the command schema; `field` says where.",
+    429: "Rate limit exceeded; see Retry-After.",
+    503: "A dependency is unavailable; see Retry-After.",
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _problems(*statuses: int) -> dict[str, Any]:
+    return {
+        str(status): {
+            "description": _STATUS_TEXT[status],
+            "content": {"application/problem+json": {"schema": _ref("Problem")}},
+        }
+        for status in statuses
+    }
+
+
+_SIGNED: list[dict[str, list[str]]] = [{"keyId": [], "timestamp": [], "signature": []}]
+_V1_ERRORS = (400, 401, 404, 405, 413, 429)
+
+
+def document() -> dict[str, Any]:
+    (command_schema, *_), components = msgspec.json.schema_components(
+        [PublicCommand, Result, Accepted, BatchAnswer, BatchRequest, Balances, CommandRecord,
+         Ready, Live],
+        ref_template="#/components/schemas/{name}",
+    )  # fmt: skip
+    components["Problem"] = _PROBLEM
+    # msgspec describes the union inline (anyOf with a discriminator mapping on `kind`);
+    # name it, so that both request bodies refer to one definition.
+    components["PublicCommand"] = command_schema
+    command_body = {
+        "required": True,
+        "content": {"application/json": {"schema": _ref("PublicCommand")}},
+    }
+    account = {
+        "name": "account",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": limits.ACCOUNT_ID_PATTERN},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Tally ingress",
+            "version": "1",
+            "description": "Signed commands in, balances and results out. Amounts are "
+            "integers in minor units. Requests under /v1 are signed: HMAC-SHA256 over "
+            "METHOD, request target, timestamp and the body's SHA-256, one per line "
+            f"(headers {signing.KEY_ID}, {signing.TIMESTAMP}, {signing.SIGNATURE}).",
+        },
+        "paths": {
+            "/v1/commands": {
+                "post": {
+                    "operationId": "postCommand",
+                    "summary": "Submit one command.",
+                    "security": _SIGNED,
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "description": "The command_id, if the body has none (both: equal).",
+                            "schema": {"type": "string", "pattern": limits.COMMAND_ID_PATTERN},
+                        },
+                        {
+                            "name": "Prefer",
+                            "in": "header",
+                            "required": False,
+                            "description": "wait=N (0-30): wait up to N s for the result.",
+                            "schema": {"type": "string", "pattern": r"^wait=([0-9]|[12][0-9]|30)$"},
+                        },
+                    ],
+                    "requestBody": command_body,
+                    "responses": {
+                        "200": _json("Result", "The command's result event (Prefer: wait)."),
+                        "202": _json("Accepted", "In Kafka (acks=all); the result comes later."),
+                        **_problems(*_V1_ERRORS, 415, 422, 503),
+                    },
+                }
+            },
+            "/v1/commands/batch": {
+                "post": {
+                    "operationId": "postBatch",
+                    "summary": "Submit up to 1,000 commands, answered per item.",
+                    "security": _SIGNED,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("BatchRequest")}},
+                    },
+                    "responses": {
+                        "202": _json("BatchAnswer", "Every command accepted."),
+                        "207": _json("BatchAnswer", "Some commands not accepted; see items."),
+                        "503": _json("BatchAnswer", "Kafka acknowledged none; retry."),
+                        **_problems(*_V1_ERRORS, 415, 422),
+                    },
+                }
+            },
+            "/v1/commands/{command_id}": {
+                "get": {
+                    "operationId": "getCommand",
+                    "summary": "The engine's first decision on a command id, once recorded.",
+                    "security": _SIGNED,
+                    "parameters": [
+                        {
+                            "name": "command_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": limits.COMMAND_ID_PATTERN},
+                        },
+                        {
+                            "name": "account",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "pattern": limits.ACCOUNT_ID_PATTERN},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json("CommandRecord", "The recorded decision."),
+                        **_problems(*_V1_ERRORS, 409, 503),
+                    },
+                }
+            },
+            "/v1/accounts/{account}/balances": {
+                "get": {
+                    "operationId": "getBalances",
+                    "summary": "An account's balances: from Redis, or the engine (strong).",
+                    "security": _SIGNED,
+                    "parameters": [
+                        account,
+                        {
+                            "name": "consistency",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "enum": ["cached", "strong"]},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json("Balances", "Each asset's available, held and seq."),
+                        **_problems(*_V1_ERRORS, 503),
+                    },
+                }
+            },
+            "/livez": {
+                "get": {
+                    "operationId": "livez",
+                    "responses": {"200": _json("Live", "The process answers.")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "readyz",
+                    "responses": {
+                        "200": _json("Ready", "Kafka, PostgreSQL and Redis reachable."),
+                        **_problems(503),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "responses": {
+                        "200": {
+                            "description": "This document.",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "keyId": {"type": "apiKey", "in": "header", "name": signing.KEY_ID},
+                "timestamp": {"type": "apiKey", "in": "header", "name": signing.TIMESTAMP},
+                "signature": {"type": "apiKey", "in": "header", "name": signing.SIGNATURE},
+            },
+        },
+    }

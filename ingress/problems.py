@@ -1,0 +1,80 @@
+"""RFC 9457 problem details: every error the ingress answers, naming the field at fault."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+CONTENT_TYPE = "application/problem+json"
+_json = msgspec.json.Encoder()
+
+
+class Problem(Exception):
+    """An error answer. Raised anywhere in a handler; the middleware turns it into the
+    response. `field` names the offending body field (a JSON path like `legs[0].to`),
+    header, query or path parameter."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str | None = None,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail or title)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.field = field
+        self.headers = headers
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "about:blank", "title": self.title, "status": self.status}
+        if self.detail is not None:
+            out["detail"] = self.detail
+        if self.field is not None:
+            out["field"] = self.field
+        out.update(self.extra)
+        return out
+
+    def response(self) -> web.Response:
+        return web.Response(
+            body=_json.encode(self.body()),
+            status=self.status,
+            content_type=CONTENT_TYPE,
+            headers=self.headers,
+        )
+
+
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_NAMED = re.compile(r"(missing required|contains unknown) field `(?P<name>[^`]+)`")
+
+
+def from_validation(exc: msgspec.ValidationError, *, prefix: str = "") -> Problem:
+    """A 422 naming the field msgspec found at fault, e.g. `amount` or `legs[0].to`."""
+    message = str(exc)
+    path = ""
+    at = _AT.search(message)
+    if at:
+        path = at.group("path")
+        message = message[: at.start()]
+    named = _NAMED.search(message)
+    if named:
+        path = f"{path}.{named.group('name')}"
+    field = (prefix + path).lstrip(".") or "body"
+    if message.startswith("Invalid value") and field.endswith("kind"):
+        title = "unknown command kind"
+    elif named and named.group(1) == "missing required":
+        title = "missing field"
+    elif named:
+        title = "unknown field"
+    else:
+        title = "invalid field"
+    return Problem(422, title, message, field=field)

@@ -1,0 +1,74 @@
+"""Run the ingress: alone (`tally ingress`, one or several processes on one port with
+SO_REUSEPORT) or beside the engine and sinks in one process (the demo)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from ingress.app import Ingress
+from sinks.migrate import migrate
+from streams.engine import Engine
+from tally.settings import Settings
+from tally.supervise import supervise
+from topics.admin import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+async def prepare(settings: Settings) -> None:
+    """Topics (the ingress may start before any engine) and the PostgreSQL schema that
+    `GET /v1/commands/{id}` reads."""
+    await ensure_topics(settings.kafka_bootstrap, Engine.topics_of(settings).all())
+    await migrate(settings.pg_dsn, settings.topic_prefix, settings.partitions, say=log.info)
+
+
+async def start(settings: Settings) -> web.AppRunner:
+    """Start an ingress on settings.ingress_host:port; stop it with `runner.cleanup()`."""
+    ingress = Ingress(settings)
+    runner = web.AppRunner(ingress.app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.ingress_host, settings.ingress_port, reuse_port=True, backlog=2048
+    )
+    await site.start()
+    log.info("ingress: listening on http://%s:%d", settings.ingress_host, settings.ingress_port)
+    return runner
+
+
+async def serve(settings: Settings) -> None:
+    await prepare(settings)
+    runner = await start(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run(settings: Settings, *, processes: int = 1) -> int:
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        Ingress.check(settings)
+        if processes > 1:
+            asyncio.run(prepare(settings))
+            command = [sys.executable, "-m", "tally.cli", "ingress"]
+            asyncio.run(supervise("ingress", [command] * processes))
+        else:
+            asyncio.run(serve(settings))
+    except ValueError as exc:
+        log.error("ingress: %s", exc)
+        return 2
+    except Exception:
+        log.exception("ingress failed")
+        return 1
+    return 0
