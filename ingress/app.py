@@ -243,7 +243,7 @@ class Ingress:
         try:
             response = await handler(request)
         except Problem as problem:
-            response = answer.response()
+            response = problem.response()
         except web.HTTPException as exc:
             headers = {k: v for k, v in exc.headers.items() if k in ("Allow",)}
             field = "body" if exc.status == 413 else None
