@@ -376,7 +376,7 @@ class Ingress:
         self._json_body(request)
         wait_s = prefer_wait(request.headers.get("Prefer"))
         command = parse_command(body, request.headers.get(IDEMPOTENCY_KEY))
-        future = self.waiter.expect(command.account, command.command_id) if wait_s else None
+        waiter = self.waiter.expect(command.account, command.command_id) if wait_s else None
         try:
             (meta,) = await self._produce([command])
             if meta is None:
@@ -392,10 +392,11 @@ class Ingress:
                 "partition": meta.partition,
                 "offset": meta.offset,
             }
-            if future is None:
+            if waiter is None:
                 return _respond(accepted, 202)
+            waiter.produced(meta.partition, meta.offset)
             try:
-                result: Result = await asyncio.wait_for(asyncio.shield(future), wait_s)
+                result: Result = await asyncio.wait_for(asyncio.shield(waiter.future), wait_s)
             except TimeoutError:
                 return _respond(accepted, 202, headers={"Preference-Applied": f"wait={wait_s}"})
             return web.Response(
@@ -405,8 +406,8 @@ class Ingress:
                 headers={"Preference-Applied": f"wait={wait_s}"},
             )
         finally:
-            if future is not None:
-                self.waiter.forget(command.account, command.command_id, future)
+            if waiter is not None:
+                self.waiter.forget(waiter)
 
     async def post_batch(self, request: web.Request) -> web.Response:
         self._no_query(request)

@@ -76,12 +76,12 @@ def parse_batch(body: bytes) -> list[PublicCommand | Problem]:
     obj = _json(body)
     if not isinstance(obj, dict):
         raise Problem(422, "not a batch", 'expected {"commands": [...]}', field="body")
+    items = obj.get("commands")
+    if not isinstance(items, list):
+        raise Problem(422, "missing field", 'expected {"commands": [...]}', field="commands")
     extra = sorted(set(obj) - {"commands"})
     if extra:
         raise Problem(422, "unknown field", "a batch has only `commands`", field=extra[0])
-    items = obj.get("commands")
-    if not isinstance(items, list):
-        raise Problem(422, "missing field", "`commands` must be a list", field="commands")
     if not items:
         raise Problem(422, "empty batch", "`commands` needs at least one item", field="commands")
     if len(items) > BATCH_MAX:

@@ -18,9 +18,38 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from topics.codec import decode_result
-from topics.schema import Result
+from topics.schema import SOURCE_HEADER, Result
 
 log = logging.getLogger(__name__)
+
+
+class Waiter:
+    """One request waiting for the result of the record it produced. Until the broker's
+    acknowledgement says which record that is, results with its command_id are kept;
+    then only the result whose source header names that record counts (a command_id
+    sent twice has two results, and a retry must not get the first one's)."""
+
+    def __init__(self, account: str, command_id: str) -> None:
+        self.account = account
+        self.command_id = command_id
+        self.future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self.source: bytes | None = None
+        self.early: list[tuple[bytes | None, bytes]] = []
+
+    def produced(self, partition: int, offset: int) -> None:
+        self.source = f"{partition}:{offset}".encode()
+        for source, value in self.early:
+            self.offer(source, value)
+        self.early.clear()
+
+    def offer(self, source: bytes | None, value: bytes) -> None:
+        if self.future.done():
+            return
+        if self.source is None:
+            self.early.append((source, value))
+        elif source == self.source:
+            with contextlib.suppress(msgspec.MsgspecError):
+                self.future.set_result(decode_result(value))
 
 
 class ResultWaiter:
@@ -34,8 +63,8 @@ class ResultWaiter:
             isolation_level="read_committed",
             auto_offset_reset="latest",
         )
-        # account -> command_id -> futures waiting for that command's result
-        self._waiting: dict[bytes, dict[str, list[asyncio.Future[Result]]]] = {}
+        # account -> command_id -> the requests waiting for that command's result
+        self._waiting: dict[bytes, dict[str, list[Waiter]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -53,24 +82,24 @@ class ResultWaiter:
                 await self._task
         await self.consumer.stop()
 
-    def expect(self, account: str, command_id: str) -> asyncio.Future[Result]:
-        """Register interest before producing; await the future (with a timeout),
-        then call `forget` whatever happened."""
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+    def expect(self, account: str, command_id: str) -> Waiter:
+        """Register interest before producing; call `produced` with the record's place
+        once acknowledged, await `future` with a timeout, then `forget` it."""
+        waiter = Waiter(account, command_id)
         by_id = self._waiting.setdefault(account.encode(), {})
-        by_id.setdefault(command_id, []).append(future)
-        return future
+        by_id.setdefault(command_id, []).append(waiter)
+        return waiter
 
-    def forget(self, account: str, command_id: str, future: asyncio.Future[Result]) -> None:
-        key = account.encode()
+    def forget(self, waiter: Waiter) -> None:
+        key = waiter.account.encode()
         by_id = self._waiting.get(key)
         if by_id is None:
             return
-        futures = by_id.get(command_id, [])
-        if future in futures:
-            futures.remove(future)
-        if not futures:
-            by_id.pop(command_id, None)
+        waiters = by_id.get(waiter.command_id, [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+        if not waiters:
+            by_id.pop(waiter.command_id, None)
         if not by_id:
             del self._waiting[key]
 
@@ -89,10 +118,7 @@ class ResultWaiter:
                     by_id = waiting.get(record.key) if record.key is not None else None
                     if not by_id:
                         continue
-                    try:
-                        result = decode_result(record.value)
-                    except msgspec.MsgspecError:
-                        continue
-                    for future in by_id.get(result.command_id, ()):
-                        if not future.done():
-                            future.set_result(result)
+                    source = next((v for k, v in record.headers if k == SOURCE_HEADER), None)
+                    for waiters in by_id.values():
+                        for waiter in waiters:
+                            waiter.offer(source, record.value)

@@ -49,7 +49,7 @@ from streams.store import ShardStore
 from tally.settings import Settings
 from topics import limits
 from topics.codec import Invalid, Undecodable, decode_command, encode
-from topics.schema import Command, DeadLetter, Expire, Hold
+from topics.schema import SOURCE_HEADER, Command, DeadLetter, Expire, Hold
 from topics.shard import shard_of
 from topics.specs import Topics, TopicSpec, changelog_spec, topics_for
 
@@ -68,7 +68,8 @@ heartbeat_interval_ms = 2_000
 recovery_log_every_s = 2.0
 
 # (topic, key, value, partition)
-Output = tuple[str, bytes | None, bytes | None, int]
+# (topic, key, value, partition, headers)
+Output = tuple[str, bytes | None, bytes | None, int, list[tuple[str, bytes]] | None]
 
 
 def changelog_name(app_id: str) -> str:
@@ -372,8 +373,8 @@ class Engine:
         if self.exactly_once:
             await producer.begin_transaction()
         try:
-            for topic, key, value, partition in out:
-                await producer.send(topic, value, key=key, partition=partition)
+            for topic, key, value, partition, headers in out:
+                await producer.send(topic, value, key=key, partition=partition, headers=headers)
             changelog = [
                 await producer.send(self.changelog, value, key=key, partition=p)
                 for key, value in store.pending.items()
@@ -426,17 +427,17 @@ class Engine:
             return
         if isinstance(decoded, Invalid):
             outcome = ledger.reject_invalid(decoded, now_ms)
-            self._emit(p, outcome, out)
+            self._emit(p, outcome, out, _source(record, internal))
             return
         owner = shard_of(decoded.account, self.partitions)
         if owner != p:
             # Placed by a partitioner other than murmur2 (kcat's CRC32, say): apply it
             # only on its account's shard, or one balance would live in two.
             self.counts["forwarded"] += 1
-            out.append((record.topic, record.key, record.value, owner))
+            out.append((record.topic, record.key, record.value, owner, None))
             return
         try:
-            self._decide(p, store, decoded, now_ms, out)
+            self._decide(p, store, decoded, now_ms, out, _source(record, internal))
         except Exception as exc:
             # A bug in the rules must not stop the shard: the record is parked with the
             # error, nothing of it was staged, and the next record goes on.
@@ -444,23 +445,35 @@ class Engine:
             self._dead_letter(p, record, f"engine error: {exc!r}", now_ms, out)
 
     def _decide(
-        self, p: int, store: ShardStore, command: Command, now_ms: int, out: list[Output]
+        self,
+        p: int,
+        store: ShardStore,
+        command: Command,
+        now_ms: int,
+        out: list[Output],
+        source: list[tuple[str, bytes]] | None = None,
     ) -> None:
         outcome = ledger.apply(store, command, now_ms)
         store.commit(outcome)
-        self._emit(p, outcome, out)
+        self._emit(p, outcome, out, source)
         if isinstance(command, Hold) and command.expires_at_ms is not None:
             self._watch((command.expires_at_ms, command.account, command.hold_id))
 
-    def _emit(self, p: int, outcome: ledger.Outcome, out: list[Output]) -> None:
+    def _emit(
+        self,
+        p: int,
+        outcome: ledger.Outcome,
+        out: list[Output],
+        source: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         for emitted in outcome.emits:
             shard = shard_of(emitted.account, self.partitions)
             out.append(
-                (self.topics.internal.name, emitted.account.encode(), encode(emitted), shard)
+                (self.topics.internal.name, emitted.account.encode(), encode(emitted), shard, None)
             )
         result = outcome.result
         self.counts[result.status.value] += 1
-        out.append((self.topics.events.name, result.account.encode(), encode(result), p))
+        out.append((self.topics.events.name, result.account.encode(), encode(result), p, source))
 
     def _dead_letter(
         self, p: int, record: Any, reason: str, now_ms: int, out: list[Output]
@@ -476,7 +489,7 @@ class Engine:
             raw=raw.decode("utf-8", "backslashreplace"),
             at_ms=now_ms,
         )
-        out.append((self.topics.dead_letter.name, None, encode(letter), p))
+        out.append((self.topics.dead_letter.name, None, encode(letter), p, None))
 
     # Hold expiry -------------------------------------------------------------------------
 
@@ -562,3 +575,11 @@ def _range_assignor() -> Any:
     from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
     return RangePartitionAssignor
+
+
+def _source(record: Any, internal: bool) -> list[tuple[str, bytes]] | None:
+    """The header that ties a client command's result to the record it answers (see
+    `topics.schema.SOURCE_HEADER`)."""
+    if internal:
+        return None
+    return [(SOURCE_HEADER, f"{record.partition}:{record.offset}".encode())]

@@ -69,8 +69,8 @@ class Client:
         """Send one request to `target` (path and query), signed when a key is set."""
         assert self._session is not None, "use `async with Client(...)`"
         sent = dict(headers or {})
-        if body:
-            sent.setdefault("Content-Type", "application/json")
+        if body and "Content-Type" not in sent:
+            sent["Content-Type"] = "application/json"
         if self.key_id is not None and self.secret is not None:
             sent.update(signing.sign(self.key_id, self.secret, method, target, body))
         async with self._session.request(

@@ -250,6 +250,13 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     at_ms: int
 
 
+# A result event of a client command carries this Kafka header: "<partition>:<offset>" of
+# the commands-topic record it answers. A command_id can be sent more than once (a
+# retry is answered `duplicate`), so the id alone does not say which sending a result
+# belongs to; the ingress matches on this to hand each request its own result.
+SOURCE_HEADER = "tally-source"
+
+
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     """A record the engine could not turn into a command with a usable command_id.
 
