@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import shutil
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 from aiokafka.admin import AIOKafkaAdminClient
 
+from ingress import service as ingress_service
 from sinks import service as sink_service
 from sinks import verify
 from sinks.runner import SinkRunner
@@ -26,10 +29,13 @@ from streams.engine import Engine
 from streams.state import BalanceState
 from streams.worker import serve
 from tally import checks
+from tally.client import Client
 from tally.collector import Collector, all_answered, expected_counts
-from tally.procs import produce
+from tally.procs import free_port, produce
 from tally.settings import Settings
 from tally.workload import Workload, build
+from topics.codec import decode_command
+from topics.schema import PublicCommand
 from topics.shard import shard_of
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,12 @@ log = logging.getLogger(__name__)
 # A share of records produced to a wrong partition, as a CRC32-partitioning client
 # (kcat, librdkafka) would: the engine must forward them to their account's shard.
 misplaced_share = 0.01
+# The accounts whose commands go through the signed HTTP ingress instead of straight to
+# Kafka (all of an account's commands take one path, so their order is kept): 1 in 4.
+http_accounts_every = 4
+# Of those, the first ones go as single-command requests, the rest in batches.
+http_singles = 300
+http_batch_size = 500
 drain_timeout_s = 300.0
 
 
@@ -66,9 +78,19 @@ class DemoJob:
         await sink_service.prepare(settings, "postgres")
         self.sinks = [sink_service.runner_for(settings, t) for t in sink_service.TARGETS]
         sink_tasks = [asyncio.create_task(r.run(), name=r.store.name) for r in self.sinks]
+        self.key = ("demo", secrets.token_hex(16))
+        http = msgspec.structs.replace(
+            settings,
+            ingress_port=free_port(),
+            ingress_keys=f"{self.key[0]}:{self.key[1]}",
+            ingress_rate_per_s=0,
+        )
+        ingress = await ingress_service.start(http)
+        self.ingress_url = f"http://{http.ingress_host}:{http.ingress_port}"
         try:
             return await self._run_workload()
         finally:
+            await ingress.cleanup()
             for runner in self.sinks:
                 runner.stop()
             await asyncio.gather(*sink_tasks, return_exceptions=True)
@@ -104,20 +126,50 @@ class DemoJob:
             await collector.stop()
 
     async def _produce(self) -> int:
-        """Produce the workload, a seeded share of it on a wrong partition; return how
-        many records were misplaced on purpose."""
+        """Produce the workload: a quarter of the accounts' commands through the signed
+        HTTP ingress, the rest straight to Kafka with a seeded share of those on a wrong
+        partition. Return how many records were misplaced on purpose."""
         partitions = self.engine.settings.partitions
         rng = random.Random(self.seed)
         records: list[tuple[str, bytes, int | None]] = []
+        http: list[PublicCommand] = []
         for record in self.workload.records:
+            decoded = decode_command(record.value)
+            if (
+                isinstance(decoded, PublicCommand)
+                and zlib.crc32(record.key.encode()) % http_accounts_every == 0
+            ):
+                http.append(decoded)
+                continue
             partition = None
             if rng.random() < misplaced_share:
                 partition = (shard_of(record.key, partitions) + 1) % partitions
             records.append((record.key, record.value, partition))
-        await produce(
+        direct = produce(
             self.engine.settings.kafka_bootstrap, self.engine.topics.commands.name, records
         )
+        await asyncio.gather(direct, self._send_http(http))
         return sum(p is not None for _, _, p in records)
+
+    async def _send_http(self, commands: list[PublicCommand]) -> None:
+        """Send commands through the ingress in order: singles first, then batches.
+        Every one must be answered 202 (in Kafka); anything else stops the demo."""
+        singles, rest = commands[:http_singles], commands[http_singles:]
+        async with Client(self.ingress_url, *self.key) as tally:
+            for command in singles:
+                answer = await tally.submit(command)
+                if answer.status != 202:
+                    raise RuntimeError(f"ingress answered {answer.status}: {answer.body}")
+            batches = 0
+            for start in range(0, len(rest), http_batch_size):
+                answer = await tally.submit_batch(rest[start : start + http_batch_size])
+                if answer.status != 202:
+                    raise RuntimeError(f"ingress answered {answer.status}: {answer.body}")
+                batches += 1
+        self.say(
+            f"sent {len(commands)} commands through the signed HTTP ingress "
+            f"({len(singles)} single requests, {batches} batches), all answered 202"
+        )
 
     async def _drain(self, collector: Collector) -> None:
         """Wait for credits, refunds and hold expiries to finish, then for quiet."""

@@ -1,0 +1,106 @@
+"""The ingress with Kafka gone: 503 with Retry-After and /readyz naming Kafka while the
+broker is stopped, 202 again once it is back, and nothing answered 202 is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tally.client import Client
+from tally.procs import ROOT, EngineProcess, IngressProcess
+from tally.settings import Settings
+
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
+KEY_ID, SECRET = "fault-client", "fault-secret-0123456789"
+
+
+def _broker_pid() -> int:
+    """The Kafka broker's JVM: the one java process whose command line runs kafka.Kafka."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kafka.Kafka" in argv:
+            found.append(int(entry.name))
+    if len(found) != 1:
+        pytest.skip(f"needs exactly one local Kafka broker process, found {found}")
+    return found[0]
+
+
+def _deposit(command_id: str, account: str) -> dict[str, object]:
+    return {"kind": "deposit", "command_id": command_id, "account": account, "asset": "USD",
+            "amount": 1}  # fmt: skip
+
+
+async def test_kafka_stopped_gives_503_then_202_when_it_returns(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    prefix = f"fk-{unique}"
+    engine = EngineProcess(settings, prefix=prefix, data_dir=tmp_path / "engine", partitions=2)
+    ingress = IngressProcess(
+        settings, prefix=prefix, log_path=tmp_path / "ingress.log", partitions=2,
+        keys={KEY_ID: SECRET}, ingress_produce_timeout_ms=2000,
+    )  # fmt: skip
+    await engine.start()
+    await ingress.start()
+    account = f"acct-{unique}"
+    pid = _broker_pid()
+    try:
+        async with Client(ingress.url, KEY_ID, SECRET) as tally:
+            before = await tally.submit(_deposit("before", account), wait=10)
+            assert before.status == 200, before
+            os.kill(pid, signal.SIGTERM)  # a clean broker stop, as an operator would
+            for _ in range(300):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                await asyncio.sleep(0.1)
+            started = time.monotonic()
+            down = await tally.submit(_deposit("during", account))
+            took = time.monotonic() - started
+            assert down.status == 503, down
+            assert down.headers["Content-Type"] == "application/problem+json"
+            assert down.body["field"] == "kafka" and int(down.headers["Retry-After"]) >= 1
+            assert took < 10
+            ready = await tally.request("GET", "/readyz")
+            assert ready.status == 503 and ready.body["failing"] == ["kafka"], ready
+            batch = await tally.submit_batch([_deposit("during-b", account)])
+            assert batch.status == 503 and batch.body["unavailable"] == 1, batch
+
+            restart = await asyncio.to_thread(
+                subprocess.run, [str(ROOT / "scripts" / "services.sh"), "up"],
+                capture_output=True, text=True, timeout=180,
+            )  # fmt: skip
+            assert restart.returncode == 0, restart.stdout + restart.stderr
+            deadline = time.monotonic() + 90
+            after = None
+            while time.monotonic() < deadline:
+                after = await tally.submit(_deposit("after", account), wait=10)
+                if after.status != 503:
+                    break
+                await asyncio.sleep(1)
+            assert after is not None and after.status in (200, 202), after
+            assert (await tally.request("GET", "/readyz")).status == 200
+
+            # "during" and "during-b" were answered 503: each may or may not have
+            # landed. Retried with the same ids they apply once in all, never twice.
+            for command_id in ("during", "during-b"):
+                retry = await tally.submit(_deposit(command_id, account), wait=15)
+                assert retry.status == 200, retry
+                assert retry.body["status"] in ("applied", "duplicate"), retry
+            strong = await tally.balances(account, strong=True)
+            assert strong.body["balances"]["USD"] == {"available": 4, "held": 0, "seq": 4}
+    finally:
+        await ingress.stop()
+        await engine.stop()
