@@ -45,7 +45,7 @@ from ingress.results import ResultWaiter
 from sinks.migrate import quote
 from sinks.redis_store import assets_key, balance_key
 from streams.engine import Engine
-from streams.web import ShardOwners
+from streams.web import ShardOwners, account_url
 from tally.settings import Settings
 from topics import limits
 from topics.codec import encode
@@ -89,14 +89,16 @@ def prefer_wait(header: str | None) -> int:
     if match is None:
         return 0
     value = match.group(1).strip('"')
-    if not value.isdigit() or int(value) > WAIT_MAX_S:
+    # ASCII digits only ("²".isdigit() is true), and no int() of a huge string.
+    digits = value.lstrip("0") or "0"
+    if not (value.isascii() and value.isdigit()) or len(digits) > 2 or int(digits) > WAIT_MAX_S:
         raise Problem(
             400,
             "invalid Prefer: wait",
             f"wait=N takes whole seconds from 0 to {WAIT_MAX_S}",
             field="Prefer",
         )
-    return int(value)
+    return int(digits)
 
 
 def _kind(command: PublicCommand) -> str:
@@ -371,8 +373,8 @@ class Ingress:
     # --- handlers -----------------------------------------------------------------
 
     async def post_command(self, request: web.Request) -> web.Response:
-        self._no_query(request)
         _, body = await self._admit(request)
+        self._no_query(request)
         self._json_body(request)
         wait_s = prefer_wait(request.headers.get("Prefer"))
         command = parse_command(body, request.headers.get(IDEMPOTENCY_KEY))
@@ -410,8 +412,8 @@ class Ingress:
                 self.waiter.forget(waiter)
 
     async def post_batch(self, request: web.Request) -> web.Response:
-        self._no_query(request)
         client, body = await self._admit(request)
+        self._no_query(request)
         self._json_body(request)
         if IDEMPOTENCY_KEY in request.headers:
             raise Problem(
@@ -469,8 +471,8 @@ class Ingress:
         return _respond(summary, 207)
 
     async def get_command(self, request: web.Request) -> web.Response:
-        self._no_query(request, ("account",))
         await self._admit(request)
+        self._no_query(request, ("account",))
         command_id = request.match_info["command_id"]
         if not _COMMAND_ID.match(command_id):
             raise Problem(
@@ -512,8 +514,8 @@ class Ingress:
         return _respond(dict(row.items()))
 
     async def get_balances(self, request: web.Request) -> web.Response:
-        self._no_query(request, ("consistency",))
         await self._admit(request)
+        self._no_query(request, ("consistency",))
         account = request.match_info["account"]
         _check_account(account)
         consistency = request.query.get("consistency", "cached")
@@ -571,7 +573,7 @@ class Ingress:
                 headers={"Retry-After": "1"},
             )
         try:
-            async with self.http.get(f"{owner}/balances/{account}?forwarded=1") as response:
+            async with self.http.get(account_url(owner, account)) as response:
                 body = await response.json() if response.status == 200 else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
             body = None

@@ -12,8 +12,10 @@ from __future__ import annotations
 import re
 import time
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
+import yarl
 from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocol
@@ -50,6 +52,13 @@ def _problem(
         content_type="application/problem+json",
         headers=headers,
     )
+
+
+def account_url(owner: str, account: str) -> yarl.URL:
+    """The owner's table view of `account`, marked as forwarded. Encoded by hand: an
+    account id may be "." or "..", which a URL library would resolve as a path step."""
+    segment = quote(account, safe="").replace(".", "%2E")
+    return yarl.URL(f"{owner}/balances/{segment}?forwarded=1", encoded=True)
 
 
 class ShardOwners:
@@ -166,7 +175,7 @@ class WorkerWeb:
                 shard_id=shard,
                 headers={"Retry-After": "1"},
             )
-        url = f"{owner}/balances/{account}?forwarded=1"
+        url = account_url(owner, account)
         timeout = aiohttp.ClientTimeout(total=forward_timeout_s)
         try:
             async with (

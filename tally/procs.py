@@ -39,6 +39,7 @@ class _Child:
     /readyz answers 200."""
 
     what = "engine"
+    args: tuple[str, ...] = ()
     port: int
     log_path: Path
     env: dict[str, str]
@@ -54,6 +55,7 @@ class _Child:
             "-m",
             "tally.cli",
             self.what,
+            *self.args,
             cwd=ROOT,
             env=self.env,
             stdout=log,
@@ -165,7 +167,8 @@ class EngineProcess(_Child):
 
 
 class IngressProcess(_Child):
-    """`tally ingress` as a child process on a free port, for a deployment `prefix`."""
+    """`tally ingress` as a child process on a free port, for a deployment `prefix`;
+    with `processes` > 1, `tally ingress --processes N` (N processes on the port)."""
 
     what = "ingress"
 
@@ -178,9 +181,12 @@ class IngressProcess(_Child):
         partitions: int = 4,
         keys: dict[str, str] | None = None,
         port: int | None = None,
+        processes: int = 1,
         **overrides: Any,
     ) -> None:
         super().__init__()
+        if processes > 1:
+            self.args = ("--processes", str(processes))
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path

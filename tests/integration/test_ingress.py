@@ -4,11 +4,14 @@ of a real engine worker, with the Redis and PostgreSQL sinks running beside them
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -432,3 +435,35 @@ def test_ingress_refuses_to_start_without_keys_or_the_insecure_switch(settings: 
 def test_the_insecure_switch_is_warned_about(front: Front) -> None:
     assert "requests are NOT signature-checked" in front.small.tail(400)
     assert "NOT signature-checked" not in front.ingress.tail(400)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+async def test_several_processes_share_one_port_and_a_dead_one_is_replaced(
+    settings: Settings, tmp_path: Path
+) -> None:
+    proc = IngressProcess(settings, prefix=f"ing2-{time.time_ns()}", log_path=tmp_path / "i.log",
+                          partitions=PARTITIONS, keys={KEY_ID: SECRET}, processes=2)  # fmt: skip
+    await proc.start()
+    try:
+        assert proc.proc is not None
+        children = _children(proc.proc.pid)
+        assert len(children) == 2, proc.tail()
+        os.kill(children[0], signal.SIGKILL)
+        async with Client(proc.url, KEY_ID, SECRET) as tally:
+            # The survivor keeps serving the port meanwhile.
+            answers = [await tally.request("GET", "/livez") for _ in range(20)]
+            assert {a.status for a in answers} == {200}
+
+        async def replaced() -> bool:
+            now = _children(proc.proc.pid) if proc.proc else []
+            return len(now) == 2 and children[0] not in now
+
+        assert await _until(replaced, 30), proc.tail()
+        await proc.wait_ready()
+    finally:
+        await proc.stop()
+    assert "starting it again" in proc.tail(200)

@@ -14,6 +14,7 @@ from ingress.app import WAIT_MAX_S, prefer_wait
 from ingress.commands import BATCH_MAX, parse_batch, parse_command
 from ingress.problems import Problem
 from ingress.ratelimit import TokenBuckets
+from streams.web import account_url
 from topics.schema import Deposit, Disburse
 
 KEYS = {"client-a": b"0123456789abcdef0123"}
@@ -188,14 +189,26 @@ def test_token_bucket_of_rate_zero_never_limits() -> None:
 @pytest.mark.parametrize(
     ("header", "wait"),
     [(None, 0), ("respond-async", 0), ("wait=5", 5), ("respond-async, wait=30", 30),
-     ("wait=0", 0), ('wait="7"', 7)],
+     ("wait=0", 0), ('wait="7"', 7), ("wait=" + "0" * 5000 + "3", 3)],
 )  # fmt: skip
 def test_prefer_wait(header: str | None, wait: int) -> None:
     assert prefer_wait(header) == wait
 
 
-@pytest.mark.parametrize("header", [f"wait={WAIT_MAX_S + 1}", "wait=-1", "wait=abc", "wait="])
+@pytest.mark.parametrize(
+    "header",
+    [f"wait={WAIT_MAX_S + 1}", "wait=-1", "wait=abc", "wait=", "wait=\u00b2", "wait=" + "9" * 5000],
+)
 def test_prefer_wait_out_of_range_names_the_header(header: str) -> None:
     with pytest.raises(Problem) as caught:
         prefer_wait(header)
     assert (caught.value.status, caught.value.field) == (400, "Prefer")
+
+
+@pytest.mark.parametrize(
+    ("account", "path"),
+    [("alice", "/balances/alice"), ("..", "/balances/%2E%2E"), ("a.b:c", "/balances/a%2Eb%3Ac")],
+)
+def test_forwarded_balance_urls_keep_the_account_as_one_segment(account: str, path: str) -> None:
+    url = account_url("http://127.0.0.1:6066", account)
+    assert url.raw_path == path and url.query["forwarded"] == "1"
