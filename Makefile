@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 SERVICES := scripts/services.sh
 PYTEST_ARGS ?=
 BENCH_COUNT ?= 200000
+BENCH_SECONDS ?= 10
 
 .PHONY: help venv services services-down services-status lint fmt test test-unit \
         test-integration test-fault demo bench clean
@@ -65,9 +66,10 @@ test-fault: $(STAMP) services ## Only the fault tests (kills and restarts)
 demo: $(STAMP) services ## Run the main job against the local services and print its summary
 	$(VENV)/bin/tally demo
 
-bench: $(STAMP) services ## Run the benchmarks (BENCH_COUNT=200000) and print their numbers
+bench: $(STAMP) services ## Run the benchmarks (engine, sinks, HTTP ingress) and print their numbers
 	$(VENV)/bin/tally bench engine --count $(BENCH_COUNT)
 	$(VENV)/bin/tally bench sinks --events $(BENCH_COUNT)
+	$(VENV)/bin/tally bench http --duration $(BENCH_SECONDS)
 
 clean: ## Remove the virtualenv and caches (not the services' data: see services-down)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -12,6 +12,7 @@ way (the engine answers a repeat as a duplicate of the first).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -140,6 +141,20 @@ class Metrics:
             ["kind", "outcome"],
             registry=self.registry,
         )
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def request(self, route: str, method: str, status: int) -> tuple[Any, Any]:
+        """The request counter and latency histogram of one label set, looked up once
+        (`labels()` costs more than the increment)."""
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            labels = (route, method, str(status))
+            children = self._children[key] = (
+                self.requests.labels(*labels),
+                self.latency.labels(*labels),
+            )
+        return children
 
 
 class Ingress:
@@ -254,10 +269,10 @@ class Ingress:
         except Exception:
             log.exception("ingress: %s %s failed", request.method, route)
             response = Problem(500, "internal error", "see the ingress log").response()
-        status = str(response.status)
         method = request.method if request.method in _METHODS else "other"
-        self.metrics.requests.labels(route, method, status).inc()
-        self.metrics.latency.labels(route, method, status).observe(time.perf_counter() - started)
+        counter, histogram = self.metrics.request(route, method, response.status)
+        counter.inc()
+        histogram.observe(time.perf_counter() - started)
         return response
 
     # --- the checks every /v1 request goes through -----------------------------
@@ -339,12 +354,18 @@ class Ingress:
         deadline = loop.time() + self.produce_timeout_s
         started = time.perf_counter()
         topic = self.topics.commands.name
+        partitions = self.settings.partitions
         futures: list[asyncio.Future[RecordMetadata]] = []
         with contextlib.suppress(TimeoutError, KafkaError):
             async with asyncio.timeout_at(deadline):
                 for command in commands:
+                    # shard_of is the default partitioner's murmur2, cached per account;
+                    # aiokafka's own is pure Python and runs for every record.
                     future = await self.producer.send(
-                        topic, value=encode(command), key=command.account.encode()
+                        topic,
+                        value=encode(command),
+                        key=command.account.encode(),
+                        partition=shard_of(command.account, partitions),
                     )
                     # A late failure after we answered must not log "never retrieved".
                     future.add_done_callback(_retrieve)
@@ -353,12 +374,14 @@ class Ingress:
             await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
         self.metrics.produce.observe(time.perf_counter() - started)
         out: list[RecordMetadata | None] = []
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
         for i, command in enumerate(commands):
             future = futures[i] if i < len(futures) else None
             ok = future is not None and future.done() and future.exception() is None
             out.append(future.result() if ok and future is not None else None)
-            outcome = "accepted" if ok else "unavailable"
-            self.metrics.commands.labels(_kind(command), outcome).inc()
+            counts[_kind(command), "accepted" if ok else "unavailable"] += 1
+        for (kind, outcome), n in counts.items():
+            self.metrics.commands.labels(kind, outcome).inc(n)
         return out
 
     def _unavailable(self, detail: str) -> Problem:

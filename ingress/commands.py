@@ -3,8 +3,9 @@ Pure: no I/O, so the unit tests can cover every rule."""
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -16,6 +17,17 @@ IDEMPOTENCY_KEY = "Idempotency-Key"
 BATCH_MAX = 1000
 
 _any = msgspec.json.Decoder()
+
+
+class _Batch(msgspec.Struct, forbid_unknown_fields=True):
+    commands: Annotated[list[PublicCommand], msgspec.Meta(min_length=1, max_length=BATCH_MAX)]
+
+
+# The fast path: the body decoded straight into commands (msgspec in C, no dicts in
+# between; ~7x faster per command). Whatever it refuses is parsed again by the general
+# path below, which names the problem and answers a batch item by item.
+_one = msgspec.json.Decoder(PublicCommand)
+_batch = msgspec.json.Decoder(_Batch)
 _command_id = re.compile(limits.COMMAND_ID_PATTERN)
 # What msgspec raises on bytes that are not JSON (see topics.codec).
 _NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
@@ -48,6 +60,10 @@ def _convert(obj: Any, prefix: str = "") -> PublicCommand:
 def parse_command(body: bytes, idempotency_key: str | None) -> PublicCommand:
     """One command. Its idempotency key is `command_id`, or the Idempotency-Key header
     when the body has none; when both are given they must be the same."""
+    if idempotency_key is None:
+        with contextlib.suppress(msgspec.ValidationError, *_NOT_JSON):
+            command: PublicCommand = _one.decode(body)
+            return command
     obj = _json(body)
     if isinstance(obj, dict) and idempotency_key is not None:
         if not _command_id.match(idempotency_key):
@@ -73,6 +89,8 @@ def parse_command(body: bytes, idempotency_key: str | None) -> PublicCommand:
 def parse_batch(body: bytes) -> list[PublicCommand | Problem]:
     """`{"commands": [...]}`, up to BATCH_MAX commands, each with its own command_id.
     A bad envelope raises; a bad item is answered in its place."""
+    with contextlib.suppress(msgspec.ValidationError, *_NOT_JSON):
+        return list(_batch.decode(body).commands)
     obj = _json(body)
     if not isinstance(obj, dict):
         raise Problem(422, "not a batch", 'expected {"commands": [...]}', field="body")

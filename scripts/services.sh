@@ -137,7 +137,7 @@ pg_bindir() {
 
 redis_installed() { command -v redis-server >/dev/null && command -v redis-cli >/dev/null; }
 
-# Install PostgreSQL / Redis / kcat (and Java / Maven, if even those are missing) from apt.
+# Install PostgreSQL / Redis / kcat / wrk (and Java / Maven, if even those are missing) from apt.
 # Debian's postinst scripts would start a system postgres on 5432 and a system redis on 6379,
 # which would then occupy our ports; a policy-rc.d that exits 101 tells invoke-rc.d (and
 # deb-systemd-invoke) not to start anything during the install.
@@ -149,6 +149,8 @@ ensure_packages() {
     command -v mvn >/dev/null || missing+=(maven)
     # kcat: the README's produce-by-hand example, and the test that proves it works.
     command -v kcat >/dev/null || missing+=(kcat)
+    # wrk: the load generator of `tally bench http` (make bench).
+    command -v wrk >/dev/null || missing+=(wrk)
     [ "${#missing[@]}" -gt 0 ] || return 0
 
     if ! is_root; then

@@ -292,5 +292,94 @@ def bench_sinks(events: int, processes: int, report: Path) -> None:
     asyncio.run(job.run(settings, count=events, processes=processes, report=report))
 
 
+@bench.command(name="http")
+@click.option(
+    "--duration",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1, 20),
+    help="Seconds of load per phase (the pre-signed pools grow with it).",
+)
+@click.option(
+    "--processes",
+    default=[2],
+    show_default=True,
+    multiple=True,
+    type=click.IntRange(1, 16),
+    help="Run the ingress as `tally ingress --processes N` (2: SO_REUSEPORT, the faster "
+    "on 2 cores); repeat to compare (--processes 1 --processes 2).",
+)
+@click.option(
+    "--connections",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="wrk connections for the single-command phase.",
+)
+@click.option(
+    "--batch-connections",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="wrk connections for the batch phase.",
+)
+@click.option(
+    "--batch-size",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Commands per batch request.",
+)
+@click.option(
+    "--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="wrk threads."
+)
+@click.option(
+    "--report",
+    default="reports/bench-http.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
+def bench_http(
+    duration: int,
+    processes: tuple[int, ...],
+    connections: int,
+    batch_connections: int,
+    batch_size: int,
+    threads: int,
+    report: Path,
+) -> None:
+    """Signed commands through a real `tally ingress`, load from wrk on loopback.
+
+    Two phases of DURATION seconds each: single-command POST /v1/commands
+    (requests/s answered 202, p50/p99 latency) and POST /v1/commands/batch with
+    BATCH-SIZE commands per request (commands/s). Every request is signed
+    (HMAC-SHA256, pre-signed before the phase: wrk's Lua has no HMAC) and every
+    command_id is used once. The ingress runs on topics of its own with the rate limit
+    raised out of the way; no engine runs, so a 202 is the broker's acks=all
+    acknowledgement. Needs wrk (installed by `make services`); the topics and schema are
+    deleted afterwards.
+    """
+    from tally import bench_http as job
+
+    settings = _settings()
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        asyncio.run(
+            job.run(
+                settings,
+                processes=list(processes),
+                duration_s=duration,
+                connections=connections,
+                batch_connections=batch_connections,
+                batch_size=batch_size,
+                threads=threads,
+                report=report,
+            )
+        )
+    except job.BenchError as exc:
+        click.echo(f"tally bench http: {exc}", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
