@@ -95,6 +95,12 @@ class PostgresStore:
         asyncpg.InterfaceError,
         asyncpg.CannotConnectNowError,
         asyncpg.AdminShutdownError,
+        # A connection left mid-protocol: when the server shuts down during a COPY,
+        # asyncpg raises the shutdown to the COPY while still waiting for the server's
+        # ReadyForQuery, and the transaction's ROLLBACK then fails with "cannot switch to
+        # state ...; another operation is in progress". Only a new connection helps; the
+        # batch is written again, idempotently. (Seen once in a clean-clone fault run.)
+        asyncpg.InternalClientError,
         TimeoutError,
     )
 
