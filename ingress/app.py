@@ -512,7 +512,8 @@ class Ingress:
             rows = await asyncio.wait_for(
                 self.pg.fetch(_COMMAND_SQL, shards, command_id), CHECK_TIMEOUT_S * 2
             )
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError) as exc:  # fmt: skip
             raise Problem(
                 503, "PostgreSQL unavailable", type(exc).__name__, field="postgres",
                 headers={"Retry-After": "2"},

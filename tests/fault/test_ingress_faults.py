@@ -1,5 +1,6 @@
-"""The ingress with Kafka gone: 503 with Retry-After and /readyz naming Kafka while the
-broker is stopped, 202 again once it is back, and nothing answered 202 is lost."""
+"""The ingress with a dependency gone: 503 with Retry-After and /readyz naming it while
+Kafka or PostgreSQL is stopped, normal answers once it is back, and nothing answered
+202 lost or applied twice."""
 
 from __future__ import annotations
 
@@ -104,3 +105,42 @@ async def test_kafka_stopped_gives_503_then_202_when_it_returns(
     finally:
         await ingress.stop()
         await engine.stop()
+
+
+async def test_postgres_stopped_gives_503_on_reads_of_it_and_commands_still_flow(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    from tests.fault.test_sink_faults import _pg_cluster, _pg_ctl
+
+    prefix = f"fp-{unique}"
+    ingress = IngressProcess(settings, prefix=prefix, log_path=tmp_path / "ingress.log",
+                             partitions=2, keys={KEY_ID: SECRET})  # fmt: skip
+    await ingress.start()
+    pg_ctl, data, options = await _pg_cluster(settings.pg_dsn)
+    stopped = False
+    try:
+        async with Client(ingress.url, KEY_ID, SECRET) as tally:
+            assert (await tally.result("nothing-yet")).status == 404
+            await _pg_ctl(pg_ctl, "-D", data, "-m", "fast", "-w", "stop")
+            stopped = True
+            down = await tally.result("nothing-yet")
+            assert down.status == 503 and down.body["field"] == "postgres", down
+            assert int(down.headers["Retry-After"]) >= 1
+            ready = await tally.request("GET", "/readyz")
+            assert ready.status == 503 and ready.body["failing"] == ["postgres"], ready
+            # Commands need Kafka only: still accepted.
+            accepted = await tally.submit(_deposit("pg-down", f"acct-{unique}"))
+            assert accepted.status == 202, accepted
+            await _pg_ctl(pg_ctl, "-D", data, "-w", "-l", "/tmp/tally-pg-restart.log", "-o",
+                          options, "start")  # fmt: skip
+            stopped = False
+            deadline = time.monotonic() + 30
+            while (await tally.result("nothing-yet")).status != 404:
+                assert time.monotonic() < deadline, "reads never recovered"
+                await asyncio.sleep(0.5)
+            assert (await tally.request("GET", "/readyz")).status == 200
+    finally:
+        if stopped:
+            await _pg_ctl(pg_ctl, "-D", data, "-w", "-l", "/tmp/tally-pg-restart.log", "-o",
+                          options, "start")  # fmt: skip
+        await ingress.stop()
