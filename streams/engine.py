@@ -46,6 +46,7 @@ from aiokafka.structs import TopicPartition
 from streams import ledger
 from streams.state import BalanceState
 from streams.store import ShardStore
+from tally.progress import Progress
 from tally.settings import Settings
 from topics import limits
 from topics.codec import Invalid, Undecodable, decode_command, encode
@@ -162,6 +163,9 @@ class Engine:
         self.consumer.subscribe(
             [self.topics.commands.name, self.topics.internal.name], listener=_Listener(self)
         )
+        standby = None
+        if self.settings.table_standby_replicas > 0:
+            standby = asyncio.create_task(self._standby(), name="standby")
         try:
             await self.consumer.start()
             while not self._stopping.is_set():
@@ -170,7 +174,12 @@ class Engine:
                 )
                 async with self._lock:
                     await self._process(polled)
+                if standby is not None and standby.done():
+                    standby.result()  # a failed standby ends the run with its error
         finally:
+            if standby is not None:
+                standby.cancel()
+                await asyncio.gather(standby, return_exceptions=True)
             await self._shutdown()
 
     def stop(self) -> None:
@@ -283,6 +292,8 @@ class Engine:
             for p, tp in tps.items():
                 store = self._store(p)
                 start = store.changelog_offset()
+                if store.rebuilt:
+                    self.counts["rebuilt_shards"] += 1
                 if start > ends[tp]:
                     log.warning("shard %d: local state is ahead of its changelog; wiped", p)
                     store.wipe()
@@ -291,33 +302,73 @@ class Engine:
                     restore.seek(tp, start)
                     todo[tp] = ends[tp]
                     total += ends[tp] - start
-            done = 0
-            started = last_log = time.monotonic()
+            if not todo:
+                return
+            progress = Progress(
+                f"recovering shards {shards}",
+                total,
+                unit="changelog records",
+                say=log.info,
+                every_s=recovery_log_every_s,
+            )
             while todo:
                 polled = await restore.getmany(*todo, timeout_ms=500, max_records=20_000)
                 for tp, records in polled.items():
                     self.stores[tp.partition].restore(
                         [(r.key, r.value) for r in records], records[-1].offset + 1
                     )
-                    done += len(records)
+                    progress.add(len(records))
                 for tp in list(todo):
                     position = await restore.position(tp)
                     if position >= todo[tp]:
                         self.stores[tp.partition].restore([], position)
                         del todo[tp]
-                now = time.monotonic()
-                if now - last_log >= recovery_log_every_s:
-                    last_log = now
-                    log.info("recovering shards %s: %d/%d changelog records", shards, done, total)
-            if done:
-                log.info(
-                    "recovered shards %s: %d changelog records in %.1fs",
-                    shards,
-                    done,
-                    time.monotonic() - started,
-                )
+            self.counts["recovered_records"] += progress.done
+            progress.close()
         finally:
             await restore.stop()
+
+    async def _standby(self) -> None:
+        """Keep every shard this worker does not own warm (TALLY_TABLE_STANDBY_REPLICAS):
+        tail its changelog partition into its local store, so that when the shard is
+        assigned here `_recover` only reads what the standby had not seen yet. Records
+        are applied under the engine lock and only to shards still not owned; a shard
+        being taken over is left alone (its recovery starts from the offset the
+        standby copy reached, stored with the records in one write)."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
+        await consumer.start()
+        tailing: set[int] = set()
+        try:
+            while not self._stopping.is_set():
+                async with self._lock:
+                    want = set(range(self.partitions)) - self.owned - self.recovering
+                    if want != tailing:
+                        tps = [TopicPartition(self.changelog, p) for p in sorted(want)]
+                        consumer.assign(tps)
+                        for tp in tps:
+                            consumer.seek(tp, self._store(tp.partition).changelog_offset())
+                        tailing = want
+                if not tailing:
+                    await asyncio.sleep(0.5)
+                    continue
+                polled = await consumer.getmany(timeout_ms=500, max_records=20_000)
+                async with self._lock:
+                    for tp, records in polled.items():
+                        p = tp.partition
+                        if not records or p in self.owned or p in self.recovering:
+                            continue
+                        store = self._store(p)
+                        start = store.changelog_offset()
+                        fresh = [(r.key, r.value) for r in records if r.offset >= start]
+                        if fresh:
+                            store.restore(fresh, records[-1].offset + 1)
+                            self.counts["standby_records"] += len(fresh)
+        finally:
+            await consumer.stop()
 
     # The batch ---------------------------------------------------------------------------
 

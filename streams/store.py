@@ -16,6 +16,8 @@ msgspec array encodings of `streams.state`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,8 @@ from rocksdict import Options, Rdict, WriteBatch
 
 from streams.ledger import Outcome
 from streams.state import AccountState, BalanceState, CommandRecord, HoldState
+
+log = logging.getLogger(__name__)
 
 _balance = msgspec.json.Decoder(BalanceState)
 _account = msgspec.json.Decoder(AccountState)
@@ -70,7 +74,19 @@ class ShardStore:
         self.path = path
         self.changelog_topic = changelog_topic
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = Rdict(str(path), _options())
+        # True when the local copy could not be opened and was started afresh: the
+        # caller then rebuilds it from the changelog (offset 0).
+        self.rebuilt = False
+        try:
+            self.db = Rdict(str(path), _options())
+        except Exception as exc:  # rocksdict raises plain Exception("Corruption: ...")
+            # Local state is a cache of the changelog: a damaged copy (a truncated .sst,
+            # a lost MANIFEST) is thrown away, never repaired or half-trusted.
+            log.warning("%s: local state unreadable (%s); rebuilding it from the changelog",
+                        path, str(exc).splitlines()[0])  # fmt: skip
+            shutil.rmtree(path, ignore_errors=True)
+            self.db = Rdict(str(path), _options())
+            self.rebuilt = True
         self.pending: dict[bytes, bytes | None] = {}
 
     # Reads (the ledger's StateView) -------------------------------------------------------
@@ -161,6 +177,10 @@ class ShardStore:
         self.pending.clear()
 
     def close(self) -> None:
+        # Flushed to .sst files on a clean stop: the next start opens them instead of
+        # replaying the write-ahead log.
+        with contextlib.suppress(Exception):
+            self.db.flush()
         self.db.close()
 
     # Scans -------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ class _Child:
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self) -> None:
+    async def start(self, *, wait: bool = True) -> None:
+        """Start the process; with `wait`, return once /readyz answers 200."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
@@ -62,7 +63,8 @@ class _Child:
             stderr=asyncio.subprocess.STDOUT,
         )
         log.close()
-        await self.wait_ready()
+        if wait:
+            await self.wait_ready()
 
     async def wait_ready(self) -> None:
         """Ready once /readyz says so (for the engine: partitions assigned and

@@ -1,0 +1,170 @@
+"""`tally bench recovery`: how long an engine worker takes to rebuild its state from the
+changelog, for N balances.
+
+Method. N balances (one account each, spread over the shards by the engine's own shard
+function; a balance record and an account record each) are written straight to the
+engine's changelog topic, in the engine's key and
+value encoding: what a deployment with N balances leaves there. Pushing N commands
+through the engine first would measure the engine, not recovery. Then a worker starts
+with an empty state directory; recovery is timed from its process start to `/readyz`
+answering 200 (which it only does once every shard has been rebuilt), and the worker's
+own figure (changelog records read, seconds) is read from its log. A sample of
+balances is then read through the worker's table view and compared with what was
+written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import resource
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import msgspec
+
+from streams.engine import Engine, changelog_name
+from streams.state import AccountState, BalanceState
+from streams.store import account_key, balance_key
+from tally.procs import EngineProcess, produce
+from tally.settings import Settings
+from topics.admin import delete_topics, ensure_topics
+from topics.shard import shard_of
+
+BAR_S = 60.0
+sample_size = 500
+
+
+@dataclass
+class RecoveryResult:
+    balances: int
+    partitions: int
+    seed_per_s: float
+    ready_s: float
+    engine_recovery_s: float | None
+    records_per_s: float
+    sample_checked: int
+    sample_ok: bool
+    bar_met: bool
+
+
+def account_of(i: int) -> str:
+    return f"r{i:08d}"
+
+
+def balance_of(i: int) -> BalanceState:
+    return BalanceState(available=1000 + i, held=i % 7, seq=1 + i % 5)
+
+
+def changelog_records(n: int, partitions: int) -> list[tuple[str, bytes, int | None]]:
+    """N balances as the engine writes them, on each account's shard partition: the
+    balance (key b|account|asset) and the account record listing its assets (a|account),
+    values in the msgspec array encoding of `streams.state`."""
+    encode = msgspec.json.encode
+    account_record = encode(AccountState(assets=("USD",)))
+    out: list[tuple[str, bytes, int | None]] = []
+    for i in range(n):
+        account = account_of(i)
+        shard = shard_of(account, partitions)
+        out.append((account_key(account).decode(), account_record, shard))
+        out.append((balance_key(account, "USD").decode(), encode(balance_of(i)), shard))
+    return out
+
+
+async def seed(settings: Settings, app_id: str, n: int) -> float:
+    """Create the deployment's topics and write N balances to its changelog; records/s."""
+    await ensure_topics(settings.kafka_bootstrap, Engine.all_topic_specs(settings, app_id))
+    records = changelog_records(n, settings.partitions)
+    return await produce(settings.kafka_bootstrap, changelog_name(app_id), records)
+
+
+async def run(
+    settings: Settings,
+    *,
+    balances: int,
+    partitions: int,
+    workdir: Path,
+    report: Path,
+    say: Callable[[str], None] = print,
+) -> RecoveryResult:
+    prefix = f"bench-rec-{uuid.uuid4().hex[:6]}"
+    local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=partitions)
+    app_id = Engine.app_id_of(local)
+    say(f"[recovery] writing {balances:,} balances to {changelog_name(app_id)}")
+    seed_rate = await seed(local, app_id, balances)
+    say(f"[recovery] written at {seed_rate:,.0f} records/s; starting a worker on empty state")
+    data_dir = workdir / prefix
+    engine = EngineProcess(settings, prefix=prefix, data_dir=data_dir, partitions=partitions)
+    try:
+        started = time.monotonic()
+        await engine.start()  # returns once /readyz is 200: every shard rebuilt
+        ready_s = time.monotonic() - started
+        log = engine.tail(400)
+        found = re.findall(r"done, ([\d,]+) changelog records in ([\d.]+)s", log)
+        engine_s = sum(float(s) for _, s in found) if found else None
+        recovered = sum(int(n.replace(",", "")) for n, _ in found)
+        rng = random.Random(1)
+        sample = rng.sample(range(balances), min(sample_size, balances))
+        ok = True
+        for i in sample:
+            got = (await engine.balances(account_of(i))).get("USD")
+            want = balance_of(i)
+            if got is None or (got.available, got.held, got.seq) != (
+                want.available,
+                want.held,
+                want.seq,
+            ):
+                ok = False
+                say(f"[recovery] MISMATCH {account_of(i)}: {got} != {want}")
+                break
+    finally:
+        await engine.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        await delete_topics(
+            settings.kafka_bootstrap, [s.name for s in Engine.all_topic_specs(local, app_id)]
+        )
+    result = RecoveryResult(
+        balances=balances,
+        partitions=partitions,
+        seed_per_s=seed_rate,
+        ready_s=ready_s,
+        engine_recovery_s=engine_s,
+        records_per_s=recovered / engine_s if engine_s else 0.0,
+        sample_checked=len(sample),
+        sample_ok=ok,
+        bar_met=balances >= 1_000_000 and ready_s < BAR_S and ok,
+    )
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    say("")
+    say("engine state recovery from the changelog (empty state directory)")
+    say(f"{'balances':<34}{balances:>14,}")
+    say(f"{'shards':<34}{partitions:>14}")
+    say(f"{'start to /readyz 200':<34}{ready_s:>13.1f}s")
+    if engine_s is not None:
+        rate = f"{result.records_per_s:,.0f}/s"
+        say(f"{'of which reading the changelog':<34}{engine_s:>13.1f}s ({rate})")
+    say(f"{'sample read back':<34}{len(sample):>14} {'ok' if ok else 'MISMATCH'}")
+    verdict = "met" if result.bar_met else "NOT met"
+    if balances < 1_000_000:
+        verdict = f"n/a (ran {balances:,})"
+    say(f"{'bar: 1M balances < 60 s':<34}{verdict:>14}")
+
+    say(f"(bench process peak RSS {peak_mb:,.0f} MB)")
+    return result
+
+
+def main(settings: Settings, *, balances: int, partitions: int, report: Path) -> int:
+    workdir = Path(settings.data_dir).resolve() / "bench"
+    result = asyncio.run(
+        run(settings, balances=balances, partitions=partitions, workdir=workdir, report=report)
+    )
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    print(f"\nreport written to {report}")
+    return 0 if result.sample_ok else 1

@@ -1,0 +1,175 @@
+"""Engine state rebuilt from the changelog: a deleted state directory, a truncated .sst,
+/readyz held at 503 until recovery is done, and a standby replica that takes a shard
+over without replaying its whole changelog."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import pytest
+
+from streams.state import BalanceState
+from tally import bench_recovery
+from tally.collector import Collector, all_answered, expected_counts
+from tally.procs import EngineProcess, produce
+from tally.settings import Settings
+from tally.workload import Workload, build
+
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
+
+
+async def _apply(engine: EngineProcess, settings: Settings, work: Workload) -> None:
+    """Produce the workload and wait until every command, credit and refund is answered."""
+    collector = Collector(settings.kafka_bootstrap, engine.topics)
+    await collector.start(from_end=False)
+    try:
+        await produce(settings.kafka_bootstrap, engine.topics.commands.name,
+                      [(r.key, r.value, None) for r in work.records])  # fmt: skip
+        done = all_answered(expected_counts(r.command_id for r in work.records))
+        assert await collector.wait_for(
+            lambda r: done(r) and not r.pending_internal() and time.monotonic() - r.last_at > 2,
+            timeout_s=120,
+            say=lambda _: None,
+        ), engine.tail()
+    finally:
+        await collector.stop()
+
+
+async def _balances(
+    engine: EngineProcess, accounts: list[str]
+) -> dict[tuple[str, str], BalanceState]:
+    out = {}
+    for account in accounts:
+        for asset, bal in (await engine.balances(account)).items():
+            out[(account, asset)] = bal
+    return out
+
+
+def _work(seed: int) -> tuple[Workload, list[str]]:
+    work = build(count=1500, accounts=120, seed=seed, now_ms=int(time.time() * 1000),
+                 expiring_holds=False)  # fmt: skip
+    return work, sorted({r.key for r in work.records})
+
+
+async def test_deleted_state_directory_is_rebuilt_with_identical_balances(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    engine = EngineProcess(settings, prefix=f"rec-{unique}", data_dir=tmp_path / "state")
+    await engine.start()
+    try:
+        work, accounts = _work(21)
+        await _apply(engine, settings, work)
+        before = await _balances(engine, accounts)
+        assert len(before) > 100
+        await engine.stop()
+        shutil.rmtree(engine.data_dir)
+        await engine.start()
+        assert await _balances(engine, accounts) == before
+        counts = (await engine.readyz())["counts"]
+        assert counts["recovered_records"] > len(before), counts
+    finally:
+        await engine.stop()
+
+
+async def test_truncated_sst_is_thrown_away_and_rebuilt(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    engine = EngineProcess(settings, prefix=f"sst-{unique}", data_dir=tmp_path / "state")
+    await engine.start()
+    try:
+        work, accounts = _work(22)
+        await _apply(engine, settings, work)
+        before = await _balances(engine, accounts)
+        await engine.stop()  # a clean stop flushes every shard to .sst files
+        ssts = sorted(engine.data_dir.glob("shard-*/*.sst"), key=lambda p: p.stat().st_size)
+        assert ssts, list(engine.data_dir.rglob("*"))
+        victim = ssts[-1]
+        with victim.open("r+b") as f:
+            f.truncate(victim.stat().st_size // 2)
+        await engine.start()
+        assert await _balances(engine, accounts) == before
+        counts = (await engine.readyz())["counts"]
+        assert counts["rebuilt_shards"] == 1, counts
+        assert "local state unreadable" in engine.tail(400)
+    finally:
+        await engine.stop()
+
+
+async def test_readyz_is_503_until_recovery_is_complete(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    prefix = f"rdy-{unique}"
+    local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=4)
+    await bench_recovery.seed(local, f"{prefix}-engine", 150_000)
+    engine = EngineProcess(settings, prefix=prefix, data_dir=tmp_path / "state", partitions=4)
+    seen: list[tuple[int, list[int]]] = []
+    await engine.start(wait=False)
+    try:
+        url = f"http://127.0.0.1:{engine.port}/readyz"
+        deadline = time.monotonic() + 120
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                try:
+                    async with session.get(url) as response:
+                        body = await response.json()
+                        seen.append((response.status, body["recovering"]))
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        assert seen and seen[-1][0] == 200, seen[-5:]
+        assert any(status == 503 and recovering for status, recovering in seen), seen[:5]
+        assert all(recovering == [] for status, recovering in seen if status == 200)
+        i = 149_999
+        got = (await engine.balances(bench_recovery.account_of(i)))["USD"]
+        want = bench_recovery.balance_of(i)
+        assert (got.available, got.held, got.seq) == (want.available, want.held, want.seq)
+    finally:
+        await engine.stop()
+
+
+async def test_standby_replica_takes_over_without_replaying_the_changelog(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    prefix = f"sby-{unique}"
+    standby = {"TALLY_TABLE_STANDBY_REPLICAS": "1"}
+    a = EngineProcess(settings, prefix=prefix, data_dir=tmp_path / "a", extra_env=standby)
+    b = EngineProcess(settings, prefix=prefix, data_dir=tmp_path / "b", extra_env=standby)
+    await a.start()
+    await b.start()
+    try:
+        work, accounts = _work(23)
+        await _apply(a, settings, work)
+
+        async def split() -> tuple[list[int], list[int]]:
+            return (await a.readyz())["serving"], (await b.readyz())["serving"]
+
+        owned_a, owned_b = await split()
+        assert owned_a and owned_b, (owned_a, owned_b)
+        before = await _balances(b, accounts)
+        # b's standby copies of a's shards have caught up once it has tailed as many
+        # changelog records as a wrote for them; give it a moment.
+        deadline = time.monotonic() + 30
+        while (await b.readyz())["counts"].get("standby_records", 0) == 0:
+            assert time.monotonic() < deadline, b.tail()
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
+        standby_before = (await b.readyz())["counts"]["standby_records"]
+        assert await a.kill() != 0
+        deadline = time.monotonic() + 90
+        while sorted((await b.readyz())["serving"]) != list(range(4)):
+            assert time.monotonic() < deadline, b.tail()
+            await asyncio.sleep(0.2)
+        counts = (await b.readyz())["counts"]
+        # Taking a's shards over read (almost) nothing: the standby copy had it all.
+        assert counts.get("recovered_records", 0) < standby_before // 10, counts
+        assert await _balances(b, accounts) == before
+    finally:
+        await a.stop()
+        await b.stop()
