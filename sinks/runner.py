@@ -11,6 +11,10 @@ A store that is down (connection refused, restarting) is retried with exponentia
 backoff and full jitter, on the same batch, until it answers; the sink logs once when
 it goes down and once when it is back, not once per retry. An event that cannot be
 decoded goes to the dead-letter topic and the sink goes on.
+
+The same loop replays (`until`): given partitions from their beginning up to fixed end
+offsets, with no consumer group, nothing committed to Kafka and no dead letter sent
+again (the live sink sent it when it first read the event), then it stops.
 """
 
 from __future__ import annotations
@@ -76,10 +80,11 @@ class SinkRunner:
         *,
         bootstrap: str,
         topics: Topics,
-        group_id: str,
+        group_id: str | None,
         batch_size: int = 5000,
         linger_ms: int = 200,
         partitions: list[int] | None = None,
+        until: dict[int, int] | None = None,
     ) -> None:
         self.store = store
         self.bootstrap = bootstrap
@@ -91,6 +96,11 @@ class SinkRunner:
         # None: partitions come from the consumer group. A list: exactly these, assigned
         # by the caller (the processes of one `tally sink --processes N` split them).
         self.partitions = partitions
+        # None: follow the topic for ever. partition -> end offset: a replay of
+        # `partitions` from their beginning up to (excluding) these offsets, then stop.
+        if until is not None and (partitions is None or group_id is not None):
+            raise ValueError("a replay assigns its partitions itself and joins no group")
+        self.until = until
         self.written_events = 0
         self.written_entries = 0
         self.dead_lettered = 0
@@ -152,7 +162,7 @@ class SinkRunner:
                     await self._seek_to_store()
                     continue  # what was polled came from before the seek
                 batch, letters = self._decode(polled)
-                for letter in letters:
+                for letter in letters if self.until is None else []:
                     await producer.send_and_wait(
                         self.topics.dead_letter.name,
                         encode(letter),
@@ -163,6 +173,8 @@ class SinkRunner:
                 await self._finish()
                 if batch.offsets:
                     self._pending = (batch, asyncio.create_task(self._write(batch)))
+                if self.until is not None and await self._at_end():
+                    break
             await self._finish()
         finally:
             if self._pending is not None:
@@ -192,12 +204,13 @@ class SinkRunner:
         finally:
             self._pending = None
         assert self.consumer is not None
-        with contextlib.suppress(Exception):
-            # Failing here (a rebalance) only means the next owner repeats this batch,
-            # which the stores absorb.
-            await self.consumer.commit(
-                {TopicPartition(self.topic, p): o for p, o in batch.offsets.items()}
-            )
+        if self.group_id is not None:
+            with contextlib.suppress(Exception):
+                # Failing here (a rebalance) only means the next owner repeats this batch,
+                # which the stores absorb.
+                await self.consumer.commit(
+                    {TopicPartition(self.topic, p): o for p, o in batch.offsets.items()}
+                )
         for p, o in batch.offsets.items():
             self._next[TopicPartition(self.topic, p)] = o
         now = time.monotonic()
@@ -234,6 +247,9 @@ class SinkRunner:
         batch = Batch(topic=self.topic)
         letters = []
         for tp, records in sorted(polled.items(), key=lambda kv: kv[0].partition):
+            if self.until is not None:
+                end = self.until.get(tp.partition, 0)
+                records = [r for r in records if r.offset < end]
             expected = self._next.get(tp)
             for record in records:
                 if expected is not None and record.offset < expected:
@@ -263,9 +279,27 @@ class SinkRunner:
             at_ms=int(record.timestamp),
         )
 
+    async def _at_end(self) -> bool:
+        """A replay: whether every partition has been read up to its end offset. (The
+        position, not the last record: it moves past transaction markers.) A partition
+        that has is paused, so that events produced since the start are not fetched."""
+        assert self.consumer is not None and self.until is not None
+        done = True
+        for tp in self.consumer.assignment():
+            if await self.consumer.position(tp) >= self.until.get(tp.partition, 0):
+                self.consumer.pause(tp)
+            else:
+                done = False
+        return done
+
     async def _seek_to_store(self) -> None:
         assert self.consumer is not None
         tps, self._reseek = self._reseek, set()
+        if self.until is not None:
+            for tp in tps:
+                self._next.pop(tp, None)
+                await self.consumer.seek_to_beginning(tp)
+            return
         stored = await self._retrying(lambda: self.store.offsets(self.topic))
         assigned = self.consumer.assignment()
         for tp in tps:

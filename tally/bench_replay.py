@@ -1,0 +1,121 @@
+"""`tally bench replay`: how fast `tally replay` rebuilds each store from empty.
+
+Method. N synthetic result events (one balance entry each, over N/20 accounts, seq
+increasing per account: the generator of `tally bench sinks`) are produced to a fresh
+deployment's events topic. Then the replay of `tally replay --target T` runs in this
+process for Redis and then PostgreSQL (PostgreSQL keeps working after its writes, with
+autovacuum and the checkpoint, which on two shared cores would be charged to whatever
+ran next), each from offset 0 into an empty store, with the default batch settings.
+The time is the replay's own: from the start of its consumer to the end of the last
+write (the checks before it, a second or less, excluded). Each store is then counted:
+every event must be there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from sinks import service, verify
+from sinks.migrate import quote
+from sinks.replay import Replay
+from tally.bench_sinks import _events
+from tally.procs import produce
+from tally.settings import Settings
+from topics.admin import delete_topics
+from topics.specs import topics_for
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not measure: a replay did not finish or lost events."""
+
+
+@dataclass
+class ReplayResult:
+    target: str
+    events: int
+    entries: int
+    seconds: float
+    events_per_s: float
+    entries_per_s: float
+
+
+async def _stored(settings: Settings, target: str) -> int:
+    """Entries in the store: ledger rows (PostgreSQL), the summed seqs (Redis)."""
+    if target == "postgres":
+        conn = await asyncpg.connect(
+            settings.pg_dsn, server_settings={"search_path": quote(service.schema_of(settings))}
+        )
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM ledger_entries"))
+        finally:
+            await conn.close()
+    balances = await verify.redis_balances(settings.redis_url, settings.topic_prefix)
+    return sum(seq for _, _, seq in balances.values())
+
+
+async def _replay(settings: Settings, target: str, count: int) -> ReplayResult:
+    summary = await Replay(settings, target).run()
+    if not summary.completed or summary.events != count:
+        raise BenchError(f"replay {target}: {summary.events} of {count} events")
+    if (stored := await _stored(settings, target)) != count:
+        raise BenchError(f"replay {target}: the store holds {stored} of {count} entries")
+    return ReplayResult(
+        target=target,
+        events=summary.events,
+        entries=summary.entries,
+        seconds=summary.seconds,
+        events_per_s=summary.events_per_s,
+        entries_per_s=summary.entries_per_s,
+    )
+
+
+async def run(
+    settings: Settings,
+    *,
+    count: int,
+    report: Path,
+    say: Callable[[str], Any] = print,
+) -> dict[str, object]:
+    prefix = f"bench-replay-{uuid.uuid4().hex[:6]}"
+    local = msgspec.structs.replace(settings, topic_prefix=prefix)
+    topics = topics_for(prefix, local.partitions)
+    await service.prepare(local, "postgres")
+    results = []
+    try:
+        accounts = max(100, count // 20)
+        say(f"[replay] producing {count:,} result events over {accounts:,} accounts to {prefix}")
+        events = _events(count, accounts, int(time.time() * 1000))
+        await produce(local.kafka_bootstrap, topics.events.name, [(k, v, None) for k, v in events])
+        del events  # not kept alive during the replays (every full GC would walk them)
+        for target in ("redis", "postgres"):
+            say(f"[replay] tally replay --target {target}: {count:,} events into an empty store")
+            results.append(await _replay(local, target, count))
+    finally:
+        await verify.drop(local.pg_dsn, service.schema_of(local), local.redis_url, prefix)
+        await delete_topics(local.kafka_bootstrap, [t.name for t in topics.all()])
+    out: dict[str, object] = {
+        "events": count,
+        "partitions": local.partitions,
+        "batch_size": local.sink_batch_size,
+        "linger_ms": local.sink_linger_ms,
+        "replays": [asdict(r) for r in results],
+    }
+    report.parent.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(report.write_text, json.dumps(out, indent=2))
+    say("")
+    say(f"replay of {count:,} events from offset 0 into an empty store, one process")
+    say(f"{'store':<12}{'seconds':>10}{'events/s':>12}{'entries/s':>12}")
+    for r in results:
+        say(f"{r.target:<12}{r.seconds:>10.1f}{r.events_per_s:>12,.0f}{r.entries_per_s:>12,.0f}")
+    say(f"\nreport written to {report}")
+    return out
