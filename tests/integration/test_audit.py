@@ -1,0 +1,182 @@
+"""`tally audit` against a real deployment: a drained one agrees everywhere; a tampered
+PostgreSQL balance and a tampered Redis hash are found, exactly those, by account, asset
+and seq; damage to the ledger itself and a stray Redis key are named too."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+
+from sinks import verify
+from sinks.migrate import quote
+from sinks.redis_store import balance_key
+from tally.audit import Report, audit, render
+from tally.procs import ROOT, EngineProcess, free_port
+from tally.settings import Settings, child_env
+from tests.integration.sink_support import Deployment, deployment, running
+
+
+async def _cli(settings: Settings, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tally.cli", "audit", *args,
+        cwd=ROOT, env=child_env(settings),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    return int(proc.returncode or 0), out.decode(), err.decode()
+
+
+async def _drained_deployment(d: Deployment) -> None:
+    pg, rd = d.runner("postgres"), d.runner("redis")
+    async with running(pg, rd):
+        await d.produce()
+        await d.drained()
+        assert await verify.wait_drained([pg, rd], timeout_s=60)
+
+
+async def _two_balances(conn: Any, schema: str) -> list[Any]:
+    """Two balances with a breakpoint behind them and entries after it."""
+    return list(
+        await conn.fetch(
+            f"SELECT b.shard_id, b.account, b.asset, b.seq FROM {schema}.balances b"
+            f" WHERE b.seq > 6 AND b.seq % 5 <> 0 ORDER BY b.account, b.asset LIMIT 2"
+        )
+    )
+
+
+async def _through_a_second_worker(d: Deployment, tmp_path: Path, clean: Report) -> None:
+    """With two workers, each forwards the shard pages it does not own: an audit through
+    either sees the same. Then the second leaves again (the first recovers its shards;
+    the audits after this wait for that)."""
+    b = EngineProcess(d.settings, prefix=d.settings.topic_prefix, data_dir=tmp_path / "b",
+                      partitions=d.settings.partitions)  # fmt: skip
+    await b.start()
+    try:
+        for _ in range(300):
+            served = [set((await w.readyz())["serving"]) for w in (d.engine, b)]
+            if all(served) and len(served[0] | served[1]) == d.settings.partitions:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"shards not split: {served}\n{b.tail()}")
+        via_b = await audit(d.settings, engine_url=f"http://127.0.0.1:{b.port}", say=lambda _: None)
+        assert via_b.ok and via_b.compared == clean.compared, render(via_b)
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{b.port}/shards"
+            for url, status in ((f"{base}/{d.settings.partitions}/balances", 404),
+                                (f"{base}/0/balances?limit=0", 400),
+                                (f"{base}/0/balances?after=no-asset", 400)):  # fmt: skip
+                async with http.get(url) as response:
+                    assert response.status == status, url
+    finally:
+        assert await b.stop() == 0
+
+
+async def test_audit_agrees_then_names_what_was_tampered_with(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    async with deployment(settings, unique, tmp_path) as d:
+        await _drained_deployment(d)
+        s, schema = d.settings, quote(d.schema)
+        engine_url = f"http://127.0.0.1:{d.engine.port}"
+        progress: list[str] = []
+
+        async def run(**options: Any) -> Report:
+            options.setdefault("engine_url", engine_url)
+            return await audit(s, say=progress.append, progress_tty=False, **options)
+
+        # Small pages: each shard's streams are merged over many pages.
+        clean = await run(batch_size=7)
+        assert clean.ok, render(clean)
+        assert clean.balances > 100
+        assert (
+            clean.compared["ledger"]
+            == clean.compared["postgres"]
+            == clean.compared["redis"]
+            == clean.compared["engine"]
+            == clean.balances
+        )
+        assert progress[-1].startswith(f"audit: done, {clean.balances:,} balances in ")
+        assert any(f.captured_out < 0 for f in clean.flows), "the workload captures out"
+        assert any(f.deposits > 0 for f in clean.flows)
+        await _through_a_second_worker(d, tmp_path, clean)
+
+        conn = await asyncpg.connect(s.pg_dsn)
+        rd: Any = aioredis.from_url(s.redis_url)
+        try:
+            first, second = await _two_balances(conn, schema)
+            await conn.execute(
+                f"UPDATE {schema}.balances SET available = available + 1"
+                " WHERE shard_id = $1 AND account = $2 AND asset = $3",
+                first["shard_id"], first["account"], first["asset"],
+            )  # fmt: skip
+            key = balance_key(
+                s.topic_prefix, second["shard_id"], second["account"], second["asset"]
+            )
+            await rd.hincrby(key, "held", 7)
+
+            code, out, err = await _cli(s, "--engine-url", engine_url)
+            assert code == 1, out + err
+            assert "mismatches: 2 (postgres 1, redis 1)" in out, out
+            for row, store in ((first, "postgres"), (second, "redis")):
+                where = (
+                    f"{row['account']}/{row['asset']} seq {row['seq']} (shard {row['shard_id']})"
+                )
+                assert f"{store:<10} {where}: expected (ledger) available " in out, out
+
+            found = await run()
+            assert dict(found.mismatches) == {"postgres": 1, "redis": 1}, render(found)
+            named = {(m.kind, m.account, m.asset, m.seq) for m in found.first}
+            assert named == {
+                ("postgres", first["account"], first["asset"], first["seq"]),
+                ("redis", second["account"], second["asset"], second["seq"]),
+            }
+            # Without Redis and the engine, only PostgreSQL's tampering is left to find.
+            alone = await run(engine_url=None, with_redis=False)
+            assert dict(alone.mismatches) == {"postgres": 1}, render(alone)
+            assert alone.skipped == ["redis", "engine"]
+
+            # The ledger itself: an entry below the last breakpoint goes missing (the
+            # balance still follows from the breakpoint, but the seqs have a gap and
+            # the entries no longer sum up to it), and Redis gains a key no one else has.
+            gone = await conn.fetchrow(
+                f"DELETE FROM {schema}.ledger_entries WHERE (shard_id, account, asset, seq) ="
+                f" (SELECT e.shard_id, e.account, e.asset, e.seq FROM {schema}.ledger_entries e"
+                f" JOIN {schema}.breakpoints p ON p.shard_id = e.shard_id"
+                " AND p.account = e.account AND p.asset = e.asset AND p.to_seq = 5"
+                " WHERE e.seq = 1 AND e.kind <> 'hold' AND NOT (e.account = ANY($1::text[]))"
+                " ORDER BY e.account, e.asset LIMIT 1)"
+                " RETURNING shard_id, account, asset",
+                [first["account"], second["account"]],
+            )
+            assert gone is not None
+            await rd.hset(balance_key(s.topic_prefix, 0, "ghost", "USD"),
+                          mapping={"available": 5, "held": 0, "seq": 1})  # fmt: skip
+            damaged = await run()
+        finally:
+            await conn.close()
+            await rd.aclose()
+        assert dict(damaged.mismatches) == {
+            "postgres": 1,
+            "redis": 2,
+            "seq_gap": 1,
+            "breakpoint": 1,
+            "conservation": 1,
+        }, render(damaged)
+        kinds = {(m.kind, m.account) for m in damaged.first}
+        assert {("seq_gap", gone["account"]), ("breakpoint", gone["account"])} <= kinds
+        assert ("redis", "ghost") in kinds
+
+        # A store that does not answer: exit 2, naming it.
+        code, out, err = await _cli(s, "--engine-url", f"http://127.0.0.1:{free_port()}")
+        assert code == 2 and "tally audit: engine: no worker answers" in err, out + err
+        no_redis = msgspec.structs.replace(s, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+        code, out, err = await _cli(no_redis, "--skip-engine")
+        assert code == 2 and "tally audit: Redis: unreachable at redis://" in err, out + err
