@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
@@ -22,12 +21,6 @@ def _settings() -> Settings:
     except SettingsError as exc:
         click.echo(f"tally: {exc}", err=True)
         sys.exit(2)
-
-
-def _not_yet(what: str, issue: int) -> NoReturn:
-    """Subcommands whose issue has not landed say so plainly and fail."""
-    click.echo(f"tally {what}: not implemented yet (tracked in issue #{issue})", err=True)
-    sys.exit(2)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -220,21 +213,231 @@ def sign(method: str, target: str, body: str, key_id: str) -> None:
 
 
 @main.command()
-def replay() -> None:
-    """Rebuild a sink store from the events topic."""
-    _not_yet("replay", 6)
+@click.option(
+    "--target",
+    required=True,
+    type=click.Choice(["postgres", "redis"]),
+    help="The store to rebuild: the PostgreSQL schema or the Redis keys of this deployment.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replay even while a live sink of the target is a member of its consumer group.",
+)
+def replay(target: str, force: bool) -> None:
+    """Rebuild a sink store from the events topic, then stop.
+
+    Reads every partition of <prefix>.events from its beginning (offset 0, or the
+    earliest retained) up to the end offsets taken at the start, and writes the events
+    through the sink's own store code: into an empty store, or over a full one, where
+    repeats change nothing (PostgreSQL inserts skip existing rows and balances only move
+    forward; Redis keeps the highest seq). Prints events, entries, seconds and events/s.
+    Progress goes to stderr: a bar on a terminal, a line every 5 s otherwise.
+
+    It does not touch the live sink's consumer group <prefix>-sink-TARGET (own
+    consumer, static assignment, nothing committed). For PostgreSQL, a replay that
+    reaches the end raises sink_offsets to at least the end offsets taken at the start
+    and never lowers them, so a sink started afterwards resumes there; an interrupted
+    replay leaves them as they were.
+
+    Exit status: 0 done; 2 refused or cannot start (a live member in the sink's group,
+    without --force; the store or Kafka unreachable; no events topic); 1 interrupted
+    (SIGINT, SIGTERM) or failed. Not seen by the group check: a sink run with
+    `tally sink --processes N`, which joins no group; stop it first.
+
+    \b
+      tally replay --target redis
+      tally replay --target postgres --force
+    """
+    from sinks import replay as job
+
+    sys.exit(
+        job.run(
+            _settings(),
+            target,
+            force=force,
+            out=click.echo,
+            err=lambda line: click.echo(line, err=True),
+        )
+    )
 
 
 @main.command()
-def audit() -> None:
-    """Recompute balances from the ledger and compare every store."""
-    _not_yet("audit", 6)
+@click.option(
+    "--show",
+    default=20,
+    show_default=True,
+    type=click.IntRange(0, 10_000),
+    help="Print the first N mismatches (shard by shard, in key order).",
+)
+@click.option(
+    "--engine-url",
+    metavar="URL",
+    help="Any engine worker's web server; it forwards each shard to its owner. "
+    "[default: http://127.0.0.1:$TALLY_WEB_PORT]",
+)
+@click.option("--skip-engine", is_flag=True, help="Do not compare the engine's tables.")
+@click.option("--skip-redis", is_flag=True, help="Do not compare Redis.")
+@click.option(
+    "--batch-size",
+    default=5000,
+    show_default=True,
+    type=click.IntRange(100, 10_000),
+    help="Balances per PostgreSQL fetch, engine page and Redis call: what bounds memory.",
+)
+def audit(
+    show: int, engine_url: str | None, skip_engine: bool, skip_redis: bool, batch_size: int
+) -> None:
+    """Recompute every balance from the ledger and compare PostgreSQL, Redis and the
+    engine with it.
+
+    \b
+    For each balance in PostgreSQL's `ledger_entries` (schema TALLY_TOPIC_PREFIX):
+      - the balance = its last breakpoint's *_after + the deltas of the later entries
+        (the sum of all entries when it has no breakpoint); its seq = the last entry's;
+      - that must equal PostgreSQL `balances`, the Redis hash and the engine's table
+        (GET /shards/{shard}/balances on a worker), balance by balance;
+      - its entries' seqs must be 1..n without gaps, and a breakpoint must agree with
+        the sum of all entries;
+      - per asset, the balances must add up to deposits - withdrawals - captures to no
+        account (transfers, disbursements, credits and refunds net to zero).
+
+    Shard by shard, in pages (bounded memory whatever the number of balances). Audit a
+    deployment whose sinks have drained: changes still in flight show as mismatches.
+    Prints a summary, then the first --show mismatches with account, asset, seq and
+    the values that differ.
+
+    Exit status: 0 everything agrees, 1 a mismatch was found, 2 bad usage or a store
+    (PostgreSQL, Redis, engine) unreachable.
+    """
+    from tally import audit as audit_job
+
+    settings = _settings()
+    if skip_engine and engine_url is not None:
+        raise click.UsageError("--engine-url and --skip-engine do not go together")
+    url = None if skip_engine else engine_url or f"http://127.0.0.1:{settings.web_port}"
+    try:
+        report = asyncio.run(
+            audit_job.audit(
+                settings,
+                engine_url=url,
+                with_redis=not skip_redis,
+                show=show,
+                batch_size=batch_size,
+            )
+        )
+    except audit_job.AuditError as exc:
+        hint = {"engine": " (--skip-engine audits without it)",
+                "Redis": " (--skip-redis audits without it)"}.get(exc.store, "")  # fmt: skip
+        click.echo(f"tally audit: {exc}{hint}", err=True)
+        sys.exit(2)
+    click.echo(audit_job.render(report))
+    sys.exit(0 if report.ok else 1)
 
 
 @main.command(name="import")
-def import_() -> None:
-    """Import opening balances as idempotent deposits."""
-    _not_yet("import", 6)
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--pg-query",
+    metavar="SQL",
+    help="Read the rows from this query instead of a file; it must return the columns "
+    "account, asset, amount. Read in batches through a server-side cursor, in one "
+    "read-only snapshot.",
+)
+@click.option(
+    "--pg-dsn",
+    metavar="DSN",
+    help="The database of --pg-query [default: TALLY_PG_DSN]. A password in an argument "
+    "shows in `ps`: prefer TALLY_PG_DSN or ~/.pgpass.",
+)
+@click.option("--strict", is_flag=True, help="Produce nothing if any row is bad.")
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Wait for the engine's result of every deposit and report them; --no-wait "
+    "only produces and reports what Kafka acknowledged.",
+)
+@click.option("--dry-run", is_flag=True, help="Only check the rows and report; produce nothing.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=60,
+    show_default=True,
+    type=click.IntRange(1, 3600),
+    help="Give up after this many seconds without a new result (or acknowledgement) "
+    "from the engine (Kafka).",
+)
+def import_(
+    file: Path | None,
+    pg_query: str | None,
+    pg_dsn: str | None,
+    strict: bool,
+    wait: bool,
+    dry_run: bool,
+    timeout_s: int,
+) -> None:
+    """Import opening balances as idempotent deposits.
+
+    One deposit per row, with an id derived from the row's account and asset, so that
+    running the same import again applies nothing twice.
+
+    The rows come from FILE, a CSV file with the header account,asset,amount (amounts
+    are integers in the asset's minor unit), or from --pg-query. Every row is checked
+    before anything is produced; each bad row is reported with its line (or row)
+    number and reason: a bad account id or asset, an amount that is not an integer,
+    has decimals, is not positive or exceeds 2^63-1, a missing or extra field, or an
+    (account, asset) pair on more than one row (all of its rows are refused). Without
+    --strict the good rows are imported anyway.
+
+    Each deposit's command_id is open:<account>:<asset>. A second run answers every row
+    `duplicate` (already imported); a row whose amount changed since it was imported
+    comes back `rejected: command_id_reused` and the ledger keeps the first amount. The
+    engine remembers ids for TALLY_IDEMPOTENCY_RETENTION_S (7 days by default): a run
+    later than that applies them again.
+
+    Deposits go to <TALLY_TOPIC_PREFIX>.commands, keyed by account; an engine must be
+    running for the results. The summary counts applied, already imported and rejected
+    (by reason) deposits and lists the rows not imported.
+
+    Exit status: 0 every row is in the ledger (with --no-wait: produced; with
+    --dry-run: good); 1 not every row was imported (bad rows, rejections, no result in
+    time); 2 the import could not run (usage, missing file, Kafka or PostgreSQL
+    unreachable, failing query).
+
+    \b
+      tally import balances.csv
+      tally import --strict --dry-run balances.csv
+      tally import --pg-query "SELECT account, asset, amount FROM legacy.balances"
+    """
+    from tally import importer
+
+    settings = _settings()
+    if (file is None) == (pg_query is None):
+        raise click.UsageError("give either FILE or --pg-query")
+    if pg_dsn is not None and pg_query is None:
+        raise click.UsageError("--pg-dsn goes with --pg-query")
+    source: importer.Source
+    if pg_query is not None:
+        source = importer.PgSource.of(settings, pg_query, dsn=pg_dsn)
+    else:
+        assert file is not None  # one of the two, checked above
+        source = importer.CsvSource(file)
+    options = importer.Options(
+        strict=strict, wait=wait, dry_run=dry_run, stall_timeout_s=float(timeout_s)
+    )
+    logging.basicConfig(level=logging.WARNING)
+    # Its connection errors would repeat the one line this command prints.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        report = asyncio.run(
+            importer.run(settings, source, options, say=lambda line: click.echo(line, err=True))
+        )
+    except importer.ImportFailed as exc:
+        click.echo(f"tally import: {exc}", err=True)
+        sys.exit(2)
+    click.echo(importer.render(report))
+    sys.exit(report.exit_code())
 
 
 @main.group()
@@ -290,6 +493,74 @@ def bench_sinks(events: int, processes: int, report: Path) -> None:
     settings = _settings()
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(job.run(settings, count=events, processes=processes, report=report))
+
+
+@bench.command(name="replay")
+@click.option("--events", default=200_000, show_default=True, type=click.IntRange(1000, 5_000_000))
+@click.option(
+    "--report",
+    default="reports/bench-replay.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
+def bench_replay(events: int, report: Path) -> None:
+    """`tally replay` from offset 0 into an empty Redis, then an empty PostgreSQL, on
+    EVENTS pre-produced result events (one entry each); events/s and entries/s, and
+    every event checked to be in the store. Topics, schema and keys are removed after."""
+    from sinks.replay import ReplayError
+    from tally import bench_replay as job
+
+    settings = _settings()
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        asyncio.run(job.run(settings, count=events, report=report))
+    except (job.BenchError, ReplayError) as exc:
+        click.echo(f"tally bench replay: {exc}", err=True)
+        sys.exit(1)
+
+
+@bench.command(name="recovery")
+@click.option(
+    "--balances", default=1_000_000, show_default=True, type=click.IntRange(1000, 10_000_000)
+)
+@click.option("--partitions", default=8, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--report",
+    default="reports/bench-recovery.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
+def bench_recovery(balances: int, partitions: int, report: Path) -> None:
+    """Engine state recovery: BALANCES written to a changelog, then a worker started on
+    an empty state directory, timed to /readyz 200; a sample is read back and checked.
+    The bar is 1,000,000 balances in under 60 s."""
+    from tally import bench_recovery as job
+
+    sys.exit(job.main(_settings(), balances=balances, partitions=partitions, report=report))
+
+
+@bench.command(name="audit")
+@click.option(
+    "--balances", default=1_000_000, show_default=True, type=click.IntRange(1000, 10_000_000)
+)
+@click.option(
+    "--skip-engine",
+    is_flag=True,
+    help="Leave the engine out: no changelog, no worker, `tally audit --skip-engine`.",
+)
+def bench_audit(balances: int, skip_engine: bool) -> None:
+    """`tally audit` on a deployment of BALANCES balances: seconds, balances/s, peak RSS.
+
+    The deployment is written straight into PostgreSQL (COPY), Redis and the engine's
+    changelog, consistent, as the engine and sinks would leave it; an engine worker
+    rebuilds its tables from the changelog; then `tally audit` runs as a child process
+    and must exit 0. Everything is removed afterwards. The bar is 1,000,000 balances in
+    under 60 s.
+    """
+    from tally import bench_audit as job
+
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(job.main(_settings(), balances=balances, with_engine=not skip_engine))
 
 
 @bench.command(name="http")
