@@ -22,10 +22,11 @@ from aiokafka.structs import TopicPartition
 from sinks import service, verify
 from sinks.migrate import quote
 from sinks.replay import Replay
+from tally.audit import audit, render
 from tally.bench_sinks import _events
 from tally.procs import ROOT, produce
 from tally.settings import Settings, child_env
-from tests.integration.sink_support import PARTITIONS, deployment, running
+from tests.integration.sink_support import PARTITIONS, Deployment, deployment, running
 from topics.admin import ensure_topics
 from topics.specs import topics_for
 
@@ -105,6 +106,14 @@ async def _flush_redis(settings: Settings) -> None:
         await client.aclose()
 
 
+async def _audit_clean(s: Settings, d: Deployment) -> None:
+    """`tally audit` over PostgreSQL, Redis and the engine's tables finds nothing."""
+    report = await audit(s, engine_url=f"http://127.0.0.1:{d.engine.port}", say=lambda _: None,
+                         progress_tty=False)  # fmt: skip
+    assert report.ok and report.balances > 0, render(report)
+    assert set(report.sources) >= {"redis", "engine"}, report.sources
+
+
 async def test_replay_rebuilds_each_store_and_the_live_sinks_resume(
     settings: Settings, unique: str, tmp_path: Path
 ) -> None:
@@ -134,6 +143,7 @@ async def test_replay_rebuilds_each_store_and_the_live_sinks_resume(
             await verify.redis_balances(s.redis_url, s.topic_prefix),
         )
         assert same.ok and same.compared > 0, same.line()
+        await _audit_clean(s, d)
 
         # (2) PostgreSQL emptied, sink_offsets too: the projection and the offsets are
         # one state (offsets left behind would say rows are there that are not).
@@ -149,6 +159,7 @@ async def test_replay_rebuilds_each_store_and_the_live_sinks_resume(
         assert summary.completed and lines[-1].startswith("replay postgres: done, ")
         assert (summary.events, summary.entries) == (pg.written_events, pg.written_entries)
         assert await verify.pg_dump(s.pg_dsn, d.schema) == dump_pg
+        await _audit_clean(s, d)
         # The live sink's offsets: raised to the end offsets taken at the start, which is
         # at least where it was (it stops after the last event; the end may lie past a
         # transaction marker); the replay's own progress rows are gone.
