@@ -35,6 +35,7 @@ import heapq
 import logging
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -609,6 +610,15 @@ class Engine:
     def balances_of(self, account: str) -> dict[str, BalanceState]:
         store = self.stores[shard_of(account, self.partitions)]
         return store.balances_of(account)
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        """Hold off batches while a view reads. A batch's results are visible to
+        clients from its Kafka commit, and its RocksDB write follows the commit inside
+        the same locked section; a view that reads under the lock therefore shows
+        every result a client can already have seen (read-your-writes)."""
+        async with self._lock:
+            yield
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

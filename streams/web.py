@@ -126,6 +126,16 @@ def _problem(
     )
 
 
+def _not_served(shard: int) -> web.Response:
+    return _problem(
+        503,
+        "shard not served right now",
+        detail=f"no worker serves shard {shard} yet (starting or rebalancing)",
+        shard_id=shard,
+        headers={"Retry-After": "1"},
+    )
+
+
 def account_url(owner: str, account: str) -> yarl.URL:
     """The owner's table view of `account`, marked as forwarded. Encoded by hand: an
     account id may be "." or "..", which a URL library would resolve as a path step."""
@@ -227,8 +237,9 @@ class WorkerWeb:
             )
         engine = self.engine
         shard = shard_of(account, engine.partitions)
-        if engine.owns(account):
-            balances = engine.balances_of(account)
+        async with engine.reading():
+            balances = engine.balances_of(account) if engine.owns(account) else None
+        if balances is not None:
             return web.json_response(
                 {
                     "account": account,
@@ -241,33 +252,8 @@ class WorkerWeb:
             )
         owner = None if "forwarded" in request.query else await self._owner(shard)
         if owner is None or owner == self.address:
-            return _problem(
-                503,
-                "shard not served right now",
-                detail=f"no worker serves shard {shard} yet (starting or rebalancing)",
-                shard_id=shard,
-                headers={"Retry-After": "1"},
-            )
-        url = account_url(owner, account)
-        timeout = aiohttp.ClientTimeout(total=forward_timeout_s)
-        try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.get(url) as response,
-            ):
-                return web.Response(
-                    body=await response.read(),
-                    status=response.status,
-                    content_type=response.content_type,
-                )
-        except (aiohttp.ClientError, TimeoutError):
-            self._owners.forget()
-            return _problem(
-                503,
-                "owner unreachable",
-                detail=f"{owner} did not answer",
-                headers={"Retry-After": "1"},
-            )
+            return _not_served(shard)
+        return await self._forward(account_url(owner, account), owner)
 
     async def _owner(self, shard: int) -> str | None:
         return await self._owners.of(shard)
@@ -285,19 +271,17 @@ class WorkerWeb:
         if isinstance(query, web.Response):
             return query
         after, limit = query
-        if shard in engine.owned and shard not in engine.recovering:
-            rows, cursor = balance_page(engine.stores[shard], after, limit)
+        async with engine.reading():
+            page = None
+            if shard in engine.owned and shard not in engine.recovering:
+                page = balance_page(engine.stores[shard], after, limit)
+        if page is not None:
+            rows, cursor = page
             body = msgspec.json.encode(ShardPage(shard, rows, cursor))
             return web.Response(body=body, content_type="application/json")
         owner = None if "forwarded" in request.query else await self._owner(shard)
         if owner is None or owner == self.address:
-            return _problem(
-                503,
-                "shard not served right now",
-                detail=f"no worker serves shard {shard} yet (starting or rebalancing)",
-                shard_id=shard,
-                headers={"Retry-After": "1"},
-            )
+            return _not_served(shard)
         url = yarl.URL(f"{owner}/shards/{shard}/balances").with_query(
             {**request.query, "forwarded": "1"}
         )
