@@ -21,21 +21,27 @@ pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
 KEY_ID, SECRET = "fault-client", "fault-secret-0123456789"
 
 
-def _broker_pid() -> int:
-    """The Kafka broker's JVM: the one java process whose command line runs kafka.Kafka."""
+def _broker() -> tuple[int, Path]:
+    """The Kafka broker's JVM (the one java process running kafka.Kafka) and the state
+    directory of the services script that started it, so that the test restarts that
+    same broker (a clone's own script would start another one on empty data)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            argv = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
+        except (OSError, UnicodeDecodeError):
             continue
-        if b"kafka.Kafka" in argv:
-            found.append(int(entry.name))
+        if "kafka.Kafka" in argv:
+            found.append((int(entry.name), argv))
     if len(found) != 1:
-        pytest.skip(f"needs exactly one local Kafka broker process, found {found}")
-    return found[0]
+        pytest.skip(f"needs exactly one local Kafka broker process, found {len(found)}")
+    pid, argv = found[0]
+    config = next((a for a in argv if a.endswith("server.properties")), None)
+    if config is None:
+        pytest.skip("the Kafka broker was not started by scripts/services.sh")
+    return pid, Path(config).parent.parent
 
 
 def _deposit(command_id: str, account: str) -> dict[str, object]:
@@ -55,7 +61,7 @@ async def test_kafka_stopped_gives_503_then_202_when_it_returns(
     await engine.start()
     await ingress.start()
     account = f"acct-{unique}"
-    pid = _broker_pid()
+    pid, cache_dir = _broker()
     try:
         async with Client(ingress.url, KEY_ID, SECRET) as tally:
             before = await tally.submit(_deposit("before", account), wait=10)
@@ -81,6 +87,7 @@ async def test_kafka_stopped_gives_503_then_202_when_it_returns(
 
             restart = await asyncio.to_thread(
                 subprocess.run, [str(ROOT / "scripts" / "services.sh"), "up"],
+                env={**os.environ, "TALLY_CACHE_DIR": str(cache_dir)},
                 capture_output=True, text=True, timeout=180,
             )  # fmt: skip
             assert restart.returncode == 0, restart.stdout + restart.stderr
