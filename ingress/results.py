@@ -34,22 +34,22 @@ class Waiter:
         self.command_id = command_id
         self.future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self.source: bytes | None = None
-        self.early: list[tuple[bytes | None, bytes]] = []
+        self.early: list[tuple[bytes | None, Result]] = []
 
     def produced(self, partition: int, offset: int) -> None:
         self.source = f"{partition}:{offset}".encode()
-        for source, value in self.early:
-            self.offer(source, value)
+        for source, result in self.early:
+            self.offer(source, result)
         self.early.clear()
 
-    def offer(self, source: bytes | None, value: bytes) -> None:
+    def offer(self, source: bytes | None, result: Result) -> None:
+        """A result of this waiter's command_id, and the record it answers."""
         if self.future.done():
             return
         if self.source is None:
-            self.early.append((source, value))
+            self.early.append((source, result))
         elif source == self.source:
-            with contextlib.suppress(msgspec.MsgspecError):
-                self.future.set_result(decode_result(value))
+            self.future.set_result(result)
 
 
 class ResultWaiter:
@@ -118,7 +118,13 @@ class ResultWaiter:
                     by_id = waiting.get(record.key) if record.key is not None else None
                     if not by_id:
                         continue
+                    try:
+                        result = decode_result(record.value)
+                    except msgspec.MsgspecError:
+                        continue
+                    waiters = by_id.get(result.command_id)
+                    if not waiters:
+                        continue
                     source = next((v for k, v in record.headers if k == SOURCE_HEADER), None)
-                    for waiters in by_id.values():
-                        for waiter in waiters:
-                            waiter.offer(source, record.value)
+                    for waiter in waiters:
+                        waiter.offer(source, result)
