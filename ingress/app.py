@@ -25,7 +25,6 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 from prometheus_client import (
@@ -50,6 +49,7 @@ from streams.web import ShardOwners, account_url
 from tally.settings import Settings
 from topics import limits
 from topics.codec import encode
+from topics.producer import durable_producer
 from topics.schema import PublicCommand, Result
 from topics.shard import shard_of
 from topics.specs import topics_for
@@ -167,10 +167,8 @@ class Ingress:
         self.metrics = Metrics()
         self.buckets = TokenBuckets(settings.ingress_rate_per_s, settings.ingress_rate_burst)
         self.produce_timeout_s = settings.ingress_produce_timeout_ms / 1000
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            acks="all",
-            enable_idempotence=True,
+        self.producer = durable_producer(
+            settings.kafka_bootstrap,
             linger_ms=2,
             max_batch_size=512 * 1024,
             request_timeout_ms=settings.ingress_produce_timeout_ms,

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
 from topics import limits
 from topics.codec import decode_result, encode
+from topics.producer import durable_producer
 from topics.schema import DeadLetter, Result
 from topics.specs import Topics
 
@@ -131,9 +132,7 @@ class SinkRunner:
         return total
 
     async def run(self) -> None:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True
-        )
+        producer = durable_producer(self.bootstrap)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group_id,

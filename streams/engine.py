@@ -51,6 +51,7 @@ from tally.progress import Progress
 from tally.settings import Settings
 from topics import limits
 from topics.codec import Invalid, Undecodable, decode_command, encode
+from topics.producer import durable_producer
 from topics.schema import SOURCE_HEADER, Command, DeadLetter, Expire, Hold
 from topics.shard import shard_of
 from topics.specs import Topics, TopicSpec, changelog_spec, topics_for
@@ -242,10 +243,8 @@ class Engine:
 
     async def _new_producer(self, p: int) -> None:
         await self._drop_producer(p)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            acks="all",
-            enable_idempotence=True,
+        producer = durable_producer(
+            self.settings.kafka_bootstrap,
             transactional_id=f"{self.group_id}-shard-{p}" if self.exactly_once else None,
             linger_ms=5,
             max_batch_size=512 * 1024,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.engine import Engine
 from tally.collector import Collector, all_answered, expected_counts
@@ -30,6 +30,7 @@ from tally.procs import EngineProcess, produce
 from tally.settings import Settings
 from tally.workload import Record, build
 from topics.admin import delete_topics, ensure_topics
+from topics.producer import durable_producer
 from topics.specs import TopicSpec
 
 drain_timeout_s = 900.0
@@ -121,9 +122,7 @@ async def engine_phase(
 
 async def _latency(settings: Settings, proc: EngineProcess, collector: Collector) -> list[float]:
     """Paced deposits, each timed from its send to its result arriving at the collector."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
-    )
+    producer = durable_producer(settings.kafka_bootstrap)
     await producer.start()
     sent: dict[str, float] = {}
     run = uuid.uuid4().hex[:6]
@@ -181,10 +180,8 @@ async def raw_pipe(settings: Settings, *, count: int, say: Callable[[str], None]
         enable_auto_commit=False,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        acks="all",
-        enable_idempotence=True,
+    producer = durable_producer(
+        settings.kafka_bootstrap,
         linger_ms=5,
         max_batch_size=512 * 1024,
     )

@@ -48,6 +48,7 @@ from streams.store import balance_key as state_key
 from tally.procs import ROOT, EngineProcess
 from tally.settings import Settings, child_env
 from topics.admin import delete_topics, ensure_topics
+from topics.producer import durable_producer
 from topics.shard import shard_of
 
 BAR_S = 60.0
@@ -137,10 +138,8 @@ class Writer:
         self.script = self.redis.register_script(LWW_SCRIPT)
         if self.with_engine:
             await ensure_topics(s.kafka_bootstrap, Engine.all_topic_specs(s, self.app_id))
-            self.producer = AIOKafkaProducer(
-                bootstrap_servers=s.kafka_bootstrap,
-                acks="all",
-                enable_idempotence=True,
+            self.producer = durable_producer(
+                s.kafka_bootstrap,
                 linger_ms=20,
                 max_batch_size=1024 * 1024,
             )

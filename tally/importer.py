@@ -43,7 +43,7 @@ from typing import Any, BinaryIO, NamedTuple, Protocol
 
 import asyncpg
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from tally.progress import Progress
@@ -51,6 +51,7 @@ from tally.settings import Settings
 from topics import limits
 from topics.admin import TopicMismatch, ensure_topics
 from topics.codec import decode_result, encode
+from topics.producer import durable_producer
 from topics.schema import SOURCE_HEADER, Deposit, Result, Status
 from topics.shard import shard_of
 from topics.specs import Topics, topics_for
@@ -797,10 +798,8 @@ class Publisher:
     async def connect(self) -> None:
         """Reach Kafka: before the source is read, so that an unreachable one fails fast."""
         async with self._kafka():
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap,
-                acks="all",
-                enable_idempotence=True,
+            producer = durable_producer(
+                self.bootstrap,
                 linger_ms=5,
                 max_batch_size=512 * 1024,
             )

@@ -13,11 +13,11 @@ from typing import Any
 
 import aiohttp
 import msgspec
-from aiokafka import AIOKafkaProducer
 
 from streams.state import BalanceState
 from tally.settings import Settings, child_env
 from topics.codec import encode
+from topics.producer import durable_producer
 from topics.specs import Topics, topics_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,10 +211,8 @@ async def produce(
     Sent without waiting for each acknowledgement; the idempotent producer keeps each
     partition's records in the order given. None places a record by murmur2 of its key
     (the account's shard)."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        enable_idempotence=True,
+    producer = durable_producer(
+        bootstrap,
         linger_ms=5,
         max_batch_size=512 * 1024,
     )

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import asyncpg
 import msgspec
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tally.settings import Settings
 from topics.codec import decode_command, encode
+from topics.producer import durable_producer
 from topics.schema import Deposit
 from topics.shard import shard_of
 
@@ -114,10 +115,8 @@ async def run(
 
 
 async def _produce(settings: Settings, topic: str, deposits: list[Deposit]) -> Stage:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        acks="all",
-        enable_idempotence=True,
+    producer = durable_producer(
+        settings.kafka_bootstrap,
         linger_ms=produce_linger_ms,
     )
     await producer.start()
