@@ -247,3 +247,20 @@ async def trickle(
 
 def command(c: Any) -> tuple[str, bytes, None]:
     return (c.account, encode(c), None)
+
+
+async def run_cli(settings: Settings, *args: str, timeout_s: float = 120.0) -> tuple[int, str, str]:
+    """`tally ARGS` as a child process with `settings` as its environment: exit code,
+    stdout, stderr. (Killed after `timeout_s`.)"""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tally.cli", *args,
+        cwd=ROOT, env=child_env(settings),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return int(proc.returncode or 0), out.decode(), err.decode()

@@ -63,6 +63,17 @@ class Deployment:
     async def pg(self) -> verify.Balances:
         return await verify.pg_balances(self.settings.pg_dsn, self.schema)
 
+    async def project(self) -> tuple[SinkRunner, SinkRunner]:
+        """Produce the workload with both sinks running, until the engine has answered
+        everything and both stores are drained; the (stopped) PostgreSQL and Redis
+        runners, with their counts."""
+        pg, rd = self.runner("postgres"), self.runner("redis")
+        async with running(pg, rd):
+            await self.produce()
+            await self.drained()
+            assert await verify.wait_drained([pg, rd], timeout_s=60)
+        return pg, rd
+
 
 @contextlib.asynccontextmanager
 async def deployment(

@@ -5,7 +5,6 @@ and seq; damage to the ledger itself and a stray Redis key are named too."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,31 +13,12 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
-from sinks import verify
 from sinks.migrate import quote
 from sinks.redis_store import balance_key
 from tally.audit import Report, audit, render
-from tally.procs import ROOT, EngineProcess, free_port
-from tally.settings import Settings, child_env
-from tests.integration.sink_support import Deployment, deployment, running
-
-
-async def _cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tally.cli", "audit", *args,
-        cwd=ROOT, env=child_env(settings),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    return int(proc.returncode or 0), out.decode(), err.decode()
-
-
-async def _drained_deployment(d: Deployment) -> None:
-    pg, rd = d.runner("postgres"), d.runner("redis")
-    async with running(pg, rd):
-        await d.produce()
-        await d.drained()
-        assert await verify.wait_drained([pg, rd], timeout_s=60)
+from tally.procs import EngineProcess, free_port, run_cli
+from tally.settings import Settings
+from tests.integration.sink_support import Deployment, deployment
 
 
 async def _two_balances(conn: Any, schema: str) -> list[Any]:
@@ -83,7 +63,7 @@ async def test_audit_agrees_then_names_what_was_tampered_with(
     settings: Settings, unique: str, tmp_path: Path
 ) -> None:
     async with deployment(settings, unique, tmp_path) as d:
-        await _drained_deployment(d)
+        await d.project()
         s, schema = d.settings, quote(d.schema)
         engine_url = f"http://127.0.0.1:{d.engine.port}"
         progress: list[str] = []
@@ -122,7 +102,7 @@ async def test_audit_agrees_then_names_what_was_tampered_with(
             )
             await rd.hincrby(key, "held", 7)
 
-            code, out, err = await _cli(s, "--engine-url", engine_url)
+            code, out, err = await run_cli(s, "audit", "--engine-url", engine_url)
             assert code == 1, out + err
             assert "mismatches: 2 (postgres 1, redis 1)" in out, out
             for row, store in ((first, "postgres"), (second, "redis")):
@@ -175,8 +155,10 @@ async def test_audit_agrees_then_names_what_was_tampered_with(
         assert ("redis", "ghost") in kinds
 
         # A store that does not answer: exit 2, naming it.
-        code, out, err = await _cli(s, "--engine-url", f"http://127.0.0.1:{free_port()}")
+        code, out, err = await run_cli(
+            s, "audit", "--engine-url", f"http://127.0.0.1:{free_port()}"
+        )
         assert code == 2 and "tally audit: engine: no worker answers" in err, out + err
         no_redis = msgspec.structs.replace(s, redis_url=f"redis://127.0.0.1:{free_port()}/0")
-        code, out, err = await _cli(no_redis, "--skip-engine")
+        code, out, err = await run_cli(no_redis, "audit", "--skip-engine")
         assert code == 2 and "tally audit: Redis: unreachable at redis://" in err, out + err

@@ -4,8 +4,6 @@ PostgreSQL table read through a cursor, and the fail-fast errors."""
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -15,8 +13,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tally import importer
 from tally.importer import Options, Problem, Report, Row
-from tally.procs import ROOT, EngineProcess, free_port
-from tally.settings import Settings, child_env
+from tally.procs import EngineProcess, free_port, run_cli
+from tally.settings import Settings
 
 HEADER = "account,asset,amount\n"
 cli_timeout_s = 60
@@ -28,17 +26,6 @@ def deployment(settings: Settings, engine: EngineProcess) -> Settings:
     return msgspec.structs.replace(
         settings, topic_prefix=engine.prefix, partitions=engine.partitions
     )
-
-
-async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    """`tally import ARGS` as a child process: exit code, stdout, stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tally.cli", "import", *args,
-        cwd=ROOT, env=child_env(settings),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), cli_timeout_s)
-    return int(proc.returncode or 0), out.decode(), err.decode()
 
 
 async def run(settings: Settings, source: importer.Source, **options: bool) -> Report:
@@ -82,7 +69,7 @@ async def test_a_csv_is_imported_once_and_a_second_run_is_all_duplicates(
             f"{sub},USD,3"]  # fmt: skip
     path = csv_file(tmp_path, "opening.csv", rows)
 
-    code, out, err = await cli(deploy, str(path))
+    code, out, err = await run_cli(deploy, "import", str(path), timeout_s=cli_timeout_s)
     assert code == 0, out + err
     assert "applied: 5" in out and "complete: every row is in the ledger" in out
     assert "import: checked: done, 5 rows" in err  # progress goes to stderr
@@ -91,7 +78,7 @@ async def test_a_csv_is_imported_once_and_a_second_run_is_all_duplicates(
     for account, balances in expected.items():
         assert await available(engine, account) == balances
 
-    code, out, err = await cli(deploy, str(path))
+    code, out, err = await run_cli(deploy, "import", str(path), timeout_s=cli_timeout_s)
     assert code == 0, out + err
     assert "already imported: 5" in out and "applied" not in out
     for account, balances in expected.items():
@@ -147,7 +134,7 @@ async def test_bad_rows_are_reported_by_line_and_strict_imports_nothing(
         (13, "amount_not_a_number"),
     ]
 
-    code, out, err = await cli(deploy, "--strict", str(path))
+    code, out, err = await run_cli(deploy, "import", "--strict", str(path), timeout_s=cli_timeout_s)
     assert code == 1, out + err
     listed = [line.split(": ")[:2] for line in out.splitlines() if line.startswith("  line ")]
     assert listed == [[f"  line {n}", problem] for n, problem in expected]
@@ -201,7 +188,15 @@ async def test_a_postgresql_table_is_imported_through_a_cursor(
             asset: (7 + 500 * k + 1, 1) for k, asset in enumerate(assets)
         }
 
-        code, out, err = await cli(deploy, "--pg-query", query, "--pg-dsn", settings.pg_dsn)
+        code, out, err = await run_cli(
+            deploy,
+            "import",
+            "--pg-query",
+            query,
+            "--pg-dsn",
+            settings.pg_dsn,
+            timeout_s=cli_timeout_s,
+        )
         assert code == 1, out + err  # the two bad rows are still there
         assert f"already imported: {count:,}" in out and "applied" not in out
     finally:
@@ -228,14 +223,21 @@ async def test_without_an_engine_no_wait_sends_and_waiting_gives_up(
 async def test_a_missing_file_or_service_fails_fast_on_one_line(
     settings: Settings, tmp_path: Path
 ) -> None:
-    code, out, err = await cli(settings, str(tmp_path / "nope.csv"))
+    code, out, err = await run_cli(
+        settings, "import", str(tmp_path / "nope.csv"), timeout_s=cli_timeout_s
+    )
     assert (code, out) == (2, "") and err.strip().splitlines() == [
         f"tally import: cannot read {tmp_path / 'nope.csv'}: No such file or directory"
     ]
 
     path = csv_file(tmp_path, "opening.csv", ["alice,USD,1"])
     dead = f"127.0.0.1:{free_port()}"
-    code, out, err = await cli(msgspec.structs.replace(settings, kafka_bootstrap=dead), str(path))
+    code, out, err = await run_cli(
+        msgspec.structs.replace(settings, kafka_bootstrap=dead),
+        "import",
+        str(path),
+        timeout_s=cli_timeout_s,
+    )
     assert (code, out) == (2, "") and len(err.strip().splitlines()) == 1
     assert err.startswith(f"tally import: Kafka unreachable at {dead}")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,8 +23,8 @@ from sinks.migrate import quote
 from sinks.replay import Replay
 from tally.audit import audit, render
 from tally.bench_sinks import _events
-from tally.procs import ROOT, produce
-from tally.settings import Settings, child_env
+from tally.procs import produce, run_cli
+from tally.settings import Settings
 from tests.integration.sink_support import PARTITIONS, Deployment, deployment, running
 from topics.admin import ensure_topics
 from topics.specs import topics_for
@@ -34,17 +33,6 @@ from topics.specs import topics_for
 command_timeout_s = 60.0
 fast_failure_s = 10.0
 EXTRA_EVENTS = 40
-
-
-async def _cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tally.cli", "replay", *args,
-        cwd=ROOT, env=child_env(settings),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), command_timeout_s)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @contextlib.asynccontextmanager
@@ -119,11 +107,7 @@ async def test_replay_rebuilds_each_store_and_the_live_sinks_resume(
 ) -> None:
     async with deployment(settings, unique, tmp_path) as d:
         s = d.settings
-        pg, rd = d.runner("postgres"), d.runner("redis")
-        async with running(pg, rd):
-            await d.produce()
-            await d.drained()
-            assert await verify.wait_drained([pg, rd], timeout_s=60)
+        pg, rd = await d.project()
         dump_pg = await verify.pg_dump(s.pg_dsn, d.schema)
         dump_redis = await verify.redis_dump(s.redis_url, s.topic_prefix)
         offsets_before = await _sink_offsets(s)
@@ -132,7 +116,9 @@ async def test_replay_rebuilds_each_store_and_the_live_sinks_resume(
 
         # (1) Redis emptied, rebuilt by the command in a process of its own.
         await _flush_redis(s)
-        code, out, err = await _cli(s, "--target", "redis")
+        code, out, err = await run_cli(
+            s, "replay", "--target", "redis", timeout_s=command_timeout_s
+        )
         assert code == 0, err
         assert "replay redis: done" in out and f"{rd.written_events:,}" in out
         assert "replay redis: done, " in err  # the progress display's closing line
@@ -200,13 +186,17 @@ async def test_replay_beside_a_live_sink_is_refused_unless_forced(
         live = service.runner_for(local, "postgres")
         async with running(live):
             await _wait_assigned(live)
-            code, out, err = await _cli(local, "--target", "postgres")
+            code, out, err = await run_cli(
+                local, "replay", "--target", "postgres", timeout_s=command_timeout_s
+            )
             assert code == 2 and out == ""
             assert err.count("\n") == 1, err
             assert f"consumer group rp-{unique}-sink-postgres has 1 live member" in err
             assert "--force" in err
             # The Redis store has no live sink: not refused.
-            code, out, err = await _cli(local, "--target", "redis")
+            code, out, err = await run_cli(
+                local, "replay", "--target", "redis", timeout_s=command_timeout_s
+            )
             assert code == 0 and "replay redis: done" in out, err
             forced = await Replay(local, "postgres", force=True, tty=False, say=print).run()
             assert forced.completed and forced.events == 0
@@ -231,7 +221,13 @@ async def test_an_unreachable_store_or_kafka_fails_fast_naming_it(
     ]  # fmt: skip
     for target, change, says in cases:
         started = time.monotonic()
-        code, out, err = await _cli(msgspec.structs.replace(local, **change), "--target", target)
+        code, out, err = await run_cli(
+            msgspec.structs.replace(local, **change),
+            "replay",
+            "--target",
+            target,
+            timeout_s=command_timeout_s,
+        )
         assert time.monotonic() - started < fast_failure_s
         assert code == 2 and out == "", err
         assert err.count("\n") == 1 and err.startswith(f"tally replay: {says}"), err
