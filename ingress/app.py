@@ -275,8 +275,9 @@ class Ingress:
 
     # --- the checks every /v1 request goes through -----------------------------
 
-    async def _admit(self, request: web.Request, *, cost: int = 1) -> tuple[str, bytes]:
-        """Read the body (bounded) and check the signature and the rate limit; return
+    async def _admit(self, request: web.Request) -> tuple[str, bytes]:
+        """Read the body (bounded), check the signature and take one token of the rate
+        limit (a batch pays for its other commands once parsed); return
         the client (key id, or address when unsigned) and the body."""
         limit = self.settings.ingress_body_max_bytes
         if request.content_length is not None and request.content_length > limit:
@@ -312,7 +313,7 @@ class Ingress:
                     field=exc.field,
                     headers={"WWW-Authenticate": 'Tally-HMAC-SHA256 realm="tally"'},
                 ) from None
-        self._limit(client, cost)
+        self._limit(client, 1)
         return client, body
 
     def _limit(self, client: str, cost: int) -> None:

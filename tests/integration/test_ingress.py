@@ -161,11 +161,8 @@ async def test_a_retry_with_the_same_key_gives_the_same_result_and_one_effect(fr
     async with front.client() as tally:
         first = await tally.submit(body, wait=10, idempotency_key="pay-1")
         again = await tally.submit(body, wait=10, idempotency_key="pay-1")
-        other = await front.client(front.second).__aenter__()
-        try:
+        async with front.client(front.second) as other:
             third = await other.submit({**body, "command_id": "pay-1"}, wait=10)
-        finally:
-            await other.__aexit__(None, None, None)
         reused = await tally.submit({**body, "amount": 26}, wait=10, idempotency_key="pay-1")
         assert first.status == again.status == third.status == reused.status == 200
         assert first.body["status"] == "applied"
