@@ -17,22 +17,32 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sinks.runner import Batch
+from sinks.runner import Batch, StoreLost
 
-# KEYS: balance key, assets key, balance key, assets key, ...
-# ARGV: "available:held:seq" per balance (one argument each: packing arguments is most of
-# the client's work). The asset is the balance key's last segment (assets never hold ':').
-# Returns the number of balances written.
+# KEYS: the partition's progress key, then balance key, assets key, balance key, ...
+# ARGV: the offset the sink believes Redis holds for the partition (0: nothing yet), the
+# batch's next offset, then "available:held:seq" per balance (one argument each: packing
+# arguments is most of the client's work). The asset is the balance key's last segment
+# (assets never hold ':'). Returns the number of balances written, or -1 without writing
+# anything when the progress the sink had written is gone (Redis lost its data).
+# The progress only ever moves forward, so a replay beside a live sink cannot move it back.
 LWW_SCRIPT = """
+local stored = redis.call('GET', KEYS[1])
+if stored == false and tonumber(ARGV[1]) > 0 then
+  return -1
+end
 local written = 0
-for i = 1, #KEYS, 2 do
-  local available, held, seq = string.match(ARGV[(i + 1) / 2], '^(-?%d+):(%d+):(%d+)$')
+for i = 2, #KEYS, 2 do
+  local available, held, seq = string.match(ARGV[i / 2 + 2], '^(-?%d+):(%d+):(%d+)$')
   local current = redis.call('HGET', KEYS[i], 'seq')
   if current == false or tonumber(current) < tonumber(seq) then
     redis.call('HSET', KEYS[i], 'available', available, 'held', held, 'seq', seq)
     redis.call('SADD', KEYS[i + 1], string.match(KEYS[i], '([^:]+)$'))
     written = written + 1
   end
+end
+if stored == false or tonumber(stored) < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[2])
 end
 return written
 """
@@ -46,6 +56,11 @@ def assets_key(prefix: str, shard: int, account: str) -> str:
     return f"{prefix}:{{{shard}}}:assets:{account}"
 
 
+def offset_key(prefix: str, shard: int) -> str:
+    """The sink's progress in events partition `shard` (partition = shard)."""
+    return f"{prefix}:{{{shard}}}:offset"
+
+
 class RedisStore:
     name = "redis"
     unavailable: tuple[type[BaseException], ...] = (
@@ -54,9 +69,10 @@ class RedisStore:
         OSError,
     )
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, partitions: int) -> None:
         self.url = url
         self.prefix = prefix
+        self.partitions = partitions
         self.client: Any = None
         self.script: Any = None
         self.written = 0
@@ -72,7 +88,15 @@ class RedisStore:
             await client.aclose()
 
     async def offsets(self, topic: str) -> dict[int, int] | None:
-        return None  # Kafka's committed offsets; writes are idempotent by seq
+        """The stored progress per partition; a partition Redis knows nothing of is
+        absent (the runner reads it from the beginning). `topic` is implied by the prefix."""
+        if self.client is None:
+            await self.open()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for p in range(self.partitions):
+                pipe.get(offset_key(self.prefix, p))
+            values = await pipe.execute()
+        return {p: int(v) for p, v in enumerate(values) if v is not None}
 
     async def write(self, batch: Batch) -> None:
         if self.client is None:
@@ -84,9 +108,14 @@ class RedisStore:
                 key = (shard, e.account, e.asset)
                 if key not in latest or latest[key][2] < e.seq:
                     latest[key] = (e.available, e.held, e.seq)
-        by_shard: dict[int, tuple[list[str], list[Any]]] = {}
+        # Every partition the batch advances gets its call, balances or not: its
+        # progress moves with it.
+        by_shard: dict[int, tuple[list[str], list[Any]]] = {
+            p: ([offset_key(self.prefix, p)], [batch.start.get(p, 0), end])
+            for p, end in sorted(batch.offsets.items())
+        }
         for (shard, account, asset), (available, held, seq) in latest.items():
-            keys, args = by_shard.setdefault(shard, ([], []))
+            keys, args = by_shard[shard]
             keys += (balance_key(self.prefix, shard, account, asset),
                      assets_key(self.prefix, shard, account))  # fmt: skip
             args.append(b"%d:%d:%d" % (available, held, seq))
@@ -96,4 +125,7 @@ class RedisStore:
             for keys, args in by_shard.values():
                 await self.script(keys=keys, args=args, client=pipe)
             written = await pipe.execute()
-        self.written += sum(int(n) for n in written)
+        lost = [p for p, n in zip(by_shard, written, strict=True) if int(n) < 0]
+        self.written += sum(int(n) for n in written if int(n) > 0)
+        if lost:
+            raise StoreLost(lost)

@@ -12,6 +12,12 @@ backoff and full jitter, on the same batch, until it answers; the sink logs once
 it goes down and once when it is back, not once per retry. An event that cannot be
 decoded goes to the dead-letter topic and the sink goes on.
 
+A store can also lose what it had (Redis flushed or restarted empty). A store that keeps
+its own offsets notices when it writes (`StoreLost`), and the loop looks for it every
+`probe_every_s` too (stored offsets behind what was written, for partitions that are
+quiet); either way every assigned partition is read again from the store's offsets, so
+the store is rebuilt from the events topic while the sink runs.
+
 The same loop replays (`until`): given partitions from their beginning up to fixed end
 offsets, with no consumer group, nothing committed to Kafka and no dead letter sent
 again (the live sink sent it when it first read the event), then it stops.
@@ -43,6 +49,16 @@ log = logging.getLogger(__name__)
 backoff_first_s = 0.1
 backoff_max_s = 5.0
 status_every_s = 10.0
+probe_every_s = 5.0
+
+
+class StoreLost(Exception):
+    """The store no longer holds what this sink wrote to these partitions (a Redis that
+    was flushed or restarted empty): nothing of the batch was written for them."""
+
+    def __init__(self, partitions: list[int]) -> None:
+        super().__init__(f"the store lost partitions {partitions}")
+        self.partitions = partitions
 
 
 @dataclass
@@ -52,6 +68,9 @@ class Batch:
     topic: str
     events: list[tuple[int, Result]] = field(default_factory=list)  # (shard, result)
     offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset
+    # partition -> the offset the store should hold before this batch (the previous
+    # batch's end): what a store that keeps offsets checks to notice it lost its data.
+    start: dict[int, int] = field(default_factory=dict)
 
     @property
     def entries(self) -> int:
@@ -107,6 +126,8 @@ class SinkRunner:
         self.dead_lettered = 0
         self.down_since: float | None = None
         self.outages = 0
+        self.rebuilds = 0
+        self._next_probe = 0.0
         self.consumer: AIOKafkaConsumer | None = None
         self.on_batch: Callable[[Batch], None] | None = None
         self._stopping = asyncio.Event()
@@ -170,8 +191,15 @@ class SinkRunner:
                 # One write in flight: batch N is written while batch N+1 is polled and
                 # decoded. Writes stay in order; N is committed before N+1 is written.
                 await self._finish()
+                if self._reseek:
+                    continue  # the store lost data: everything is read again
                 if batch.offsets:
+                    batch.start = {
+                        p: self._next.get(TopicPartition(self.topic, p), 0) for p in batch.offsets
+                    }
                     self._pending = (batch, asyncio.create_task(self._write(batch)))
+                elif self.until is None:
+                    await self._probe()
                 if self.until is not None and await self._at_end():
                     break
             await self._finish()
@@ -200,6 +228,9 @@ class SinkRunner:
         batch, write = self._pending
         try:
             await write
+        except StoreLost as lost:
+            self._lost(lost.partitions)
+            return
         finally:
             self._pending = None
         assert self.consumer is not None
@@ -222,6 +253,43 @@ class SinkRunner:
                 self.written_entries,
                 await self.lag(),
             )
+
+    def _lost(self, partitions: list[int]) -> None:
+        """The store lost what was written: read every assigned partition again from the
+        store's own offsets (those it lost start over from the beginning). Nothing of the
+        batch in hand is committed; what was already polled is dropped and read again."""
+        assert self.consumer is not None
+        self.rebuilds += 1
+        log.warning(
+            "sink %s: the store lost its data for partitions %s; rebuilding it from "
+            "the events topic",
+            self.store.name,
+            sorted(partitions),
+        )
+        self._reseek |= set(self.consumer.assignment())
+
+    async def _probe(self) -> None:
+        """On a quiet loop, every probe_every_s: a store whose offsets are behind what
+        this sink wrote has lost data that no new event would make it notice."""
+        now = time.monotonic()
+        if now < self._next_probe or self._pending is not None:
+            return
+        self._next_probe = now + probe_every_s
+        try:
+            stored = await self.store.offsets(self.topic)
+        except self.store.unavailable:
+            return  # the next write waits for it
+        if stored is None:
+            return
+        assert self.consumer is not None
+        assigned = self.consumer.assignment()
+        behind = [
+            tp.partition
+            for tp, written in self._next.items()
+            if tp in assigned and written > 0 and stored.get(tp.partition, 0) < written
+        ]
+        if behind:
+            self._lost(behind)
 
     async def _poll(self) -> dict[TopicPartition, list[Any]]:
         assert self.consumer is not None

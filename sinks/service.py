@@ -36,7 +36,7 @@ def runner_for(settings: Settings, target: str, partitions: list[int] | None = N
     if target == "postgres":
         store = PostgresStore(settings.pg_dsn, schema_of(settings))
     elif target == "redis":
-        store = RedisStore(settings.redis_url, settings.topic_prefix)
+        store = RedisStore(settings.redis_url, settings.topic_prefix, settings.partitions)
     else:
         raise ValueError(f"unknown sink target {target!r}")
     return SinkRunner(

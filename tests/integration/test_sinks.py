@@ -8,12 +8,17 @@ import asyncio
 from pathlib import Path
 
 import asyncpg
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from sinks import verify
 from sinks.migrate import migrate, quote
+from sinks.redis_store import offset_key
+from tally.procs import produce
 from tally.settings import Settings
-from tests.integration.sink_support import deployment, running
+from tests.integration.sink_support import PARTITIONS, deployment, running
+from topics.codec import encode
+from topics.schema import Deposit
 
 
 async def test_migrations_run_once_even_concurrently(settings: Settings, unique: str) -> None:
@@ -70,14 +75,76 @@ async def test_stores_agree_and_a_replay_changes_nothing(
         )
 
         # Replay the whole topic from offset 0 into the full stores: new consumer groups,
-        # and PostgreSQL's own offsets forgotten.
+        # and the offsets both stores keep forgotten.
         conn = await asyncpg.connect(s.pg_dsn)
         await conn.execute(f"DELETE FROM {quote(d.schema)}.sink_offsets")
         await conn.close()
+        client = aioredis.from_url(s.redis_url)
+        await client.delete(*(offset_key(s.topic_prefix, p) for p in range(PARTITIONS)))
+        await client.aclose()
         pg2 = d.runner("postgres", group=f"replay-pg-{unique}")
         rd2 = d.runner("redis", group=f"replay-rd-{unique}")
         async with running(pg2, rd2):
             assert await verify.wait_drained([pg2, rd2], timeout_s=120)
         assert pg2.written_events == pg.written_events > 0
+        assert rd2.written_events == rd.written_events > 0
         assert await verify.pg_dump(s.pg_dsn, d.schema) == dump_pg
         assert await verify.redis_dump(s.redis_url, s.topic_prefix) == dump_redis
+
+
+async def _forget_redis(settings: Settings) -> int:
+    """What a FLUSHALL does to this deployment: every key of its prefix is gone (the
+    other tests' keys in the shared Redis are left alone)."""
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{settings.topic_prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        return len(keys)
+    finally:
+        await client.aclose()
+
+
+async def test_a_redis_that_lost_its_data_is_rebuilt_by_the_live_sink(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    async with deployment(settings, unique, tmp_path, count=800) as d:
+        s = d.settings
+        rd = d.runner("redis")
+        async with running(rd):
+            await d.produce()
+            events = await d.drained()
+            assert await verify.wait_drained([rd], timeout_s=60)
+            before = await verify.redis_dump(s.redis_url, s.topic_prefix)
+            assert before
+
+            # Quiet partitions: nothing new arrives, the sink's probe notices.
+            assert await _forget_redis(s) > 0
+            deadline = asyncio.get_running_loop().time() + 30
+            while await verify.redis_dump(s.redis_url, s.topic_prefix) != before:
+                assert asyncio.get_running_loop().time() < deadline, "Redis never rebuilt"
+                await asyncio.sleep(0.5)
+            assert rd.rebuilds == 1
+
+            # Under load: the first write after the loss notices it (the probe is off).
+            rd._next_probe = float("inf")
+            await _forget_redis(s)
+            more = [
+                (f"more-{unique}-{i}", encode(Deposit(
+                    command_id=f"more-{unique}-{i}", account=f"more-{unique}-{i}", asset="USD",
+                    amount=7)), None)
+                for i in range(40)
+            ]  # fmt: skip
+            await produce(s.kafka_bootstrap, d.engine.topics.commands.name, more)
+            expected = dict(events)
+            expected.update({(f"more-{unique}-{i}", "USD"): (7, 0, 1) for i in range(40)})
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                found = await verify.redis_balances(s.redis_url, s.topic_prefix)
+                if found == expected:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, (
+                    f"Redis not rebuilt: {len(found)} of {len(expected)} balances"
+                )
+                await asyncio.sleep(0.5)
+            assert rd.rebuilds == 2
