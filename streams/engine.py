@@ -47,6 +47,7 @@ from aiokafka.structs import TopicPartition
 from streams import ledger
 from streams.state import BalanceState
 from streams.store import ShardStore
+from streams.watchdog import Watchdog
 from tally.progress import Progress
 from tally.settings import Settings
 from topics import limits
@@ -121,6 +122,7 @@ class Engine:
         # same records twice (a fetch from the committed offset in flight while the
         # position is reset to that same offset).
         self._next: dict[TopicPartition, int] = {}
+        self.watchdog = Watchdog()
 
     @staticmethod
     def topics_of(settings: Settings) -> Topics:
@@ -176,6 +178,7 @@ class Engine:
                 )
                 async with self._lock:
                     await self._process(polled)
+                self._observe()
                 if standby is not None and standby.done():
                     standby.result()  # a failed standby ends the run with its error
         finally:
@@ -208,6 +211,7 @@ class Engine:
                 await self._drop_producer(p)
             for tp in revoked:
                 self._next.pop(tp, None)
+            self._forget_unowned()
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
         async with self._lock:
@@ -238,6 +242,10 @@ class Engine:
                 self.recovering -= set(new)
             self.owned |= set(new)
             self._next_rescan = 0.0
+            self.watchdog.assigned(
+                [(tp.topic, tp.partition) for tp in assigned if tp.partition in self.owned],
+                time.monotonic(),
+            )
             self.assigned_once.set()
             log.info("serving shards %s", sorted(self.owned))
 
@@ -452,7 +460,9 @@ class Engine:
             # Another worker owns the shard now; the rebalance that told it so will
             # reach this worker too. Until then the shard's records are not ours.
             log.warning("shard %d: fenced by a newer owner; giving it up", p)
+            self.counts["fenced"] += 1
             self.owned.discard(p)
+            self._forget_unowned()
             await self._drop_producer(p)
             return
         if not isinstance(error, KafkaError) or not self.exactly_once:
@@ -601,6 +611,55 @@ class Engine:
                 self.counts["pruned"] += len(old)
         return due
 
+    # Watchdog ----------------------------------------------------------------------------
+
+    def _forget_unowned(self) -> None:
+        self.watchdog.assigned(
+            [k for k in self.watchdog.partitions if k[1] in self.owned], time.monotonic()
+        )
+
+    def _observe(self) -> None:
+        """After each poll is processed: where each served partition stands (the
+        consumer's position, which also moves past transaction markers and aborted
+        records) and where it ends, for the watchdog; a partition newly stalled is
+        logged once."""
+        consumer = self.consumer
+        if consumer is None:
+            return
+        now = time.monotonic()
+        for tp in consumer.assignment():
+            if tp.partition not in self.owned:
+                continue
+            key = (tp.topic, tp.partition)
+            position = _position_now(consumer, tp)
+            if position is not None:
+                self.watchdog.advanced(key, position, now)
+            self.watchdog.seen(key, consumer.highwater(tp), position)
+        for topic, partition in self.watchdog.newly_stalled(now):
+            log.warning(
+                "%s[%d]: no progress for %.0fs with %d records waiting (stalled)",
+                topic,
+                partition,
+                self.watchdog.stalled_for((topic, partition), now),
+                self.watchdog.partitions[(topic, partition)].lag,
+            )
+
+    def progress(self) -> list[tuple[str, int, int, float]]:
+        """(topic, partition, lag, seconds stalled) of every served partition, as of
+        now: the ends are read fresh from the consumer's fetcher, which keeps fetching
+        in the background, so a loop that hangs still shows its growing stall."""
+        consumer = self.consumer
+        now = time.monotonic()
+        if consumer is not None:
+            for tp in consumer.assignment():
+                key = (tp.topic, tp.partition)
+                if key in self.watchdog.partitions:
+                    self.watchdog.seen(key, consumer.highwater(tp), None)
+        return [
+            (topic, partition, state.lag, self.watchdog.stalled_for((topic, partition), now))
+            for (topic, partition), state in sorted(self.watchdog.partitions.items())
+        ]
+
     # Reads -------------------------------------------------------------------------------
 
     def owns(self, account: str) -> bool:
@@ -635,6 +694,17 @@ def _range_assignor() -> Any:
     from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
     return RangePartitionAssignor
+
+
+def _position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The consumer's position of `tp` if it has one, without waiting. (aiokafka's
+    `position()` waits for an offset reset; the watchdog must never hold the loop, so
+    this reads the same subscription state `position()` reads.)"""
+    try:
+        state = consumer._subscription.subscription.assignment.state_value(tp)
+        return int(state.position) if state.has_valid_position else None
+    except (AttributeError, KeyError, TypeError):
+        return None
 
 
 def _source(record: Any, internal: bool) -> list[tuple[str, bytes]] | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -24,6 +25,9 @@ import yarl
 from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocol
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from streams.engine import Engine
 from streams.state import BalanceState
@@ -187,6 +191,56 @@ class ShardOwners:
         return owners
 
 
+class _EngineCollector(Collector):
+    """The engine's state as metric families, read at each scrape."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine
+        yield GaugeMetricFamily(
+            "tally_engine_ready",
+            "1 when every assigned shard has recovered and serves.",
+            value=int(engine.ready),
+        )
+        shards = GaugeMetricFamily("tally_engine_shards", "Shards by state.", labels=["state"])
+        shards.add_metric(["serving"], len(engine.owned))
+        shards.add_metric(["recovering"], len(engine.recovering))
+        yield shards
+        progress = engine.progress()
+        lag = GaugeMetricFamily(
+            "tally_engine_partition_lag",
+            "Records on a served partition not applied yet.",
+            labels=["topic", "partition"],
+        )
+        stall = GaugeMetricFamily(
+            "tally_engine_partition_stalled_seconds",
+            "Seconds a served partition has had records waiting while its offset did not"
+            " move (0: not stalled).",
+            labels=["topic", "partition"],
+        )
+        for topic, partition, waiting, stalled_s in progress:
+            lag.add_metric([topic, str(partition)], waiting)
+            stall.add_metric([topic, str(partition)], round(stalled_s, 1))
+        yield lag
+        yield stall
+        limit = engine.watchdog.stall_after_s
+        yield GaugeMetricFamily(
+            "tally_engine_stalled_partitions",
+            f"Served partitions stalled for {limit:.0f}s or more: the watchdog's alarm.",
+            value=sum(1 for *_, stalled_s in progress if stalled_s >= limit),
+        )
+        records = CounterMetricFamily(
+            "tally_engine_records",
+            "Records and outcomes counted by this worker since it started.",
+            labels=["outcome"],
+        )
+        for name, value in sorted(engine.counts.items()):
+            records.add_metric([name], value)
+        yield records
+
+
 class WorkerWeb:
     def __init__(self, engine: Engine, host: str, port: int) -> None:
         self.engine = engine
@@ -197,12 +251,15 @@ class WorkerWeb:
             engine.settings.kafka_bootstrap, engine.group_id, engine.topics.commands.name
         )
         self._runner: web.AppRunner | None = None
+        self._registry = CollectorRegistry()
+        self._registry.register(_EngineCollector(engine))
         self.app = web.Application()
         self.app.router.add_get("/livez", self.livez)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/balances/{account}", self.balances)
         self.app.router.add_get("/balances/{account}/", self.balances)
         self.app.router.add_get("/shards/{shard}/balances", self.shard_balances)
+        self.app.router.add_get("/metrics", self.metrics)
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -222,9 +279,21 @@ class WorkerWeb:
             "ready": engine.ready,
             "serving": sorted(engine.owned),
             "recovering": sorted(engine.recovering),
+            "stalled": [
+                f"{topic}[{partition}]"
+                for topic, partition, _, stalled_s in engine.progress()
+                if stalled_s >= engine.watchdog.stall_after_s
+            ],
             "counts": dict(engine.counts),
         }
         return web.json_response(body, status=200 if engine.ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text: readiness, shards, per-partition lag and stall (the
+        watchdog), and the engine's counters, computed when scraped."""
+        return web.Response(
+            body=generate_latest(self._registry), content_type="text/plain", charset="utf-8"
+        )
 
     async def balances(self, request: web.Request) -> web.Response:
         account = request.match_info["account"]

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
+
 from tally.collector import Collector
 from tally.procs import EngineProcess, command, produce
 from tally.settings import Settings
-from topics.schema import Deposit
+from topics.schema import Deposit, Transfer
 
 PARTITIONS = 4
 
@@ -116,3 +118,57 @@ async def test_two_workers_share_the_shards_and_route_the_view(
         await collector.stop()
         await b.stop()
         await a.stop()
+
+
+async def test_metrics_show_every_served_partition_caught_up_and_no_stall(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    """After a workload with transfers (so the internal topic carries transaction markers
+    and credits), every served partition shows lag 0: markers are not records waiting,
+    which a watchdog comparing offsets with the high watermark would take for a stall."""
+    engine = EngineProcess(
+        settings, prefix=f"met-{unique}", data_dir=tmp_path / "state", partitions=PARTITIONS
+    )
+    accounts = [f"met-{unique}-{i}" for i in range(8)]
+    commands = [
+        Deposit(command_id=f"d{i}", account=a, asset="USD", amount=100)
+        for i, a in enumerate(accounts)
+    ] + [
+        Transfer(command_id=f"t{i}", account=a, to=accounts[(i + 3) % 8], asset="USD", amount=5)
+        for i, a in enumerate(accounts)
+    ]
+    collector = Collector(settings.kafka_bootstrap, engine.topics)
+    await engine.start()
+    await collector.start(from_end=False)
+    try:
+        await produce(settings.kafka_bootstrap, engine.topics.commands.name,
+                      [command(c) for c in commands])  # fmt: skip
+        assert await collector.wait_for(
+            lambda r: sum(len(v) for v in r.by_id.values()) >= 24, timeout_s=30, say=print
+        )
+        url = f"http://127.0.0.1:{engine.port}/metrics"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(50):
+                async with session.get(url) as response:
+                    assert response.status == 200
+                    text = await response.text()
+                samples = {
+                    line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line and not line.startswith("#")
+                }
+                lags = {
+                    k: v for k, v in samples.items() if k.startswith("tally_engine_partition_lag")
+                }
+                if len(lags) == 2 * PARTITIONS and not any(lags.values()):
+                    break
+                await asyncio.sleep(0.2)
+        assert len(lags) == 2 * PARTITIONS, text  # commands and internal, every shard
+        assert not any(lags.values()), lags
+        assert samples["tally_engine_ready"] == 1
+        assert samples["tally_engine_stalled_partitions"] == 0
+        assert samples['tally_engine_records_total{outcome="applied"}'] == 24
+        assert samples['tally_engine_shards{state="serving"}'] == PARTITIONS
+    finally:
+        await collector.stop()
+        await engine.stop()
