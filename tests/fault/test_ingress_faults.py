@@ -5,43 +5,18 @@ Kafka or PostgreSQL is stopped, normal answers once it is back, and nothing answ
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from tally import faults
 from tally.client import Client
-from tally.procs import ROOT, EngineProcess, IngressProcess
+from tally.procs import EngineProcess, IngressProcess
 from tally.settings import Settings
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
 KEY_ID, SECRET = "fault-client", "fault-secret-0123456789"
-
-
-def _broker() -> tuple[int, Path]:
-    """The Kafka broker's JVM (the one java process running kafka.Kafka) and the state
-    directory of the services script that started it, so that the test restarts that
-    same broker (a clone's own script would start another one on empty data)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
-        except (OSError, UnicodeDecodeError):
-            continue
-        if "kafka.Kafka" in argv:
-            found.append((int(entry.name), argv))
-    if len(found) != 1:
-        pytest.skip(f"needs exactly one local Kafka broker process, found {len(found)}")
-    pid, argv = found[0]
-    config = next((a for a in argv if a.endswith("server.properties")), None)
-    if config is None:
-        pytest.skip("the Kafka broker was not started by scripts/services.sh")
-    return pid, Path(config).parent.parent
 
 
 def _deposit(command_id: str, account: str) -> dict[str, object]:
@@ -61,18 +36,15 @@ async def test_kafka_stopped_gives_503_then_202_when_it_returns(
     await engine.start()
     await ingress.start()
     account = f"acct-{unique}"
-    pid, cache_dir = _broker()
+    try:
+        found = faults.broker()
+    except faults.FaultUnavailable as exc:
+        pytest.skip(str(exc))
     try:
         async with Client(ingress.url, KEY_ID, SECRET) as tally:
             before = await tally.submit(_deposit("before", account), wait=10)
             assert before.status == 200, before
-            os.kill(pid, signal.SIGTERM)  # a clean broker stop, as an operator would
-            for _ in range(300):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                await asyncio.sleep(0.1)
+            await faults.stop_broker(found)  # SIGTERM: a clean stop, as an operator would
             started = time.monotonic()
             down = await tally.submit(_deposit("during", account))
             took = time.monotonic() - started
@@ -85,12 +57,7 @@ async def test_kafka_stopped_gives_503_then_202_when_it_returns(
             batch = await tally.submit_batch([_deposit("during-b", account)])
             assert batch.status == 503 and batch.body["unavailable"] == 1, batch
 
-            restart = await asyncio.to_thread(
-                subprocess.run, [str(ROOT / "scripts" / "services.sh"), "up"],
-                env={**os.environ, "TALLY_CACHE_DIR": str(cache_dir)},
-                capture_output=True, text=True, timeout=180,
-            )  # fmt: skip
-            assert restart.returncode == 0, restart.stdout + restart.stderr
+            await faults.start_services(found.cache_dir)
             deadline = time.monotonic() + 90
             after = None
             while time.monotonic() < deadline:
@@ -117,18 +84,16 @@ async def test_kafka_stopped_gives_503_then_202_when_it_returns(
 async def test_postgres_stopped_gives_503_on_reads_of_it_and_commands_still_flow(
     settings: Settings, unique: str, tmp_path: Path
 ) -> None:
-    from tests.fault.test_sink_faults import _pg_cluster, _pg_ctl
-
     prefix = f"fp-{unique}"
     ingress = IngressProcess(settings, prefix=prefix, log_path=tmp_path / "ingress.log",
                              partitions=2, keys={KEY_ID: SECRET})  # fmt: skip
     await ingress.start()
-    pg_ctl, data, options = await _pg_cluster(settings.pg_dsn)
+    cluster = await faults.pg_cluster(settings.pg_dsn)
     stopped = False
     try:
         async with Client(ingress.url, KEY_ID, SECRET) as tally:
             assert (await tally.result("nothing-yet")).status == 404
-            await _pg_ctl(pg_ctl, "-D", data, "-m", "fast", "-w", "stop")
+            await faults.stop_postgres(cluster)
             stopped = True
             down = await tally.result("nothing-yet")
             assert down.status == 503 and down.body["field"] == "postgres", down
@@ -138,8 +103,7 @@ async def test_postgres_stopped_gives_503_on_reads_of_it_and_commands_still_flow
             # Commands need Kafka only: still accepted.
             accepted = await tally.submit(_deposit("pg-down", f"acct-{unique}"))
             assert accepted.status == 202, accepted
-            await _pg_ctl(pg_ctl, "-D", data, "-w", "-l", "/tmp/tally-pg-restart.log", "-o",
-                          options, "start")  # fmt: skip
+            await faults.start_postgres(cluster)
             stopped = False
             deadline = time.monotonic() + 30
             while (await tally.result("nothing-yet")).status != 404:
@@ -148,6 +112,5 @@ async def test_postgres_stopped_gives_503_on_reads_of_it_and_commands_still_flow
             assert (await tally.request("GET", "/readyz")).status == 200
     finally:
         if stopped:
-            await _pg_ctl(pg_ctl, "-D", data, "-w", "-l", "/tmp/tally-pg-restart.log", "-o",
-                          options, "start")  # fmt: skip
+            await faults.start_postgres(cluster)
         await ingress.stop()

@@ -16,6 +16,7 @@ import msgspec
 import pytest
 
 from sinks import verify
+from tally import faults
 from tally.procs import ROOT
 from tally.settings import Settings, child_env
 from tests.integration.sink_support import Deployment, deployment, running
@@ -95,35 +96,10 @@ async def _has_rows(d: Deployment, n: int) -> bool:
         return False
 
 
-async def _pg_cluster(dsn: str) -> tuple[str, str, str]:
-    """(pg_ctl, data directory, the -o options it was started with) of the server."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        data = str(await conn.fetchval("SHOW data_directory"))
-    finally:
-        await conn.close()
-    argv = _postmaster_argv(data)
-    options = argv[argv.index("-D") + 2 :]  # after the binary, -D and the data directory
-    return str(Path(argv[0]).with_name("pg_ctl")), data, shlex.join(options)
-
-
-def _postmaster_argv(data: str) -> list[str]:
-    return shlex.split(Path(data, "postmaster.opts").read_text())
-
-
-async def _pg_ctl(*args: str) -> None:
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    proc = await asyncio.create_subprocess_exec(
-        *as_postgres, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0, out.decode()
-
-
 async def test_postgres_stopped_under_load_then_the_sink_catches_up(
     settings: Settings, unique: str, tmp_path: Path
 ) -> None:
-    pg_ctl, data, options = await _pg_cluster(settings.pg_dsn)
+    cluster = await faults.pg_cluster(settings.pg_dsn)
     async with deployment(settings, unique, tmp_path, count=3000) as d:
         pg, rd = d.runner("postgres"), d.runner("redis")
         pg.batch_size = 100
@@ -132,13 +108,10 @@ async def test_postgres_stopped_under_load_then_the_sink_catches_up(
             producing = asyncio.create_task(d.produce())
             try:
                 assert await _until(lambda: _has_rows(d, 300), 90)
-                await _pg_ctl(pg_ctl, "-D", data, "-m", "fast", "-w", "stop")
+                await faults.stop_postgres(cluster)
                 stopped = True
                 await asyncio.sleep(3)
-                await _pg_ctl(
-                    pg_ctl, "-D", data, "-w", "-l", "/tmp/tally-pg-restart.log", "-o", options,
-                    "start",
-                )  # fmt: skip
+                await faults.start_postgres(cluster)
                 restarted = True
                 await producing
                 events = await d.drained()
@@ -146,10 +119,7 @@ async def test_postgres_stopped_under_load_then_the_sink_catches_up(
             finally:
                 producing.cancel()
                 if stopped and not restarted:
-                    await _pg_ctl(
-                        pg_ctl, "-D", data, "-w", "-l", "/tmp/tally-pg-restart.log", "-o",
-                        options, "start",
-                    )  # fmt: skip
+                    await faults.start_postgres(cluster)
         assert pg.outages >= 1, "the sink never saw PostgreSQL go away"
         assert pg.down_since is None
         s = d.settings

@@ -1,0 +1,165 @@
+"""Break the local services on purpose and bring them back: the Kafka broker, the
+PostgreSQL server and Redis, as `scripts/services.sh` runs them. For the fault tests and
+the chaos harness; nothing here is used by a deployment.
+
+Each helper finds the server that is actually running (its pid and its own state
+directory) instead of assuming this checkout started it: a clean clone running against
+services another checkout started must restart *that* broker, not start a second one on
+empty data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from tally.procs import ROOT
+
+
+class FaultUnavailable(RuntimeError):
+    """This fault cannot be injected here (the service was not started by services.sh)."""
+
+
+@dataclass(frozen=True)
+class Broker:
+    pid: int
+    cache_dir: Path  # the TALLY_CACHE_DIR of the services.sh that started it
+
+
+def broker() -> Broker:
+    """The Kafka broker's JVM (the one java process running kafka.Kafka) and the state
+    directory of the services script that started it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
+        except (OSError, UnicodeDecodeError):
+            continue
+        if "kafka.Kafka" in argv:
+            found.append((int(entry.name), argv))
+    if len(found) != 1:
+        raise FaultUnavailable(f"needs exactly one local Kafka broker process, found {len(found)}")
+    pid, argv = found[0]
+    config = next((a for a in argv if a.endswith("server.properties")), None)
+    if config is None:
+        raise FaultUnavailable("the Kafka broker was not started by scripts/services.sh")
+    return Broker(pid, Path(config).parent.parent)
+
+
+async def stop_broker(found: Broker, *, timeout_s: float = 60.0) -> None:
+    """SIGTERM (a clean broker stop, as an operator would) and wait for the JVM to exit."""
+    os.kill(found.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(found.pid, 0)
+        except ProcessLookupError:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"the Kafka broker (pid {found.pid}) did not stop in {timeout_s}s")
+
+
+async def start_services(cache_dir: Path, *, timeout_s: float = 180.0) -> None:
+    """`scripts/services.sh up` on that state directory: starts what is down, waits ready."""
+    proc = await asyncio.create_subprocess_exec(
+        str(ROOT / "scripts" / "services.sh"), "up",
+        env={**os.environ, "TALLY_CACHE_DIR": str(cache_dir)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"services.sh up failed ({proc.returncode}):\n{out.decode()}")
+
+
+async def restart_broker(*, down_s: float = 0.0) -> float:
+    """Stop the broker, leave it down `down_s`, start it again; the seconds it was down."""
+    found = broker()
+    started = time.monotonic()
+    await stop_broker(found)
+    await asyncio.sleep(down_s)
+    await start_services(found.cache_dir)
+    return time.monotonic() - started
+
+
+@dataclass(frozen=True)
+class PgCluster:
+    pg_ctl: str
+    data: str
+    options: str  # the -o options it was started with (port, listen, socket dir)
+
+
+async def pg_cluster(dsn: str) -> PgCluster:
+    """The running PostgreSQL server's pg_ctl, data directory and start options."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        data = str(await conn.fetchval("SHOW data_directory"))
+    finally:
+        await conn.close()
+    argv = _postmaster_argv(data)
+    options = argv[argv.index("-D") + 2 :]  # after the binary, -D and the data directory
+    return PgCluster(str(Path(argv[0]).with_name("pg_ctl")), data, shlex.join(options))
+
+
+def _postmaster_argv(data: str) -> list[str]:
+    try:
+        return shlex.split(Path(data, "postmaster.opts").read_text())
+    except OSError as exc:
+        raise FaultUnavailable(f"cannot read PostgreSQL's postmaster.opts: {exc}") from exc
+
+
+async def pg_ctl(*args: str) -> None:
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    proc = await asyncio.create_subprocess_exec(
+        *as_postgres, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"pg_ctl {' '.join(args)} failed:\n{out.decode()}")
+
+
+async def stop_postgres(cluster: PgCluster) -> None:
+    await pg_ctl(cluster.pg_ctl, "-D", cluster.data, "-m", "fast", "-w", "stop")
+
+
+async def start_postgres(cluster: PgCluster) -> None:
+    await pg_ctl(cluster.pg_ctl, "-D", cluster.data, "-w", "-l", "/tmp/tally-pg-restart.log",
+                 "-o", cluster.options, "start")  # fmt: skip
+
+
+async def restart_postgres(dsn: str, *, down_s: float = 0.0) -> float:
+    """Stop PostgreSQL (fast: connections are cut), leave it down, start it again."""
+    cluster = await pg_cluster(dsn)
+    started = time.monotonic()
+    await stop_postgres(cluster)
+    try:
+        await asyncio.sleep(down_s)
+    finally:
+        await start_postgres(cluster)
+    return time.monotonic() - started
+
+
+async def flush_redis(url: str) -> int:
+    """FLUSHDB on the database of `url`: everything in it is gone. The key count before."""
+    client: Any = aioredis.from_url(url)
+    try:
+        keys = int(await client.dbsize())
+        await client.flushdb()
+        return keys
+    finally:
+        await client.aclose()
