@@ -10,9 +10,11 @@ SERVICES := scripts/services.sh
 PYTEST_ARGS ?=
 BENCH_COUNT ?= 200000
 BENCH_SECONDS ?= 10
+DURATION ?= 300
+SEED ?= 1
 
 .PHONY: help venv services services-down services-status lint fmt test test-unit \
-        test-integration test-fault demo bench clean
+        test-integration test-fault demo bench chaos clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -73,6 +75,9 @@ bench: $(STAMP) services ## Run the benchmarks (engine, sinks, HTTP, recovery, r
 	$(VENV)/bin/tally bench recovery --balances 1000000
 	$(VENV)/bin/tally bench replay --events $(BENCH_COUNT)
 	$(VENV)/bin/tally bench audit --balances 1000000
+
+chaos: $(STAMP) services ## Long chaos run: faults on a seeded schedule under load, then checks (DURATION=300 SEED=1)
+	$(VENV)/bin/tally chaos --duration $(DURATION) --seed $(SEED)
 
 clean: ## Remove the virtualenv and caches (not the services' data: see services-down)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

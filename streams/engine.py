@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import ProducerFenced
 from aiokafka.structs import TopicPartition
 
 from streams import ledger
@@ -70,6 +70,11 @@ prune_scan_per_shard = 5000
 session_timeout_ms = 10_000
 heartbeat_interval_ms = 2_000
 recovery_log_every_s = 2.0
+# A shard whose batches fail this many times in a row (each followed by taking the shard
+# over again) ends the worker: an outage of the broker is waited out by the retries
+# inside one take-over, so this many failures mean something else is wrong.
+max_failures_in_a_row = 20
+producer_stop_timeout_s = 5.0
 
 # (topic, key, value, partition)
 # (topic, key, value, partition, headers)
@@ -123,6 +128,7 @@ class Engine:
         # position is reset to that same offset).
         self._next: dict[TopicPartition, int] = {}
         self.watchdog = Watchdog()
+        self._failures: dict[int, int] = {}  # shard -> batches failed in a row
 
     @staticmethod
     def topics_of(settings: Settings) -> Topics:
@@ -268,8 +274,9 @@ class Engine:
     async def _drop_producer(self, p: int) -> None:
         producer = self.producers.pop(p, None)
         if producer is not None:
+            # Bounded: a producer whose broker is gone can wait long for its batches.
             with contextlib.suppress(Exception):
-                await producer.stop()
+                await asyncio.wait_for(producer.stop(), producer_stop_timeout_s)
         store = self.stores.get(p)
         if store is not None:
             store.discard()
@@ -453,6 +460,7 @@ class Engine:
         offsets = [f.result().offset for f in changelog]
         store.flush(max(offsets) + 1 if offsets else None)
         self._next.update(batch.offsets)
+        self._failures.pop(p, None)
 
     async def _failed(self, p: int, batch: _Batch, error: BaseException) -> None:
         """A shard's batch did not commit. Its local changes are already discarded."""
@@ -465,18 +473,71 @@ class Engine:
             self._forget_unowned()
             await self._drop_producer(p)
             return
-        if not isinstance(error, KafkaError) or not self.exactly_once:
+        if not isinstance(error, Exception):
+            raise error  # cancelled
+        self.counts["batches_failed"] += 1
+        self._failures[p] = self._failures.get(p, 0) + 1
+        if self._failures[p] > max_failures_in_a_row:
+            # Not an outage that passes: the same shard failing batch after batch is a
+            # bug or a broken disk. End the worker (its supervisor restarts it, and the
+            # shard moves) instead of spinning.
             raise error
-        log.warning("shard %d: batch aborted (%r); it will be read again", p, error)
-        try:
-            await self.producers[p].abort_transaction()
-        except Exception:
-            log.exception("shard %d: abort failed; re-initialising its producer", p)
-            await self._new_producer(p)
+        log.warning("shard %d: batch failed (%r); it will be read again", p, error)
+        if self.exactly_once:
+            try:
+                await self.producers[p].abort_transaction()
+            except Exception as exc:
+                # The producer is unusable (its transaction state went fatal when the
+                # broker went away in the middle of a commit, say), and whether the
+                # commit happened is unknown: take the shard over again from Kafka.
+                log.warning("shard %d: abort failed (%r); taking the shard over again", p, exc)
+                await self._reclaim(p)
+                return
+        else:
+            await self._reclaim(p)
+            return
         assert self.consumer is not None
         for tp, offset in batch.first.items():
             self.consumer.seek(tp, offset)
             self._next[tp] = offset
+
+    async def _reclaim(self, p: int) -> None:
+        """Take shard p over again, as a new owner would: a new transactional producer
+        (which fences any other holder of the shard's id and aborts its open
+        transaction), the local store caught up from the changelog, and the consumer
+        put back at the committed offsets. Whatever the failed batch did or did not
+        commit, the shard then continues from what Kafka has. Retried, with backoff,
+        until the broker answers: a broker restart must not end the worker."""
+        assert self.consumer is not None
+        self.recovering.add(p)
+        delay = 0.5
+        try:
+            while True:
+                try:
+                    await self._new_producer(p)
+                    await self._recover([p])
+                    for tp in self.consumer.assignment():
+                        if tp.partition != p:
+                            continue
+                        committed = await self.consumer.committed(tp)
+                        if committed is None:
+                            self._next.pop(tp, None)
+                            await self.consumer.seek_to_beginning(tp)
+                        else:
+                            self._next[tp] = committed
+                            self.consumer.seek(tp, committed)
+                    self.counts["reclaimed"] += 1
+                    log.info("shard %d: taken over again; serving", p)
+                    return
+                except Exception as exc:
+                    if self._stopping.is_set():
+                        raise
+                    log.warning("shard %d: cannot take it over yet (%r); retrying", p, exc)
+                    await self._drop_producer(p)
+                    await asyncio.sleep(delay)
+                    delay = min(5.0, delay * 2)
+        finally:
+            self.recovering.discard(p)
 
     def _handle(self, p: int, store: ShardStore, record: Any, out: list[Output]) -> None:
         """Decide one record of shard p's commands or internal partition."""

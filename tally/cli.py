@@ -440,6 +440,126 @@ def import_(
     sys.exit(report.exit_code())
 
 
+@main.command()
+@click.option(
+    "--duration",
+    "duration_s",
+    default=60,
+    show_default=True,
+    type=click.IntRange(10, 24 * 3600),
+    help="Seconds of load; the faults fall in its first 80%. Draining and checking follow.",
+)
+@click.option("--seed", default=1, show_default=True, type=int, help="Load and fault plan.")
+@click.option(
+    "--faults",
+    "faults_count",
+    type=click.IntRange(0, 1000),
+    help="How many faults [default: one per 25 s of load, at least 3].",
+)
+@click.option(
+    "--kinds",
+    default=",".join(
+        ("kill9", "sigstop", "add_worker", "broker_restart", "pg_restart", "redis_flush")
+    ),
+    show_default=True,
+    help="Comma-separated fault kinds to draw from; each comes once before any repeats.",
+)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(2, 3))
+@click.option(
+    "--rate", default=300, show_default=True, type=click.IntRange(1, 5000), help="Records/s."
+)
+@click.option("--accounts", default=200, show_default=True, type=click.IntRange(10, 100_000))
+@click.option(
+    "--redis-db",
+    default=9,
+    show_default=True,
+    type=click.IntRange(0, 15),
+    help="The Redis database of the run, which it FLUSHes (at the start and as a fault).",
+)
+@click.option("--keep", is_flag=True, help="Keep the run's topics, schema and Redis keys.")
+def chaos(
+    duration_s: int,
+    seed: int,
+    faults_count: int | None,
+    kinds: str,
+    workers: int,
+    rate: int,
+    accounts: int,
+    redis_db: int,
+    keep: bool,
+) -> None:
+    """Break a running deployment on a seeded schedule and check that nothing was lost
+    or applied twice.
+
+    \b
+    Starts WORKERS engine processes in one consumer group (4 shards), the PostgreSQL
+    and Redis sinks, and a seeded load of RATE records/s for DURATION seconds; meanwhile
+    injects the planned faults: kill9 (a worker killed with SIGKILL and restarted,
+    sometimes without its state directory), sigstop (a worker paused past its session
+    timeout, then continued: a zombie that must be fenced), add_worker, broker_restart,
+    pg_restart, redis_flush. Then it waits for everything to drain and checks: one
+    result per command record, one decision per command id, one result per internal
+    command, seq 1..n per balance, conservation per asset, dead letters = the garbage
+    sent, the stores hold the events' balances, and `tally audit`.
+
+    Needs the services of `make services` (it restarts the broker and PostgreSQL those
+    scripts run). Logs: .cache/chaos/<prefix>/. Exit status: 0 every check passed,
+    1 a check failed (the seed and plan are printed to reproduce it), 2 the run could
+    not be carried out.
+    """
+    from tally import chaos as chaos_job
+
+    settings = _settings()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    # The harness breaks the broker on purpose: aiokafka's reconnect chatter is expected.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    picked = [k.strip() for k in kinds.split(",") if k.strip()]
+    unknown = sorted(set(picked) - set(chaos_job.KINDS))
+    if unknown or not picked:
+        raise click.BadParameter(
+            f"unknown {unknown}; choose from {', '.join(chaos_job.KINDS)}", param_hint="--kinds"
+        )
+    count = faults_count if faults_count is not None else max(3, duration_s // 25)
+    harness = chaos_job.Harness(
+        settings,
+        seed=seed,
+        duration_s=duration_s,
+        faults_count=count,
+        kinds=picked,
+        workers=workers,
+        rate=rate,
+        accounts=accounts,
+        redis_db=redis_db,
+        work_dir=Path(".cache/chaos").resolve(),
+        say=lambda line: click.echo(line, err=True),
+    )
+    click.echo("fault plan:", err=True)
+    for fault in harness.run.plan:
+        click.echo(f"  {fault.line()}", err=True)
+
+    async def go() -> chaos_job.Run:
+        try:
+            return await harness.execute()
+        finally:
+            if not keep:
+                await harness.clean()
+
+    try:
+        run = asyncio.run(go())
+    except (chaos_job.ChaosError, faults_unavailable()) as exc:
+        click.echo(f"tally chaos: could not run (seed {seed}): {exc}", err=True)
+        click.echo(chaos_job.render(harness.run), err=True)
+        sys.exit(2)
+    click.echo(chaos_job.render(run))
+    sys.exit(0 if run.ok else 1)
+
+
+def faults_unavailable() -> type[Exception]:
+    from tally.faults import FaultUnavailable
+
+    return FaultUnavailable
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks against the real local services; they print their numbers."""
