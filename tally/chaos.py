@@ -140,6 +140,7 @@ class Run:
     injected: list[str] = field(default_factory=list)  # what happened, with times
     checks: list[Check] = field(default_factory=list)
     workers: list[dict[str, Any]] = field(default_factory=list)
+    sinks: list[str] = field(default_factory=list)
     seconds: float = 0.0
     logs: Path | None = None
 
@@ -230,6 +231,11 @@ class Harness:
                 for sink in self.sinks:
                     sink.stop()
                 await asyncio.gather(*sink_tasks)
+                self.run.sinks = [
+                    f"{r.store.name}: {r.written_events} events written, {r.outages} outages,"
+                    f" {r.rebuilds} rebuilds after lost data"
+                    for r in self.sinks
+                ]
                 self.run.checks = await self._check()
             finally:
                 for sink in self.sinks:
@@ -743,6 +749,7 @@ def render(run: Run) -> str:
     lines += [
         f"    [{'ok' if c.ok else 'FAIL':>4}] {c.name:<{width}}  {c.detail}" for c in run.checks
     ]
+    lines += ["  sinks:", *(f"    {line}" for line in run.sinks)]
     lines.append("  workers:")
     for n, w in enumerate(run.workers):
         counts = w.get("counts", {})
