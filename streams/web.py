@@ -242,11 +242,13 @@ class _EngineCollector(Collector):
 
 
 class WorkerWeb:
-    def __init__(self, engine: Engine, host: str, port: int) -> None:
+    def __init__(
+        self, engine: Engine, host: str, port: int, *, advertised: str | None = None
+    ) -> None:
         self.engine = engine
         self.host = host
         self.port = port
-        self.address = f"http://{host}:{port}"
+        self.address = f"http://{advertised or host}:{port}"
         self._owners = ShardOwners(
             engine.settings.kafka_bootstrap, engine.group_id, engine.topics.commands.name
         )

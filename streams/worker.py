@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -21,7 +22,12 @@ from topics.admin import ensure_topics
 
 log = logging.getLogger(__name__)
 
-WEB_HOST = "127.0.0.1"
+
+def advertised_host(settings: Settings) -> str:
+    """The host other workers reach this one's web server at (see `web_advertised_host`)."""
+    if settings.web_advertised_host == "auto":
+        return socket.gethostbyname(socket.gethostname())
+    return settings.web_advertised_host or settings.web_host
 
 
 class VerificationRetries(logging.Filter):
@@ -64,13 +70,14 @@ async def serve(
     quiet_verification_retries()
     engine = Engine(settings, app_id=app_id)
     await ensure_topics(settings.kafka_bootstrap, Engine.all_topic_specs(settings, engine.app_id))
-    web = WorkerWeb(engine, WEB_HOST, settings.web_port)
+    advertised = advertised_host(settings)
+    web = WorkerWeb(engine, settings.web_host, settings.web_port, advertised=advertised)
     await web.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, engine.stop)
     run = asyncio.create_task(
-        engine.run(client_id=client_id_for(WEB_HOST, settings.web_port)), name="engine"
+        engine.run(client_id=client_id_for(advertised, settings.web_port)), name="engine"
     )
     side = None
     if job is not None:

@@ -57,6 +57,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     topic_prefix: Annotated[str, msgspec.Meta(pattern=_TOPIC_PREFIX)] = "tally"
     data_dir: Annotated[str, msgspec.Meta(min_length=1)] = ".cache/engine"
     web_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 6066
+    # Where an engine worker's web server listens, and the host other workers use to
+    # reach it (they forward reads to a shard's owner): empty means web_host, "auto"
+    # this machine's own address (a container's, when workers run as replicas).
+    web_host: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9.:-]{1,253}$")] = "127.0.0.1"
+    web_advertised_host: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9.-]{1,253})?$")] = ""
     processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
     # How long a command_id is remembered: a repeat within this window is answered as a
     # duplicate; after it the record is pruned and the id may apply again. 0 keeps all.

@@ -107,6 +107,8 @@ def test_variables_of_the_services_script_are_not_reported(name: str) -> None:
         ("TALLY_LOG_LEVEL", "TRACE"),
         ("TALLY_PROCESSING_GUARANTEE", "exactly-once"),
         ("TALLY_WEB_PORT", "70000"),
+        ("TALLY_WEB_HOST", "a host"),
+        ("TALLY_WEB_ADVERTISED_HOST", "http://worker-1"),
         ("TALLY_TOPIC_PREFIX", "bad prefix"),
         ("TALLY_KAFKA_BOOTSTRAP", ""),
     ],
@@ -178,3 +180,14 @@ def test_to_env_reads_back_into_the_same_settings() -> None:
     )
     assert load(to_env(changed)) == changed
     assert to_env(changed)["TALLY_PARTITIONS"] == "3"
+
+
+def test_the_advertised_web_host_defaults_to_the_listen_host_and_auto_resolves() -> None:
+    import ipaddress
+
+    from streams.worker import advertised_host
+
+    assert advertised_host(load({})) == "127.0.0.1"
+    both = {"TALLY_WEB_HOST": "0.0.0.0", "TALLY_WEB_ADVERTISED_HOST": "worker-1"}
+    assert advertised_host(load(both)) == "worker-1"
+    ipaddress.ip_address(advertised_host(load({"TALLY_WEB_ADVERTISED_HOST": "auto"})))

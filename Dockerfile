@@ -1,0 +1,26 @@
+# The Tally processes (engine workers, sinks, ingress) for machines WITH a Docker engine:
+# `docker compose --profile app up -d --scale worker=3` (see README, "Scaling out").
+# CI and the build machines have no Docker engine; there the same processes run from the
+# virtualenv (`make demo`, `tally engine`), which is what the tests exercise.
+FROM python:3.11-slim
+
+WORKDIR /app
+# Dependencies first, so that a code change does not reinstall them.
+COPY pyproject.toml README.md ./
+RUN mkdir -p topics streams sinks ingress tally && touch topics/__init__.py \
+        streams/__init__.py sinks/__init__.py ingress/__init__.py tally/__init__.py \
+    && pip install --no-cache-dir -e . \
+    && rm -rf topics streams sinks ingress tally
+COPY topics topics
+COPY streams streams
+COPY sinks sinks
+COPY ingress ingress
+COPY tally tally
+COPY migrations migrations
+# Editable: the package finds migrations/ beside it, as in a checkout.
+RUN pip install --no-cache-dir --no-deps -e .
+
+RUN useradd --create-home tally && mkdir -p /var/lib/tally && chown tally /var/lib/tally
+USER tally
+ENV TALLY_DATA_DIR=/var/lib/tally/engine
+ENTRYPOINT ["tally"]
