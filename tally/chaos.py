@@ -199,6 +199,7 @@ class Harness:
         self.sinks: list[SinkRunner] = []
         self._started = 0.0
         self._killed: set[int] = set()  # workers this harness killed and not restarted yet
+        self._retired: set[int] = set()  # workers stopped for good (a scale-down)
         self.deaths: list[str] = []  # workers that exited on their own
 
     # The run -----------------------------------------------------------------------------
@@ -292,7 +293,7 @@ class Harness:
             await asyncio.sleep(0.5)
             for n, worker in enumerate(self.workers):
                 proc = worker.proc
-                if proc is None or proc.returncode is None or n in self._killed:
+                if proc is None or proc.returncode is None or n in self._killed | self._retired:
                     continue
                 self.deaths.append(
                     f"worker-{n} exited {proc.returncode} at t+{self._elapsed():.1f}s"
@@ -382,7 +383,13 @@ class Harness:
         kind = fault.kind
         if kind == "add_worker":
             if len(self._live()) >= MAX_WORKERS:
-                self._note(f"add_worker skipped: {MAX_WORKERS} workers already")
+                # At the most workers: scale down instead, so that the group changes
+                # either way. A clean leave: SIGTERM, the worker flushes and leaves.
+                n = max(i for i, w in enumerate(self.workers) if w in self._live())
+                self._retired.add(n)
+                code = await self.workers[n].stop()
+                self._note(f"add_worker: {MAX_WORKERS} workers already; worker-{n} left"
+                           f" instead (SIGTERM, exit {code})")  # fmt: skip
                 return
             await self._add_worker()
             self._note(f"add_worker: worker-{len(self.workers) - 1} started")
@@ -435,7 +442,7 @@ class Harness:
     async def _heal(self) -> None:
         """Every worker running again (a stopped one continued, a dead one restarted)."""
         for n, worker in enumerate(self.workers):
-            if worker.proc is None:
+            if worker.proc is None or n in self._retired:
                 continue
             if worker.proc.returncode is None:
                 worker.proc.send_signal(signal.SIGCONT)
@@ -444,8 +451,9 @@ class Harness:
                     self.deaths.append(f"worker-{n} exited {worker.proc.returncode}")
                 self._note(f"heal: worker-{n} had exited ({worker.proc.returncode}); restarted")
                 await worker.start(wait=False)
+        serving = [w for n, w in enumerate(self.workers) if n not in self._retired]
         try:
-            await asyncio.gather(*(w.wait_ready() for w in self.workers))
+            await asyncio.gather(*(w.wait_ready() for w in serving))
         except Exception as exc:
             raise ChaosError(f"a worker did not come back: {exc}") from exc
 

@@ -496,8 +496,9 @@ def chaos(
     and Redis sinks, and a seeded load of RATE records/s for DURATION seconds; meanwhile
     injects the planned faults: kill9 (a worker killed with SIGKILL and restarted,
     sometimes without its state directory), sigstop (a worker paused past its session
-    timeout, then continued: a zombie that must be fenced), add_worker, broker_restart,
-    pg_restart, redis_flush. Then it waits for everything to drain and checks: one
+    timeout, then continued: a zombie that must be fenced), add_worker (at 3 workers
+    the newest leaves with SIGTERM instead), broker_restart, pg_restart, redis_flush.
+    Then it waits for everything to drain and checks: one
     result per command record, one decision per command id, one result per internal
     command, seq 1..n per balance, conservation per asset, dead letters = the garbage
     sent, the stores hold the events' balances, and `tally audit`.
