@@ -464,14 +464,17 @@ class Engine:
 
     async def _failed(self, p: int, batch: _Batch, error: BaseException) -> None:
         """A shard's batch did not commit. Its local changes are already discarded."""
-        if isinstance(error, ProducerFenced):
-            # Another worker owns the shard now; the rebalance that told it so will
-            # reach this worker too. Until then the shard's records are not ours.
+        if _fenced(error, self.producers.get(p)):
+            # Another worker initialised the shard's transactional id: it owns the shard
+            # now. Give it up, and ask the group for a new assignment, so that the
+            # group's view and the fencing agree again (if the group still assigns the
+            # shard here, it is taken over again from Kafka, fencing the other).
             log.warning("shard %d: fenced by a newer owner; giving it up", p)
             self.counts["fenced"] += 1
             self.owned.discard(p)
             self._forget_unowned()
             await self._drop_producer(p)
+            _request_rejoin(self.consumer)
             return
         if not isinstance(error, Exception):
             raise error  # cancelled
@@ -509,6 +512,12 @@ class Engine:
         commit, the shard then continues from what Kafka has. Retried, with backoff,
         until the broker answers: a broker restart must not end the worker."""
         assert self.consumer is not None
+        if not any(tp.partition == p for tp in self.consumer.assignment()):
+            # No longer assigned here (the group moved it): nothing to take over.
+            self.owned.discard(p)
+            self._forget_unowned()
+            await self._drop_producer(p)
+            return
         self.recovering.add(p)
         delay = 0.5
         try:
@@ -755,6 +764,32 @@ def _range_assignor() -> Any:
     from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
     return RangePartitionAssignor
+
+
+def _fenced(error: BaseException, producer: AIOKafkaProducer | None) -> bool:
+    """Whether a failed batch means the shard's transactional id was taken by another
+    worker: ProducerFenced anywhere in the error's chain, or as the reason the producer's
+    sender stopped (then the batch itself may fail with a plainer error)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ProducerFenced):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        task = producer._sender.sender_task  # type: ignore[union-attr]
+        return bool(
+            task.done() and not task.cancelled() and isinstance(task.exception(), ProducerFenced)
+        )
+    except AttributeError:
+        return False
+
+
+def _request_rejoin(consumer: AIOKafkaConsumer | None) -> None:
+    """Ask the group coordinator for a rebalance. (aiokafka has no public call for it;
+    its coordinator's `request_rejoin` is what a subscription change uses.)"""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is not None and hasattr(coordinator, "request_rejoin"):
+        coordinator.request_rejoin()
 
 
 def _position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
