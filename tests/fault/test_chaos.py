@@ -37,6 +37,8 @@ async def test_short_chaos_run_loses_and_doubles_nothing(
     )
     try:
         run = await harness.execute()
+    except chaos.ChaosError as exc:
+        pytest.fail(f"the chaos run could not finish: {exc}\n{chaos.render(harness.run)}")
     finally:
         await harness.clean()
     report = chaos.render(run)
