@@ -46,15 +46,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import msgspec
-from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
-from aiokafka.structs import TopicPartition
 
 from sinks import service, verify
 from sinks.runner import SinkRunner
 from streams.engine import Engine, session_timeout_ms
 from tally import faults
-from tally.collector import implied_ids
+from tally.collector import implied_ids, read_all
 from tally.procs import EngineProcess
 from tally.settings import Settings
 from tally.workload import build
@@ -496,10 +494,13 @@ class Harness:
     async def _check(self) -> list[Check]:
         s = self.settings
         t = self.topics
-        commands, internal, events, letters = [
-            await _read_all(s.kafka_bootstrap, spec.name, spec.partitions)
-            for spec in (t.commands, t.internal, t.events, t.dead_letter)
-        ]
+        try:
+            commands, internal, events, letters = [
+                (await read_all(s.kafka_bootstrap, spec.name, spec.partitions))[0]
+                for spec in (t.commands, t.internal, t.events, t.dead_letter)
+            ]
+        except TimeoutError as exc:
+            raise ChaosError(str(exc)) from exc
         results = [(r, decode_result(r.value or b"")) for r in events]
         return [
             Check(
@@ -556,38 +557,6 @@ class Harness:
             f"{report.balances} balances; compared {compared}"
             + (f"; MISMATCHES {bad}" if bad else ""),
         )
-
-
-async def _read_all(bootstrap: str, topic: str, partitions: int) -> list[Any]:
-    """Every committed record of `topic`, from offset 0 to the end offsets taken now."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        # Explicit offsets: right after assign() a lazy seek_to_beginning can lose to
-        # the reset the assignment itself started (seen: positions at the end).
-        for tp, first in (await consumer.beginning_offsets(tps)).items():
-            consumer.seek(tp, first)
-        out: list[Any] = []
-        deadline = time.monotonic() + 120
-        while True:
-            positions = {tp: await consumer.position(tp) for tp in tps}
-            if all(positions[tp] >= ends[tp] for tp in tps):
-                return out
-            if time.monotonic() > deadline:
-                raise ChaosError(f"reading {topic} back did not reach its end in 120s")
-            polled = await consumer.getmany(timeout_ms=500, max_records=20_000)
-            for tp, records in polled.items():
-                out.extend(r for r in records if r.offset < ends[tp])
-    finally:
-        await consumer.stop()
 
 
 def _source_of(record: Any) -> str | None:

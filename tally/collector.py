@@ -12,6 +12,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -162,3 +163,37 @@ def all_answered(expected: Mapping[str, int]) -> Callable[[Results], bool]:
         return all(len(results.by_id.get(i, ())) >= n for i, n in expected.items())
 
     return done
+
+
+async def read_all(
+    bootstrap: str, topic: str, partitions: int, *, timeout_s: float = 120.0
+) -> tuple[list[Any], dict[int, int]]:
+    """Every committed record of `topic` from its beginning to the end offsets taken at
+    the start, and those end offsets per partition. Done when the consumer's position
+    reaches them (it moves past transaction markers and compacted-away offsets)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        # Explicit offsets: right after assign() a lazy seek_to_beginning can lose to
+        # the reset the assignment itself started (seen: positions at the end).
+        for tp, first in (await consumer.beginning_offsets(tps)).items():
+            consumer.seek(tp, first)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} back did not reach its end in {timeout_s}s")
+            polled = await consumer.getmany(timeout_ms=500, max_records=20_000)
+            for tp, records in polled.items():
+                out.extend(r for r in records if r.offset < ends[tp])
+        return out, {tp.partition: end for tp, end in ends.items()}
+    finally:
+        await consumer.stop()

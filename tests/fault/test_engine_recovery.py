@@ -15,7 +15,7 @@ import pytest
 
 from streams.state import BalanceState
 from tally import bench_recovery
-from tally.collector import Collector, all_answered, expected_counts
+from tally.collector import Collector, all_answered, expected_counts, read_all
 from tally.procs import EngineProcess, command, produce
 from tally.settings import Settings
 from tally.workload import Workload, build
@@ -194,28 +194,6 @@ async def _compact_quickly(bootstrap: str, topic: str) -> None:
         await admin.close()
 
 
-async def _changelog_records(bootstrap: str, topic: str, partitions: int) -> tuple[int, int]:
-    """(records a read-committed reader gets, sum of end offsets) of the changelog."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
-                                enable_auto_commit=False)  # fmt: skip
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        for tp, first in (await consumer.beginning_offsets(tps)).items():
-            consumer.seek(tp, first)
-        count = 0
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-            polled = await consumer.getmany(timeout_ms=500)
-            count += sum(len(v) for v in polled.values())
-        return count, sum(ends.values())
-    finally:
-        await consumer.stop()
-
-
 async def test_recovery_reads_a_compacted_changelog_with_gaps_and_markers_to_its_end(
     settings: Settings, unique: str, tmp_path: Path
 ) -> None:
@@ -247,7 +225,8 @@ async def test_recovery_reads_a_compacted_changelog_with_gaps_and_markers_to_its
             assert time.monotonic() < deadline, balances
             await asyncio.sleep(0.5)
         while True:  # the cleaner runs every few seconds
-            records, end = await _changelog_records(settings.kafka_bootstrap, changelog, 2)
+            read, ends = await read_all(settings.kafka_bootstrap, changelog, 2)
+            records, end = len(read), sum(ends.values())
             # Each deposit wrote its balance and its idempotency record; the balances of
             # the six accounts were overwritten eleven times, which compaction drops.
             if records < 2 * sent * 3 // 4:
