@@ -96,7 +96,7 @@ class Fault:
 
 
 def plan(seed: int, duration_s: float, count: int, kinds: Iterable[str] = KINDS) -> list[Fault]:
-    """`count` faults over the load's first 80%: every kind once (in a seeded order)
+    """`count` faults between 10% and 80% of the load: every kind once (in a seeded order)
     before any repeats, at seeded times at least a few seconds apart."""
     rng = random.Random(f"chaos-{seed}")
     kinds = list(kinds)

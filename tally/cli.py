@@ -447,7 +447,7 @@ def import_(
     default=60,
     show_default=True,
     type=click.IntRange(10, 24 * 3600),
-    help="Seconds of load; the faults fall in its first 80%. Draining and checking follow.",
+    help="Seconds of load; the faults fall between 10% and 80% of it. Then drain and check.",
 )
 @click.option("--seed", default=1, show_default=True, type=int, help="Load and fault plan.")
 @click.option(
