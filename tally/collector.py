@@ -99,12 +99,12 @@ class Collector:
             for p in range(spec.partitions)
         ]
         consumer.assign(tps)
-        if from_end:
-            await consumer.seek_to_end(*tps)
-        else:
-            await consumer.seek_to_beginning(*tps)
-        for tp in tps:  # resolve the lazy seek now, before anything is produced
-            await consumer.position(tp)
+        # Explicit offsets, resolved now (before anything is produced): a lazy
+        # seek_to_beginning right after assign() can lose to the reset the assignment
+        # itself started (see `read_all`).
+        starts = await (consumer.end_offsets if from_end else consumer.beginning_offsets)(tps)
+        for tp, offset in starts.items():
+            consumer.seek(tp, offset)
         self._consumer = consumer
         self._task = asyncio.create_task(self._run())
 
