@@ -988,27 +988,3 @@ def render(report: Report) -> str:
         lines += [f"  {m.line()}" for m in report.first]
     lines.append(f"result: {total:,} mismatch{'es' if total != 1 else ''}")
     return "\n".join(lines)
-
-
-async def audit(
-    settings: Settings,
-    *,
-    engine_url: str | None,
-    with_redis: bool = True,
-    show: int = show_default,
-    batch_size: int = batch_size_default,
-    say: Callable[[str], None] | None = None,
-    progress_tty: bool | None = None,
-) -> Report:
-    """Audit the deployment of `settings`; `engine_url` None leaves the engine out,
-    `with_redis` False leaves Redis out. Raises AuditError when a store fails."""
-    job = Audit(
-        settings,
-        engine_url=engine_url,
-        with_redis=with_redis,
-        show=show,
-        batch_size=batch_size,
-        say=say,
-        progress_tty=progress_tty,
-    )
-    return await job.run()

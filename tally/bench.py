@@ -219,9 +219,10 @@ def _with(settings: Settings, prefix: str) -> Settings:
     return msgspec.structs.replace(settings, topic_prefix=prefix)
 
 
-def _write(report: Path, out: dict[str, object]) -> None:
+def write_report(report: Path, out: object) -> None:
+    """A benchmark's JSON report (every benchmark writes one under reports/)."""
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps(out, indent=2))
+    report.write_text(json.dumps(out, indent=2) + "\n")
 
 
 def _pct(values: list[float], pct: int) -> float:
@@ -252,7 +253,7 @@ async def run(
         "raw_pipe_per_s": pipe,
         "engine": [asdict(e) for e in engines],
     }
-    await asyncio.to_thread(_write, report, out)
+    await asyncio.to_thread(write_report, report, out)
     say("")
     say(f"{'run':<22}{'commands/s':>12}{'results/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'vs pipe':>9}")
     for e in engines:

@@ -45,6 +45,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ingress import signing
 from sinks import verify
+from tally.bench import write_report
 from tally.client import Client
 from tally.procs import ROOT, IngressProcess
 from tally.settings import Settings
@@ -464,8 +465,7 @@ async def run(
         },
         "configs": [asdict(c) for c in configs],
     }
-    report.parent.mkdir(parents=True, exist_ok=True)
-    await asyncio.to_thread(report.write_text, json.dumps(out, indent=2))
+    await asyncio.to_thread(write_report, report, out)
     for line in render(configs, duration_s=duration_s):
         say(line)
     say(f"\nreport written to {report}")

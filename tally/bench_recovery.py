@@ -16,7 +16,6 @@ written.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 import resource
@@ -32,6 +31,7 @@ import msgspec
 from streams.engine import Engine, changelog_name
 from streams.state import AccountState, BalanceState
 from streams.store import account_key, balance_key
+from tally.bench import write_report
 from tally.procs import EngineProcess, produce
 from tally.settings import Settings
 from topics.admin import delete_topics, ensure_topics
@@ -164,7 +164,6 @@ def main(settings: Settings, *, balances: int, partitions: int, report: Path) ->
     result = asyncio.run(
         run(settings, balances=balances, partitions=partitions, workdir=workdir, report=report)
     )
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    write_report(report, asdict(result))
     print(f"\nreport written to {report}")
     return 0 if result.sample_ok else 1

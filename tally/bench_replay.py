@@ -14,7 +14,6 @@ every event must be there.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import msgspec
 from sinks import service, verify
 from sinks.migrate import quote
 from sinks.replay import Replay
+from tally.bench import write_report
 from tally.bench_sinks import _events
 from tally.procs import produce
 from tally.settings import Settings
@@ -110,8 +110,7 @@ async def run(
         "linger_ms": local.sink_linger_ms,
         "replays": [asdict(r) for r in results],
     }
-    report.parent.mkdir(parents=True, exist_ok=True)
-    await asyncio.to_thread(report.write_text, json.dumps(out, indent=2))
+    await asyncio.to_thread(write_report, report, out)
     say("")
     say(f"replay of {count:,} events from offset 0 into an empty store, one process")
     say(f"{'store':<12}{'seconds':>10}{'events/s':>12}{'entries/s':>12}")

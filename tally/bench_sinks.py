@@ -16,7 +16,6 @@ it (PostgreSQL's commit, Redis's pipeline), i.e. the moment a reader could see i
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import statistics
 import sys
@@ -36,6 +35,7 @@ from sinks import service, verify
 from sinks.migrate import quote
 from sinks.redis_store import balance_key
 from sinks.runner import Batch, SinkRunner
+from tally.bench import write_report
 from tally.procs import produce
 from tally.settings import Settings, child_env
 from topics.admin import delete_topics
@@ -298,8 +298,7 @@ async def run(
         "linger_ms": local.sink_linger_ms,
         "sinks": [asdict(x) for x in results],
     }
-    report.parent.mkdir(parents=True, exist_ok=True)
-    await asyncio.to_thread(report.write_text, json.dumps(out, indent=2))
+    await asyncio.to_thread(write_report, report, out)
     say("")
     say(f"sinks drained with --processes {processes}")
     say(f"{'sink':<12}{'entries/s':>12}{'lag p50 ms':>12}{'lag p99 ms':>12}{'samples':>9}")

@@ -537,16 +537,16 @@ class Harness:
         )
 
     async def _audit(self) -> Check:
-        from tally.audit import AuditError, audit
+        from tally.audit import Audit, AuditError
 
         live = self._live()
         try:
-            report = await audit(
+            report = await Audit(
                 self.settings,
                 engine_url=f"http://127.0.0.1:{live[0].port}",
                 say=lambda _: None,
                 progress_tty=False,
-            )
+            ).run()
         except AuditError as exc:
             return Check("tally audit", False, f"could not run: {exc}")
         compared = ", ".join(f"{k} {v}" for k, v in sorted(report.compared.items()))

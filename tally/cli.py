@@ -318,13 +318,13 @@ def audit(
     url = None if skip_engine else engine_url or f"http://127.0.0.1:{settings.web_port}"
     try:
         report = asyncio.run(
-            audit_job.audit(
+            audit_job.Audit(
                 settings,
                 engine_url=url,
                 with_redis=not skip_redis,
                 show=show,
                 batch_size=batch_size,
-            )
+            ).run()
         )
     except audit_job.AuditError as exc:
         hint = {"engine": " (--skip-engine audits without it)",

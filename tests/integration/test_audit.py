@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from sinks.migrate import quote
 from sinks.redis_store import balance_key
-from tally.audit import Report, audit, render
+from tally.audit import Audit, Report, render
 from tally.procs import EngineProcess, free_port, run_cli
 from tally.settings import Settings
 from tests.integration.sink_support import Deployment, deployment
@@ -46,7 +46,9 @@ async def _through_a_second_worker(d: Deployment, tmp_path: Path, clean: Report)
             await asyncio.sleep(0.1)
         else:
             raise AssertionError(f"shards not split: {served}\n{b.tail()}")
-        via_b = await audit(d.settings, engine_url=f"http://127.0.0.1:{b.port}", say=lambda _: None)
+        via_b = await Audit(
+            d.settings, engine_url=f"http://127.0.0.1:{b.port}", say=lambda _: None
+        ).run()
         assert via_b.ok and via_b.compared == clean.compared, render(via_b)
         async with aiohttp.ClientSession() as http:
             base = f"http://127.0.0.1:{b.port}/shards"
@@ -70,7 +72,7 @@ async def test_audit_agrees_then_names_what_was_tampered_with(
 
         async def run(**options: Any) -> Report:
             options.setdefault("engine_url", engine_url)
-            return await audit(s, say=progress.append, progress_tty=False, **options)
+            return await Audit(s, say=progress.append, progress_tty=False, **options).run()
 
         # Small pages: each shard's streams are merged over many pages.
         clean = await run(batch_size=7)

@@ -21,7 +21,7 @@ from aiokafka.structs import TopicPartition
 from sinks import service, verify
 from sinks.migrate import quote
 from sinks.replay import Replay
-from tally.audit import audit, render
+from tally.audit import Audit, render
 from tally.bench_sinks import _events
 from tally.procs import produce, run_cli
 from tally.settings import Settings
@@ -96,8 +96,8 @@ async def _flush_redis(settings: Settings) -> None:
 
 async def _audit_clean(s: Settings, d: Deployment) -> None:
     """`tally audit` over PostgreSQL, Redis and the engine's tables finds nothing."""
-    report = await audit(s, engine_url=f"http://127.0.0.1:{d.engine.port}", say=lambda _: None,
-                         progress_tty=False)  # fmt: skip
+    report = await Audit(s, engine_url=f"http://127.0.0.1:{d.engine.port}", say=lambda _: None,
+                         progress_tty=False).run()  # fmt: skip
     assert report.ok and report.balances > 0, render(report)
     assert set(report.sources) >= {"redis", "engine"}, report.sources
 
