@@ -47,6 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import msgspec
 from aiokafka.errors import KafkaError
+from prometheus_client.parser import text_string_to_metric_families
 
 from sinks import service, verify
 from sinks.runner import SinkRunner
@@ -140,7 +141,6 @@ class Run:
     workers: list[dict[str, Any]] = field(default_factory=list)
     sinks: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    logs: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -190,8 +190,6 @@ class Harness:
         self.work_dir = work_dir / prefix
         self.run = Run(seed, duration_s, rate, plan(seed, duration_s, faults_count, kinds))
         self.run.prefix = prefix
-        self.run.logs = self.work_dir
-        self.rng = random.Random(f"chaos-workers-{seed}")
         self.workers: list[EngineProcess] = []
         self.topics = topics_for(prefix, PARTITIONS)
         self.sinks: list[SinkRunner] = []
@@ -473,12 +471,12 @@ class Harness:
                             text = await r.text()
                     except (aiohttp.ClientError, TimeoutError):
                         continue
-                    for line in text.splitlines():
-                        if line.startswith("tally_engine_partition_lag{"):
-                            labels, value = line.rsplit(" ", 1)
-                            topic = labels.split('topic="')[1].split('"')[0]
-                            part = int(labels.split('partition="')[1].split('"')[0])
-                            lags[(topic, part)] = lags.get((topic, part), 0) + int(float(value))
+                    for family in text_string_to_metric_families(text):
+                        if family.name != "tally_engine_partition_lag":
+                            continue
+                        for sample in family.samples:
+                            key = (sample.labels["topic"], int(sample.labels["partition"]))
+                            lags[key] = lags.get(key, 0) + int(sample.value)
             waiting = sum(lags.values())
             served = len(lags)
             last = f"{served} of {2 * PARTITIONS} partitions served, {waiting} records waiting"
