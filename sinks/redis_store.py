@@ -7,6 +7,14 @@ keys in one Redis Cluster slot, which is what lets one script call write a whole
 share of a batch: per batch, one `EVALSHA` per shard, pipelined. The script writes a
 balance only when its `seq` is newer than the stored one, so replays, repeats and
 out-of-order writers can never move a balance backwards.
+
+Redis is a cache that can lose everything (FLUSHALL, a restart without persistence, a
+failover to an empty or older replica). So the sink keeps its progress in Redis, not in
+Kafka: `<prefix>:{<shard_id>}:offset` holds the next events offset of that partition,
+set by the same script call as the partition's balances (one atomic step) and only ever
+moved forward. A call that finds that progress gone, or behind what the sink had written
+there, writes nothing; the sink (`StoreLost`) then reads the events topic again from
+the offsets Redis still has, rebuilding it without an operator.
 """
 
 from __future__ import annotations
@@ -24,11 +32,12 @@ from sinks.runner import Batch, StoreLost
 # batch's next offset, then "available:held:seq" per balance (one argument each: packing
 # arguments is most of the client's work). The asset is the balance key's last segment
 # (assets never hold ':'). Returns the number of balances written, or -1 without writing
-# anything when the progress the sink had written is gone (Redis lost its data).
+# anything when the progress the sink had written is gone or behind what it wrote (Redis
+# lost its data, or came back from an older snapshot).
 # The progress only ever moves forward, so a replay beside a live sink cannot move it back.
 LWW_SCRIPT = """
 local stored = redis.call('GET', KEYS[1])
-if stored == false and tonumber(ARGV[1]) > 0 then
+if tonumber(ARGV[1]) > 0 and (stored == false or tonumber(stored) < tonumber(ARGV[1])) then
   return -1
 end
 local written = 0
@@ -59,6 +68,22 @@ def assets_key(prefix: str, shard: int, account: str) -> str:
 def offset_key(prefix: str, shard: int) -> str:
     """The sink's progress in events partition `shard` (partition = shard)."""
     return f"{prefix}:{{{shard}}}:offset"
+
+
+def script_call(prefix: str, shard: int, start: int, end: int) -> tuple[list[str], list[Any]]:
+    """The KEYS and ARGV of one LWW_SCRIPT call for a partition, before its balances:
+    the progress key, the offset the store should hold, the offset it moves to."""
+    return [offset_key(prefix, shard)], [start, end]
+
+
+def add_balance(
+    call: tuple[list[str], list[Any]], prefix: str, shard: int, account: str, asset: str,
+    available: int, held: int, seq: int,
+) -> None:  # fmt: skip
+    """One balance more in a script call (see LWW_SCRIPT for the layout)."""
+    keys, args = call
+    keys += (balance_key(prefix, shard, account, asset), assets_key(prefix, shard, account))
+    args.append(b"%d:%d:%d" % (available, held, seq))
 
 
 class RedisStore:
@@ -110,15 +135,12 @@ class RedisStore:
                     latest[key] = (e.available, e.held, e.seq)
         # Every partition the batch advances gets its call, balances or not: its
         # progress moves with it.
-        by_shard: dict[int, tuple[list[str], list[Any]]] = {
-            p: ([offset_key(self.prefix, p)], [batch.start.get(p, 0), end])
+        by_shard = {
+            p: script_call(self.prefix, p, batch.start.get(p, 0), end)
             for p, end in sorted(batch.offsets.items())
         }
         for (shard, account, asset), (available, held, seq) in latest.items():
-            keys, args = by_shard[shard]
-            keys += (balance_key(self.prefix, shard, account, asset),
-                     assets_key(self.prefix, shard, account))  # fmt: skip
-            args.append(b"%d:%d:%d" % (available, held, seq))
+            add_balance(by_shard[shard], self.prefix, shard, account, asset, available, held, seq)
         if not by_shard:
             return
         async with self.client.pipeline(transaction=False) as pipe:

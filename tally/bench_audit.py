@@ -40,7 +40,7 @@ from aiokafka import AIOKafkaProducer
 
 from sinks import verify
 from sinks.migrate import migrate, quote
-from sinks.redis_store import LWW_SCRIPT, assets_key, balance_key
+from sinks.redis_store import LWW_SCRIPT, add_balance, script_call
 from streams.engine import Engine, changelog_name
 from streams.state import AccountState, BalanceState
 from streams.store import account_key
@@ -106,9 +106,8 @@ def chunk(start: int, stop: int, partitions: int, prefix: str) -> Chunk:
                                         0, 0, available, held, _AT))  # fmt: skip
         seq = 1 + b % 3
         out.balances.append((shard, account, asset, available, held, seq, _AT))
-        keys, args = out.redis.setdefault(shard, ([], []))
-        keys += (balance_key(prefix, shard, account, asset), assets_key(prefix, shard, account))
-        args.append(b"%d:%d:%d" % (available, held, seq))
+        call = out.redis.setdefault(shard, ([], []))
+        add_balance(call, prefix, shard, account, asset, available, held, seq)
         state = encode(BalanceState(available, held, seq))
         out.changelog.append((state_key(account, asset), state, shard))
         if b % len(ASSETS) == 0:
@@ -167,11 +166,16 @@ class Writer:
 
     async def _redis(self, c: Chunk) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, args in c.redis.values():
+            for shard, (keys, args) in c.redis.items():
                 step = redis_keys_per_call
                 for i in range(0, len(args), step):
-                    part = keys[2 * i : 2 * (i + step)]
-                    await self.script(keys=part, args=args[i : i + step], client=pipe)
+                    # Seeded straight into Redis, not by a sink: no progress to check.
+                    head_keys, head_args = script_call(self.settings.topic_prefix, shard, 0, 0)
+                    await self.script(
+                        keys=head_keys + keys[2 * i : 2 * (i + step)],
+                        args=head_args + args[i : i + step],
+                        client=pipe,
+                    )
             await pipe.execute()
 
     async def _changelog(self, c: Chunk) -> None:

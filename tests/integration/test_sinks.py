@@ -148,3 +148,21 @@ async def test_a_redis_that_lost_its_data_is_rebuilt_by_the_live_sink(
                 )
                 await asyncio.sleep(0.5)
             assert rd.rebuilds == 2
+
+            # Back from an older snapshot: the progress is there but behind what was
+            # written, and the balances with it. Noticed on the next write too.
+            client = aioredis.from_url(s.redis_url)
+            await _forget_redis(s)
+            for p in range(PARTITIONS):
+                await client.set(offset_key(s.topic_prefix, p), 1)
+            await client.aclose()
+            late = Deposit(command_id=f"late-{unique}", account=f"late-{unique}", asset="USD",
+                           amount=3)  # fmt: skip
+            await produce(s.kafka_bootstrap, d.engine.topics.commands.name,
+                          [(late.account, encode(late), None)])  # fmt: skip
+            expected[(f"late-{unique}", "USD")] = (3, 0, 1)
+            deadline = asyncio.get_running_loop().time() + 60
+            while await verify.redis_balances(s.redis_url, s.topic_prefix) != expected:
+                assert asyncio.get_running_loop().time() < deadline, "Redis not rebuilt"
+                await asyncio.sleep(0.5)
+            assert rd.rebuilds == 3
