@@ -17,7 +17,6 @@ import re
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import msgspec
@@ -33,6 +32,7 @@ from streams.engine import Engine
 from streams.state import BalanceState
 from streams.store import BALANCE, ShardStore, balance_key
 from topics import limits
+from topics.ids import path_segment
 from topics.shard import shard_of
 
 CLIENT_ID_PREFIX = "tally-engine-"
@@ -143,8 +143,7 @@ def _not_served(shard: int) -> web.Response:
 def account_url(owner: str, account: str) -> yarl.URL:
     """The owner's table view of `account`, marked as forwarded. Encoded by hand: an
     account id may be "." or "..", which a URL library would resolve as a path step."""
-    segment = quote(account, safe="").replace(".", "%2E")
-    return yarl.URL(f"{owner}/balances/{segment}?forwarded=1", encoded=True)
+    return yarl.URL(f"{owner}/balances/{path_segment(account)}?forwarded=1", encoded=True)
 
 
 class ShardOwners:

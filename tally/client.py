@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import aiohttp
 import msgspec
+import yarl
 
 from ingress import signing
+from topics.ids import path_segment
 
 _json = msgspec.json.Encoder()
 
@@ -73,9 +75,10 @@ class Client:
             sent["Content-Type"] = "application/json"
         if self.key_id is not None and self.secret is not None:
             sent.update(signing.sign(self.key_id, self.secret, method, target, body))
-        async with self._session.request(
-            method, self.base_url + target, data=body or None, headers=sent
-        ) as response:
+        # encoded=True: sent byte for byte as signed (yarl would otherwise unescape
+        # "%3A" to ":" and resolve "..", and the signature would no longer match).
+        url = yarl.URL(self.base_url + target, encoded=True)
+        async with self._session.request(method, url, data=body or None, headers=sent) as response:
             raw = await response.read()
             try:
                 parsed: Any = msgspec.json.decode(raw) if raw else None
@@ -101,13 +104,13 @@ class Client:
         )
 
     async def balances(self, account: str, *, strong: bool = False) -> Answer:
-        target = f"/v1/accounts/{quote(account, safe='')}/balances"
+        target = f"/v1/accounts/{path_segment(account)}/balances"
         if strong:
             target += "?consistency=strong"
         return await self.request("GET", target)
 
     async def result(self, command_id: str, account: str | None = None) -> Answer:
-        target = f"/v1/commands/{quote(command_id, safe='')}"
+        target = f"/v1/commands/{path_segment(command_id)}"
         if account is not None:
             target += "?" + urlencode({"account": account})
         return await self.request("GET", target)

@@ -9,6 +9,8 @@ implies (see `Result.emitted`).
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 
 def credit_id(payer: str, command_id: str, leg: int | None = None) -> str:
     """The credit of a transfer or capture (leg None), or of disbursement leg `leg`."""
@@ -19,3 +21,10 @@ def credit_id(payer: str, command_id: str, leg: int | None = None) -> str:
 def refund_id(credit: str) -> str:
     """The refund of a credit the payee's shard could not apply."""
     return f"{credit}/refund"
+
+
+def path_segment(value: str) -> str:
+    """An id as one URL path segment, encoded so that no URL library changes it on the
+    way: every reserved character escaped, and dots too, or "." and ".." would be read
+    as path steps. (A signed request must go out exactly as it was signed.)"""
+    return quote(value, safe="").replace(".", "%2E")

@@ -241,6 +241,30 @@ async def test_cached_reads_come_from_redis_and_strong_reads_from_the_engine(
         assert (await tally.balances(front.account("nobody"))).body["balances"] == {}
 
 
+async def test_the_client_sends_ids_with_reserved_characters_as_it_signed_them(
+    front: Front,
+) -> None:
+    """Ids may hold ':' and '.', which a URL library rewrites ("%3A" to ":", ".." to a
+    step up) after the client signed the path: the request must still verify."""
+    account, command_id = f"{front.account('a:b')}.", f"id:{front.unique}.."
+    async with front.client() as tally:
+        applied = await tally.submit(_dep(command_id, account, 7), wait=10)
+        assert applied.status == 200, applied
+        strong = await tally.balances(account, strong=True)
+        assert strong.status == 200, strong
+        assert strong.body["balances"]["USD"] == {"available": 7, "held": 0, "seq": 1}
+        assert await _until(lambda: _has_result(tally, command_id, account))
+        for name in (".", ".."):
+            cached = await tally.balances(name)
+            assert cached.status == 200 and cached.body["account"] == name, cached
+
+
+async def _has_result(tally: Client, command_id: str, account: str) -> bool:
+    answer = await tally.result(command_id, account)
+    assert answer.status in (200, 404), answer  # never 401: signed as sent
+    return answer.status == 200
+
+
 async def test_batch_is_answered_per_item(front: Front) -> None:
     account = front.account("batch")
     good = [_dep(f"b{i}", f"{account}-{i % 7}", 10) for i in range(300)]
