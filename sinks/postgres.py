@@ -121,7 +121,7 @@ class PostgresStore:
         if conn is not None:
             conn.terminate()
 
-    async def offsets(self, topic: str) -> dict[int, int] | None:
+    async def offsets(self, topic: str) -> dict[int, int]:
         conn = await self._conn()
         rows = await conn.fetch(
             "SELECT partition, next_offset FROM sink_offsets WHERE topic = $1", topic

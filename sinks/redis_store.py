@@ -112,7 +112,7 @@ class RedisStore:
         if client is not None:
             await client.aclose()
 
-    async def offsets(self, topic: str) -> dict[int, int] | None:
+    async def offsets(self, topic: str) -> dict[int, int]:
         """The stored progress per partition; a partition Redis knows nothing of is
         absent (the runner reads it from the beginning). `topic` is implied by the prefix."""
         if self.client is None:

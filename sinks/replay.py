@@ -9,10 +9,12 @@ one. It refuses to run while a live sink of the same target is a member of its c
 group, unless forced, and fails fast, naming the store, when the store or Kafka does not
 answer.
 
-Offsets. The Redis sink resumes from its group's committed offsets in Kafka, which the
-replay never touches. The PostgreSQL sink resumes from `sink_offsets`, which its store
-writes in each batch's transaction; left as they are, a replay's batches would move the
-live sink's offsets back to 0 and then up again. So the replay's batches file their
+Offsets. The Redis sink resumes from the progress it keeps in Redis, which the script
+only ever moves forward: the replay's batches may raise it, never lower it, and
+everything before it is in Redis whichever of the two wrote it. The PostgreSQL sink
+resumes from `sink_offsets`, which its store writes in each batch's transaction; left
+as they are, a replay's batches would move the live sink's offsets back to 0 and then
+up again. So the replay's batches file their
 offsets under `<topic>#replay` instead (its progress, removed at the end), and only a
 replay that reached the end raises the live sink's offsets, in one statement, to at
 least the end offsets taken at the start: `greatest(stored, end)`. They never move back,
@@ -359,7 +361,7 @@ class _OffsetsAside:
     async def close(self) -> None:
         await self.inner.close()
 
-    async def offsets(self, topic: str) -> dict[int, int] | None:
+    async def offsets(self, topic: str) -> dict[int, int]:
         return await self.inner.offsets(topic)
 
     async def write(self, batch: Batch) -> None:

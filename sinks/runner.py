@@ -2,18 +2,19 @@
 store, commit, and never skip or half-write anything.
 
 A batch is up to `batch_size` events or whatever arrived within `linger_ms` of its first
-one. The store writes it idempotently (replaying a batch changes nothing); only then are
-the Kafka offsets committed, so a crash repeats at most the batch in flight. A store
-that keeps its own offsets (PostgreSQL, in the batch's transaction) is asked for them
-whenever partitions are assigned, and its offsets win over Kafka's.
+one. The store writes it idempotently (replaying a batch changes nothing) together with
+the offsets it reached (PostgreSQL in the batch's transaction, Redis in each partition's
+script call); whenever partitions are assigned the sink resumes from the store's own
+offsets, so a crash repeats nothing the store has. Kafka offsets are committed after each
+batch too, only so that the group's lag can be monitored.
 
 A store that is down (connection refused, restarting) is retried with exponential
 backoff and full jitter, on the same batch, until it answers; the sink logs once when
 it goes down and once when it is back, not once per retry. An event that cannot be
 decoded goes to the dead-letter topic and the sink goes on.
 
-A store can also lose what it had (Redis flushed or restarted empty). A store that keeps
-its own offsets notices when it writes (`StoreLost`), and the loop looks for it every
+A store can also lose what it had (Redis flushed or restarted empty). The store notices
+when it writes (`StoreLost`), and the loop looks for it every
 `probe_every_s` too (stored offsets behind what was written, for partitions that are
 quiet); either way every assigned partition is read again from the store's offsets, so
 the store is rebuilt from the events topic while the sink runs.
@@ -86,8 +87,8 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def offsets(self, topic: str) -> dict[int, int] | None:
-        """The store's own next offsets per partition, or None if it keeps none."""
+    async def offsets(self, topic: str) -> dict[int, int]:
+        """The store's own next offsets per partition (absent: from the beginning)."""
         ...
 
     async def write(self, batch: Batch) -> None: ...
@@ -133,6 +134,7 @@ class SinkRunner:
         self._stopping = asyncio.Event()
         self._reseek: set[TopicPartition] = set()
         self._next: dict[TopicPartition, int] = {}
+        self._lettered: dict[int, int] = {}  # partition -> offset dead letters were sent to
         self._pending: tuple[Batch, asyncio.Task[None]] | None = None
         self._last_status = 0.0
 
@@ -183,11 +185,13 @@ class SinkRunner:
                     continue  # what was polled came from before the seek
                 batch, letters = self._decode(polled)
                 for letter in letters if self.until is None else []:
+                    p = letter.source_partition
+                    if letter.source_offset < self._lettered.get(p, 0):
+                        continue  # sent when first read (read again after a rebuild)
                     await producer.send_and_wait(
-                        self.topics.dead_letter.name,
-                        encode(letter),
-                        partition=letter.source_partition,
+                        self.topics.dead_letter.name, encode(letter), partition=p
                     )
+                    self._lettered[p] = letter.source_offset + 1
                 # One write in flight: batch N is written while batch N+1 is polled and
                 # decoded. Writes stay in order; N is committed before N+1 is written.
                 await self._finish()
@@ -279,8 +283,6 @@ class SinkRunner:
             stored = await self.store.offsets(self.topic)
         except self.store.unavailable:
             return  # the next write waits for it
-        if stored is None:
-            return
         assert self.consumer is not None
         assigned = self.consumer.assignment()
         behind = [
@@ -372,18 +374,9 @@ class SinkRunner:
         for tp in tps:
             if tp not in assigned:
                 continue
-            if stored is None:
-                committed = await self.consumer.committed(tp)
-                if committed is None:
-                    self._next.pop(tp, None)
-                    await self.consumer.seek_to_beginning(tp)
-                else:
-                    self._next[tp] = committed
-                    self.consumer.seek(tp, committed)
-            else:
-                offset = stored.get(tp.partition, 0)
-                self._next[tp] = offset
-                self.consumer.seek(tp, offset)
+            offset = stored.get(tp.partition, 0)
+            self._next[tp] = offset
+            self.consumer.seek(tp, offset)
 
     async def _retrying(self, call: Callable[[], Any]) -> Any:
         """Run `call` until the store answers; log the outage once, and the recovery."""

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import ProducerFenced
+from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import TopicPartition
 
 from streams import ledger
@@ -309,6 +309,7 @@ class Engine:
                 start = store.changelog_offset()
                 if store.rebuilt:
                     self.counts["rebuilt_shards"] += 1
+                    store.rebuilt = False  # counted once, not at every later take-over
                 if start > ends[tp]:
                     log.warning("shard %d: local state is ahead of its changelog; wiped", p)
                     store.wipe()
@@ -512,16 +513,17 @@ class Engine:
         commit, the shard then continues from what Kafka has. Retried, with backoff,
         until the broker answers: a broker restart must not end the worker."""
         assert self.consumer is not None
-        if not any(tp.partition == p for tp in self.consumer.assignment()):
-            # No longer assigned here (the group moved it): nothing to take over.
-            self.owned.discard(p)
-            self._forget_unowned()
-            await self._drop_producer(p)
-            return
         self.recovering.add(p)
         delay = 0.5
         try:
             while True:
+                if not any(tp.partition == p for tp in self.consumer.assignment()):
+                    # No longer assigned here (the group moved it): taking it would
+                    # fence its new owner.
+                    self.owned.discard(p)
+                    self._forget_unowned()
+                    await self._drop_producer(p)
+                    return
                 try:
                     await self._new_producer(p)
                     await self._recover([p])
@@ -538,7 +540,9 @@ class Engine:
                     self.counts["reclaimed"] += 1
                     log.info("shard %d: taken over again; serving", p)
                     return
-                except Exception as exc:
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    # The broker is not back yet. Anything else (a broken store) is not
+                    # waited out: it ends the worker.
                     if self._stopping.is_set():
                         raise
                     log.warning("shard %d: cannot take it over yet (%r); retrying", p, exc)

@@ -14,10 +14,11 @@ from aiokafka import AIOKafkaProducer
 from sinks import verify
 from sinks.migrate import migrate, quote
 from sinks.redis_store import offset_key
+from tally.collector import read_all
 from tally.procs import produce
 from tally.settings import Settings
 from tests.integration.sink_support import PARTITIONS, deployment, running
-from topics.codec import encode
+from topics.codec import decode_dead_letter, encode
 from topics.schema import Deposit
 
 
@@ -114,6 +115,11 @@ async def test_a_redis_that_lost_its_data_is_rebuilt_by_the_live_sink(
         async with running(rd):
             await d.produce()
             events = await d.drained()
+            # A poison event: dead-lettered once, however often a rebuild reads it again.
+            producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap)
+            await producer.start()
+            await producer.send_and_wait(d.engine.topics.events.name, b"{not json", partition=0)
+            await producer.stop()
             assert await verify.wait_drained([rd], timeout_s=60)
             before = await verify.redis_dump(s.redis_url, s.topic_prefix)
             assert before
@@ -166,3 +172,7 @@ async def test_a_redis_that_lost_its_data_is_rebuilt_by_the_live_sink(
                 assert asyncio.get_running_loop().time() < deadline, "Redis not rebuilt"
                 await asyncio.sleep(0.5)
             assert rd.rebuilds == 3
+        records, _ = await read_all(s.kafka_bootstrap, d.engine.topics.dead_letter.name, PARTITIONS)
+        letters = [decode_dead_letter(r.value) for r in records]
+        from_events = [x for x in letters if x.source_topic == d.engine.topics.events.name]
+        assert len(from_events) == 1 and rd.dead_lettered == 4  # read 4 times, sent once

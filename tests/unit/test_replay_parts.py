@@ -30,8 +30,8 @@ class _Recorder:
 
     async def close(self) -> None: ...
 
-    async def offsets(self, topic: str) -> dict[int, int] | None:
-        return None
+    async def offsets(self, topic: str) -> dict[int, int]:
+        return {}
 
     async def write(self, batch: Batch) -> None:
         self.written.append(batch)
