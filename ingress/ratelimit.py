@@ -38,8 +38,13 @@ class TokenBuckets:
         if tokens >= cost:
             if len(self._buckets) >= self.max_clients and client not in self._buckets:
                 # Bounded memory under many distinct clients (unsigned mode keys by
-                # address): full buckets carry no information, drop them.
-                self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst}
+                # address): buckets full by now carry no information, drop them. (Full
+                # as refilled up to now, not as stored at their last request.)
+                self._buckets = {
+                    k: (tokens_at, at)
+                    for k, (tokens_at, at) in self._buckets.items()
+                    if tokens_at + (now - at) * self.rate < self.burst
+                }
                 if len(self._buckets) >= self.max_clients:
                     self._buckets.clear()
             self._buckets[client] = (tokens - cost, now)

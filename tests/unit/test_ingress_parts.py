@@ -181,6 +181,18 @@ def test_token_bucket_grants_the_burst_then_says_when() -> None:
     assert TokenBuckets.retry_after(0.1) == "1" and TokenBuckets.retry_after(2.2) == "3"
 
 
+def test_token_bucket_pruning_keeps_throttled_clients_and_drops_refilled_ones() -> None:
+    clock = [0.0]
+    buckets = TokenBuckets(rate=1, burst=5, clock=lambda: clock[0])
+    buckets.max_clients = 3
+    assert buckets.take("idle-1") == 0 and buckets.take("idle-2") == 0  # one token each
+    assert buckets.take("busy", 5) == 0  # emptied
+    clock[0] = 2.0  # the idle ones are full again by now; busy has 2 of 5
+    assert buckets.take("new") == 0  # at the bound: prune
+    assert set(buckets._buckets) == {"busy", "new"}
+    assert buckets.take("busy", 5) == pytest.approx(3.0)  # still throttled
+
+
 def test_token_bucket_of_rate_zero_never_limits() -> None:
     buckets = TokenBuckets(rate=0, burst=1)
     assert all(buckets.take("a", 1000) == 0 for _ in range(100))
