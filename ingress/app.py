@@ -50,7 +50,7 @@ from tally.settings import Settings
 from topics import limits
 from topics.codec import encode
 from topics.producer import durable_producer
-from topics.schema import PublicCommand, Result
+from topics.schema import PublicCommand, Result, kind_of
 from topics.shard import shard_of
 from topics.specs import topics_for
 
@@ -102,12 +102,6 @@ def prefer_wait(header: str | None) -> int:
     return int(digits)
 
 
-def _kind(command: PublicCommand) -> str:
-    tag = command.__struct_config__.tag
-    assert isinstance(tag, str)
-    return tag
-
-
 class Metrics:
     """Prometheus metrics of one ingress process. Labels are bounded sets (routes,
     methods, statuses, kinds): never an account or command id."""
@@ -142,6 +136,7 @@ class Metrics:
             registry=self.registry,
         )
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._command_children: dict[tuple[str, str], Any] = {}
 
     def request(self, route: str, method: str, status: int) -> tuple[Any, Any]:
         """The request counter and latency histogram of one label set, looked up once
@@ -155,6 +150,13 @@ class Metrics:
                 self.latency.labels(*labels),
             )
         return children
+
+    def command(self, kind: str, outcome: str) -> Any:
+        """The command counter of one (kind, outcome), looked up once, as `request`."""
+        child = self._command_children.get((kind, outcome))
+        if child is None:
+            child = self._command_children[kind, outcome] = self.commands.labels(kind, outcome)
+        return child
 
 
 class Ingress:
@@ -378,9 +380,9 @@ class Ingress:
             future = futures[i] if i < len(futures) else None
             ok = future is not None and future.done() and future.exception() is None
             out.append(future.result() if ok and future is not None else None)
-            counts[_kind(command), "accepted" if ok else "unavailable"] += 1
+            counts[kind_of(command), "accepted" if ok else "unavailable"] += 1
         for (kind, outcome), n in counts.items():
-            self.metrics.commands.labels(kind, outcome).inc(n)
+            self.metrics.command(kind, outcome).inc(n)
         return out
 
     def _unavailable(self, detail: str) -> Problem:
@@ -411,7 +413,7 @@ class Ingress:
             accepted = {
                 "command_id": command.command_id,
                 "account": command.account,
-                "kind": _kind(command),
+                "kind": kind_of(command),
                 "status": "accepted",
                 "partition": meta.partition,
                 "offset": meta.offset,

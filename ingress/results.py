@@ -18,7 +18,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from topics.codec import decode_result
-from topics.schema import SOURCE_HEADER, Result
+from topics.schema import Result, source, source_in
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ class Waiter:
         self.early: list[tuple[bytes | None, Result]] = []
 
     def produced(self, partition: int, offset: int) -> None:
-        self.source = f"{partition}:{offset}".encode()
-        for source, result in self.early:
-            self.offer(source, result)
+        self.source = source(partition, offset)
+        for found, result in self.early:
+            self.offer(found, result)
         self.early.clear()
 
     def offer(self, source: bytes | None, result: Result) -> None:
@@ -125,6 +125,6 @@ class ResultWaiter:
                     waiters = by_id.get(result.command_id)
                     if not waiters:
                         continue
-                    source = next((v for k, v in record.headers if k == SOURCE_HEADER), None)
+                    found = source_in(record.headers)
                     for waiter in waiters:
-                        waiter.offer(source, result)
+                        waiter.offer(found, result)

@@ -53,7 +53,7 @@ from tally.settings import Settings
 from topics import limits
 from topics.codec import Invalid, Undecodable, decode_command, encode
 from topics.producer import durable_producer
-from topics.schema import SOURCE_HEADER, Command, DeadLetter, Expire, Hold
+from topics.schema import SOURCE_HEADER, Command, DeadLetter, Expire, Hold, source
 from topics.shard import shard_of
 from topics.specs import Topics, TopicSpec, changelog_spec, topics_for
 
@@ -812,4 +812,4 @@ def _source(record: Any, internal: bool) -> list[tuple[str, bytes]] | None:
     `topics.schema.SOURCE_HEADER`)."""
     if internal:
         return None
-    return [(SOURCE_HEADER, f"{record.partition}:{record.offset}".encode())]
+    return [(SOURCE_HEADER, source(record.partition, record.offset))]

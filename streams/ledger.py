@@ -58,6 +58,7 @@ from topics.schema import (
     Status,
     Transfer,
     Withdraw,
+    kind_of,
 )
 
 
@@ -123,7 +124,7 @@ def _repeat(command: Command, known: CommandRecord, digest: str, now_ms: int) ->
         result = Result(
             command_id=command.command_id,
             account=command.account,
-            kind=_kind(command),
+            kind=kind_of(command),
             status=Status.REJECTED,
             reason=Reason.COMMAND_ID_REUSED,
             detail="this command_id was first used with a different payload",
@@ -133,16 +134,12 @@ def _repeat(command: Command, known: CommandRecord, digest: str, now_ms: int) ->
         result = Result(
             command_id=command.command_id,
             account=command.account,
-            kind=_kind(command),
+            kind=kind_of(command),
             status=Status.DUPLICATE,
             first=FirstResult(status=known.status, reason=known.reason, at_ms=known.at_ms),
             at_ms=now_ms,
         )
     return Outcome(result=result)
-
-
-def _kind(command: Command) -> str:
-    return type(command).__struct_config__.tag  # type: ignore[return-value]
 
 
 class _Change:
@@ -282,7 +279,7 @@ class _Change:
         return Result(
             command_id=self.command.command_id,
             account=self.command.account,
-            kind=_kind(self.command),
+            kind=kind_of(self.command),
             status=status,
             reason=reason,
             detail=detail,

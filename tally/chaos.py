@@ -60,7 +60,7 @@ from tally.workload import build
 from topics.admin import delete_topics, ensure_topics
 from topics.codec import Undecodable, decode_command, decode_dead_letter, decode_result
 from topics.producer import durable_producer
-from topics.schema import SOURCE_HEADER, Capture, DeadLetter, Result, Status
+from topics.schema import Capture, DeadLetter, Result, Status, source, source_in
 from topics.specs import topics_for
 
 log = logging.getLogger(__name__)
@@ -557,13 +557,6 @@ class Harness:
         )
 
 
-def _source_of(record: Any) -> str | None:
-    for key, value in record.headers or ():
-        if key == SOURCE_HEADER:
-            return bytes(value).decode()
-    return None
-
-
 def _is_decision(result: Result) -> bool:
     return result.status is not Status.DUPLICATE and not (
         result.reason is not None and result.reason.value == "command_id_reused"
@@ -575,21 +568,21 @@ def _check_results(
 ) -> list[Check]:
     """One result per command record; one decision per client id; one result per
     internal command, and every internal command a decision implies exists."""
-    by_source: Counter[str] = Counter()
+    by_source: Counter[bytes] = Counter()
     by_id: dict[str, list[Result]] = defaultdict(list)
     for record, result in results:
-        source = _source_of(record)
-        if source is not None:
-            by_source[source] += 1
+        found = source_in(record.headers)
+        if found is not None:
+            by_source[found] += 1
         by_id[result.command_id].append(result)
     garbage = 0
-    answerable: dict[str, str] = {}  # source -> command id
+    answerable: dict[bytes, str] = {}  # source header value -> command id
     for record in commands:
         decoded = decode_command(record.value or b"")
         if isinstance(decoded, Undecodable):
             garbage += 1
             continue
-        answerable[f"{record.partition}:{record.offset}"] = decoded.command_id
+        answerable[source(record.partition, record.offset)] = decoded.command_id
     missing = [src for src in answerable if by_source[src] == 0]
     doubled = [src for src in answerable if by_source[src] > 1]
     orphans = [src for src in by_source if src not in answerable]

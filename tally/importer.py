@@ -52,7 +52,7 @@ from topics import limits
 from topics.admin import TopicMismatch, ensure_topics
 from topics.codec import decode_result, encode
 from topics.producer import durable_producer
-from topics.schema import SOURCE_HEADER, Deposit, Result, Status
+from topics.schema import Deposit, Result, Status, source, source_in
 from topics.shard import shard_of
 from topics.specs import Topics, topics_for
 
@@ -720,10 +720,10 @@ class Matcher:
         pending = self.pending.get(row.command_id)
         if pending is None:
             return
-        pending.source = f"{partition}:{offset}".encode()
+        pending.source = source(partition, offset)
         early, pending.early = pending.early, []
-        for source, value in early:
-            self._offer(pending, source, value)
+        for found, value in early:
+            self._offer(pending, found, value)
 
     def failed(self, row: Row) -> None:
         """Kafka did not take the row: no result will come for it from this run."""
@@ -933,8 +933,7 @@ class Publisher:
                 continue
             for records in batches.values():
                 for record in records:
-                    source = next((v for k, v in record.headers if k == SOURCE_HEADER), None)
-                    self.matcher.offer(record.value or b"", source)
+                    self.matcher.offer(record.value or b"", source_in(record.headers))
             if batches:
                 self._changed.set()
 

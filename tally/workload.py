@@ -25,6 +25,7 @@ from topics.schema import (
     Release,
     Transfer,
     Withdraw,
+    kind_of,
 )
 
 ASSETS = ("USD", "EUR", "BTC")
@@ -79,7 +80,7 @@ def build(
     def add(command: PublicCommand) -> None:
         sent.append(command)
         work.records.append(
-            Record(command.account, encode(command), command.command_id, _kind(command))
+            Record(command.account, encode(command), command.command_id, kind_of(command))
         )
 
     # Opening deposits so that most later debits can succeed.
@@ -202,7 +203,3 @@ def _other(rng: random.Random, names: list[str], not_this: str) -> str:
         pick = rng.choice(names)
         if pick != not_this:
             return pick
-
-
-def _kind(command: PublicCommand) -> str:
-    return str(type(command).__struct_config__.tag)

@@ -8,7 +8,7 @@ tests generate data from it. JSON on the wire; amounts are integers in minor uni
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -257,6 +257,16 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
 SOURCE_HEADER = "tally-source"
 
 
+def source(partition: int, offset: int) -> bytes:
+    """The SOURCE_HEADER value naming a commands record."""
+    return b"%d:%d" % (partition, offset)
+
+
+def source_in(headers: Any) -> bytes | None:
+    """The SOURCE_HEADER value among a Kafka record's headers, if it has one."""
+    return next((bytes(v) for k, v in headers or () if k == SOURCE_HEADER), None)
+
+
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     """A record the engine could not turn into a command with a usable command_id.
 
@@ -271,3 +281,8 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     key: str | None
     raw: str
     at_ms: int
+
+
+def kind_of(command: Command) -> str:
+    """A command's kind: its tag on the wire ("deposit", "credit", ...)."""
+    return str(type(command).__struct_config__.tag)
