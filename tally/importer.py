@@ -26,6 +26,7 @@ import enum
 import hashlib
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import (
     AsyncGenerator,
@@ -791,6 +792,7 @@ class Publisher:
         self.acked = 0
         self.failed = 0
         self._changed = asyncio.Event()
+        self._last_change = time.monotonic()
         self._producer: Any = None
         self._consumer: Any = None
         self._reader: asyncio.Task[None] | None = None
@@ -902,16 +904,24 @@ class Publisher:
     async def _until(self, ready: Callable[[], bool], stall_s: float) -> bool:
         """Wait until `ready()`, as long as something (an acknowledgement, a result)
         happens at least every `stall_s` seconds."""
+        self._last_change = time.monotonic()
         while not ready():
+            if self._reader is not None and self._reader.done():
+                self._reader.result()  # a reader that died says why, not "no result came"
             self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), stall_s)
+                await asyncio.wait_for(self._changed.wait(), min(stall_s, 1.0))
             except TimeoutError:
-                return ready()
+                if time.monotonic() - self._last_change >= stall_s:
+                    return ready()
         return True
 
-    def _acknowledged(self, row: Row, future: asyncio.Future[Any]) -> None:
+    def _touch(self) -> None:
+        self._last_change = time.monotonic()
         self._changed.set()
+
+    def _acknowledged(self, row: Row, future: asyncio.Future[Any]) -> None:
+        self._touch()
         if future.cancelled() or future.exception() is not None:
             self.failed += 1
             self.matcher.failed(row)
@@ -935,7 +945,7 @@ class Publisher:
                 for record in records:
                     self.matcher.offer(record.value or b"", source_in(record.headers))
             if batches:
-                self._changed.set()
+                self._touch()
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ to the records this run produced."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 from decimal import Decimal
@@ -445,3 +446,18 @@ def test_a_row_kafka_did_not_take_waits_for_nothing() -> None:
     matcher.expect(row)
     matcher.failed(row)
     assert len(matcher) == 0
+
+
+async def test_a_result_reader_that_died_is_reported_not_taken_for_a_stall() -> None:
+    from tally.importer import Publisher
+    from tally.settings import load
+
+    publisher = Publisher(load({}), wait=True)
+
+    async def broken() -> None:
+        raise RuntimeError("reader broke")
+
+    publisher._reader = asyncio.create_task(broken())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="reader broke"):
+        await publisher._until(lambda: False, stall_s=30)
