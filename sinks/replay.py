@@ -149,7 +149,7 @@ class Replay:
         self.settings = settings
         self.target = target
         self.force = force
-        self.store = store if store is not None else service.runner_for(settings, target).store
+        self.store = store if store is not None else service.store_for(settings, target)
         self.say = say
         self.tty = tty
         self.topic = topics_for(settings.topic_prefix, settings.partitions).events.name
@@ -286,15 +286,8 @@ class Replay:
         store = self.store
         if self.target == "postgres":
             store = _OffsetsAside(store, plan.topic + offsets_aside_suffix)
-        runner = self.runner = SinkRunner(
-            store,
-            bootstrap=self.settings.kafka_bootstrap,
-            topics=topics_for(self.settings.topic_prefix, self.settings.partitions),
-            group_id=None,
-            batch_size=self.settings.sink_batch_size,
-            linger_ms=self.settings.sink_linger_ms,
-            partitions=sorted(plan.end),
-            until=dict(plan.end),
+        runner = self.runner = service.runner_for(
+            self.settings, self.target, sorted(plan.end), store=store, until=dict(plan.end)
         )
         if self._stopped:
             runner.stop()

@@ -31,22 +31,33 @@ def group_of(settings: Settings, target: str) -> str:
     return f"{settings.topic_prefix}-sink-{target}"
 
 
-def runner_for(settings: Settings, target: str, partitions: list[int] | None = None) -> SinkRunner:
-    store: Store
+def store_for(settings: Settings, target: str) -> Store:
     if target == "postgres":
-        store = PostgresStore(settings.pg_dsn, schema_of(settings))
-    elif target == "redis":
-        store = RedisStore(settings.redis_url, settings.topic_prefix, settings.partitions)
-    else:
-        raise ValueError(f"unknown sink target {target!r}")
+        return PostgresStore(settings.pg_dsn, schema_of(settings))
+    if target == "redis":
+        return RedisStore(settings.redis_url, settings.topic_prefix, settings.partitions)
+    raise ValueError(f"unknown sink target {target!r}")
+
+
+def runner_for(
+    settings: Settings,
+    target: str,
+    partitions: list[int] | None = None,
+    *,
+    store: Store | None = None,
+    until: dict[int, int] | None = None,
+) -> SinkRunner:
+    """The sink of `target`: a member of its consumer group, or with `until` a replay
+    of `partitions` up to those end offsets (no group)."""
     return SinkRunner(
-        store,
+        store if store is not None else store_for(settings, target),
         bootstrap=settings.kafka_bootstrap,
         topics=topics_for(settings.topic_prefix, settings.partitions),
-        group_id=group_of(settings, target),
+        group_id=None if until is not None else group_of(settings, target),
         batch_size=settings.sink_batch_size,
         linger_ms=settings.sink_linger_ms,
         partitions=partitions,
+        until=until,
     )
 
 
