@@ -68,7 +68,6 @@ batch_pool_per_s = 200_000
 warm_up_commands = 200
 accounts = 10_000
 wrk_grace_s = 60.0
-listen_timeout_s = 60.0
 _RESULT = re.compile(r"^TALLY-RESULT (\{.*\})$", re.MULTILINE)
 
 
@@ -253,22 +252,6 @@ async def _phase(
     )
 
 
-async def _wait_listening(ingress: IngressProcess, processes: int) -> None:
-    """/readyz answered from one process; with several, wait until each has logged that
-    it listens (SO_REUSEPORT only spreads connections over those that do)."""
-    deadline = time.monotonic() + listen_timeout_s
-    while True:
-        text = ingress.log_path.read_text(errors="replace") if ingress.log_path.exists() else ""
-        if text.count("ingress: listening on") >= processes:
-            return
-        if time.monotonic() > deadline:
-            raise BenchError(
-                f"{processes} ingress processes did not all listen in {listen_timeout_s:.0f}s:\n"
-                f"{ingress.tail()}"
-            )
-        await asyncio.sleep(0.2)
-
-
 async def _warm_up(url: str, secret: bytes, run: str) -> int:
     """Untimed: connections, the producer's metadata, and a check that the signed requests
     this bench builds are accepted (anything but a 202 stops the bench with its answer)."""
@@ -326,7 +309,6 @@ async def run_config(
     say(f"[http x{processes}] starting `tally ingress --processes {processes}` on {ingress.url}")
     try:
         await ingress.start()
-        await _wait_listening(ingress, processes)
         warm = await _warm_up(ingress.url, secret, f"{run}-w")
         phases = [
             await _phase(

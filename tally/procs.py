@@ -187,6 +187,7 @@ class IngressProcess(_Child):
         **overrides: Any,
     ) -> None:
         super().__init__()
+        self.processes = processes
         if processes > 1:
             self.args = ("--processes", str(processes))
         self.port = port or free_port()
@@ -202,6 +203,20 @@ class IngressProcess(_Child):
                 **overrides,
             )
         )
+
+    async def wait_ready(self) -> None:
+        """/readyz answers from the first process that listens; with several, also wait
+        until each has logged that it listens (SO_REUSEPORT spreads connections only
+        over those that do)."""
+        await super().wait_ready()
+        deadline = asyncio.get_running_loop().time() + ready_timeout_s
+        while self.tail(10_000).count("ingress: listening on") < self.processes:
+            if asyncio.get_running_loop().time() > deadline:
+                raise EngineError(
+                    f"{self.processes} ingress processes did not all listen in "
+                    f"{ready_timeout_s:.0f}s:\n{self.tail()}"
+                )
+            await asyncio.sleep(0.1)
 
 
 async def produce(
