@@ -64,5 +64,5 @@ async def test_the_aiokafka_internals_the_engine_reads_are_where_it_looks() -> N
     assert isinstance(Sender.sender_task, property)
     producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
     assert isinstance(producer._sender, Sender)
-    await producer.client.close()
+    await producer.stop()
     await consumer.stop()
