@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,13 +187,17 @@ async def drop(dsn: str, schema: str, redis_url: str, prefix: str) -> None:
 def event_balances(results: Any) -> Balances:
     """The last state of every balance as the result events tell it (a Collector's
     Results): what the engine's tables hold, by the engine's own account."""
+    return final_balances(result for group in results.by_id.values() for result in group)
+
+
+def final_balances(results: Iterable[Any]) -> Balances:
+    """The last state (highest seq) of every balance the given result events touched."""
     out: Balances = {}
-    for group in results.by_id.values():
-        for result in group:
-            for e in result.entries:
-                key = (e.account, e.asset)
-                if key not in out or out[key][2] < e.seq:
-                    out[key] = (e.available, e.held, e.seq)
+    for result in results:
+        for e in result.entries:
+            key = (e.account, e.asset)
+            if key not in out or out[key][2] < e.seq:
+                out[key] = (e.available, e.held, e.seq)
     return out
 
 

@@ -515,23 +515,22 @@ class Harness:
         ]
 
     async def _check_stores(self, results: list[tuple[Any, Result]]) -> Check:
-        final: dict[tuple[str, str], tuple[int, int, int]] = {}
-        for _, result in results:
-            for e in result.entries:
-                key = (e.account, e.asset)
-                if key not in final or final[key][2] < e.seq:
-                    final[key] = (e.available, e.held, e.seq)
+        final = verify.final_balances(result for _, result in results)
         s = self.settings
-        pg = await verify.pg_balances(s.pg_dsn, service.schema_of(s))
-        redis = await verify.redis_balances(s.redis_url, s.topic_prefix)
-        wrong_pg = sum(1 for k, v in final.items() if pg.get(k) != v) + len(set(pg) - set(final))
-        wrong_rd = sum(1 for k, v in final.items() if redis.get(k) != v) + len(
-            set(redis) - set(final)
-        )
+        stores = [
+            verify.compare(
+                "PostgreSQL", final, await verify.pg_balances(s.pg_dsn, service.schema_of(s))
+            ),
+            verify.compare(
+                "Redis", final, await verify.redis_balances(s.redis_url, s.topic_prefix)
+            ),
+        ]
         return Check(
             "stores hold the events' final balances",
-            not wrong_pg and not wrong_rd,
-            f"{len(final)} balances; PostgreSQL {wrong_pg} wrong, Redis {wrong_rd} wrong",
+            all(c.ok for c in stores),
+            f"{len(final)} balances; "
+            + ", ".join(f"{c.name} {len(c.mismatches)} wrong" for c in stores)
+            + "".join(f"; e.g. {c.mismatches[0]}" for c in stores if c.mismatches),
         )
 
     async def _audit(self) -> Check:
