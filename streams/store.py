@@ -203,9 +203,15 @@ class ShardStore:
                 out[asset] = _balance.decode(bal)
         return out
 
-    def balances(self) -> Iterator[tuple[str, str, BalanceState]]:
-        """Every committed balance of the shard as (account, asset, balance)."""
-        for key, raw in self._scan(BALANCE):
+    def balances(
+        self, after: tuple[str, str] | None = None
+    ) -> Iterator[tuple[str, str, BalanceState]]:
+        """The committed balances of the shard as (account, asset, balance), in key order,
+        all of them or those after the (account, asset) `after`."""
+        start = None if after is None else balance_key(*after)
+        for key, raw in self._scan(BALANCE, start):
+            if key == start:
+                continue
             account, _, asset = key[2:].decode().rpartition("|")
             yield account, asset, _balance.decode(raw)
 

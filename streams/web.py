@@ -29,8 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from streams.engine import Engine
-from streams.state import BalanceState
-from streams.store import BALANCE, ShardStore, balance_key
+from streams.store import ShardStore
 from topics import limits
 from topics.ids import path_segment
 from topics.shard import shard_of
@@ -65,29 +64,17 @@ class ShardPage(msgspec.Struct, frozen=True):
     next: str | None
 
 
-_decode_balance = msgspec.json.Decoder(BalanceState).decode
-
-
 def balance_page(
     store: ShardStore, after: tuple[str, str] | None, limit: int
 ) -> tuple[list[BalanceRow], str | None]:
     """Up to `limit` committed balances after the key of `after` (exclusive), and the
     cursor to continue from (None once the shard is done). RocksDB only: what the
     current batch has staged but not committed is not shown."""
-    start = BALANCE if after is None else balance_key(*after)
     rows: list[BalanceRow] = []
-    for key, raw in store.db.items(from_key=start):
-        # raw mode: keys and values are bytes (the stubs cover every mode).
-        assert isinstance(key, bytes) and isinstance(raw, bytes)
-        if not key.startswith(BALANCE):
-            break
-        if after is not None and key == start:
-            continue
+    for account, asset, b in store.balances(after):
         if len(rows) == limit:
             last = rows[-1]
             return rows, f"{last.account}/{last.asset}"
-        account, _, asset = key[2:].decode().rpartition("|")
-        b = _decode_balance(raw)
         rows.append(BalanceRow(account, asset, b.available, b.held, b.seq))
     return rows, None
 
