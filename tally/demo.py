@@ -134,13 +134,11 @@ class DemoJob:
         records: list[tuple[str, bytes, int | None]] = []
         http: list[PublicCommand] = []
         for record in self.workload.records:
-            decoded = decode_command(record.value)
-            if (
-                isinstance(decoded, PublicCommand)
-                and zlib.crc32(record.key.encode()) % http_accounts_every == 0
-            ):
-                http.append(decoded)
-                continue
+            if zlib.crc32(record.key.encode()) % http_accounts_every == 0:
+                decoded = decode_command(record.value)  # garbage and invalid go to Kafka
+                if isinstance(decoded, PublicCommand):
+                    http.append(decoded)
+                    continue
             partition = None
             if rng.random() < misplaced_share:
                 partition = (shard_of(record.key, partitions) + 1) % partitions
