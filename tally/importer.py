@@ -890,13 +890,10 @@ class Publisher:
         with contextlib.suppress(KafkaError, TimeoutError):
             await asyncio.wait_for(self._producer.flush(), flush_timeout_s)
         await asyncio.sleep(0)  # the acknowledgements' callbacks
-        shown = self.outcomes.answered
 
         def done() -> bool:
-            nonlocal shown
             if progress is not None:
-                progress.add(self.outcomes.answered - shown)
-            shown = self.outcomes.answered
+                progress.add(self.outcomes.answered - progress.done)
             return self.in_flight == 0
 
         return await self._until(done, stall_s)
@@ -1050,5 +1047,4 @@ async def _finish(publisher: Sender, options: Options, say: Callable[[str], None
     if not options.wait:
         return await publisher.finish(stall_s=options.stall_timeout_s)
     with Progress("import: answered", publisher.produced, unit="results", say=say) as progress:
-        progress.add(publisher.outcomes.answered)
         return await publisher.finish(stall_s=options.stall_timeout_s, progress=progress)
