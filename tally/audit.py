@@ -723,8 +723,7 @@ class ShardTally:
             if len(self.first) < self.show:
                 self.first.append(mismatch)
 
-    def count(self, key: str, row: LedgerRow | None, engine: Found | None,
-              redis: Found | None) -> None:  # fmt: skip
+    def count(self, row: LedgerRow | None, engine: Found | None, redis: Found | None) -> None:
         self.balances += 1
         if row is not None:
             ledger = row.ledger
@@ -863,7 +862,7 @@ class Audit:
                     )
                     for i, (key, row, engine) in enumerate(chunk):
                         value, listed = redis[i] if redis is not None else (None, True)
-                        tally.count(key, row, engine, value)
+                        tally.count(row, engine, value)
                         found = compare(
                             shard, key, row, engine, value,
                             with_engine=with_engine, with_redis=with_redis, redis_listed=listed,
