@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -58,8 +59,11 @@ def stack(settings: Settings) -> Iterator[None]:
     before = asyncio.run(_topics(settings.kafka_bootstrap))
     yield
     # Every test makes topics of its own; left behind, thousands of partitions pile up
-    # in the dev broker and make each of its restarts take minutes.
-    asyncio.run(_delete_new_topics(settings.kafka_bootstrap, before))
+    # in the dev broker and make each of its restarts take minutes. Two pytest runs
+    # sharing one broker (several worktrees of one developer) set TALLY_TEST_KEEP_TOPICS=1,
+    # or the first to end deletes the topics the other is still using.
+    if os.environ.get("TALLY_TEST_KEEP_TOPICS") != "1":
+        asyncio.run(_delete_new_topics(settings.kafka_bootstrap, before))
 
 
 async def _topics(bootstrap: str) -> set[str]:
