@@ -12,6 +12,16 @@ outputs, the changelog and the consumed offsets of a batch are visible together 
 at all, and what a crash loses is re-read from Kafka: a retried record finds the state
 exactly as it was before its first attempt.
 
+Time. The time a command is decided at (what the idempotency window starts from, what a
+hold's expiry is judged against, the result's `at_ms`) is the engine's own wall clock,
+never a record's timestamp, which whoever produced the record may have chosen. Per
+shard it never runs backwards: each batch's time is at least the previous batch's (a
+clock stepped back by NTP holds the shard's time still until it catches up). That it is
+a wall clock and not something re-derivable from the input is fine for recovery: the
+engine's decisions are not re-derived on replay, they are recorded (in the changelog
+and the results) by the transaction that made them; a batch that did not commit is
+decided again, at a new time, as if it came for the first time.
+
 Fencing: each shard has its own transactional producer, `transactional.id` =
 `<group>-shard-<p>`. Whoever takes over a shard initialises that id first, which aborts
 the previous owner's open transaction and fences it: a worker that was paused or cut off
@@ -35,7 +45,7 @@ import heapq
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +54,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import TopicPartition
 
-from streams import ledger
+from streams import agreement, ledger
 from streams.state import BalanceState
 from streams.store import ShardStore
 from streams.watchdog import Watchdog
@@ -97,8 +107,17 @@ class _Batch:
 class Engine:
     """One engine worker. `run()` until `stop()`; several workers share the shards."""
 
-    def __init__(self, settings: Settings, *, app_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        app_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
+        # Epoch seconds: the engine's time (see the module's docstring), passed in.
+        self.clock = clock
+        self._shard_time_ms: dict[int, int] = {}
         self.topics: Topics = self.topics_of(settings)
         self.partitions = settings.partitions
         self.app_id = app_id or self.app_id_of(settings)
@@ -129,6 +148,8 @@ class Engine:
         self._next: dict[TopicPartition, int] = {}
         self.watchdog = Watchdog()
         self._failures: dict[int, int] = {}  # shard -> batches failed in a row
+        # Set when the group refused this worker's settings (see `streams.agreement`).
+        self.refused: str | None = None
 
     @staticmethod
     def topics_of(settings: Settings) -> Topics:
@@ -164,8 +185,9 @@ class Engine:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
-            # Range keeps partition p of both topics on one worker: they are one shard.
-            partition_assignment_strategy=(_range_assignor(),),
+            # Range keeps partition p of both topics on one worker: they are one shard;
+            # and only workers that agree with the group's settings get any.
+            partition_assignment_strategy=(self._assignor(),),
             session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=heartbeat_interval_ms,
             max_poll_interval_ms=300_000,
@@ -192,6 +214,8 @@ class Engine:
                 standby.cancel()
                 await asyncio.gather(standby, return_exceptions=True)
             await self._shutdown()
+        if self.refused is not None:
+            raise agreement.Disagreement(self.refused)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -210,6 +234,19 @@ class Engine:
 
     # Rebalancing -------------------------------------------------------------------------
 
+    def _assignor(self) -> agreement.AgreeingAssignor:
+        return agreement.AgreeingAssignor(
+            agreement.terms(self.settings), started_ms=self._now_ms(), on_refused=self._refuse
+        )
+
+    def _refuse(self, verdict: agreement.Verdict) -> None:
+        """The group gave this worker no shard because a setting differs: say which,
+        once, and stop (the run then ends with `agreement.Disagreement`)."""
+        if self.refused is None:
+            self.refused = agreement.refusal(verdict, self.group_id)
+            log.error("%s", self.refused)
+        self.stop()
+
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:
             for p in {tp.partition for tp in revoked}:
@@ -220,6 +257,8 @@ class Engine:
             self._forget_unowned()
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        if self.refused is not None:
+            return  # never ready: it serves nothing and is stopping
         async with self._lock:
             shards = {tp.partition for tp in assigned}
             for p in set(self.producers) - shards:
@@ -430,9 +469,9 @@ class Engine:
         store = self.stores[p]
         producer = self.producers[p]
         out: list[Output] = []
+        now_ms = self._time_ms(p)
         for record in batch.records:
-            self._handle(p, store, record, out)
-        now_ms = int(time.time() * 1000)
+            self._handle(p, store, record, now_ms, out)
         for expire in expiries:
             self._decide(p, store, expire, now_ms, out)
         for command_id in prunes:
@@ -552,10 +591,21 @@ class Engine:
         finally:
             self.recovering.discard(p)
 
-    def _handle(self, p: int, store: ShardStore, record: Any, out: list[Output]) -> None:
-        """Decide one record of shard p's commands or internal partition."""
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _time_ms(self, p: int) -> int:
+        """Shard p's time for its next batch: the engine's clock, held at the shard's
+        previous time if the clock went back. (Record timestamps play no part.)"""
+        now_ms = max(self._now_ms(), self._shard_time_ms.get(p, 0))
+        self._shard_time_ms[p] = now_ms
+        return now_ms
+
+    def _handle(
+        self, p: int, store: ShardStore, record: Any, now_ms: int, out: list[Output]
+    ) -> None:
+        """Decide one record of shard p's commands or internal partition at `now_ms`."""
         internal = record.topic == self.topics.internal.name
-        now_ms = int(record.timestamp)
         decoded = decode_command(record.value or b"", internal=internal)
         if isinstance(decoded, Undecodable):
             self._dead_letter(p, record, decoded.reason, now_ms, out)
@@ -644,7 +694,7 @@ class Engine:
                     if held.expires_at_ms is not None:
                         self._watch((held.expires_at_ms, account, hold_id))
         due: dict[int, list[Expire]] = {}
-        now_ms = int(time.time() * 1000)
+        now_ms = self._now_ms()
         while self._expiries and self._expiries[0][0] <= now_ms:
             item = heapq.heappop(self._expiries)
             # Forgotten at once: if the batch that applies it aborts, the next rescan
@@ -672,7 +722,8 @@ class Engine:
             return {}
         # Short retentions (tests) are pruned sooner than every prune_every_s.
         self._next_prune = now + min(prune_every_s, max(0.5, self.retention_ms / 4000))
-        cutoff = int(time.time() * 1000) - self.retention_ms
+        # The records' times are the engine's own (see `_time_ms`): no producer moves them.
+        cutoff = self._now_ms() - self.retention_ms
         due: dict[int, list[str]] = {}
         for p in sorted(self.owned):
             records, cursor = self.stores[p].commands_from(
@@ -762,12 +813,6 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self.engine._assigned(assigned)
-
-
-def _range_assignor() -> Any:
-    from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-
-    return RangePartitionAssignor
 
 
 def _fenced(error: BaseException, producer: AIOKafkaProducer | None) -> bool:

@@ -1,0 +1,242 @@
+"""What a producer may not choose: the engine's time (record timestamps stamped by the
+producer change no decision), and one worker's settings (a worker that disagrees with
+its group takes no shard). Real broker, real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from tally.collector import Collector
+from tally.procs import EngineProcess, command, produce
+from tally.settings import Settings
+from topics.admin import ensure_topics, topic_configs
+from topics.codec import encode
+from topics.producer import durable_producer
+from topics.schema import (
+    Capture,
+    Command,
+    Configure,
+    Deposit,
+    Disburse,
+    Hold,
+    Leg,
+    Release,
+    Result,
+    Transfer,
+    Withdraw,
+)
+from topics.specs import topics_for
+
+PARTITIONS = 4
+YEAR_MS = 365 * 24 * 3600 * 1000
+
+
+async def _produce_stamped(bootstrap: str, topic: str, stamped: list[tuple[Command, int]]) -> None:
+    """Each command with the record timestamp its producer chose (CreateTime)."""
+    producer = durable_producer(bootstrap)
+    await producer.start()
+    try:
+        for c, timestamp_ms in stamped:
+            await producer.send_and_wait(
+                topic, encode(c), key=c.account.encode(), timestamp_ms=timestamp_ms
+            )
+    finally:
+        await producer.stop()
+
+
+async def _results(collector: Collector, command_id: str, n: int) -> list[Result]:
+    assert await collector.wait_for(
+        lambda r: len(r.by_id.get(command_id, [])) >= n, timeout_s=30, say=lambda _: None
+    ), f"{command_id}: fewer than {n} results"
+    return collector.results.by_id[command_id]
+
+
+async def _statuses(collector: Collector, command_id: str, n: int) -> list[str]:
+    found = await _results(collector, command_id, n)
+    return [f"{r.status.value}{'' if r.reason is None else ':' + r.reason.value}" for r in found]
+
+
+async def test_producer_stamped_times_change_no_decision(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    """Past, future and absurd record timestamps on every command kind: the results are
+    stamped with the engine's time, a hold whose expiry has passed in real time is
+    refused, a capture of a live hold applies, and a withdraw stamped three years ago is
+    still remembered after several pruning passes (retention 1 h: a pass every 0.9 s)."""
+    engine = EngineProcess(
+        settings,
+        prefix=f"clock-{unique}",
+        data_dir=tmp_path / "state",
+        partitions=PARTITIONS,
+        extra_env={"TALLY_IDEMPOTENCY_RETENTION_S": "3600"},
+    )
+    a, b = f"clock-{unique}-a", f"clock-{unique}-b"
+    now = int(time.time() * 1000)
+    past, future, absurd = now - 3 * YEAR_MS, now + YEAR_MS, 253_402_300_800_000 + YEAR_MS
+    withdraw = Withdraw(command_id=f"w-{unique}", account=a, asset="USD", amount=10)
+    stamped: list[tuple[Command, int]] = [
+        (Deposit(command_id=f"d-{unique}", account=a, asset="USD", amount=1000), absurd),
+        (withdraw, past),
+        (Transfer(command_id=f"t-{unique}", account=a, to=b, asset="USD", amount=5), future),
+        (
+            Disburse(command_id=f"s-{unique}", account=a, asset="USD", legs=[Leg(to=b, amount=5)]),
+            0,
+        ),
+        (Configure(command_id=f"c-{unique}", account=b, asset="USD", overdraft_limit=0), past),
+        # Expired a second ago in real time, stamped an hour earlier: must be refused.
+        (
+            Hold(
+                command_id=f"h1-{unique}",
+                account=a,
+                hold_id="h1",
+                asset="USD",
+                amount=7,
+                expires_at_ms=now - 1000,
+            ),
+            now - 3600_000,
+        ),
+        (Capture(command_id=f"k1-{unique}", account=a, hold_id="h1"), past),
+        # Live for an hour, the capture stamped a year ahead: must apply.
+        (
+            Hold(
+                command_id=f"h2-{unique}",
+                account=a,
+                hold_id="h2",
+                asset="USD",
+                amount=9,
+                expires_at_ms=now + 3600_000,
+            ),
+            past,
+        ),
+        (Capture(command_id=f"k2-{unique}", account=a, hold_id="h2"), future),
+        (
+            Hold(command_id=f"h3-{unique}", account=a, hold_id="h3", asset="USD", amount=3),
+            absurd,
+        ),
+        (Release(command_id=f"r3-{unique}", account=a, hold_id="h3"), past),
+    ]
+    collector = Collector(settings.kafka_bootstrap, engine.topics)
+    await engine.start()
+    await collector.start(from_end=False)
+    try:
+        before = int(time.time() * 1000)
+        await _produce_stamped(settings.kafka_bootstrap, engine.topics.commands.name, stamped)
+        for c, _ in stamped:
+            (result,) = await _results(collector, c.command_id, 1)
+            after = int(time.time() * 1000)
+            assert before <= result.at_ms <= after, (c, result)
+        outcomes = {
+            c.command_id: (await _statuses(collector, c.command_id, 1))[0] for c, _ in stamped
+        }
+        assert outcomes == {
+            f"d-{unique}": "applied",
+            f"w-{unique}": "applied",
+            f"t-{unique}": "applied",
+            f"s-{unique}": "applied",
+            f"c-{unique}": "applied",
+            f"h1-{unique}": "rejected:hold_expired",
+            f"k1-{unique}": "rejected:hold_not_found",
+            f"h2-{unique}": "applied",
+            f"k2-{unique}": "applied",
+            f"h3-{unique}": "applied",
+            f"r3-{unique}": "applied",
+        }
+        # Several pruning passes later, the withdraw stamped three years ago is still
+        # remembered: its retry is a duplicate, not a second withdrawal.
+        await asyncio.sleep(4)
+        await _produce_stamped(
+            settings.kafka_bootstrap, engine.topics.commands.name, [(withdraw, past)]
+        )
+        assert await _statuses(collector, withdraw.command_id, 2) == ["applied", "duplicate"]
+        assert (await engine.balances(a))["USD"].available == 1000 - 10 - 5 - 5 - 9
+        assert (await engine.readyz())["counts"].get("pruned", 0) == 0
+    finally:
+        await collector.stop()
+        await engine.stop()
+
+
+async def test_existing_topics_are_moved_to_broker_time(settings: Settings, unique: str) -> None:
+    """Topics created before this rule (CreateTime, an operator's retention) are altered
+    to LogAppendTime by the start-up that ensures them, their other settings kept."""
+    topics = topics_for(f"mig-{unique}", 2)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(
+                    spec.name,
+                    num_partitions=2,
+                    replication_factor=1,
+                    topic_configs={"message.timestamp.type": "CreateTime", "retention.ms": "12345"},
+                )
+                for spec in topics.all()
+            ]
+        )
+        await ensure_topics(settings.kafka_bootstrap, topics.all())
+        configs = await topic_configs(admin, [spec.name for spec in topics.all()])
+        for spec in topics.all():
+            assert configs[spec.name]["message.timestamp.type"] == "LogAppendTime", spec.name
+            assert configs[spec.name]["retention.ms"] == "12345", spec.name
+    finally:
+        await admin.close()
+
+
+async def test_a_worker_with_other_settings_takes_no_shard(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    """A second worker with TALLY_IDEMPOTENCY_RETENTION_S=1 joins the group: it is
+    refused (exits non-zero naming the setting and both values), the first keeps every
+    shard, and exact retries of the commands applied before it joined stay duplicates."""
+    prefix = f"agree-{unique}"
+    first = EngineProcess(settings, prefix=prefix, data_dir=tmp_path / "a", partitions=PARTITIONS)
+    second = EngineProcess(
+        settings,
+        prefix=prefix,
+        data_dir=tmp_path / "b",
+        partitions=PARTITIONS,
+        extra_env={"TALLY_IDEMPOTENCY_RETENTION_S": "1"},
+    )
+    deposits = [
+        Deposit(command_id=f"d{i}-{unique}", account=f"agree-{unique}-{i}", asset="USD", amount=5)
+        for i in range(12)
+    ]
+    collector = Collector(settings.kafka_bootstrap, first.topics)
+    await first.start()
+    await collector.start(from_end=False)
+    try:
+        await produce(
+            settings.kafka_bootstrap, first.topics.commands.name, list(map(command, deposits))
+        )
+        for d in deposits:
+            assert await _statuses(collector, d.command_id, 1) == ["applied"]
+        await second.start(wait=False)
+        assert second.proc is not None
+        try:
+            code: int | None = await asyncio.wait_for(asyncio.shield(second.proc.wait()), 30)
+        except TimeoutError:
+            code = None  # it stayed: then it must at least not have changed anything
+        await asyncio.sleep(3)  # what a 1 s retention would have pruned by now
+        retries = list(map(command, deposits))
+        await produce(settings.kafka_bootstrap, first.topics.commands.name, retries)
+        for d in deposits:
+            assert await _statuses(collector, d.command_id, 2) == ["applied", "duplicate"]
+        assert code is not None and code != 0, second.tail()
+        line = "TALLY_IDEMPOTENCY_RETENTION_S is 1 here but 604800 in the group"
+        assert line in second.tail(), second.tail()
+        # The first kept (or took back) every shard.
+        for _ in range(300):
+            body = await first.readyz()
+            if sorted(body.get("serving", [])) == list(range(PARTITIONS)):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"shards not all served by the first:\n{first.tail()}")
+    finally:
+        await collector.stop()
+        await second.stop()
+        await first.stop()
