@@ -21,6 +21,12 @@ ACCOUNT_ID_LEN_MAX: Final = 64
 ASSET_PATTERN: Final = r"^[A-Z0-9]{1,12}(?!\n)$"
 ASSET_LEN_MAX: Final = 12
 
+# The account of a result event: an account id, or "" for a record too broken to name one.
+RESULT_ACCOUNT_PATTERN: Final = r"^(?:[A-Za-z0-9_.:-]{1,64})?(?!\n)$"
+# The kind of a result event: a command kind, or what a rejected record called itself
+# (cut to these characters, so that no control character reaches a store), or "".
+KIND_PATTERN: Final = r"^[A-Za-z0-9_.:-]{0,32}(?!\n)$"
+
 # Client-chosen idempotency keys (a UUID fits). '/' is kept out of client ids because the
 # engine derives the ids of the internal commands it emits as "<command_id>/<suffix>".
 COMMAND_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,128}(?!\n)$"
@@ -39,3 +45,14 @@ COMMAND_BYTES_MAX: Final = 256 * 1024
 # A rejection's human-readable detail is cut to this length so that a hostile record
 # cannot make the engine write large events.
 DETAIL_LEN_MAX: Final = 300
+
+# Times on events (`at_ms`, a result's first `at_ms`) are epoch milliseconds from 1970 up
+# to the last millisecond of the year 9999: the range every store on the way can hold
+# (Python's datetime, and so asyncpg's timestamptz, ends with the year 9999). The engine
+# stamps them with its own clock; an event outside is not the engine's and is refused.
+TIME_MS_MIN: Final = 0
+TIME_MS_MAX: Final = 253_402_300_799_999
+
+# A balance's `seq` counts its changes from 1 with no gaps; the stores keep it as a
+# signed 64-bit integer.
+SEQ_MAX: Final = 2**63 - 1

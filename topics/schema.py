@@ -44,6 +44,18 @@ Limit = Annotated[int, msgspec.Meta(ge=0, le=limits.AMOUNT_MAX)]
 EpochMs = Annotated[int, msgspec.Meta(ge=0, le=limits.AMOUNT_MAX)]
 AccountStatus = Literal["active", "frozen", "closed"]
 
+# The bounds of an event's fields. An event is written by the engine only, but the sinks
+# read whatever is on the events topic: every field a store writes is bounded here, so
+# an event no store can hold fails to decode and is dead-lettered, instead of stopping
+# a sink. Each bound is what the ledger can produce, never tighter. (The amount bounds
+# are checked in `Entry.__post_init__`, not by msgspec.Meta, whose bounds must fit in 64
+# bits; msgspec turns the ValueError into the decode's ValidationError.)
+EventTime = Annotated[int, msgspec.Meta(ge=limits.TIME_MS_MIN, le=limits.TIME_MS_MAX)]
+Seq = Annotated[int, msgspec.Meta(ge=1, le=limits.SEQ_MAX)]
+ResultAccount = Annotated[str, msgspec.Meta(pattern=limits.RESULT_ACCOUNT_PATTERN)]
+ResultKind = Annotated[str, msgspec.Meta(pattern=limits.KIND_PATTERN)]
+Detail = Annotated[str, msgspec.Meta(max_length=limits.DETAIL_LEN_MAX)]
+
 
 class _Base(
     msgspec.Struct,
@@ -210,13 +222,25 @@ class Reason(enum.StrEnum):
 class Entry(msgspec.Struct, frozen=True, kw_only=True):
     """One balance change: the (account, asset) balance after it, and what moved."""
 
-    account: str
-    asset: str
-    seq: int
+    account: AccountId
+    asset: Asset
+    seq: Seq
     available: int
     held: int
     delta_available: int
     delta_held: int
+
+    def __post_init__(self) -> None:
+        low, high = limits.BALANCE_MIN, limits.AMOUNT_MAX
+        if not low <= self.available <= high:
+            raise ValueError(f"available outside [{low}, {high}]")
+        if not 0 <= self.held <= high:
+            raise ValueError(f"held outside [0, {high}]")
+        # A change between two balances within those bounds.
+        if not low - high <= self.delta_available <= high - low:
+            raise ValueError(f"delta_available outside [{low - high}, {high - low}]")
+        if not -high <= self.delta_held <= high:
+            raise ValueError(f"delta_held outside [{-high}, {high}]")
 
 
 class FirstResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -224,7 +248,7 @@ class FirstResult(msgspec.Struct, frozen=True, kw_only=True):
 
     status: Status
     reason: Reason | None = None
-    at_ms: int
+    at_ms: EventTime
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True):
@@ -238,16 +262,18 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     v: Literal[1] = 1
-    command_id: str
-    account: str
-    kind: str
+    # Client ids and the engine's derived ids (expire.<digest> fits both patterns).
+    command_id: InternalId
+    account: ResultAccount
+    kind: ResultKind
     status: Status
     reason: Reason | None = None
-    detail: str | None = None
+    detail: Detail | None = None
     first: FirstResult | None = None
-    entries: list[Entry] = []
-    emitted: int = 0
-    at_ms: int
+    # One entry per balance changed on this shard: the payer's, or a hold's account's.
+    entries: Annotated[list[Entry], msgspec.Meta(max_length=limits.DISBURSE_LEGS_MAX + 1)] = []
+    emitted: Annotated[int, msgspec.Meta(ge=0, le=limits.DISBURSE_LEGS_MAX)] = 0
+    at_ms: EventTime
 
 
 # A result event of a client command carries this Kafka header: "<partition>:<offset>" of
