@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from tally.collector import Collector
+from tally.collector import Collector, read_all
 from tally.procs import EngineProcess, command, produce
 from tally.settings import Settings
 from topics.admin import ensure_topics, topic_configs
@@ -33,6 +34,7 @@ from topics.specs import topics_for
 
 PARTITIONS = 4
 YEAR_MS = 365 * 24 * 3600 * 1000
+PROBE = b"probe: not a command"
 
 
 async def _produce_stamped(bootstrap: str, topic: str, stamped: list[tuple[Command, int]]) -> None:
@@ -46,6 +48,30 @@ async def _produce_stamped(bootstrap: str, topic: str, stamped: list[tuple[Comma
             )
     finally:
         await producer.stop()
+
+
+async def _set_timestamp_type(bootstrap: str, topic: str, kind: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"message.timestamp.type": kind})]
+        )
+    finally:
+        await admin.close()
+    # The controller takes it before the partition leaders apply it: wait until a probe
+    # record (the engine dead-letters it) keeps its producer's stamp.
+    producer = durable_producer(bootstrap)
+    await producer.start()
+    try:
+        for _ in range(100):
+            sent = await producer.send_and_wait(topic, PROBE, partition=0, timestamp_ms=1)
+            if (sent.timestamp == 1) == (kind == "CreateTime"):
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await producer.stop()
+    raise AssertionError(f"{topic} did not take message.timestamp.type={kind}")
 
 
 async def _results(collector: Collector, command_id: str, n: int) -> list[Result]:
@@ -123,6 +149,11 @@ async def test_producer_stamped_times_change_no_decision(
     await engine.start()
     await collector.start(from_end=False)
     try:
+        # The engine's rule holds on its own: with the commands topic put back to
+        # CreateTime (an operator's edit), the records carry the producers' stamps.
+        await _set_timestamp_type(
+            settings.kafka_bootstrap, engine.topics.commands.name, "CreateTime"
+        )
         before = int(time.time() * 1000)
         await _produce_stamped(settings.kafka_bootstrap, engine.topics.commands.name, stamped)
         for c, _ in stamped:
@@ -154,6 +185,12 @@ async def test_producer_stamped_times_change_no_decision(
         assert await _statuses(collector, withdraw.command_id, 2) == ["applied", "duplicate"]
         assert (await engine.balances(a))["USD"].available == 1000 - 10 - 5 - 5 - 9
         assert (await engine.readyz())["counts"].get("pruned", 0) == 0
+        records, _ = await read_all(
+            settings.kafka_bootstrap, engine.topics.commands.name, PARTITIONS
+        )
+        assert sorted(r.timestamp for r in records if r.value != PROBE) == sorted(
+            t for _, t in [*stamped, (withdraw, past)]
+        )
     finally:
         await collector.stop()
         await engine.stop()
@@ -182,6 +219,12 @@ async def test_existing_topics_are_moved_to_broker_time(settings: Settings, uniq
         for spec in topics.all():
             assert configs[spec.name]["message.timestamp.type"] == "LogAppendTime", spec.name
             assert configs[spec.name]["retention.ms"] == "12345", spec.name
+        # The broker stamps records now, whatever the producer says.
+        stamped = Deposit(command_id="x", account="x", asset="USD", amount=1)
+        await _produce_stamped(settings.kafka_bootstrap, topics.commands.name, [(stamped, 0)])
+        records, _ = await read_all(settings.kafka_bootstrap, topics.commands.name, 2)
+        (record,) = records
+        assert record.timestamp_type == 1 and record.timestamp > 1_700_000_000_000
     finally:
         await admin.close()
 
