@@ -191,6 +191,19 @@ async def test_producer_stamped_times_change_no_decision(
         assert sorted(r.timestamp for r in records if r.value != PROBE) == sorted(
             t for _, t in [*stamped, (withdraw, past)]
         )
+        # After a restart (whose start-up puts the topic back to LogAppendTime), the
+        # times recorded are the engine's still: still a duplicate.
+        await engine.stop()
+        await engine.start()
+        await _produce_stamped(
+            settings.kafka_bootstrap, engine.topics.commands.name, [(withdraw, past)]
+        )
+        assert await _statuses(collector, withdraw.command_id, 3) == [
+            "applied",
+            "duplicate",
+            "duplicate",
+        ]
+        assert (await engine.balances(a))["USD"].available == 1000 - 10 - 5 - 5 - 9
     finally:
         await collector.stop()
         await engine.stop()
@@ -279,6 +292,10 @@ async def test_a_worker_with_other_settings_takes_no_shard(
             await asyncio.sleep(0.1)
         else:
             raise AssertionError(f"shards not all served by the first:\n{first.tail()}")
+        # Started again with the same setting: refused again.
+        await second.start(wait=False)
+        assert await asyncio.wait_for(second.proc.wait(), 60) != 0
+        assert second.tail(10_000).count(line) == 2, second.tail()
     finally:
         await collector.stop()
         await second.stop()
