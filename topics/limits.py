@@ -21,11 +21,10 @@ ACCOUNT_ID_LEN_MAX: Final = 64
 ASSET_PATTERN: Final = r"^[A-Z0-9]{1,12}(?!\n)$"
 ASSET_LEN_MAX: Final = 12
 
-# The account of a result event: an account id, or "" for a record too broken to name one.
-RESULT_ACCOUNT_PATTERN: Final = r"^(?:[A-Za-z0-9_.:-]{1,64})?(?!\n)$"
-# The kind of a result event: a command kind, or what a rejected record called itself
-# (cut to these characters, so that no control character reaches a store), or "".
+# The kind a rejected record called itself is echoed in its result only if it is made of
+# these characters (so that no control character reaches a store), else "".
 KIND_PATTERN: Final = r"^[A-Za-z0-9_.:-]{0,32}(?!\n)$"
+KIND_LEN_MAX: Final = 32
 
 # Client-chosen idempotency keys (a UUID fits). '/' is kept out of client ids because the
 # engine derives the ids of the internal commands it emits as "<command_id>/<suffix>".
@@ -33,6 +32,7 @@ COMMAND_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,128}(?!\n)$"
 COMMAND_ID_LEN_MAX: Final = 128
 # Ids of internal commands: "<payer>/<client id>/credit[/<leg>][/refund]" (topics.ids).
 INTERNAL_ID_PATTERN: Final = r"^[A-Za-z0-9_.:/-]{1,220}(?!\n)$"
+INTERNAL_ID_LEN_MAX: Final = 220
 HOLD_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$"
 
 # One disbursement fans out to at most this many payees: it bounds the size of one
