@@ -41,7 +41,9 @@ Amount = Annotated[
     msgspec.Meta(ge=1, le=limits.AMOUNT_MAX, description="minor units, 1 to 2^63-1"),
 ]
 Limit = Annotated[int, msgspec.Meta(ge=0, le=limits.AMOUNT_MAX)]
-EpochMs = Annotated[int, msgspec.Meta(ge=0, le=limits.AMOUNT_MAX)]
+# A time a client gives (a hold's expiry): epoch milliseconds within the range the engine
+# and the stores use (see limits.TIME_MS_MAX); a time past it is refused as invalid.
+EpochMs = Annotated[int, msgspec.Meta(ge=0, le=limits.TIME_MS_MAX)]
 AccountStatus = Literal["active", "frozen", "closed"]
 
 # The bounds of an event's fields. An event is written by the engine only, but the sinks

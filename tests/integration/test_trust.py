@@ -144,6 +144,18 @@ async def test_producer_stamped_times_change_no_decision(
             absurd,
         ),
         (Release(command_id=f"r3-{unique}", account=a, hold_id="h3"), past),
+        # An expiry past the year 9999 is no time: refused as invalid.
+        (
+            Hold(
+                command_id=f"h4-{unique}",
+                account=a,
+                hold_id="h4",
+                asset="USD",
+                amount=1,
+                expires_at_ms=absurd,
+            ),
+            now,
+        ),
     ]
     collector = Collector(settings.kafka_bootstrap, engine.topics)
     await engine.start()
@@ -175,6 +187,7 @@ async def test_producer_stamped_times_change_no_decision(
             f"k2-{unique}": "applied",
             f"h3-{unique}": "applied",
             f"r3-{unique}": "applied",
+            f"h4-{unique}": "rejected:invalid_command",
         }
         # Several pruning passes later, the withdraw stamped three years ago is still
         # remembered: its retry is a duplicate, not a second withdrawal.
