@@ -275,6 +275,7 @@ class SinkRunner:
             len(batch.events),
             _one_line(error),
         )
+        assert len(batch.sources) == len(batch.events), "a batch names each event's offset"
         if len(batch.events) == 1:
             refused = [(0, _one_line(error))]
         else:
