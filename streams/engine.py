@@ -22,6 +22,13 @@ engine's decisions are not re-derived on replay, they are recorded (in the chang
 and the results) by the transaction that made them; a batch that did not commit is
 decided again, at a new time, as if it came for the first time.
 
+The clock itself is checked against the broker's: every topic is LogAppendTime, so each
+committed batch's last record comes back with the time the broker appended it.
+While the last such check is older than a minute, or found the engine's clock more
+than `clock_skew_max_ms` away from the broker's, idempotency records are not pruned: a
+worker whose clock ran ahead would otherwise forget other workers' records early, and
+their retries would apply twice. (Pruning is only storage hygiene; it can wait.)
+
 Fencing: each shard has its own transactional producer, `transactional.id` =
 `<group>-shard-<p>`. Whoever takes over a shard initialises that id first, which aborts
 the previous owner's open transaction and fences it: a worker that was paused or cut off
@@ -85,6 +92,10 @@ recovery_log_every_s = 2.0
 # inside one take-over, so this many failures mean something else is wrong.
 max_failures_in_a_row = 20
 producer_stop_timeout_s = 5.0
+# Pruning needs the engine's clock to agree with the broker's within this, as seen by a
+# commit no older than clock_check_fresh_s (see the module's docstring).
+clock_skew_max_ms = 60_000
+clock_check_fresh_s = 60.0
 
 # (topic, key, value, partition)
 # (topic, key, value, partition, headers)
@@ -118,6 +129,9 @@ class Engine:
         # Epoch seconds: the engine's time (see the module's docstring), passed in.
         self.clock = clock
         self._shard_time_ms: dict[int, int] = {}
+        # The engine's clock minus the broker's, and when that was last seen (monotonic).
+        self.clock_skew_ms: int | None = None
+        self._clock_checked = 0.0
         self.topics: Topics = self.topics_of(settings)
         self.partitions = settings.partitions
         self.app_id = app_id or self.app_id_of(settings)
@@ -479,8 +493,11 @@ class Engine:
         if self.exactly_once:
             await producer.begin_transaction()
         try:
+            sent = None
             for topic, key, value, partition, headers in out:
-                await producer.send(topic, value, key=key, partition=partition, headers=headers)
+                sent = await producer.send(
+                    topic, value, key=key, partition=partition, headers=headers
+                )
             changelog = [
                 await producer.send(self.changelog, value, key=key, partition=p)
                 for key, value in store.pending.items()
@@ -498,6 +515,9 @@ class Engine:
             store.discard()
             raise
         offsets = [f.result().offset for f in changelog]
+        last = changelog[-1] if changelog else sent
+        if last is not None:
+            self._check_clock(now_ms, last.result())
         store.flush(max(offsets) + 1 if offsets else None)
         self._next.update(batch.offsets)
         self._failures.pop(p, None)
@@ -600,6 +620,32 @@ class Engine:
         now_ms = max(self._now_ms(), self._shard_time_ms.get(p, 0))
         self._shard_time_ms[p] = now_ms
         return now_ms
+
+    def _check_clock(self, now_ms: int, written: Any) -> None:
+        """Compare the time a batch was decided at with the broker's append time of its
+        last record (a LogAppendTime topic's produce answer carries it)."""
+        if getattr(written, "timestamp_type", None) != 1:
+            return  # CreateTime: the timestamp is our own producer's, nothing learnt
+        skew = now_ms - int(written.timestamp)
+        was_right = self.clock_skew_ms is None or abs(self.clock_skew_ms) <= clock_skew_max_ms
+        self.clock_skew_ms = skew
+        self._clock_checked = time.monotonic()
+        if abs(skew) > clock_skew_max_ms and was_right:
+            self.counts["clock_skewed"] += 1
+            log.error(
+                "this worker's clock is %+.1fs from the broker's: pruning of idempotency "
+                "records paused until they agree within %ds (fix the clock: NTP)",
+                skew / 1000,
+                clock_skew_max_ms // 1000,
+            )
+
+    def _clock_agrees(self, now: float) -> bool:
+        """Whether a fresh check found the engine's clock within the skew allowed."""
+        return (
+            self.clock_skew_ms is not None
+            and now - self._clock_checked <= clock_check_fresh_s
+            and abs(self.clock_skew_ms) <= clock_skew_max_ms
+        )
 
     def _handle(
         self, p: int, store: ShardStore, record: Any, now_ms: int, out: list[Output]
@@ -718,7 +764,7 @@ class Engine:
 
     def _due_prunes(self, now: float) -> dict[int, list[str]]:
         """Idempotency records older than the retention, a bounded slice per shard."""
-        if now < self._next_prune or self.retention_ms <= 0:
+        if now < self._next_prune or self.retention_ms <= 0 or not self._clock_agrees(now):
             return {}
         # Short retentions (tests) are pruned sooner than every prune_every_s.
         self._next_prune = now + min(prune_every_s, max(0.5, self.retention_ms / 4000))

@@ -8,9 +8,11 @@ import asyncio
 import time
 from pathlib import Path
 
+import msgspec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from streams.engine import Engine
 from tally.collector import Collector, read_all
 from tally.procs import EngineProcess, command, produce
 from tally.settings import Settings
@@ -312,4 +314,62 @@ async def test_a_worker_with_other_settings_takes_no_shard(
     finally:
         await collector.stop()
         await second.stop()
+        await first.stop()
+
+
+async def test_a_worker_whose_clock_runs_ahead_prunes_nothing(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    """A worker with a right clock applies commands; a worker whose clock runs a year
+    ahead (the same settings: the group accepts it) takes every shard over. Its clock
+    disagrees with the broker's, so it prunes nothing, and the retries stay duplicates."""
+    prefix = f"skew-{unique}"
+    retention = {"TALLY_IDEMPOTENCY_RETENTION_S": "3600"}
+    first = EngineProcess(
+        settings, prefix=prefix, data_dir=tmp_path / "a", partitions=PARTITIONS, extra_env=retention
+    )
+    deposits = [
+        Deposit(command_id=f"d{i}-{unique}", account=f"skew-{unique}-{i}", asset="USD", amount=5)
+        for i in range(12)
+    ]
+    collector = Collector(settings.kafka_bootstrap, first.topics)
+    await first.start()
+    await collector.start(from_end=False)
+    ahead = Engine(
+        msgspec.structs.replace(
+            settings,
+            topic_prefix=prefix,
+            partitions=PARTITIONS,
+            data_dir=str(tmp_path / "b"),
+            idempotency_retention_s=3600,
+        ),
+        clock=lambda: time.time() + YEAR_MS / 1000,
+    )
+    run = None
+    try:
+        produced = list(map(command, deposits))
+        await produce(settings.kafka_bootstrap, first.topics.commands.name, produced)
+        for d in deposits:
+            assert await _statuses(collector, d.command_id, 1) == ["applied"]
+        await first.stop()
+        run = asyncio.create_task(ahead.run())
+        for _ in range(300):
+            if ahead.ready and ahead.owned == set(range(PARTITIONS)):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the worker with the clock ahead never took the shards")
+        await produce(settings.kafka_bootstrap, first.topics.commands.name, produced[:1])
+        await asyncio.sleep(4)  # several pruning passes (every 0.9 s) after a commit
+        await produce(settings.kafka_bootstrap, first.topics.commands.name, produced)
+        for i, d in enumerate(deposits):
+            want = ["applied", "duplicate", "duplicate"] if i == 0 else ["applied", "duplicate"]
+            assert await _statuses(collector, d.command_id, len(want)) == want
+        assert ahead.counts["pruned"] == 0 and ahead.counts["clock_skewed"] == 1
+        assert ahead.clock_skew_ms is not None and ahead.clock_skew_ms > YEAR_MS - 60_000
+    finally:
+        ahead.stop()
+        if run is not None:
+            await run
+        await collector.stop()
         await first.stop()

@@ -66,3 +66,22 @@ def test_records_are_decided_at_the_engine_time_not_their_timestamp(tmp_path: Pa
         assert record is not None and record.at_ms == 1_700_000_000_000
     finally:
         store.close()
+
+
+def test_pruning_waits_for_a_fresh_check_that_the_clock_agrees_with_the_broker() -> None:
+    engine = _engine([1000.0])
+    now = 50.0  # monotonic
+    assert not engine._clock_agrees(now)  # never checked
+    broker = SimpleNamespace(timestamp=1_000_000 - 500, timestamp_type=1)
+    engine._check_clock(1_000_000, broker)
+    engine._clock_checked = now
+    assert engine.clock_skew_ms == 500 and engine._clock_agrees(now)
+    assert not engine._clock_agrees(now + 61)  # stale
+    # A year ahead of the broker: pruning pauses, said once.
+    engine._check_clock(1_000_000 + 365 * 86_400_000, broker)
+    engine._check_clock(1_000_000 + 365 * 86_400_000, broker)
+    engine._clock_checked = now
+    assert not engine._clock_agrees(now) and engine.counts["clock_skewed"] == 1
+    # A CreateTime answer is our own producer's stamp: it tells nothing.
+    engine._check_clock(1_000_000, SimpleNamespace(timestamp=0, timestamp_type=0))
+    assert not engine._clock_agrees(now)
