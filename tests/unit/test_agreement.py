@@ -7,6 +7,8 @@ from typing import Any
 
 import msgspec
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streams.agreement import (
     AgreeingAssignor,
@@ -103,3 +105,35 @@ def test_the_assignor_gives_shards_only_to_agreeing_members() -> None:
     assert good.accepted and not bad.accepted
     # The verdict travels as JSON in the assignment's user data.
     assert msgspec.json.decode(out["m-bad"].user_data, type=Verdict).mine == "1"
+
+
+proposals_st = st.dictionaries(
+    st.text("abcdef", min_size=1, max_size=3),
+    st.builds(
+        Proposal,
+        terms=st.sampled_from([WEEK, SECOND, terms(Settings(partitions=4))]),
+        started_ms=st.integers(0, 5),
+        accepted=st.booleans(),
+    ),
+    max_size=6,
+)
+
+
+@given(proposals_st)
+def test_the_group_terms_are_a_member_s_and_an_accepted_majority_keeps_them(
+    proposals: dict[str, Proposal],
+) -> None:
+    group = group_terms(proposals)
+    if not proposals:
+        assert group is None
+        return
+    assert group in [p.terms for p in proposals.values()]
+    accepted = [p.terms for p in proposals.values() if p.accepted]
+    if accepted:
+        # A joiner that was never accepted never decides, however early it started.
+        assert group in accepted
+        if any(accepted.count(t) * 2 > len(accepted) for t in accepted):
+            assert accepted.count(group) * 2 > len(accepted)
+    # Whoever leads, every member gets the same verdict.
+    assert all(verdict(p, group or {}).setting is None for p in proposals.values()
+               if p.terms == group)  # fmt: skip
