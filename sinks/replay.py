@@ -5,9 +5,11 @@ The replay is the sink itself (a `SinkRunner` over the same store) in its replay
 every partition assigned statically, no consumer group, nothing committed to Kafka. The
 stores absorb repeats (PostgreSQL inserts ON CONFLICT and upserts balances forward only;
 Redis is last-writer-wins on `seq`), so it may run into an empty store or over a full
-one. It refuses to run while a live sink of the same target is a member of its consumer
-group, unless forced, and fails fast, naming the store, when the store or Kafka does not
-answer.
+one. An event the live sink dead-letters (undecodable, out of the schema's bounds, or
+refused by the store for its content) the replay skips the same way, without sending
+its dead letter again, and counts. It refuses to run while a live sink of the same
+target is a member of its consumer group, unless forced, and fails fast, naming the
+store, when the store or Kafka does not answer.
 
 Offsets. The Redis sink resumes from the progress it keeps in Redis, which the script
 only ever moves forward: the replay's batches may raise it, never lower it, and
@@ -118,7 +120,9 @@ class Summary:
         ]
         if self.undecodable:
             lines.append(
-                f"  undecodable  {self.undecodable:>12,}  (skipped; dead-lettered by the sink)"
+                f"  undecodable  {self.undecodable:>12,}  (skipped, as the live sink "
+                "dead-letters them: not decodable, out of the schema's bounds, or refused "
+                "by the store)"
             )
         return lines
 

@@ -11,7 +11,18 @@ batch too, only so that the group's lag can be monitored.
 A store that is down (connection refused, restarting) is retried with exponential
 backoff and full jitter, on the same batch, until it answers; the sink logs once when
 it goes down and once when it is back, not once per retry. An event that cannot be
-decoded goes to the dead-letter topic and the sink goes on.
+decoded, or breaks a bound of the schema (`topics.schema.Result`), goes to the
+dead-letter topic and the sink goes on.
+
+No event's content stops a sink either. When the store refuses a batch with an error
+its content caused (`content_error`: a value PostgreSQL cannot hold, a Redis script
+error; told apart from outages, which are retried), the batch is split in halves, and
+halves again, each part written on its own (`_isolate`), until the events the store
+refuses are found alone; they are dead-lettered with the store's error and the rest of
+the batch is in the store. Parts move no offsets (each is written with the offsets
+the batch started from); the batch's end offsets are written last, after the dead
+letters are sent, so a crash in between repeats the batch, never skips an event. Parts
+are written in the batch's order, so balances still only move forward.
 
 A store can also lose what it had (Redis flushed or restarted empty). The store notices
 when it writes (`StoreLost`), and the loop looks for it every
@@ -28,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -68,6 +80,8 @@ class Batch:
 
     topic: str
     events: list[tuple[int, Result]] = field(default_factory=list)  # (shard, result)
+    # The events topic offset of each event (same order): what a dead letter names.
+    sources: list[int] = field(default_factory=list)
     offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset
     # partition -> the offset the store should hold before this batch (the previous
     # batch's end): what a store that keeps offsets checks to notice it lost its data.
@@ -94,6 +108,10 @@ class Store(Protocol):
     async def write(self, batch: Batch) -> None: ...
 
 
+def no_content_errors(error: BaseException) -> bool:
+    return False
+
+
 class SinkRunner:
     def __init__(
         self,
@@ -106,8 +124,12 @@ class SinkRunner:
         linger_ms: int = 200,
         partitions: list[int] | None = None,
         until: dict[int, int] | None = None,
+        content_error: Callable[[BaseException], bool] = no_content_errors,
     ) -> None:
         self.store = store
+        # Whether an error of store.write was caused by an event's content (the event is
+        # isolated and dead-lettered) rather than by the store being unwell.
+        self.content_error = content_error
         self.bootstrap = bootstrap
         self.topics = topics
         self.topic = topics.events.name
@@ -125,6 +147,7 @@ class SinkRunner:
         self.written_events = 0
         self.written_entries = 0
         self.dead_lettered = 0
+        self.isolated = 0  # of them: events the store refused
         self.down_since: float | None = None
         self.outages = 0
         self.rebuilds = 0
@@ -135,6 +158,8 @@ class SinkRunner:
         self._reseek: set[TopicPartition] = set()
         self._next: dict[TopicPartition, int] = {}
         self._lettered: dict[int, int] = {}  # partition -> offset dead letters were sent to
+        self._isolated_to: dict[int, int] = {}  # the same, for events the store refused
+        self._producer: Any = None
         self._pending: tuple[Batch, asyncio.Task[None]] | None = None
         self._last_status = 0.0
 
@@ -155,7 +180,7 @@ class SinkRunner:
         return total
 
     async def run(self) -> None:
-        producer = durable_producer(self.bootstrap)
+        producer = self._producer = durable_producer(self.bootstrap)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group_id,
@@ -184,14 +209,7 @@ class SinkRunner:
                     await self._seek_to_store()
                     continue  # what was polled came from before the seek
                 batch, letters = self._decode(polled)
-                for letter in letters if self.until is None else []:
-                    p = letter.source_partition
-                    if letter.source_offset < self._lettered.get(p, 0):
-                        continue  # sent when first read (read again after a rebuild)
-                    await producer.send_and_wait(
-                        self.topics.dead_letter.name, encode(letter), partition=p
-                    )
-                    self._lettered[p] = letter.source_offset + 1
+                await self._send_letters(letters, self._lettered)
                 # One write in flight: batch N is written while batch N+1 is polled and
                 # decoded. Writes stay in order; N is committed before N+1 is written.
                 await self._finish()
@@ -217,13 +235,117 @@ class SinkRunner:
                 await producer.stop()
             await self.store.close()
 
+    async def _send_letters(self, letters: list[DeadLetter], sent_to: dict[int, int]) -> None:
+        """Dead letters to the dead-letter topic, each once: `sent_to` (partition -> next
+        offset) skips those sent when the event was first read (it is read again after a
+        rebuild). A replay sends none (the live sink did)."""
+        if self.until is not None:
+            return
+        for letter in letters:
+            p = letter.source_partition
+            if letter.source_offset < sent_to.get(p, 0):
+                continue
+            await self._producer.send_and_wait(
+                self.topics.dead_letter.name, encode(letter), partition=p
+            )
+            sent_to[p] = letter.source_offset + 1
+
     async def _write(self, batch: Batch) -> None:
-        """Write one batch (retrying while the store is down); it is visible from here."""
-        await self._retrying(lambda: self.store.write(batch))
+        """Write one batch (retrying while the store is down); it is visible from here.
+        Events whose content the store refuses are isolated and dead-lettered."""
+        try:
+            await self._retrying(lambda: self.store.write(batch))
+        except Exception as error:
+            if not self.content_error(error):
+                raise
+            batch = await self._without_refused(batch, error)
         self.written_events += len(batch.events)
         self.written_entries += batch.entries
         if self.on_batch is not None:
             self.on_batch(batch)
+
+    async def _without_refused(self, batch: Batch, error: BaseException) -> Batch:
+        """The store refused `batch` for its content: find the events it refuses, write
+        every other one, dead-letter those, then move the offsets. Returns the batch as
+        written (without the refused events)."""
+        log.warning(
+            "sink %s: the store refused a batch of %d events (%s); isolating the events "
+            "it cannot hold",
+            self.store.name,
+            len(batch.events),
+            _one_line(error),
+        )
+        assert len(batch.sources) == len(batch.events), "a batch names each event's offset"
+        if len(batch.events) == 1:
+            refused = [(0, _one_line(error))]
+        else:
+            refused = await self._isolate(batch, list(range(len(batch.events))))
+        letters = [
+            self._refused_letter(batch.events[i][0], batch.sources[i], batch.events[i][1], why)
+            for i, why in refused
+        ]
+        self.isolated += len(letters)
+        self.dead_lettered += len(letters)
+        await self._send_letters(letters, self._isolated_to)
+        # Every other event is in the store now (in the parts): only the offsets are left.
+        ends = dataclasses.replace(batch, events=[], sources=[])
+        await self._retrying(lambda: self.store.write(ends))
+        skip = {i for i, _ in refused}
+        kept = [i for i in range(len(batch.events)) if i not in skip]
+        return dataclasses.replace(
+            batch,
+            events=[batch.events[i] for i in kept],
+            sources=[batch.sources[i] for i in kept],
+        )
+
+    async def _isolate(self, batch: Batch, indices: list[int]) -> list[tuple[int, str]]:
+        """(index, store error) of the events of `batch[indices]` (two or more, which
+        the store has refused together) that the store refuses alone; every other one
+        is written. Halves, depth first in order: about 2 log2(n) writes per refused
+        event."""
+        refused: list[tuple[int, str]] = []
+        middle = len(indices) // 2
+        for half in (indices[:middle], indices[middle:]):
+            error = await self._write_part(batch, half)
+            if error is None:
+                continue
+            if len(half) == 1:
+                refused.append((half[0], error))
+            else:
+                refused += await self._isolate(batch, half)
+        return refused
+
+    async def _write_part(self, batch: Batch, indices: list[int]) -> str | None:
+        """Write some events of `batch` with no offset moved (each partition's offsets
+        are written as the batch's start); the store's error when their content is
+        refused, else None."""
+        events = [batch.events[i] for i in indices]
+        shards = sorted({shard for shard, _ in events})
+        start = {p: batch.start.get(p, 0) for p in shards}
+        part = dataclasses.replace(
+            batch, events=events, sources=[batch.sources[i] for i in indices], offsets=start
+        )
+        part.start = dict(start)
+        try:
+            await self._retrying(lambda: self.store.write(part))
+        except Exception as error:
+            if not self.content_error(error):
+                raise
+            return _one_line(error)
+        return None
+
+    def _refused_letter(self, partition: int, offset: int, result: Result, why: str) -> DeadLetter:
+        return DeadLetter(
+            reason=f"sink {self.store.name}: the store refused the event: {why}"[
+                : limits.DETAIL_LEN_MAX
+            ],
+            source_topic=self.topic,
+            source_partition=partition,
+            source_offset=offset,
+            key=result.account,
+            raw=encode(result).decode(),
+            at_ms=int(time.time() * 1000),
+        )
 
     async def _finish(self) -> None:
         """Wait for the write in flight, then commit its offsets and count it."""
@@ -329,6 +451,7 @@ class SinkRunner:
                     letters.append(self._letter(record, f"{exc}"))
                     continue
                 batch.events.append((tp.partition, result))
+                batch.sources.append(record.offset)
             if records:
                 batch.offsets[tp.partition] = max(
                     records[-1].offset + 1, batch.offsets.get(tp.partition, 0)
@@ -345,7 +468,7 @@ class SinkRunner:
             source_offset=record.offset,
             key=None if record.key is None else record.key.decode("utf-8", "replace"),
             raw=raw.decode("utf-8", "backslashreplace"),
-            at_ms=int(record.timestamp),
+            at_ms=int(time.time() * 1000),  # the sink's time: the record's is not ours
         )
 
     async def _at_end(self) -> bool:
@@ -405,6 +528,11 @@ class SinkRunner:
                 )
                 self.down_since = None
             return result
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -7,6 +7,11 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
+
+import asyncpg
+from redis.exceptions import DataError as RedisDataError
+from redis.exceptions import ResponseError
 
 from sinks.migrate import migrate
 from sinks.postgres import PostgresStore
@@ -39,6 +44,47 @@ def store_for(settings: Settings, target: str) -> Store:
     raise ValueError(f"unknown sink target {target!r}")
 
 
+# What PostgreSQL answers about a value it cannot hold (class 22 data exceptions: a number
+# out of range, a NUL in text; class 23 constraint violations; class 54 program limits, an
+# index row too large) and what asyncpg raises before sending one (a number too large for
+# its column's type, a time past the year 9999): the event's content, not an outage.
+_POSTGRES_CONTENT = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+    OverflowError,
+)
+# Redis answers an outage with its own error prefixes (redis-py maps most to subclasses:
+# ReadOnlyError, NoScriptError, OutOfMemoryError...); a plain error from the script is
+# the script failing on an event's values.
+_REDIS_OUTAGES = (
+    "OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "CLUSTERDOWN",
+    "TRYAGAIN", "NOSCRIPT", "NOAUTH", "NOPERM", "WRONGPASS", "MOVED", "ASK",
+)  # fmt: skip
+
+
+def postgres_content_error(error: BaseException) -> bool:
+    """Whether the PostgreSQL store refused a batch for a value of its events."""
+    return isinstance(error, _POSTGRES_CONTENT)
+
+
+def redis_content_error(error: BaseException) -> bool:
+    """Whether the Redis store refused a batch for a value of its events: the script's
+    own error, or a value the client cannot send."""
+    if isinstance(error, RedisDataError):
+        return True
+    if type(error) is not ResponseError:
+        return False  # its subclasses are the server's states (read-only, no script...)
+    # A pipeline prefixes the server's answer with "Command # n (...) of pipeline caused
+    # error: ".
+    answer = str(error).rpartition("caused error: ")[2].lstrip("('\"")
+    return not answer.startswith(_REDIS_OUTAGES)
+
+
+def content_error_of(target: str) -> Callable[[BaseException], bool]:
+    return postgres_content_error if target == "postgres" else redis_content_error
+
+
 def runner_for(
     settings: Settings,
     target: str,
@@ -58,6 +104,7 @@ def runner_for(
         linger_ms=settings.sink_linger_ms,
         partitions=partitions,
         until=until,
+        content_error=content_error_of(target),
     )
 
 

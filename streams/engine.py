@@ -12,6 +12,23 @@ outputs, the changelog and the consumed offsets of a batch are visible together 
 at all, and what a crash loses is re-read from Kafka: a retried record finds the state
 exactly as it was before its first attempt.
 
+Time. The time a command is decided at (what the idempotency window starts from, what a
+hold's expiry is judged against, the result's `at_ms`) is the engine's own wall clock,
+never a record's timestamp, which whoever produced the record may have chosen. Per
+shard it never runs backwards: each batch's time is at least the previous batch's (a
+clock stepped back by NTP holds the shard's time still until it catches up). That it is
+a wall clock and not something re-derivable from the input is fine for recovery: the
+engine's decisions are not re-derived on replay, they are recorded (in the changelog
+and the results) by the transaction that made them; a batch that did not commit is
+decided again, at a new time, as if it came for the first time.
+
+The clock itself is checked against the broker's: every topic is LogAppendTime, so each
+committed batch's last record comes back with the time the broker appended it.
+While the last such check is older than a minute, or found the engine's clock more
+than `clock_skew_max_ms` away from the broker's, idempotency records are not pruned: a
+worker whose clock ran ahead would otherwise forget other workers' records early, and
+their retries would apply twice. (Pruning is only storage hygiene; it can wait.)
+
 Fencing: each shard has its own transactional producer, `transactional.id` =
 `<group>-shard-<p>`. Whoever takes over a shard initialises that id first, which aborts
 the previous owner's open transaction and fences it: a worker that was paused or cut off
@@ -35,7 +52,7 @@ import heapq
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +61,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import TopicPartition
 
-from streams import ledger
+from streams import agreement, ledger
 from streams.state import BalanceState
 from streams.store import ShardStore
 from streams.watchdog import Watchdog
@@ -75,6 +92,10 @@ recovery_log_every_s = 2.0
 # inside one take-over, so this many failures mean something else is wrong.
 max_failures_in_a_row = 20
 producer_stop_timeout_s = 5.0
+# Pruning needs the engine's clock to agree with the broker's within this, as seen by a
+# commit no older than clock_check_fresh_s (see the module's docstring).
+clock_skew_max_ms = 60_000
+clock_check_fresh_s = 60.0
 
 # (topic, key, value, partition)
 # (topic, key, value, partition, headers)
@@ -97,8 +118,20 @@ class _Batch:
 class Engine:
     """One engine worker. `run()` until `stop()`; several workers share the shards."""
 
-    def __init__(self, settings: Settings, *, app_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        app_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
+        # Epoch seconds: the engine's time (see the module's docstring), passed in.
+        self.clock = clock
+        self._shard_time_ms: dict[int, int] = {}
+        # The engine's clock minus the broker's, and when that was last seen (monotonic).
+        self.clock_skew_ms: int | None = None
+        self._clock_checked = 0.0
         self.topics: Topics = self.topics_of(settings)
         self.partitions = settings.partitions
         self.app_id = app_id or self.app_id_of(settings)
@@ -129,6 +162,8 @@ class Engine:
         self._next: dict[TopicPartition, int] = {}
         self.watchdog = Watchdog()
         self._failures: dict[int, int] = {}  # shard -> batches failed in a row
+        # Set when the group refused this worker's settings (see `streams.agreement`).
+        self.refused: str | None = None
 
     @staticmethod
     def topics_of(settings: Settings) -> Topics:
@@ -164,8 +199,9 @@ class Engine:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
-            # Range keeps partition p of both topics on one worker: they are one shard.
-            partition_assignment_strategy=(_range_assignor(),),
+            # Range keeps partition p of both topics on one worker: they are one shard;
+            # and only workers that agree with the group's settings get any.
+            partition_assignment_strategy=(self._assignor(),),
             session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=heartbeat_interval_ms,
             max_poll_interval_ms=300_000,
@@ -192,6 +228,8 @@ class Engine:
                 standby.cancel()
                 await asyncio.gather(standby, return_exceptions=True)
             await self._shutdown()
+        if self.refused is not None:
+            raise agreement.Disagreement(self.refused)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -210,6 +248,19 @@ class Engine:
 
     # Rebalancing -------------------------------------------------------------------------
 
+    def _assignor(self) -> agreement.AgreeingAssignor:
+        return agreement.AgreeingAssignor(
+            agreement.terms(self.settings), started_ms=self._now_ms(), on_refused=self._refuse
+        )
+
+    def _refuse(self, verdict: agreement.Verdict) -> None:
+        """The group gave this worker no shard because a setting differs: say which,
+        once, and stop (the run then ends with `agreement.Disagreement`)."""
+        if self.refused is None:
+            self.refused = agreement.refusal(verdict, self.group_id)
+            log.error("%s", self.refused)
+        self.stop()
+
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:
             for p in {tp.partition for tp in revoked}:
@@ -220,6 +271,8 @@ class Engine:
             self._forget_unowned()
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        if self.refused is not None:
+            return  # never ready: it serves nothing and is stopping
         async with self._lock:
             shards = {tp.partition for tp in assigned}
             for p in set(self.producers) - shards:
@@ -430,9 +483,9 @@ class Engine:
         store = self.stores[p]
         producer = self.producers[p]
         out: list[Output] = []
+        now_ms = self._time_ms(p)
         for record in batch.records:
-            self._handle(p, store, record, out)
-        now_ms = int(time.time() * 1000)
+            self._handle(p, store, record, now_ms, out)
         for expire in expiries:
             self._decide(p, store, expire, now_ms, out)
         for command_id in prunes:
@@ -440,8 +493,11 @@ class Engine:
         if self.exactly_once:
             await producer.begin_transaction()
         try:
+            sent = None
             for topic, key, value, partition, headers in out:
-                await producer.send(topic, value, key=key, partition=partition, headers=headers)
+                sent = await producer.send(
+                    topic, value, key=key, partition=partition, headers=headers
+                )
             changelog = [
                 await producer.send(self.changelog, value, key=key, partition=p)
                 for key, value in store.pending.items()
@@ -459,6 +515,9 @@ class Engine:
             store.discard()
             raise
         offsets = [f.result().offset for f in changelog]
+        last = changelog[-1] if changelog else sent
+        if last is not None:
+            self._check_clock(now_ms, last.result())
         store.flush(max(offsets) + 1 if offsets else None)
         self._next.update(batch.offsets)
         self._failures.pop(p, None)
@@ -552,10 +611,47 @@ class Engine:
         finally:
             self.recovering.discard(p)
 
-    def _handle(self, p: int, store: ShardStore, record: Any, out: list[Output]) -> None:
-        """Decide one record of shard p's commands or internal partition."""
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _time_ms(self, p: int) -> int:
+        """Shard p's time for its next batch: the engine's clock, held at the shard's
+        previous time if the clock went back. (Record timestamps play no part.)"""
+        now_ms = max(self._now_ms(), self._shard_time_ms.get(p, 0))
+        self._shard_time_ms[p] = now_ms
+        return now_ms
+
+    def _check_clock(self, now_ms: int, written: Any) -> None:
+        """Compare the time a batch was decided at with the broker's append time of its
+        last record (a LogAppendTime topic's produce answer carries it)."""
+        if getattr(written, "timestamp_type", None) != 1:
+            return  # CreateTime: the timestamp is our own producer's, nothing learnt
+        skew = now_ms - int(written.timestamp)
+        was_right = self.clock_skew_ms is None or abs(self.clock_skew_ms) <= clock_skew_max_ms
+        self.clock_skew_ms = skew
+        self._clock_checked = time.monotonic()
+        if abs(skew) > clock_skew_max_ms and was_right:
+            self.counts["clock_skewed"] += 1
+            log.error(
+                "this worker's clock is %+.1fs from the broker's: pruning of idempotency "
+                "records paused until they agree within %ds (fix the clock: NTP)",
+                skew / 1000,
+                clock_skew_max_ms // 1000,
+            )
+
+    def _clock_agrees(self, now: float) -> bool:
+        """Whether a fresh check found the engine's clock within the skew allowed."""
+        return (
+            self.clock_skew_ms is not None
+            and now - self._clock_checked <= clock_check_fresh_s
+            and abs(self.clock_skew_ms) <= clock_skew_max_ms
+        )
+
+    def _handle(
+        self, p: int, store: ShardStore, record: Any, now_ms: int, out: list[Output]
+    ) -> None:
+        """Decide one record of shard p's commands or internal partition at `now_ms`."""
         internal = record.topic == self.topics.internal.name
-        now_ms = int(record.timestamp)
         decoded = decode_command(record.value or b"", internal=internal)
         if isinstance(decoded, Undecodable):
             self._dead_letter(p, record, decoded.reason, now_ms, out)
@@ -644,7 +740,7 @@ class Engine:
                     if held.expires_at_ms is not None:
                         self._watch((held.expires_at_ms, account, hold_id))
         due: dict[int, list[Expire]] = {}
-        now_ms = int(time.time() * 1000)
+        now_ms = self._now_ms()
         while self._expiries and self._expiries[0][0] <= now_ms:
             item = heapq.heappop(self._expiries)
             # Forgotten at once: if the batch that applies it aborts, the next rescan
@@ -668,11 +764,12 @@ class Engine:
 
     def _due_prunes(self, now: float) -> dict[int, list[str]]:
         """Idempotency records older than the retention, a bounded slice per shard."""
-        if now < self._next_prune or self.retention_ms <= 0:
+        if now < self._next_prune or self.retention_ms <= 0 or not self._clock_agrees(now):
             return {}
         # Short retentions (tests) are pruned sooner than every prune_every_s.
         self._next_prune = now + min(prune_every_s, max(0.5, self.retention_ms / 4000))
-        cutoff = int(time.time() * 1000) - self.retention_ms
+        # The records' times are the engine's own (see `_time_ms`): no producer moves them.
+        cutoff = self._now_ms() - self.retention_ms
         due: dict[int, list[str]] = {}
         for p in sorted(self.owned):
             records, cursor = self.stores[p].commands_from(
@@ -762,12 +859,6 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self.engine._assigned(assigned)
-
-
-def _range_assignor() -> Any:
-    from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-
-    return RangePartitionAssignor
 
 
 def _fenced(error: BaseException, producer: AIOKafkaProducer | None) -> bool:

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
+from streams.agreement import Disagreement
 from streams.engine import Engine
 from streams.web import WorkerWeb, client_id_for
 from tally.settings import Settings
@@ -108,6 +109,8 @@ def run(settings: Settings) -> int:
     )
     try:
         asyncio.run(serve(settings))
+    except Disagreement:
+        return 1  # said in one line when the group refused it
     except Exception:
         log.exception("engine worker failed")
         return 1

@@ -1,4 +1,5 @@
-"""Create the deployment's topics from their specs, and refuse a partition-count mismatch."""
+"""Create the deployment's topics from their specs, move existing ones to the settings
+every start-up must enforce, and refuse a partition-count mismatch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Iterable
 from contextlib import suppress
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from topics.specs import TopicSpec
 
@@ -16,8 +18,19 @@ from topics.specs import TopicSpec
 metadata_wait_s = 15.0
 
 
+# Topic settings that every start-up enforces on existing topics too (the others, such as
+# retention, are only set at creation: an operator may have changed them on purpose).
+enforced_configs = ("message.timestamp.type",)
+# A describe-configs entry's source: set on the topic itself (not a broker default).
+_DYNAMIC_TOPIC_CONFIG = 1
+
+
 class TopicMismatch(RuntimeError):
     """An existing topic has a different partition count than the deployment's shards."""
+
+
+class TopicConfigError(RuntimeError):
+    """The broker refused to change an existing topic's enforced settings."""
 
 
 async def ensure_topics(
@@ -46,6 +59,9 @@ async def ensure_topics(
                     ]
                 )
         counts = await _partition_counts(admin, [spec.name for spec in wanted])
+        # All of them: a topic listed as missing may have been created meanwhile by an
+        # older version of Tally, with other settings.
+        await _enforce_configs(admin, wanted)
         for spec in wanted:
             if counts.get(spec.name, spec.partitions) != spec.partitions:
                 raise TopicMismatch(
@@ -56,6 +72,65 @@ async def ensure_topics(
         return [spec.name for spec in missing]
     finally:
         await admin.close()
+
+
+async def topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+    """Topic name -> the settings set on the topic itself (its overrides)."""
+    if not names:
+        return {}
+    described = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    )
+    found: dict[str, dict[str, str]] = {}
+    for response in described:
+        for error_code, _message, _type, name, entries in response.resources:
+            if error_code:
+                raise for_code(error_code)(f"describe configs of {name}")
+            found[name] = {
+                key: value
+                for key, value, _read_only, source, *_ in entries
+                if source == _DYNAMIC_TOPIC_CONFIG
+            }
+    return found
+
+
+async def _enforce_configs(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
+    """Alter existing topics whose enforced settings differ from their spec. The admin
+    API's AlterConfigs replaces a topic's whole set of overrides, so the ones it has
+    are sent back with the change: an operator's retention survives the migration."""
+    changes = _config_changes(specs, await topic_configs(admin, [spec.name for spec in specs]))
+    if not changes:
+        return
+    for response in await admin.alter_configs(changes):
+        for error_code, message, _type, name in response.resources:
+            if error_code:
+                raise TopicConfigError(
+                    f"cannot set {', '.join(enforced_configs)} on topic {name}: "
+                    f"{for_code(error_code).__name__} {message or ''}".rstrip()
+                )
+    # The brokers apply a change a moment after the controller took it: wait for it, so
+    # that a start-up is done with the migration when it returns.
+    deadline = time.monotonic() + metadata_wait_s
+    while _config_changes(specs, await topic_configs(admin, [spec.name for spec in specs])):
+        if time.monotonic() > deadline:
+            raise TopicConfigError(
+                f"the brokers did not apply {', '.join(enforced_configs)} to "
+                f"{', '.join(c.name for c in changes)} within {metadata_wait_s:.0f}s"
+            )
+        await asyncio.sleep(0.2)
+
+
+def _config_changes(
+    specs: list[TopicSpec], current: dict[str, dict[str, str]]
+) -> list[ConfigResource]:
+    """The alterations that bring each topic's enforced settings to its spec's."""
+    changes = []
+    for spec in specs:
+        have = current.get(spec.name, {})
+        want = {k: v for k, v in spec.config().items() if k in enforced_configs}
+        if any(have.get(k) != v for k, v in want.items()):
+            changes.append(ConfigResource(ConfigResourceType.TOPIC, spec.name, {**have, **want}))
+    return changes
 
 
 async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:

@@ -49,6 +49,7 @@ _encoder = msgspec.json.Encoder()
 _command_id_re = re.compile(limits.COMMAND_ID_PATTERN)
 _internal_id_re = re.compile(limits.INTERNAL_ID_PATTERN)
 _account_re = re.compile(limits.ACCOUNT_ID_PATTERN)
+_kind_re = re.compile(limits.KIND_PATTERN)
 # What msgspec raises on bytes it cannot read as JSON: besides DecodeError, invalid UTF-8
 # inside a string raises UnicodeDecodeError and deep nesting raises RecursionError.
 _NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
@@ -87,7 +88,7 @@ def _salvage(raw: bytes, error: str, id_re: re.Pattern[str]) -> Invalid | Undeco
     return Invalid(
         command_id=command_id,
         account=account if isinstance(account, str) and _account_re.match(account) else "",
-        kind=kind if isinstance(kind, str) and len(kind) <= 32 else "",
+        kind=kind if isinstance(kind, str) and _kind_re.match(kind) else "",
         reason=reason,
         detail=error[: limits.DETAIL_LEN_MAX],
     )

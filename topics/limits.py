@@ -21,12 +21,18 @@ ACCOUNT_ID_LEN_MAX: Final = 64
 ASSET_PATTERN: Final = r"^[A-Z0-9]{1,12}(?!\n)$"
 ASSET_LEN_MAX: Final = 12
 
+# The kind a rejected record called itself is echoed in its result only if it is made of
+# these characters (so that no control character reaches a store), else "".
+KIND_PATTERN: Final = r"^[A-Za-z0-9_.:-]{0,32}(?!\n)$"
+KIND_LEN_MAX: Final = 32
+
 # Client-chosen idempotency keys (a UUID fits). '/' is kept out of client ids because the
 # engine derives the ids of the internal commands it emits as "<command_id>/<suffix>".
 COMMAND_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,128}(?!\n)$"
 COMMAND_ID_LEN_MAX: Final = 128
 # Ids of internal commands: "<payer>/<client id>/credit[/<leg>][/refund]" (topics.ids).
 INTERNAL_ID_PATTERN: Final = r"^[A-Za-z0-9_.:/-]{1,220}(?!\n)$"
+INTERNAL_ID_LEN_MAX: Final = 220
 HOLD_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$"
 
 # One disbursement fans out to at most this many payees: it bounds the size of one
@@ -39,3 +45,14 @@ COMMAND_BYTES_MAX: Final = 256 * 1024
 # A rejection's human-readable detail is cut to this length so that a hostile record
 # cannot make the engine write large events.
 DETAIL_LEN_MAX: Final = 300
+
+# Times on events (`at_ms`, a result's first `at_ms`) are epoch milliseconds from 1970 up
+# to the last millisecond of the year 9999: the range every store on the way can hold
+# (Python's datetime, and so asyncpg's timestamptz, ends with the year 9999). The engine
+# stamps them with its own clock; an event outside is not the engine's and is refused.
+TIME_MS_MIN: Final = 0
+TIME_MS_MAX: Final = 253_402_300_799_999
+
+# A balance's `seq` counts its changes from 1 with no gaps; the stores keep it as a
+# signed 64-bit integer.
+SEQ_MAX: Final = 2**63 - 1

@@ -8,7 +8,7 @@ tests generate data from it. JSON on the wire; amounts are integers in minor uni
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 
@@ -41,8 +41,54 @@ Amount = Annotated[
     msgspec.Meta(ge=1, le=limits.AMOUNT_MAX, description="minor units, 1 to 2^63-1"),
 ]
 Limit = Annotated[int, msgspec.Meta(ge=0, le=limits.AMOUNT_MAX)]
-EpochMs = Annotated[int, msgspec.Meta(ge=0, le=limits.AMOUNT_MAX)]
+# A time a client gives (a hold's expiry): epoch milliseconds within the range the engine
+# and the stores use (see limits.TIME_MS_MAX); a time past it is refused as invalid.
+EpochMs = Annotated[int, msgspec.Meta(ge=0, le=limits.TIME_MS_MAX)]
 AccountStatus = Literal["active", "frozen", "closed"]
+
+# The bounds of an event's fields. An event is written by the engine only, but the sinks
+# read whatever is on the events topic: every field a store writes is bounded here, so
+# an event no store can hold fails to decode and is dead-lettered, instead of stopping
+# a sink. Each bound is what the ledger can produce, never tighter.
+EventTime = Annotated[int, msgspec.Meta(ge=limits.TIME_MS_MIN, le=limits.TIME_MS_MAX)]
+Seq = Annotated[int, msgspec.Meta(ge=1, le=limits.SEQ_MAX)]
+
+
+def _fits_64(*bounds: int) -> bool:
+    return all(-(2**63) <= b < 2**63 for b in bounds)
+
+
+# msgspec.Meta takes only bounds that fit in 64 bits, and checks them in C; a Python check
+# per entry (`Entry.__post_init__`) halves the sinks' decoding speed. So the amount bounds
+# are msgspec's while they fit, and Entry checks them itself only when they do not.
+AMOUNT_BOUNDS_IN_META: Final = _fits_64(limits.BALANCE_MIN, limits.AMOUNT_MAX, -limits.AMOUNT_MAX)
+
+
+def _within(low: int, high: int) -> Any:
+    if AMOUNT_BOUNDS_IN_META:
+        return Annotated[int, msgspec.Meta(ge=low, le=high)]
+    return int
+
+
+if TYPE_CHECKING:
+    Available: TypeAlias = int
+    Held: TypeAlias = int
+    Delta: TypeAlias = int
+else:
+    Available = _within(limits.BALANCE_MIN, limits.AMOUNT_MAX)
+    Held = _within(0, limits.AMOUNT_MAX)
+    # Every entry's delta is one amount (a hold's, a debit's, a credit's) with a sign.
+    Delta = _within(-limits.AMOUNT_MAX, limits.AMOUNT_MAX)
+# Strings are bounded by length, not by their patterns: a regex per string made decoding
+# an event about four times slower, and the sinks decode every event. A string no store
+# can hold (a NUL, for PostgreSQL) is refused by the store, and the sink isolates that
+# event (`sinks.runner`); the engine writes only ids that match their patterns.
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.INTERNAL_ID_LEN_MAX)]
+EventAccount = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.ACCOUNT_ID_LEN_MAX)]
+EventAsset = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.ASSET_LEN_MAX)]
+ResultAccount = Annotated[str, msgspec.Meta(max_length=limits.ACCOUNT_ID_LEN_MAX)]
+ResultKind = Annotated[str, msgspec.Meta(max_length=limits.KIND_LEN_MAX)]
+Detail = Annotated[str, msgspec.Meta(max_length=limits.DETAIL_LEN_MAX)]
 
 
 class _Base(
@@ -210,13 +256,27 @@ class Reason(enum.StrEnum):
 class Entry(msgspec.Struct, frozen=True, kw_only=True):
     """One balance change: the (account, asset) balance after it, and what moved."""
 
-    account: str
-    asset: str
-    seq: int
-    available: int
-    held: int
-    delta_available: int
-    delta_held: int
+    account: EventAccount
+    asset: EventAsset
+    seq: Seq
+    available: Available
+    held: Held
+    delta_available: Delta
+    delta_held: Delta
+
+    if not AMOUNT_BOUNDS_IN_META:
+
+        def __post_init__(self) -> None:
+            # msgspec turns this ValueError into the decode's ValidationError.
+            low, high = limits.BALANCE_MIN, limits.AMOUNT_MAX
+            if not low <= self.available <= high:
+                raise ValueError(f"available outside [{low}, {high}]")
+            if not 0 <= self.held <= high:
+                raise ValueError(f"held outside [0, {high}]")
+            if not -high <= self.delta_available <= high:
+                raise ValueError(f"delta_available outside [{-high}, {high}]")
+            if not -high <= self.delta_held <= high:
+                raise ValueError(f"delta_held outside [{-high}, {high}]")
 
 
 class FirstResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -224,7 +284,7 @@ class FirstResult(msgspec.Struct, frozen=True, kw_only=True):
 
     status: Status
     reason: Reason | None = None
-    at_ms: int
+    at_ms: EventTime
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True):
@@ -238,16 +298,18 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     v: Literal[1] = 1
-    command_id: str
-    account: str
-    kind: str
+    # Client ids and the engine's derived ids (expire.<digest> fits both patterns).
+    command_id: EventId
+    account: ResultAccount
+    kind: ResultKind
     status: Status
     reason: Reason | None = None
-    detail: str | None = None
+    detail: Detail | None = None
     first: FirstResult | None = None
-    entries: list[Entry] = []
-    emitted: int = 0
-    at_ms: int
+    # One entry per balance changed on this shard: the payer's, or a hold's account's.
+    entries: Annotated[list[Entry], msgspec.Meta(max_length=limits.DISBURSE_LEGS_MAX + 1)] = []
+    emitted: Annotated[int, msgspec.Meta(ge=0, le=limits.DISBURSE_LEGS_MAX)] = 0
+    at_ms: EventTime
 
 
 # A result event of a client command carries this Kafka header: "<partition>:<offset>" of

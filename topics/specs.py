@@ -8,6 +8,15 @@ import msgspec
 
 DAY_MS: Final = 24 * 3600 * 1000
 
+# Every topic is stamped by the broker, not the producer: a record's timestamp is when
+# the broker appended it. With the default CreateTime a producer chooses it, and a
+# record stamped years ahead keeps its segment from ever being deleted (or one stamped
+# years ago gets it deleted early). The engine decides nothing on record timestamps
+# (its own clock is its time, see `streams.engine`), so this protects retention and
+# whoever reads the timestamps downstream. `topics.admin.ensure_topics` moves existing
+# topics to it.
+TIMESTAMP_TYPE: Final = "LogAppendTime"
+
 
 class TopicSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: str
@@ -19,7 +28,11 @@ class TopicSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     def config(self) -> dict[str, str]:
         """Topic-level settings as the broker's admin API spells them."""
-        config = {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+        config = {
+            "cleanup.policy": self.cleanup_policy,
+            "retention.ms": str(self.retention_ms),
+            "message.timestamp.type": TIMESTAMP_TYPE,
+        }
         if self.retention_ms == -1:
             # Kept forever means by size too, whatever the broker's default says.
             config["retention.bytes"] = "-1"

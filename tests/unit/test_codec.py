@@ -454,3 +454,12 @@ def test_result_and_dead_letter_round_trip() -> None:
     assert decode_dead_letter(encode(letter)) == letter
     with pytest.raises(msgspec.MsgspecError):
         decode_result(b"{}")
+
+
+def test_a_rejected_record_kind_with_control_characters_is_not_echoed() -> None:
+    """A kind PostgreSQL cannot store (a NUL) would reach the result event, and the sink
+    would have to isolate it; the result names no kind instead."""
+    decoded = decode_command(b'{"command_id": "k1", "account": "alice", "kind": "de\\u0000p"}')
+    assert isinstance(decoded, Invalid) and decoded.kind == ""
+    ok = decode_command(b'{"command_id": "k2", "account": "alice", "kind": "Deposit"}')
+    assert isinstance(ok, Invalid) and ok.kind == "Deposit"
