@@ -57,13 +57,13 @@ test: lint services ## Lint, start the services, run every test suite against th
 	$(call run_pytest,tests/unit tests/integration tests/fault)
 
 test-unit: $(STAMP) ## Only the pure, fast unit tests (no services needed)
-	$(call run_pytest,tests/unit)
+	$(call run_pytest,-m unit tests/unit)
 
 test-integration: $(STAMP) services ## Only the integration tests (real services)
-	$(call run_pytest,tests/integration)
+	$(call run_pytest,-m integration tests/integration)
 
 test-fault: $(STAMP) services ## Only the fault tests (kills and restarts)
-	$(call run_pytest,tests/fault)
+	$(call run_pytest,-m fault tests/fault)
 
 demo: $(STAMP) services ## Run the main job against the local services and print its summary
 	$(VENV)/bin/tally demo

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
 from tally.settings import Settings, load
+
+# The layer a test belongs to is the folder it lives in. A `pytestmark` in a conftest has
+# no effect (a conftest is not a test module), so the mark is set here, at collection,
+# and `pytest -m integration` / `-m "not fault"` select by layer.
+LAYERS = ("unit", "integration", "fault")
+_TESTS_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with the layer (`unit`, `integration`, `fault`) of its folder."""
+    for item in items:
+        relative = Path(str(item.path)).resolve().relative_to(_TESTS_DIR)
+        layer = relative.parts[0]
+        if layer in LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
 
 
 @pytest.fixture(scope="session")
