@@ -28,10 +28,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(getattr(pytest.mark, layer))
 
 
+# Variables that steer the test run itself (TALLY_TEST_KEEP_TOPICS, TALLY_FUZZ_SEED,
+# TALLY_CHAOS_SEED...), not the product: `load` rightly rejects them as unknown settings.
+TEST_ONLY_PREFIXES = ("TALLY_TEST_", "TALLY_FUZZ_", "TALLY_CHAOS_")
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     """The settings every test runs with: the local stack unless TALLY_* says otherwise."""
-    return load(os.environ)
+    return load({k: v for k, v in os.environ.items() if not k.startswith(TEST_ONLY_PREFIXES)})
 
 
 @pytest.fixture
