@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +35,54 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # Variables that steer the test run itself (TALLY_TEST_KEEP_TOPICS, TALLY_FUZZ_SEED,
 # TALLY_CHAOS_SEED...), not the product: `load` rightly rejects them as unknown settings.
 TEST_ONLY_PREFIXES = ("TALLY_TEST_", "TALLY_FUZZ_", "TALLY_CHAOS_")
+
+
+def _descendants(pid: int) -> set[int]:
+    """The live (not zombie) processes below `pid`."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                except (OSError, IndexError):
+                    continue
+                if state != "Z" and child not in found:
+                    found.add(child)
+                    todo.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return "?"
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test() -> Iterator[None]:
+    """Every process a test (or its function-scoped fixtures) started is gone when it
+    ends: one left running would hold ports, topics and CPU for the rest of the run.
+    Processes of module- and session-scoped fixtures are started before this snapshot
+    and stopped after this check."""
+    before = _descendants(os.getpid())
+    yield
+    deadline = time.monotonic() + 5
+    while (left := _descendants(os.getpid()) - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        lines = [f"{pid}: {_cmdline(pid)}" for pid in sorted(left)]
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail("processes outlived the test (now killed):\n" + "\n".join(lines))
 
 
 @pytest.fixture(scope="session")

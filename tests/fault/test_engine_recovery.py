@@ -153,9 +153,9 @@ async def test_standby_replica_takes_over_without_replaying_the_changelog(
     standby = {"TALLY_TABLE_STANDBY_REPLICAS": "1"}
     a = EngineProcess(settings, prefix=prefix, data_dir=tmp_path / "a", extra_env=standby)
     b = EngineProcess(settings, prefix=prefix, data_dir=tmp_path / "b", extra_env=standby)
-    await a.start()
-    await b.start()
     try:
+        await a.start()
+        await b.start()
         work, accounts = _work(23)
         await _apply(a, settings, work)
 
