@@ -14,7 +14,7 @@ DURATION ?= 300
 SEED ?= 1
 
 .PHONY: help venv services services-down services-status lint fmt test test-unit \
-        test-integration test-fault demo bench chaos clean
+        test-integration test-fault fuzz demo bench chaos clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,13 +57,17 @@ test: lint services ## Lint, start the services, run every test suite against th
 	$(call run_pytest,tests/unit tests/integration tests/fault)
 
 test-unit: $(STAMP) ## Only the pure, fast unit tests (no services needed)
-	$(call run_pytest,tests/unit)
+	$(call run_pytest,-m unit tests/unit)
 
 test-integration: $(STAMP) services ## Only the integration tests (real services)
-	$(call run_pytest,tests/integration)
+	$(call run_pytest,-m integration tests/integration)
 
 test-fault: $(STAMP) services ## Only the fault tests (kills and restarts)
-	$(call run_pytest,tests/fault)
+	$(call run_pytest,-m fault tests/fault)
+
+fuzz: $(STAMP) services ## Fuzz with a fresh seed each run (FUZZ_SEED=N repeats one, FUZZ_EXAMPLES=500)
+	@seed=$${FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; echo "make fuzz: FUZZ_SEED=$$seed"; \
+	TALLY_FUZZ_SEED=$$seed TALLY_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-500} $(PY) -m pytest -m integration tests/integration/test_ingress_fuzz.py $(PYTEST_ARGS)
 
 demo: $(STAMP) services ## Run the main job against the local services and print its summary
 	$(VENV)/bin/tally demo

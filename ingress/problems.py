@@ -54,7 +54,9 @@ class Problem(Exception):
 
 
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
-_NAMED = re.compile(r"(missing required|contains unknown) field `(?P<name>[^`]+)`")
+# The name is the message's end (the path is cut off first): matched to the last
+# backtick, so that a name holding a backtick, or an empty one, is named whole.
+_NAMED = re.compile(r"(missing required|contains unknown) field `(?P<name>.*)`$")
 
 
 def from_validation(exc: msgspec.ValidationError, *, prefix: str = "") -> Problem:

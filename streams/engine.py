@@ -87,6 +87,8 @@ prune_scan_per_shard = 5000
 session_timeout_ms = 10_000
 heartbeat_interval_ms = 2_000
 recovery_log_every_s = 2.0
+# Counted by recovery, the standby replica and a rebuilt local store (see `counts`).
+recovery_counters = ("recovered_records", "rebuilt_shards", "standby_records")
 # A shard whose batches fail this many times in a row (each followed by taking the shard
 # over again) ends the worker: an outage of the broker is waited out by the retries
 # inside one take-over, so this many failures mean something else is wrong.
@@ -145,7 +147,9 @@ class Engine:
         self.owned: set[int] = set()
         self.recovering: set[int] = set()
         self.assigned_once = asyncio.Event()
-        self.counts: Counter[str] = Counter()
+        # The recovery counters exist from the start, at 0, so that /readyz tells "none
+        # read" from "no such counter" (the recovery tests read them by name).
+        self.counts: Counter[str] = Counter(dict.fromkeys(recovery_counters, 0))
         self.consumer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()

@@ -74,6 +74,8 @@ MAX_WORKERS = 3
 # How long a SIGSTOPped worker stays stopped: past its session timeout, so that the
 # group gives its shards to another worker before it wakes up.
 STOP_S = session_timeout_ms / 1000 + 6
+# ...and at most this much longer while its shards are still being taken over elsewhere.
+STOP_MORE_S = 30.0
 DRAIN_TIMEOUT_S = 240.0
 
 
@@ -121,6 +123,20 @@ def plan(seed: int, duration_s: float, count: int, kinds: Iterable[str] = KINDS)
 
 
 @dataclass
+class Zombie:
+    """A worker SIGSTOPped past its session timeout: the shards it served when it was
+    stopped, and those of them other workers served before it was continued. A shard is
+    served only after its new owner initialised the shard's transactional id, which
+    fences the old owner's producer: a zombie whose shards were all taken over cannot
+    commit anything for them."""
+
+    worker: int
+    served: list[int]
+    taken_over: list[int]
+    stopped_s: float
+
+
+@dataclass
 class Check:
     name: str
     ok: bool
@@ -137,6 +153,9 @@ class Run:
     produced: int = 0
     resent: int = 0
     injected: list[str] = field(default_factory=list)  # what happened, with times
+    carried_out: list[str] = field(default_factory=list)  # the kind of each fault injected
+    skipped: list[str] = field(default_factory=list)  # faults of the plan not injected, why
+    zombies: list[Zombie] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     workers: list[dict[str, Any]] = field(default_factory=list)
     sinks: list[str] = field(default_factory=list)
@@ -386,20 +405,27 @@ class Harness:
                 code = await self.workers[n].stop()
                 self._note(f"add_worker: {MAX_WORKERS} workers already; worker-{n} left"
                            f" instead (SIGTERM, exit {code})")  # fmt: skip
+                self.run.carried_out.append(kind)
                 return
             await self._add_worker()
             self._note(f"add_worker: worker-{len(self.workers) - 1} started")
+            self.run.carried_out.append(kind)
             return
         if kind in ("kill9", "sigstop"):
-            picked = self._pick(fault)
+            picked = self._pick(fault) if kind == "kill9" else await self._pick_serving(fault)
             if picked is None:
                 self._note(f"{kind} skipped: no live worker")
+                self.run.skipped.append(f"t+{fault.at_s:.1f}s {kind}: no live worker")
                 return
             n, worker = picked
             if kind == "kill9":
                 self._killed.add(n)
-                await worker.kill()
-                self._note(f"kill9: worker-{n} killed (SIGKILL)")
+                code = await worker.kill()
+                self._note(f"kill9: worker-{n} killed (SIGKILL, exit {code})")
+                if code == -signal.SIGKILL:
+                    self.run.carried_out.append(kind)
+                else:  # it had exited already: not this fault
+                    self.run.skipped.append(f"t+{fault.at_s:.1f}s kill9: worker-{n} exit {code}")
                 await asyncio.sleep(fault.pause_s)
                 if fault.lose_disk:
                     shutil.rmtree(worker.data_dir, ignore_errors=True)
@@ -410,28 +436,73 @@ class Harness:
                     + (" without its state directory" if fault.lose_disk else "")
                 )
             else:
-                assert worker.proc is not None
-                worker.proc.send_signal(signal.SIGSTOP)
-                self._note(f"sigstop: worker-{n} stopped (SIGSTOP)")
-                await asyncio.sleep(STOP_S)
-                worker.proc.send_signal(signal.SIGCONT)
-                self._note(f"sigstop: worker-{n} continued (SIGCONT) after {STOP_S:.0f}s")
+                await self._zombie(n, worker)
             return
         if kind == "broker_restart":
             self._note("broker_restart: stopping the Kafka broker (SIGTERM)")
             took = await faults.restart_broker(down_s=fault.pause_s)
             self._note(f"broker_restart: broker back, {took:.1f}s after the stop")
+            self.run.carried_out.append(kind)
             return
         if kind == "pg_restart":
             self._note("pg_restart: stopping PostgreSQL (fast)")
             took = await faults.restart_postgres(self.settings.pg_dsn, down_s=fault.pause_s)
             self._note(f"pg_restart: PostgreSQL back after {took:.1f}s")
+            self.run.carried_out.append(kind)
             return
         if kind == "redis_flush":
             keys = await faults.flush_redis(self.settings.redis_url)
             self._note(f"redis_flush: FLUSHDB dropped {keys} keys")
+            self.run.carried_out.append(kind)
             return
         raise ValueError(f"unknown fault {kind!r}")
+
+    async def _serving(self, worker: EngineProcess) -> list[int]:
+        """The shards a live worker serves, by its /readyz; none if it does not answer."""
+        try:
+            body = await asyncio.wait_for(worker.readyz(), 5)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return []
+        return [int(p) for p in body.get("serving", [])]
+
+    async def _pick_serving(self, fault: Fault) -> tuple[int, EngineProcess] | None:
+        """Like `_pick`, among the live workers that serve a shard (a zombie that served
+        nothing would have nothing to be fenced from)."""
+        live = self._live()
+        serving = [w for w in live if await self._serving(w)] or live
+        if not serving:
+            return None
+        worker = serving[min(len(serving) - 1, int(fault.pick * len(serving)))]
+        return self.workers.index(worker), worker
+
+    async def _zombie(self, n: int, worker: EngineProcess) -> None:
+        """SIGSTOP `worker` past its session timeout, and keep it stopped until every
+        shard it served is served by another worker (bounded), then SIGCONT: a zombie
+        whose shards have moved on and who must have been fenced."""
+        assert worker.proc is not None
+        served = await self._serving(worker)
+        worker.proc.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        self._note(f"sigstop: worker-{n} stopped (SIGSTOP), serving {served}")
+        taken: set[int] = set()
+        while True:
+            await asyncio.sleep(0.5)
+            others = [w for w in self._live() if w is not worker]
+            now = set()
+            for other in others:
+                now |= set(await self._serving(other))
+            taken = now & set(served)
+            elapsed = time.monotonic() - stopped
+            if elapsed >= STOP_S and (taken == set(served) or elapsed >= STOP_S + STOP_MORE_S):
+                break
+        worker.proc.send_signal(signal.SIGCONT)
+        zombie = Zombie(n, served, sorted(taken), round(time.monotonic() - stopped, 1))
+        self.run.zombies.append(zombie)
+        self.run.carried_out.append("sigstop")
+        self._note(
+            f"sigstop: worker-{n} continued (SIGCONT) after {zombie.stopped_s:.0f}s;"
+            f" of its shards {served}, {zombie.taken_over} were served by others"
+        )
 
     # After the load ----------------------------------------------------------------------
 
@@ -710,6 +781,8 @@ def render(run: Run) -> str:
         *(f"    {f.line()}" for f in run.plan),
         "  what happened:",
         *(f"    {line}" for line in run.injected),
+        f"  injected: {', '.join(run.carried_out) or 'nothing'}"
+        + (f"; NOT injected: {'; '.join(run.skipped)}" if run.skipped else ""),
         "  checks:",
     ]
     width = max((len(c.name) for c in run.checks), default=10)

@@ -64,7 +64,13 @@ class _Child:
         )
         log.close()
         if wait:
-            await self.wait_ready()
+            try:
+                await self.wait_ready()
+            except BaseException:
+                # Not ready (or cancelled): a caller's `finally` may never have been
+                # entered, so this process must not outlive the failed start.
+                await self.kill()
+                raise
 
     async def wait_ready(self) -> None:
         """Ready once /readyz says so (for the engine: partitions assigned and

@@ -30,10 +30,10 @@ async def test_kill_9_mid_stream_then_restart(
     work = build(count=4000, accounts=300, seed=seed, now_ms=int(time.time() * 1000))
     expected = expected_counts(r.command_id for r in work.records)
     collector = Collector(settings.kafka_bootstrap, engine.topics)
-    await engine.start()
-    await collector.start(from_end=False)
     producing: asyncio.Task[None] | None = None
     try:
+        await engine.start()
+        await collector.start(from_end=False)
         producing = asyncio.create_task(
             trickle(
                 settings.kafka_bootstrap,

@@ -132,6 +132,21 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in text.split()]
 
 
+def _share(pid: int) -> list[int]:
+    """The partitions a sink child was started for: its `--partitions` argument."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    assert "--partitions" in argv, argv
+    return [int(p) for p in argv[argv.index("--partitions") + 1].split(",")]
+
+
+def _assert_split(shares: list[list[int]], partitions: int) -> None:
+    """Each child has partitions of its own, none shared, and together all of them."""
+    flat = [p for share in shares for p in share]
+    assert all(shares), shares
+    assert len(flat) == len(set(flat)), f"a partition in two processes: {shares}"
+    assert sorted(flat) == list(range(partitions)), f"not every partition served: {shares}"
+
+
 async def test_sink_processes_split_the_partitions_and_a_killed_one_is_restarted(
     settings: Settings, unique: str, tmp_path: Path
 ) -> None:
@@ -147,6 +162,8 @@ async def test_sink_processes_split_the_partitions_and_a_killed_one_is_restarted
             assert await _until(lambda: _has_rows(d, 300), 90), (tmp_path / "sink.log").read_text()
             children = _children(parent.pid)
             assert len(children) == 2, children
+            shares = {pid: _share(pid) for pid in children}
+            _assert_split(list(shares.values()), d.settings.partitions)
             os.kill(children[0], signal.SIGKILL)
             await producing
             events = await d.drained()
@@ -158,6 +175,10 @@ async def test_sink_processes_split_the_partitions_and_a_killed_one_is_restarted
             assert await _until(caught_up, 90), (tmp_path / "sink.log").read_text()[-3000:]
             restarted = _children(parent.pid)
             assert len(restarted) == 2 and children[0] not in restarted
+            # The new process took the killed one's share: still split, still covering.
+            again = {pid: _share(pid) for pid in restarted}
+            _assert_split(list(again.values()), d.settings.partitions)
+            assert sorted(again.values()) == sorted(shares.values()), (shares, again)
         finally:
             producing.cancel()
             if parent.returncode is None:

@@ -15,8 +15,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 from tally.procs import EngineProcess
 from tally.settings import Settings
 
-pytestmark = pytest.mark.integration
-
 ENGINE_PARTITIONS = 4
 
 

@@ -89,9 +89,9 @@ async def deployment(
     )
     collector = Collector(settings.kafka_bootstrap, topics_for(prefix, PARTITIONS))
     await service.prepare(local, "postgres")
-    await engine.start()
-    await collector.start(from_end=False)
     try:
+        await engine.start()
+        await collector.start(from_end=False)
         yield Deployment(local, engine, collector, workload)
     finally:
         await collector.stop()

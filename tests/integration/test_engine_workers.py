@@ -77,10 +77,10 @@ async def test_two_workers_share_the_shards_and_route_the_view(
         for i, x in enumerate(accounts)
     ]
     collector = Collector(settings.kafka_bootstrap, a.topics)
-    await a.start()
-    await b.start()
-    await collector.start(from_end=False)
     try:
+        await a.start()
+        await b.start()
+        await collector.start(from_end=False)
         # Both members hold shards once the group has settled on two members.
         for _ in range(300):
             served = [set((await w.readyz())["serving"]) for w in (a, b)]

@@ -4,6 +4,7 @@ PostgreSQL table read through a cursor, and the fail-fast errors."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
@@ -220,23 +221,34 @@ async def test_without_an_engine_no_wait_sends_and_waiting_gives_up(
     assert "not answered: 2" in importer.render(report)
 
 
+# Failing fast means the import gives up by itself, after its own connect timeout at the
+# most, and says why; the test's bound is generous on top of that and only turns a hang
+# into a failure that says so.
+fail_fast_bound_s = importer.connect_timeout_s + 30
+
+
+async def _gives_up(settings: Settings, *args: str) -> tuple[int, str, str]:
+    try:
+        return await run_cli(settings, *args, timeout_s=fail_fast_bound_s)
+    except TimeoutError:
+        pytest.fail(
+            f"tally {' '.join(args)} did not give up by itself in {fail_fast_bound_s:.0f}s"
+            f" (its connect timeout is {importer.connect_timeout_s:.0f}s): it hangs"
+        )
+
+
 async def test_a_missing_file_or_service_fails_fast_on_one_line(
     settings: Settings, tmp_path: Path
 ) -> None:
-    code, out, err = await run_cli(
-        settings, "import", str(tmp_path / "nope.csv"), timeout_s=cli_timeout_s
-    )
+    code, out, err = await _gives_up(settings, "import", str(tmp_path / "nope.csv"))
     assert (code, out) == (2, "") and err.strip().splitlines() == [
         f"tally import: cannot read {tmp_path / 'nope.csv'}: No such file or directory"
     ]
 
     path = csv_file(tmp_path, "opening.csv", ["alice,USD,1"])
     dead = f"127.0.0.1:{free_port()}"
-    code, out, err = await run_cli(
-        msgspec.structs.replace(settings, kafka_bootstrap=dead),
-        "import",
-        str(path),
-        timeout_s=cli_timeout_s,
+    code, out, err = await _gives_up(
+        msgspec.structs.replace(settings, kafka_bootstrap=dead), "import", str(path)
     )
     assert (code, out) == (2, "") and len(err.strip().splitlines()) == 1
     assert err.startswith(f"tally import: Kafka unreachable at {dead}")
@@ -244,4 +256,5 @@ async def test_a_missing_file_or_service_fails_fast_on_one_line(
     dsn = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/tally"
     masked = r"^PostgreSQL unreachable at postgresql://postgres:\*\*\*@127\.0\.0\.1:"
     with pytest.raises(importer.ImportFailed, match=masked):
-        await run(settings, importer.PgSource.of(settings, "SELECT 1", dsn=dsn))
+        async with asyncio.timeout(fail_fast_bound_s):
+            await run(settings, importer.PgSource.of(settings, "SELECT 1", dsn=dsn))

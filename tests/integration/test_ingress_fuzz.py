@@ -25,6 +25,7 @@ reach (those marked "Found by fuzzing" were 500s, 503s or wrong answers once).
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -36,7 +37,7 @@ import pytest
 import redis.asyncio as aioredis
 import requests
 import schemathesis
-from hypothesis import HealthCheck, Phase, given
+from hypothesis import HealthCheck, Phase, given, seed
 from hypothesis import settings as hypothesis_settings
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -59,9 +60,14 @@ from topics.shard import shard_of
 KEY_ID = "fuzz"
 SECRET = "fuzz-secret-0123456789abcdef"
 PARTITIONS = 4
-# Per operation and generation mode; with the fixed seed below the same requests go out
-# on every run, so a failure here reproduces.
-EXAMPLES = 50
+# Per operation and generation mode. Without TALLY_FUZZ_SEED (CI, `make test`) the seed
+# is fixed: the same requests go out on every run, so a failure here reproduces. `make
+# fuzz` draws a fresh seed each run (printed; TALLY_FUZZ_SEED=N repeats that run) and
+# sends TALLY_FUZZ_EXAMPLES requests per operation and mode.
+EXAMPLES = int(os.environ.get("TALLY_FUZZ_EXAMPLES", "50"))
+FUZZ_SEED: int | None = (
+    int(os.environ["TALLY_FUZZ_SEED"]) if os.environ.get("TALLY_FUZZ_SEED") else None
+)
 # `Prefer: wait=N` ends as soon as the result arrives, which with a running engine is
 # well under a second; a generated N above this is lowered to it so that one lost
 # result cannot cost 30 s of the run.
@@ -346,7 +352,7 @@ def _fuzz(
 
     @hypothesis_settings(
         max_examples=EXAMPLES,
-        derandomize=True,
+        derandomize=FUZZ_SEED is None,
         database=None,
         deadline=None,
         phases=[Phase.explicit, Phase.generate, Phase.shrink],
@@ -362,7 +368,14 @@ def _fuzz(
         _bound_wait(case)
         each(case)
 
-    run()
+    if FUZZ_SEED is None:
+        run()
+        return
+    try:
+        seed(FUZZ_SEED)(run)()
+    except Exception as exc:
+        exc.add_note(f"TALLY_FUZZ_SEED={FUZZ_SEED} TALLY_FUZZ_EXAMPLES={EXAMPLES} repeats this run")
+        raise
 
 
 @pytest.mark.parametrize(("path", "method", "mode"), FUZZED)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiokafka.admin import AIOKafkaAdminClient
+
+from tally.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "services.sh"
@@ -29,8 +36,31 @@ def test_second_up_reuses_every_service() -> None:
     assert _count(r"redis-server 127\.0\.0\.1:") == 1
 
 
-def test_status_reports_all_three_up() -> None:
-    done = subprocess.run([SCRIPT, "status"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
+async def test_status_reports_all_three_up_and_each_answers(settings: Settings) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        SCRIPT, "status", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    raw_out, raw_err = await asyncio.wait_for(proc.communicate(), 60)
+    out = raw_out.decode()
+    assert proc.returncode == 0, out + raw_err.decode()
+    said = {line.split(":", 1)[0]: line for line in out.splitlines() if ":" in line}
     for service in ("kafka", "postgres", "redis"):
-        assert service in done.stdout
+        assert said.get(service, "").startswith(f"{service}: up"), out
+    # "up" is only worth saying if each one answers its own protocol: a metadata round
+    # trip to the broker, a query to PostgreSQL, a PING to Redis.
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        assert isinstance(await admin.list_topics(), list)
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+    r = aioredis.from_url(settings.redis_url)
+    try:
+        assert await r.ping() is True
+    finally:
+        await r.aclose()

@@ -117,3 +117,11 @@ def test_dead_letters_must_be_exactly_the_garbage() -> None:
     assert chaos._check_dead_letters(commands, [letter]).ok  # type: ignore[list-item]
     assert not chaos._check_dead_letters(commands, []).ok
     assert not chaos._check_dead_letters(commands, [letter, letter]).ok  # type: ignore[list-item]
+
+
+def test_the_report_says_which_faults_were_not_injected() -> None:
+    run = chaos.Run(seed=1, duration_s=50, rate=300, plan=chaos.plan(1, 50, 3, chaos.SHORT_KINDS))
+    run.carried_out = ["kill9", "broker_restart"]
+    run.skipped = ["t+20.0s sigstop: no live worker"]
+    report = chaos.render(run)
+    assert "injected: kill9, broker_restart; NOT injected: t+20.0s sigstop" in report

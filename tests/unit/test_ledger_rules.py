@@ -603,6 +603,12 @@ def test_capture_just_before_expiry_is_applied(shard: MemoryShard) -> None:
     hold(shard, 30, expires=NOW + 1000)
     out = run(shard, Capture(command_id="c1", account="alice", hold_id="h1"), NOW + 999)
     assert_applied(out)
+    # Settled, not merely answered: the 30 held left the system and the hold is gone.
+    assert [(e.available, e.held, e.delta_available, e.delta_held) for e in out.result.entries] == [
+        (70, 0, 0, -30)
+    ]
+    assert bal(shard, "alice") == BalanceState(70, 0, 3, 0)
+    assert shard.hold("alice", "h1") is None
 
 
 def test_capture_more_than_the_hold_is_amount_exceeds_hold(shard: MemoryShard) -> None:
@@ -1094,6 +1100,8 @@ def test_rejected_and_duplicate_results_carry_no_entries(shard: MemoryShard) -> 
     cmd = Withdraw(command_id="w", account="alice", asset="USD", amount=1)
     rejected = run(shard, cmd)
     duplicate = run(shard, cmd)
+    assert rejected.result.status is Status.REJECTED
+    assert duplicate.result.status is Status.DUPLICATE, duplicate.result
     assert rejected.result.entries == [] and duplicate.result.entries == []
     assert shard.balance("alice", "USD") is None
 

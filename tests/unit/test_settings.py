@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -163,15 +164,26 @@ def test_cli_config_with_bad_partitions_exits_2_with_one_line() -> None:
 def test_cli_config_prints_redacted_settings() -> None:
     proc = subprocess.run(
         [str(TALLY), "config"],
-        env=_env(TALLY_PG_DSN="postgresql://u:pw123@db/x", TALLY_PARTITIONS="12"),
+        env=_env(
+            TALLY_PG_DSN="postgresql://u:pw123@db/x",
+            TALLY_REDIS_URL="redis://:rd456@cache:6379/0",
+            TALLY_INGRESS_KEYS="client-a:key-secret-0123456789",
+            TALLY_PARTITIONS="12",
+        ),
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "pw123" not in proc.stdout
-    assert '"partitions": 12' in proc.stdout
+    printed = json.loads(proc.stdout)
+    # Printed, with the secret masked: not left out (that would hide the DSN in use).
+    assert printed["pg_dsn"] == "postgresql://u:***@db/x", printed
+    assert printed["redis_url"] == "redis://:***@cache:6379/0", printed
+    assert printed["ingress_keys"] == "client-a:***", printed
+    for secret in ("pw123", "rd456", "key-secret-0123456789"):
+        assert secret not in proc.stdout and secret not in proc.stderr, secret
+    assert printed["partitions"] == 12
 
 
 def test_to_env_reads_back_into_the_same_settings() -> None:
