@@ -4,7 +4,7 @@ Order of checks on a request, so that each answer is the most useful one and not
 is produced unless everything before it passed:
   what aiohttp's parser refuses (400/414/431, see ingress.protocol) -> size (413)
   -> repeated headers (400) -> body read in time (408) -> signature (401)
-  -> first use of the signature (401, or 503 when Redis cannot tell) -> rate limit (429)
+  -> rate limit (429) -> first use of the signature (401, or 503 when Redis cannot tell)
   -> content type (415) -> body and headers (400/422)
   -> produce (202 after the broker's ack, or 503).
 A client that goes away while sending its body is counted, not answered.
@@ -314,10 +314,10 @@ class Ingress:
     # --- the checks every /v1 request goes through -----------------------------
 
     async def _admit(self, request: web.Request) -> tuple[str, bytes]:
-        """Read the body (bounded in size and time), check the signature and that it is
-        its first use, and take one token of the rate limit (a batch pays for its other
-        commands once parsed); return the client (key id, or address when unsigned) and
-        the body."""
+        """Read the body (bounded in size and time), check the signature, take one token
+        of the rate limit (a batch pays for its other commands once parsed) and check
+        that the signature is used for the first time; return the client (key id, or
+        address when unsigned) and the body."""
         limit = self.settings.ingress_body_max_bytes
         if request.content_length is not None and request.content_length > limit:
             raise Problem(
@@ -330,9 +330,9 @@ class Ingress:
         body = await self._read(request)
         if self.insecure:
             client = f"address:{request.remote}"
+            self._limit(client, 1)
         else:
             client = await self._authenticate(request, body)
-        self._limit(client, 1)
         return client, body
 
     async def _read(self, request: web.Request) -> bytes:
@@ -380,6 +380,9 @@ class Ingress:
                 401, "request not signed correctly", exc.detail, field=exc.field,
                 headers=unauthorized,
             ) from None  # fmt: skip
+        # The rate limit before the claim: what a client can make Redis hold is bounded
+        # by its rate times the skew window.
+        self._limit(signed.key_id, 1)
         assert self.seen is not None
         ttl_s = signed.valid_until_s - int(time.time()) + 1
         try:

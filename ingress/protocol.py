@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 URL_MAX_BYTES = 8192
 HEADER_MAX_BYTES = 8190
 HEADERS_MAX = 100
+# A connection is closed when it has sent no complete request for this long: idle
+# keep-alive connections, and clients that send their headers slowly (aiohttp has no
+# separate header timeout; its own default is an hour). Longer than the 60 s idle
+# timeout of common load balancers, so that they close first.
+KEEPALIVE_S = 75.0
 _REPEATED = re.compile(r"Duplicate '([A-Za-z0-9-]{1,64})' header found")
 
 OnError = Callable[[int], None]
@@ -130,6 +135,7 @@ class ProblemRunner(web.AppRunner):
         kwargs.setdefault("max_line_size", URL_MAX_BYTES)
         kwargs.setdefault("max_field_size", HEADER_MAX_BYTES)
         kwargs.setdefault("max_headers", HEADERS_MAX)
+        kwargs.setdefault("keepalive_timeout", KEEPALIVE_S)
         super().__init__(app, **kwargs)
         self.on_error = on_error
 

@@ -561,6 +561,25 @@ PARSER_ATTACKS: list[tuple[str, bytes, int, str | None]] = [
     ("folded header", b"GET /livez HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n", 400, None),
     ("no Host on 1.1", b"GET /livez HTTP/1.1\r\n\r\n", 400, None),
     ("space before colon", b"GET /livez HTTP/1.1\r\nHost : x\r\n\r\n", 400, None),
+    (
+        "huge Content-Length",
+        b"POST /v1/commands HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        b"99999999999999999999999\r\n\r\n{}",
+        400,
+        None,
+    ),
+    (
+        "negative Content-Length",
+        b"POST /v1/commands HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}",
+        400,
+        None,
+    ),
+    (
+        "unknown Transfer-Encoding",
+        b"POST /v1/commands HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n{}",
+        400,
+        None,
+    ),
 ]
 
 
@@ -641,6 +660,44 @@ async def test_pipelined_garbage_after_a_good_request(stack: Stack) -> None:
     else:
         stack.refused.add(cid)
     expect(replies[-1], 400, "request line")
+
+
+async def test_a_declared_length_over_the_limit_is_413_before_the_body(stack: Stack) -> None:
+    headers = signed_headers("POST", "/v1/commands", b"{}")
+    reply = await one(
+        stack.ingress.port, request_bytes("POST", "/v1/commands", headers, b"", length=5_000_000)
+    )
+    expect(reply, 413, "body")
+
+
+async def test_an_empty_idempotency_key_is_400_not_a_second_meaning(stack: Stack) -> None:
+    """An empty header signs as an absent one (an empty line); it must not pass as one."""
+    cid = stack.id("empty-key")
+    body = deposit(cid)
+    headers = [*signed_headers("POST", "/v1/commands", body), ("Idempotency-Key", "")]
+    expect(
+        await one(stack.ingress.port, request_bytes("POST", "/v1/commands", headers, body)),
+        400,
+        "Idempotency-Key",
+    )
+    stack.refused.add(cid)
+
+
+async def test_an_upper_case_signature_is_not_a_way_around_the_replay_check(stack: Stack) -> None:
+    cid = stack.id("upper")
+    body = deposit(cid)
+    headers = signed_headers("POST", "/v1/commands", body)
+    accepted(
+        stack,
+        await one(stack.ingress.port, request_bytes("POST", "/v1/commands", headers, body)),
+        cid,
+    )
+    upper = [(n, v.upper() if n == "Tally-Signature" else v) for n, v in headers]
+    expect(
+        await one(stack.second.port, request_bytes("POST", "/v1/commands", upper, body)),
+        401,
+        "Tally-Signature",
+    )
 
 
 async def test_a_signed_non_ascii_idempotency_key_is_400_not_401_or_500(stack: Stack) -> None:

@@ -460,3 +460,20 @@ async def test_problem_runner_answers_parser_errors_as_problems() -> None:
         writer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_client_that_sends_its_headers_slowly_is_closed_at_the_keepalive() -> None:
+    """Slow headers never reach a handler: aiohttp's keep-alive timer is their bound
+    (ingress.protocol sets it; this pins that aiohttp applies it to a partial request)."""
+    app = web.Application()
+    runner = ProblemRunner(app, on_error=lambda status: None, keepalive_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing answered
+        writer.close()
+    finally:
+        await runner.cleanup()
