@@ -628,6 +628,31 @@ async def test_bad_chunked_bodies_are_400_and_produce_nothing(stack: Stack) -> N
     )
 
 
+async def test_bad_chunking_after_the_headers_were_read_is_a_problem_not_a_hang(
+    stack: Stack,
+) -> None:
+    """The headers arrive first (the handler is reading the body), then a broken chunk:
+    aiohttp's parser drops the body without telling the reader, so the body deadline
+    answers (408); what matters is a problem, a closed connection, and no command."""
+    cid = stack.id("chunk-late")
+    body = deposit(cid)
+    request = _chunked(signed_headers("POST", "/v1/commands", body), b"")
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.ingress.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.write(b"zz\r\n" + body + b"\r\n0\r\n\r\n")
+        await writer.drain()
+        reply = await read_reply(reader, timeout_s=BODY_TIMEOUT_MS / 1000 + 15)
+    finally:
+        writer.close()
+    assert reply is not None
+    expect(reply, reply.status, "body")
+    assert reply.status in (400, 408) and reply.closed, reply
+    stack.refused.add(cid)
+
+
 async def test_a_chunked_body_past_the_size_limit_is_413(stack: Stack) -> None:
     cid = stack.id("chunk-big")
     body = deposit(cid)[:-1] + b',"memo":"' + b"x" * 70_000 + b'"}'
