@@ -237,6 +237,21 @@ async def test_a_signature_is_accepted_once_across_processes(stack: Stack) -> No
     expect(second, 401, "Tally-Signature")
 
 
+async def test_a_signature_sent_many_times_at_once_is_accepted_once(stack: Stack) -> None:
+    """Twenty copies at the same moment, over both processes (so in one Redis pipeline and
+    in two): exactly one is a command."""
+    cid = stack.id("replay-burst")
+    body = deposit(cid)
+    request = request_bytes(
+        "POST", "/v1/commands", signed_headers("POST", "/v1/commands", body), body
+    )
+    ports = [stack.ingress.port, stack.second.port] * 10
+    replies = await asyncio.gather(*(one(port, request) for port in ports))
+    statuses = sorted(r.status for r in replies)
+    assert statuses == [202] + [401] * 19, statuses
+    stack.accepted.add(cid)
+
+
 async def test_a_signature_does_not_carry_over_to_another_idempotency_key(stack: Stack) -> None:
     """Finding 2: a transfer body without command_id, signed once, sent with three
     Idempotency-Keys, was three transfers."""
