@@ -13,8 +13,9 @@ to another process would find nothing in a per-process cache. Why fail closed: w
 Redis cannot be asked, nobody can tell a replay from a first use, so the request is
 answered 503 (Retry-After) rather than accepted.
 
-Claims made in the same turn of the event loop go to Redis in one pipeline: under load
-one round trip serves many requests, and alone a request pays one round trip. (redis-py's
+Claims go to Redis in pipelines, at most two round trips at a time: what comes while
+they are on their way waits for the next, so under load one round trip serves many
+requests, and alone a request pays one round trip. (redis-py's
 CPU per claim, measured on the build machine: ~60 us alone, ~30 us in a pipeline of 32.)
 """
 
@@ -37,7 +38,10 @@ def seen_key(prefix: str, key_id: str, signature: str) -> str:
 
 
 class SeenSignatures:
-    """Claims signatures in Redis, batching the claims of one event-loop turn."""
+    """Claims signatures in Redis: at most `in_flight_max` round trips at a time, each
+    carrying every claim that came while the earlier ones were on their way."""
+
+    in_flight_max = 2
 
     def __init__(self, redis: Any, prefix: str, *, timeout_s: float = claim_timeout_s) -> None:
         self.redis = redis
@@ -51,16 +55,22 @@ class SeenSignatures:
         ReplayUnknown when Redis cannot tell."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
-        if not self._pending:
+        if not self._pending and len(self._sending) < self.in_flight_max:
             loop.call_soon(self._flush)
         self._pending.append((seen_key(self.prefix, key_id, signature), max(1, ttl_s), future))
         return await future
 
     def _flush(self) -> None:
+        if not self._pending or len(self._sending) >= self.in_flight_max:
+            return  # sent when a round trip on its way comes back (see _sent)
         batch, self._pending = self._pending, []
         task = asyncio.ensure_future(self._send(batch))
         self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        self._flush()
 
     async def _send(self, batch: list[tuple[str, int, asyncio.Future[bool]]]) -> None:
         try:

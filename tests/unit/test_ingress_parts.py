@@ -477,3 +477,79 @@ async def test_a_client_that_sends_its_headers_slowly_is_closed_at_the_keepalive
         writer.close()
     finally:
         await runner.cleanup()
+
+
+# --- the replay check's batching (ingress.replay), against a stand-in for Redis -------
+
+
+class _FakeRedis:
+    """SET NX semantics in a dict; every round trip takes a loop turn or two, and counts."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.keys: dict[str, int] = {}
+        self.trips: list[int] = []  # commands per round trip
+        self.in_flight = self.in_flight_max = 0
+        self.fail = fail
+
+    async def _trip(self, commands: list[tuple[str, int]]) -> list[bool | None]:
+        self.in_flight += 1
+        self.in_flight_max = max(self.in_flight_max, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)
+            if self.fail:
+                raise ConnectionError("refused")
+            self.trips.append(len(commands))
+            return [None if k in self.keys else bool(self.keys.setdefault(k, ttl))
+                    for k, ttl in commands]  # fmt: skip
+        finally:
+            self.in_flight -= 1
+
+    async def set(self, key: str, value: bytes, *, nx: bool, ex: int) -> bool | None:
+        assert nx and value == b"1"
+        return (await self._trip([(key, ex)]))[0]
+
+    def pipeline(self, *, transaction: bool) -> _FakePipeline:
+        return _FakePipeline(self)
+
+
+class _FakePipeline:
+    def __init__(self, redis: _FakeRedis) -> None:
+        self.redis = redis
+        self.commands: list[tuple[str, int]] = []
+
+    async def __aenter__(self) -> _FakePipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def set(self, key: str, value: bytes, *, nx: bool, ex: int) -> None:
+        self.commands.append((key, ex))
+
+    async def execute(self) -> list[bool | None]:
+        return await self.redis._trip(self.commands)
+
+
+async def test_claims_are_batched_with_at_most_two_round_trips_at_a_time() -> None:
+    from ingress.replay import SeenSignatures, seen_key
+
+    redis = _FakeRedis()
+    seen = SeenSignatures(redis, "p")
+    signatures = [f"{i:032x}" + "f" * 32 for i in range(200)]
+    firsts = await asyncio.gather(*(seen.claim("k", sig, 30) for sig in signatures))
+    again = await asyncio.gather(*(seen.claim("k", sig, 30) for sig in signatures[:50]))
+    assert all(firsts) and not any(again)
+    assert redis.in_flight_max <= SeenSignatures.in_flight_max
+    assert sum(redis.trips) == 250 and len(redis.trips) < 20  # batched, not one per claim
+    assert redis.keys[seen_key("p", "k", signatures[0])] == 30
+    assert seen_key("p", "k", signatures[0]) == f"p:seen:k:{signatures[0][:32]}"
+    assert await seen.claim("other-key", signatures[0], 30)  # per key id
+
+
+async def test_a_claim_redis_cannot_answer_is_unknown_not_granted() -> None:
+    from ingress.replay import ReplayUnknown, SeenSignatures
+
+    seen = SeenSignatures(_FakeRedis(fail=True), "p")
+    results = await asyncio.gather(*(seen.claim("k", f"{i:064x}", 30) for i in range(5)),
+                                   return_exceptions=True)  # fmt: skip
+    assert all(isinstance(r, ReplayUnknown) for r in results), results
