@@ -171,7 +171,8 @@ def ingress(processes: int) -> None:
     """Run the HTTP ingress: signed commands in, balances and results out.
 
     Listens on TALLY_INGRESS_HOST:TALLY_INGRESS_PORT. Requests under /v1 must be signed
-    with a key from TALLY_INGRESS_KEYS ("id:secret,..."); TALLY_INGRESS_INSECURE=1 turns
+    with a key from TALLY_INGRESS_KEYS ("id:secret,..."), and each signature is accepted
+    once (remembered in Redis, shared by every process); TALLY_INGRESS_INSECURE=1 turns
     that off (warned at start; never in production). Answers 202 once Kafka has the
     command (acks=all), 503 with Retry-After when it cannot. /openapi.json describes the
     API; /livez, /readyz and /metrics are unsigned. Stop with SIGTERM.

@@ -553,3 +553,26 @@ async def test_a_claim_redis_cannot_answer_is_unknown_not_granted() -> None:
     results = await asyncio.gather(*(seen.claim("k", f"{i:064x}", 30) for i in range(5)),
                                    return_exceptions=True)  # fmt: skip
     assert all(isinstance(r, ReplayUnknown) for r in results), results
+
+
+def test_tally_sign_prints_headers_the_server_accepts() -> None:
+    """The README's curl recipe: `curl -H @<(tally sign ...)` sends these lines as is."""
+    from click.testing import CliRunner
+    from multidict import CIMultiDict
+
+    from tally.cli import main
+
+    body = DEPOSIT.decode()
+    env = {"TALLY_CLIENT_KEY_ID": "client-a", "TALLY_CLIENT_SECRET": KEYS["client-a"].decode()}
+    out = CliRunner().invoke(main, ["sign", "POST", "/v1/commands", body, "--idempotency-key",
+                                    "c1"], env=env)  # fmt: skip
+    assert out.exit_code == 0, out.output
+    headers = CIMultiDict(line.split(": ", 1) for line in out.output.splitlines())
+    assert headers["Content-Type"] == "application/json" and headers["Idempotency-Key"] == "c1"
+    signed = signing.verify(KEYS, headers, "POST", "/v1/commands", DEPOSIT, max_skew_s=300)
+    assert signed.key_id == "client-a"
+    again = CliRunner().invoke(main, ["sign", "GET", "/v1/accounts/alice/balances"], env=env)
+    lines = dict(line.split(": ", 1) for line in again.output.splitlines())
+    assert "Content-Type" not in lines and lines["Tally-Nonce"] != headers["Tally-Nonce"]
+    assert signing.verify(KEYS, lines, "GET", "/v1/accounts/alice/balances", b"",
+                          max_skew_s=300).key_id == "client-a"  # fmt: skip
