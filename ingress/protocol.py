@@ -9,9 +9,11 @@ makes `ProblemRequestHandler`s: the same protocol with `handle_error` answering 
 with the right status (400, 414 URL too long, 431 headers too large), logged at DEBUG
 without a traceback, and counted through `on_error`.
 
-The aiohttp internals this relies on (`AppRunner._make_server`, `Server._kwargs`, the
-signature of `RequestHandler.handle_error`, the parser's exception types and messages)
-are pinned by tests/unit/test_ingress_parts.py, which fails if aiohttp moves them.
+It also hands a chunked body's framing error to the handler reading that body (see
+`data_received`). The aiohttp internals this relies on (`AppRunner._make_server`,
+`Server._kwargs`, the signature of `RequestHandler.handle_error`, its `_messages`,
+`_current_request` and `_ErrInfo`, the parser's exception types and messages) are
+pinned by tests/unit/test_ingress_parts.py, which fails if aiohttp moves them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     TransferEncodingError,
 )
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from ingress.problems import Problem
@@ -90,6 +92,23 @@ class ProblemRequestHandler(RequestHandler):
     def __init__(self, manager: web.Server, *, on_error: OnError, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._on_error = on_error
+
+    def data_received(self, data: bytes) -> None:
+        # When a chunked body breaks its framing after the handler started reading it,
+        # aiohttp's parser drops the body without a word to the reader (which would
+        # wait for its deadline) and queues the error as the next "request". Hand the
+        # error to the reader instead: the handler answers 400 at once.
+        queued = len(self._messages)
+        super().data_received(data)
+        request = self._current_request
+        if request is None or len(self._messages) <= queued:
+            return
+        message = self._messages[-1][0]
+        if isinstance(message, _ErrInfo) and not request.content.is_eof():
+            request.content.set_exception(message.exc)
+            # And no more body to come: aiohttp reads what is left of an unread body
+            # after the answer, and would trip over the error (a logged traceback).
+            request.content.feed_eof()
 
     def handle_error(
         self,

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import inspect
+import logging
 
 import msgspec
 import pytest
@@ -460,6 +461,44 @@ async def test_problem_runner_answers_parser_errors_as_problems() -> None:
         writer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_chunked_framing_broken_mid_body_reaches_the_reading_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The headers and the start of the body first, the broken chunk later: the handler
+    reading the body gets the parser's error at once (not after its deadline)."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    async def read(request: web.Request) -> web.Response:
+        try:
+            await asyncio.wait_for(request.read(), 20)
+        except HttpProcessingError:
+            return web.Response(text="framing")
+        return web.Response(text="read")
+
+    app = web.Application()
+    app.router.add_post("/x", read)
+    runner = ProblemRunner(app, on_error=lambda status: None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"zz\r\n{}\r\n0\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        # The handler's answer first (then aiohttp's own for the broken framing, as this
+        # handler keeps the connection open; the ingress's 400 closes it).
+        assert answer.startswith(b"HTTP/1.1 200") and b"\r\n\r\nframing" in answer, answer
+    finally:
+        await runner.cleanup()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 async def test_a_client_that_sends_its_headers_slowly_is_closed_at_the_keepalive() -> None:
