@@ -2,8 +2,12 @@
 
 Order of checks on a request, so that each answer is the most useful one and nothing
 is produced unless everything before it passed:
-  size (413) -> signature (401) -> rate limit (429) -> content type (415)
-  -> body and headers (400/422) -> produce (202 after the broker's ack, or 503).
+  what aiohttp's parser refuses (400/414/431, see ingress.protocol) -> size (413)
+  -> repeated headers (400) -> body read in time (408) -> signature (401)
+  -> rate limit (429) -> first use of the signature (401, or 503 when Redis cannot tell)
+  -> content type (415) -> body and headers (400/422)
+  -> produce (202 after the broker's ack, or 503).
+A client that goes away while sending its body is counted, not answered.
 An accepted command is in Kafka with acks=all from an idempotent producer; a 503 means
 the broker did not confirm in time, and a retry with the same command_id is safe either
 way (the engine answers a repeat as a duplicate of the first).
@@ -25,6 +29,7 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 from prometheus_client import (
@@ -41,6 +46,7 @@ from ingress.commands import IDEMPOTENCY_KEY, parse_batch, parse_command
 from ingress.openapi import document
 from ingress.problems import Problem
 from ingress.ratelimit import TokenBuckets
+from ingress.replay import ReplayUnknown, SeenSignatures
 from ingress.results import ResultWaiter
 from sinks.migrate import quote
 from sinks.redis_store import assets_key, balance_key
@@ -61,6 +67,9 @@ CHECK_TIMEOUT_S = 2.0
 _ACCOUNT = re.compile(limits.ACCOUNT_ID_PATTERN)
 _COMMAND_ID = re.compile(limits.COMMAND_ID_PATTERN)
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([^,;\s]*)", re.IGNORECASE)
+# Headers that change what a request does or who sent it: a request may give each once.
+# (Prefer may repeat, as RFC 7240 allows, but not its `wait`: see prefer_wait.)
+SINGLE_HEADERS = signing.SIGNED_HEADERS
 _json = msgspec.json.Encoder()
 # Metric labels are bounded: any other method a client invents counts as "other".
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -82,14 +91,18 @@ def _respond(body: Any, status: int = 200, headers: dict[str, str] | None = None
     )
 
 
-def prefer_wait(header: str | None) -> int:
-    """The N of `Prefer: wait=N` (RFC 7240), 0 without one."""
+def prefer_wait(header: str | list[str] | None) -> int:
+    """The N of `Prefer: wait=N` (RFC 7240), 0 without one. Several Prefer headers are
+    one list (RFC 9110 5.3); `wait` given twice has no one meaning and is refused."""
     if header is None:
         return 0
-    match = _WAIT.search(header)
-    if match is None:
+    joined = header if isinstance(header, str) else ",".join(header)
+    matches = _WAIT.findall(joined)
+    if not matches:
         return 0
-    value = match.group(1).strip('"')
+    if len(matches) > 1:
+        raise Problem(400, "invalid Prefer: wait", "wait is given more than once", field="Prefer")
+    value = matches[0].strip('"')
     # ASCII digits only ("²".isdigit() is true), and no int() of a huge string.
     digits = value.lstrip("0") or "0"
     if not (value.isascii() and value.isdigit()) or len(digits) > 2 or int(digits) > WAIT_MAX_S:
@@ -127,6 +140,13 @@ class Metrics:
             "tally_ingress_produce_duration_seconds",
             "Time from producing a request's commands to the broker's acknowledgement.",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.disconnects = Counter(
+            "tally_ingress_client_disconnects",
+            "Requests whose client went away before its body arrived (not answered, so "
+            "not in tally_ingress_requests_total), by route template and method.",
+            ["route", "method"],
             registry=self.registry,
         )
         self.commands = Counter(
@@ -169,6 +189,7 @@ class Ingress:
         self.metrics = Metrics()
         self.buckets = TokenBuckets(settings.ingress_rate_per_s, settings.ingress_rate_burst)
         self.produce_timeout_s = settings.ingress_produce_timeout_ms / 1000
+        self.body_timeout_s = settings.ingress_body_timeout_ms / 1000
         self.producer = durable_producer(
             settings.kafka_bootstrap,
             linger_ms=2,
@@ -182,6 +203,7 @@ class Ingress:
             settings.kafka_bootstrap, Engine.app_id_of(settings), self.topics.commands.name
         )
         self.redis: Any = None
+        self.seen: SeenSignatures | None = None
         self.pg: Any = None
         self.http: aiohttp.ClientSession | None = None
         self.document = document()
@@ -222,6 +244,7 @@ class Ingress:
         self.redis = aioredis.from_url(
             self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2
         )
+        self.seen = SeenSignatures(self.redis, self.settings.topic_prefix)
         self.pg = await asyncpg.create_pool(
             self.settings.pg_dsn,
             min_size=0,
@@ -241,6 +264,7 @@ class Ingress:
         for closing in (
             self.http.close() if self.http else None,
             self.pg.close() if self.pg else None,
+            self.seen.close() if self.seen else None,
             self.redis.aclose() if self.redis else None,
             self.waiter.stop(),
             self.producer.stop(),
@@ -261,6 +285,13 @@ class Ingress:
             response = await handler(request)
         except Problem as problem:
             response = problem.response()
+        except ClientGone as gone:
+            # Not an error of ours, and no answer can reach the client: counted apart,
+            # logged quietly, once.
+            method = request.method if request.method in _METHODS else "other"
+            self.metrics.disconnects.labels(route, method).inc()
+            log.debug("ingress: client left during %s %s (%s)", request.method, route, gone)
+            return web.Response(status=400)
         except web.HTTPException as exc:
             headers = {k: v for k, v in exc.headers.items() if k in ("Allow",)}
             field = "body" if exc.status == 413 else None
@@ -275,12 +306,18 @@ class Ingress:
         histogram.observe(time.perf_counter() - started)
         return response
 
+    def refused_by_parser(self, status: int) -> None:
+        """Count a request aiohttp's parser refused (see ingress.protocol)."""
+        counter, _ = self.metrics.request("unparsed", "other", status)
+        counter.inc()
+
     # --- the checks every /v1 request goes through -----------------------------
 
     async def _admit(self, request: web.Request) -> tuple[str, bytes]:
-        """Read the body (bounded), check the signature and take one token of the rate
-        limit (a batch pays for its other commands once parsed); return
-        the client (key id, or address when unsigned) and the body."""
+        """Read the body (bounded in size and time), check the signature, take one token
+        of the rate limit (a batch pays for its other commands once parsed) and check
+        that the signature is used for the first time; return the client (key id, or
+        address when unsigned) and the body."""
         limit = self.settings.ingress_body_max_bytes
         if request.content_length is not None and request.content_length > limit:
             raise Problem(
@@ -289,34 +326,84 @@ class Ingress:
                 f"{request.content_length} bytes; the limit is {limit}",
                 field="body",
             )
+        _single_headers(request)
+        body = await self._read(request)
+        if self.insecure:
+            client = f"address:{request.remote}"
+            self._limit(client, 1)
+        else:
+            client = await self._authenticate(request, body)
+        return client, body
+
+    async def _read(self, request: web.Request) -> bytes:
+        limit = self.settings.ingress_body_max_bytes
         try:
-            body = await request.read()
+            async with asyncio.timeout(self.body_timeout_s):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise Problem(
                 413, "body too large", f"the limit is {limit} bytes", field="body"
             ) from None
-        if self.insecure:
-            client = f"address:{request.remote}"
-        else:
-            try:
-                client = signing.verify(
-                    self.keys,
-                    request.headers,
-                    request.method,
-                    request.raw_path,
-                    body,
-                    max_skew_s=self.settings.ingress_max_skew_s,
-                )
-            except signing.SignatureError as exc:
-                raise Problem(
-                    401,
-                    "request not signed correctly",
-                    exc.detail,
-                    field=exc.field,
-                    headers={"WWW-Authenticate": 'Tally-HMAC-SHA256 realm="tally"'},
-                ) from None
-        self._limit(client, 1)
-        return client, body
+        except TimeoutError:
+            timeout_ms = self.settings.ingress_body_timeout_ms
+            raise Problem(
+                408,
+                "body too slow",
+                f"the body did not arrive within {timeout_ms} ms",
+                field="body",
+                close=True,
+            ) from None
+        except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is one
+            raise ClientGone(type(exc).__name__) from None
+        except HttpProcessingError as exc:  # a chunked body that breaks its framing
+            raise Problem(
+                400,
+                "malformed body framing",
+                exc.message[:200],
+                field="body",
+                close=True,
+            ) from None
+
+    async def _authenticate(self, request: web.Request, body: bytes) -> str:
+        unauthorized = {"WWW-Authenticate": 'Tally-HMAC-SHA256 realm="tally"'}
+        try:
+            signed = signing.verify(
+                self.keys,
+                request.headers,
+                request.method,
+                request.raw_path,
+                body,
+                max_skew_s=self.settings.ingress_max_skew_s,
+            )
+        except signing.SignatureError as exc:
+            raise Problem(
+                401, "request not signed correctly", exc.detail, field=exc.field,
+                headers=unauthorized,
+            ) from None  # fmt: skip
+        # The rate limit before the claim: what a client can make Redis hold is bounded
+        # by its rate times the skew window.
+        self._limit(signed.key_id, 1)
+        assert self.seen is not None
+        ttl_s = signed.valid_until_s - int(time.time()) + 1
+        try:
+            first = await self.seen.claim(signed.key_id, signed.signature, ttl_s)
+        except ReplayUnknown as exc:
+            raise Problem(
+                503,
+                "Redis unavailable",
+                f"cannot check that the signature is new ({exc}); retry with a new signature",
+                field="redis",
+                headers={"Retry-After": "2"},
+            ) from None
+        if not first:
+            raise Problem(
+                401,
+                "signature already used",
+                "a signature is accepted once: sign the request again (a new nonce)",
+                field=signing.SIGNATURE,
+                headers=unauthorized,
+            )
+        return signed.key_id
 
     def _limit(self, client: str, cost: int) -> None:
         wait_s = self.buckets.take(client, cost)
@@ -400,7 +487,7 @@ class Ingress:
         _, body = await self._admit(request)
         self._no_query(request)
         self._json_body(request)
-        wait_s = prefer_wait(request.headers.get("Prefer"))
+        wait_s = prefer_wait(request.headers.getall("Prefer", None))
         command = parse_command(body, request.headers.get(IDEMPOTENCY_KEY))
         waiter = self.waiter.expect(command.account, command.command_id) if wait_s else None
         try:
@@ -650,6 +737,22 @@ class Ingress:
 
     async def get_openapi(self, request: web.Request) -> web.Response:
         return _respond(self.document)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was read."""
+
+
+def _single_headers(request: web.Request) -> None:
+    """Refuse a request that gives a header of SINGLE_HEADERS twice. (aiohttp's parser
+    already refuses a second Content-Type, Content-Length, Host and a few more.)"""
+    headers = request.headers
+    for name in SINGLE_HEADERS:
+        if len(headers.getall(name, ())) > 1:
+            raise Problem(
+                400, "repeated header", f"{name} is given more than once; give it once",
+                field=name,
+            )  # fmt: skip
 
 
 def _check_account(account: str) -> None:

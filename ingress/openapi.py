@@ -105,14 +105,17 @@ _PROBLEM = {
 
 _STATUS_TEXT = {
     400: "Malformed request (JSON, header, query or path parameter); `field` says which.",
-    401: "Missing, malformed, stale or wrong signature; `field` names the header.",
+    401: "Missing, malformed, stale, wrong or already used signature; `field` names the header.",
     404: "Not found.",
     405: "Method not allowed.",
+    408: "The body did not arrive within TALLY_INGRESS_BODY_TIMEOUT_MS.",
     409: "The command id was used by several accounts; name one with ?account=.",
     413: "Body larger than TALLY_INGRESS_BODY_MAX_BYTES.",
+    414: "Request line (URL) too long.",
     415: "Content-Type is not application/json.",
     422: "Well-formed JSON that breaks the command schema; `field` says where.",
     429: "Rate limit exceeded; see Retry-After.",
+    431: "A header line too long, or too many headers.",
     503: "A dependency is unavailable; see Retry-After.",
 }
 
@@ -135,8 +138,9 @@ def _problems(*statuses: int) -> dict[str, Any]:
     }
 
 
-_SIGNED: list[dict[str, list[str]]] = [{"keyId": [], "timestamp": [], "signature": []}]
-_V1_ERRORS = (400, 401, 404, 405, 413, 429)
+_SIGNED: list[dict[str, list[str]]] = [{"keyId": [], "timestamp": [], "nonce": [], "signature": []}]
+# 503 on every /v1 route: the replay check needs Redis (and fails closed without it).
+_V1_ERRORS = (400, 401, 404, 405, 408, 413, 414, 429, 431, 503)
 
 
 def document() -> dict[str, Any]:
@@ -166,8 +170,12 @@ def document() -> dict[str, Any]:
             "version": "1",
             "description": "Signed commands in, balances and results out. Amounts are "
             "integers in minor units. Requests under /v1 are signed: HMAC-SHA256 over "
-            "METHOD, request target, timestamp and the body's SHA-256, one per line "
-            f"(headers {signing.KEY_ID}, {signing.TIMESTAMP}, {signing.SIGNATURE}).",
+            f"the lines {signing.SCHEME}, METHOD, request target, timestamp, nonce, key id, "
+            "the body's SHA-256, Idempotency-Key and Content-Type (empty when absent), "
+            f"joined by newlines (headers {signing.KEY_ID}, {signing.TIMESTAMP}, "
+            f"{signing.NONCE}, {signing.SIGNATURE}); a signature is accepted once. A "
+            "header that changes what a request does may be given once, and a JSON body "
+            "names each key once (400 otherwise).",
         },
         "paths": {
             "/v1/commands": {
@@ -195,7 +203,7 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": _json("Result", "The command's result event (Prefer: wait)."),
                         "202": _json("Accepted", "In Kafka (acks=all); the result comes later."),
-                        **_problems(*_V1_ERRORS, 415, 422, 503),
+                        **_problems(*_V1_ERRORS, 415, 422),
                     },
                 }
             },
@@ -211,8 +219,15 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "202": _json("BatchAnswer", "Every command accepted."),
                         "207": _json("BatchAnswer", "Some commands not accepted; see items."),
-                        "503": _json("BatchAnswer", "Kafka acknowledged none; retry."),
                         **_problems(*_V1_ERRORS, 415, 422),
+                        "503": {
+                            "description": "Kafka acknowledged none (a BatchAnswer; retry), or "
+                            "a dependency is unavailable (a problem; see Retry-After).",
+                            "content": {
+                                "application/json": {"schema": _ref("BatchAnswer")},
+                                "application/problem+json": {"schema": _ref("Problem")},
+                            },
+                        },
                     },
                 }
             },
@@ -237,7 +252,7 @@ def document() -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json("CommandRecord", "The recorded decision."),
-                        **_problems(*_V1_ERRORS, 409, 503),
+                        **_problems(*_V1_ERRORS, 409),
                     },
                 }
             },
@@ -257,7 +272,7 @@ def document() -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json("Balances", "Each asset's available, held and seq."),
-                        **_problems(*_V1_ERRORS, 503),
+                        **_problems(*_V1_ERRORS),
                     },
                 }
             },
@@ -304,6 +319,7 @@ def document() -> dict[str, Any]:
             "securitySchemes": {
                 "keyId": {"type": "apiKey", "in": "header", "name": signing.KEY_ID},
                 "timestamp": {"type": "apiKey", "in": "header", "name": signing.TIMESTAMP},
+                "nonce": {"type": "apiKey", "in": "header", "name": signing.NONCE},
                 "signature": {"type": "apiKey", "in": "header", "name": signing.SIGNATURE},
             },
         },

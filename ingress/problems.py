@@ -15,7 +15,8 @@ _json = msgspec.json.Encoder()
 class Problem(Exception):
     """An error answer. Raised anywhere in a handler; the middleware turns it into the
     response. `field` names the offending body field (a JSON path like `legs[0].to`),
-    header, query or path parameter."""
+    header, query or path parameter. `close`: the connection is closed after the answer
+    (what is left of the request cannot be read as the next one)."""
 
     def __init__(
         self,
@@ -25,6 +26,7 @@ class Problem(Exception):
         *,
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        close: bool = False,
         **extra: Any,
     ) -> None:
         super().__init__(detail or title)
@@ -33,6 +35,7 @@ class Problem(Exception):
         self.detail = detail
         self.field = field
         self.headers = headers
+        self.close = close
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
@@ -45,12 +48,15 @@ class Problem(Exception):
         return out
 
     def response(self) -> web.Response:
-        return web.Response(
+        response = web.Response(
             body=_json.encode(self.body()),
             status=self.status,
             content_type=CONTENT_TYPE,
             headers=self.headers,
         )
+        if self.close:
+            response.force_close()
+        return response
 
 
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")

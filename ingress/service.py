@@ -11,6 +11,7 @@ import sys
 from aiohttp import web
 
 from ingress.app import Ingress
+from ingress.protocol import ProblemRunner
 from sinks.migrate import migrate
 from streams.engine import Engine
 from tally.settings import Settings
@@ -30,7 +31,9 @@ async def prepare(settings: Settings) -> None:
 async def start(settings: Settings) -> web.AppRunner:
     """Start an ingress on settings.ingress_host:port; stop it with `runner.cleanup()`."""
     ingress = Ingress(settings)
-    runner = web.AppRunner(ingress.app, access_log=None, handle_signals=False)
+    runner = ProblemRunner(
+        ingress.app, on_error=ingress.refused_by_parser, access_log=None, handle_signals=False
+    )
     await runner.setup()
     site = web.TCPSite(
         runner, settings.ingress_host, settings.ingress_port, reuse_port=True, backlog=2048

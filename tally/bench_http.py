@@ -16,8 +16,11 @@ time per phase:
 
 wrk's Lua has no HMAC, so every request is signed beforehand (the ingress accepts a
 timestamp within 5 minutes) and written to one file per wrk thread; scripts/wrk/signed.lua
-replays each line once. Every command_id is unique, the pool is bounded, and a thread
-whose pool runs out stops (reported; the rate is then a lower bound). Only 202s count as
+sends each line once. Every request has its own nonce and so its own signature (the
+ingress accepts a signature once: a request sent twice would be a 401, not a command),
+every command_id is unique, the pool is bounded, and a thread whose pool runs out stops
+(reported; the rate is then a lower bound). wrk itself re-sends nothing: a request whose
+connection broke is counted as a socket error and its line is not used again. Only 202s count as
 successes (and, for a batch, the commands its 202/207 answer accepted); every other status
 is reported. Afterwards the records on the commands topic are counted: at least every
 accepted command must be there. The topics and the PostgreSQL schema the ingress created
@@ -54,6 +57,8 @@ from topics.specs import topics_for
 
 WRK_SCRIPT = ROOT / "scripts" / "wrk" / "signed.lua"
 KEY_ID = "bench"
+CONTENT_TYPE = "application/json"  # what signed.lua sends
+NONCE_BYTES = 24  # signed.lua reads the nonce at fixed offsets
 SINGLE = "/v1/commands"
 BATCH = "/v1/commands/batch"
 # The bars of the issue, for this 2-core machine; printed as met or not, never asserted.
@@ -125,8 +130,9 @@ def write_pool(
     threads: int,
 ) -> int:
     """Write `requests` signed requests (of `batch_size` commands when target is the batch
-    endpoint) to path.0 ... path.<threads-1>, one line each: timestamp, signature, body.
-    Returns the number written; command ids are `run`-0, `run`-1, ... each used once."""
+    endpoint) to path.0 ... path.<threads-1>, one line each: timestamp, nonce, signature,
+    body (see scripts/wrk/signed.lua). Returns the number written; command ids are
+    `run`-0, `run`-1, ... each used once, and every line has a nonce of its own."""
     timestamp = str(int(time.time()))
     assert len(timestamp) == 10
     per_thread = max(1, -(-requests // threads))
@@ -136,6 +142,8 @@ def write_pool(
         with open(f"{path}.{t}", "wb") as f:
             lines: list[bytes] = []
             for _ in range(per_thread):
+                # Unique in the pool (the command counter), fixed width for the Lua.
+                nonce = f"n{n:0{NONCE_BYTES - 1}d}"
                 if target == BATCH:
                     commands = b",".join(_command(run, n + i) for i in range(batch_size))
                     body = b'{"commands":[' + commands + b"]}"
@@ -143,8 +151,11 @@ def write_pool(
                 else:
                     body = _command(run, n)
                     n += 1
-                sig = signing.signature(secret, "POST", target, timestamp, body)
-                lines.append(f"{timestamp} {sig} ".encode() + body + b"\n")
+                sig = signing.signature(
+                    secret, "POST", target, timestamp, nonce, KEY_ID, body,
+                    content_type=CONTENT_TYPE,
+                )  # fmt: skip
+                lines.append(f"{timestamp} {nonce} {sig} ".encode() + body + b"\n")
                 if len(lines) >= 5000:
                     f.writelines(lines)
                     lines.clear()

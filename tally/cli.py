@@ -171,7 +171,8 @@ def ingress(processes: int) -> None:
     """Run the HTTP ingress: signed commands in, balances and results out.
 
     Listens on TALLY_INGRESS_HOST:TALLY_INGRESS_PORT. Requests under /v1 must be signed
-    with a key from TALLY_INGRESS_KEYS ("id:secret,..."); TALLY_INGRESS_INSECURE=1 turns
+    with a key from TALLY_INGRESS_KEYS ("id:secret,..."), and each signature is accepted
+    once (remembered in Redis, shared by every process); TALLY_INGRESS_INSECURE=1 turns
     that off (warned at start; never in production). Answers 202 once Kafka has the
     command (acks=all), 503 with Retry-After when it cannot. /openapi.json describes the
     API; /livez, /readyz and /metrics are unsigned. Stop with SIGTERM.
@@ -191,16 +192,32 @@ def ingress(processes: int) -> None:
     required=True,
     help="The client key id [env TALLY_CLIENT_KEY_ID].",
 )
-def sign(method: str, target: str, body: str, key_id: str) -> None:
-    """Print the signature headers for one request, one per line, for curl -H @file.
+@click.option(
+    "--idempotency-key",
+    default=None,
+    help="Send this Idempotency-Key (it is signed, so it is printed with the rest).",
+)
+@click.option(
+    "--content-type",
+    default=None,
+    help="The Content-Type to sign and print [default: application/json with a BODY, "
+    "none without].",
+)
+def sign(
+    method: str, target: str, body: str, key_id: str, idempotency_key: str | None,
+    content_type: str | None,
+) -> None:  # fmt: skip
+    """Print the headers of one signed request, one per line, for curl -H @file.
 
     The secret is read from TALLY_CLIENT_SECRET (never an argument: arguments show in
-    `ps`). TARGET is the path and query exactly as sent; BODY the exact body bytes.
+    `ps`). TARGET is the path and query exactly as sent; BODY the exact body bytes. The
+    signature covers the Content-Type and Idempotency-Key, so those are printed too, and
+    it is accepted once: sign every request anew (each run has a new nonce).
 
     \b
       body='{"kind":"deposit","command_id":"d1","account":"alice","asset":"USD","amount":5}'
-      curl -H @<(tally sign POST /v1/commands "$body") -H 'Content-Type: application/json' \\
-           -d "$body" http://127.0.0.1:8080/v1/commands
+      curl -H @<(tally sign POST /v1/commands "$body") -d "$body" \\
+           http://127.0.0.1:8080/v1/commands
     """
     from ingress import signing
 
@@ -208,7 +225,24 @@ def sign(method: str, target: str, body: str, key_id: str) -> None:
     if not secret:
         click.echo("tally sign: set TALLY_CLIENT_SECRET to the client's secret", err=True)
         sys.exit(2)
-    for name, value in signing.sign(key_id, secret.encode(), method, target, body.encode()).items():
+    if content_type is None and body:
+        content_type = "application/json"
+    headers = {}
+    if content_type is not None:
+        headers[signing.CONTENT_TYPE] = content_type
+    if idempotency_key is not None:
+        headers[signing.IDEMPOTENCY_KEY] = idempotency_key
+    try:
+        headers.update(
+            signing.sign(
+                key_id, secret.encode(), method, target, body.encode(),
+                idempotency_key=idempotency_key, content_type=content_type,
+            )
+        )  # fmt: skip
+    except ValueError as exc:
+        click.echo(f"tally sign: {exc}", err=True)
+        sys.exit(2)
+    for name, value in headers.items():
         click.echo(f"{name}: {value}")
 
 
@@ -745,8 +779,9 @@ def bench_http(
     Two phases of DURATION seconds each: single-command POST /v1/commands
     (requests/s answered 202, p50/p99 latency) and POST /v1/commands/batch with
     BATCH-SIZE commands per request (commands/s). Every request is signed
-    (HMAC-SHA256, pre-signed before the phase: wrk's Lua has no HMAC) and every
-    command_id is used once. The ingress runs on topics of its own with the rate limit
+    (HMAC-SHA256, pre-signed before the phase: wrk's Lua has no HMAC), with a nonce and
+    a signature of its own (the ingress accepts a signature once), and every command_id
+    is used once. The ingress runs on topics of its own with the rate limit
     raised out of the way; no engine runs, so a 202 is the broker's acks=all
     acknowledgement. Needs wrk (installed by `make services`); the topics and schema are
     deleted afterwards.

@@ -8,7 +8,8 @@
         print((await tally.balances("alice", strong=True)).body)
 
 Commands are dicts (or `topics.schema` structs); bodies are sent byte-for-byte as
-signed. Retrying `submit` with the same command_id is always safe.
+signed, and every request gets a signature of its own (the ingress accepts each once).
+Retrying `submit` with the same command_id is always safe.
 """
 
 from __future__ import annotations
@@ -74,7 +75,16 @@ class Client:
         if body and "Content-Type" not in sent:
             sent["Content-Type"] = "application/json"
         if self.key_id is not None and self.secret is not None:
-            sent.update(signing.sign(self.key_id, self.secret, method, target, body))
+            # Signed with the values the request sends (each signature is used once: a
+            # retry through this method is signed anew, with a new nonce).
+            named = {k.lower(): v for k, v in sent.items()}
+            sent.update(
+                signing.sign(
+                    self.key_id, self.secret, method, target, body,
+                    idempotency_key=named.get(signing.IDEMPOTENCY_KEY.lower()),
+                    content_type=named.get(signing.CONTENT_TYPE.lower()),
+                )
+            )  # fmt: skip
         # encoded=True: sent byte for byte as signed (yarl would otherwise unescape
         # "%3A" to ":" and resolve "..", and the signature would no longer match).
         url = yarl.URL(self.base_url + target, encoded=True)

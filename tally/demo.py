@@ -159,8 +159,8 @@ class DemoJob:
                 if answer.status != 202:
                     raise RuntimeError(f"ingress answered {answer.status}: {answer.body}")
             batches = 0
-            for start in range(0, len(rest), http_batch_size):
-                answer = await tally.submit_batch(rest[start : start + http_batch_size])
+            for batch in _batches(rest, http_batch_size):
+                answer = await tally.submit_batch(batch)
                 if answer.status != 202:
                     raise RuntimeError(f"ingress answered {answer.status}: {answer.body}")
                 batches += 1
@@ -242,6 +242,22 @@ class DemoJob:
             for store in self.engine.stores.values()
             for account, asset, bal in store.balances()
         }
+
+
+def _batches(commands: list[PublicCommand], size: int) -> list[list[PublicCommand]]:
+    """The commands in order, cut into batches of at most `size` in which no (account,
+    command_id) appears twice: the ingress refuses a batch that gives one twice, so the
+    workload's retries go in a later batch, as a client would send them."""
+    out: list[list[PublicCommand]] = []
+    seen: set[tuple[str, str]] = set()
+    for command in commands:
+        key = (command.account, command.command_id)
+        if not out or len(out[-1]) >= size or key in seen:
+            out.append([])
+            seen = set()
+        out[-1].append(command)
+        seen.add(key)
+    return out
 
 
 def run(

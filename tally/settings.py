@@ -89,6 +89,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # reads) a second, and the burst the bucket holds. 0 turns the limit off.
     ingress_rate_per_s: Annotated[int, msgspec.Meta(ge=0)] = 5000
     ingress_rate_burst: Annotated[int, msgspec.Meta(ge=1)] = 10000
+    # How long the ingress waits for a request's whole body before answering 408 (a slow
+    # or stalled client otherwise holds a handler and its buffer for as long as it likes).
+    ingress_body_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = 10_000
     # How long a request waits for the broker's acknowledgement before answering 503.
     ingress_produce_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=120_000)] = 5000
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -1,4 +1,4 @@
--- wrk script for `tally bench http`: replays pre-signed Tally requests, never one twice.
+-- wrk script for `tally bench http`: sends pre-signed Tally requests, never one twice.
 --
 --   wrk -t T -c C -d 10s -s scripts/wrk/signed.lua http://127.0.0.1:PORT -- \
 --       POOL TARGET KEY_ID MODE
@@ -7,11 +7,15 @@
 -- per wrk thread (POOL.0, POOL.1, ...): the threads' slices are disjoint, and a thread
 -- sends each line of its own file once, in order. A line is
 --
---   TIMESTAMP(10 digits) SP SIGNATURE(64 hex) SP BODY LF
+--   TIMESTAMP(10 digits) SP NONCE(24 characters) SP SIGNATURE(64 hex) SP BODY LF
 --
--- signed for POST TARGET with KEY_ID (the timestamps stay valid for the ingress's
--- 5-minute skew window). A thread whose file runs out stops (and says so in the result
--- line): it never reuses a command_id. MODE is "single" (a 202 accepts one command) or
+-- signed for POST TARGET with KEY_ID and "Content-Type: application/json", no
+-- Idempotency-Key (the timestamps stay valid for the ingress's 5-minute skew window).
+-- Every line has its own nonce, so its own signature: the ingress accepts a signature
+-- once, and a line sent twice would be answered 401. wrk calls request() for every
+-- request it sends, also after a reconnect, so no line is ever sent twice. A thread
+-- whose file runs out stops (and says so in the result line): it never reuses a
+-- command_id or a signature. MODE is "single" (a 202 accepts one command) or
 -- "batch" (the answer's "accepted" counts the commands).
 --
 -- At the end the main thread prints one line, "TALLY-RESULT {json}", with the status
@@ -52,11 +56,13 @@ function request()
       return spent
    end
    local timestamp = data:sub(pos, pos + 9)
-   local signature = data:sub(pos + 11, pos + 74)
-   local body = data:sub(pos + 76, nl - 1)
+   local nonce = data:sub(pos + 11, pos + 34)
+   local signature = data:sub(pos + 36, pos + 99)
+   local body = data:sub(pos + 101, nl - 1)
    pos = nl + 1
    sent = sent + 1
    return head .. timestamp
+      .. "\r\nTally-Nonce: " .. nonce
       .. "\r\nTally-Signature: " .. signature
       .. "\r\nContent-Length: " .. #body
       .. "\r\n\r\n" .. body

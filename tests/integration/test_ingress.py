@@ -319,17 +319,24 @@ async def test_bad_signatures_get_401_and_produce_nothing(front: Front) -> None:
     account = front.account("unsigned")
     body = msgspec.json.encode(_dep("s1", account))
     now = time.time()
-    good = signing.sign(KEY_ID, SECRET.encode(), "POST", "/v1/commands", body, now=now)
+
+    def sign(secret: str = SECRET, target: str = "/v1/commands", at: float = now,
+             **changed: str) -> dict[str, str]:  # fmt: skip
+        return signing.sign(KEY_ID, secret.encode(), "POST", target, body,
+                            content_type="application/json", now=at, **changed)  # fmt: skip
+
+    good = sign()
     cases: list[tuple[dict[str, str], bytes, str]] = [
         ({}, body, "Tally-Key-Id"),
-        ({**good, "Tally-Signature": signing.sign(KEY_ID, b"wrong-secret-000000", "POST",
-          "/v1/commands", body, now=now)["Tally-Signature"]}, body, "Tally-Signature"),
-        (signing.sign(KEY_ID, SECRET.encode(), "POST", "/v1/commands", body, now=now - 600),
-         body, "Tally-Timestamp"),
+        ({**good, "Tally-Signature": sign("wrong-secret-000000")["Tally-Signature"]}, body,
+         "Tally-Signature"),
+        (sign(at=now - 600), body, "Tally-Timestamp"),
+        ({k: v for k, v in good.items() if k != "Tally-Nonce"}, body, "Tally-Nonce"),
         (good, body.replace(b"100", b"900"), "Tally-Signature"),  # body changed after signing
         ({**good, "Tally-Key-Id": "someone-else"}, body, "Tally-Signature"),
-        (signing.sign(KEY_ID, SECRET.encode(), "POST", "/v1/commands/batch", body, now=now),
-         body, "Tally-Signature"),  # signed for another path
+        (sign(target="/v1/commands/batch"), body, "Tally-Signature"),  # signed for another path
+        ({**good, "Idempotency-Key": "s1"}, body, "Tally-Signature"),  # a header not signed
+        (sign(idempotency_key="s1"), body, "Tally-Signature"),  # signed, then not sent
     ]  # fmt: skip
     async with aiohttp.ClientSession() as session:
         for headers, sent, field in cases:

@@ -111,7 +111,7 @@ UNSIGNED = [
     if operation.get("security")
     for mode in (POSITIVE, NEGATIVE, COVERAGE)
 ]
-SIGNATURE_HEADERS = (signing.KEY_ID, signing.TIMESTAMP, signing.SIGNATURE)
+SIGNATURE_HEADERS = (signing.KEY_ID, signing.TIMESTAMP, signing.NONCE, signing.SIGNATURE)
 
 
 # --- the live stack ---------------------------------------------------------------
@@ -231,15 +231,48 @@ def _wire_body(r: requests.PreparedRequest) -> bytes:
     return body
 
 
+def _wire_header(r: requests.PreparedRequest, name: str) -> bytes | None:
+    """A header's value as it goes out (http.client sends a str as Latin-1)."""
+    value = r.headers.get(name)
+    if value is None or isinstance(value, bytes):
+        return value
+    return str(value).encode("latin-1")
+
+
+def _sign(
+    r: requests.PreparedRequest,
+    body: bytes,
+    *,
+    key_id: str = KEY_ID,
+    secret: bytes = SECRET.encode(),
+    target: str | None = None,
+    now: float | None = None,
+    idempotency_key: bytes | None = None,
+    content_type: bytes | None = None,
+) -> dict[str, str]:
+    """The signature headers for r as sent (or with one input changed)."""
+    assert r.method is not None
+    return signing.sign(
+        key_id,
+        secret,
+        r.method,
+        r.path_url if target is None else target,
+        body,
+        idempotency_key=idempotency_key or _wire_header(r, signing.IDEMPOTENCY_KEY),
+        content_type=content_type or _wire_header(r, signing.CONTENT_TYPE),
+        now=now,
+    )
+
+
 class Signed(requests.auth.AuthBase):
-    """Sign the final request: method, path and query as sent, and the body's bytes."""
+    """Sign the final request: method, path and query as sent, the body's bytes, and
+    the Idempotency-Key and Content-Type it sends."""
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         body = _wire_body(r)
         for name in SIGNATURE_HEADERS:
             r.headers.pop(name, None)
-        assert r.method is not None
-        r.headers.update(signing.sign(KEY_ID, SECRET.encode(), r.method, r.path_url, body))
+        r.headers.update(_sign(r, body))
         return r
 
 
@@ -257,29 +290,31 @@ def _malformed(r: requests.PreparedRequest, body: bytes) -> dict[str, str]:
 
 
 def _wrong_secret(r: requests.PreparedRequest, body: bytes) -> dict[str, str]:
-    assert r.method is not None
-    return signing.sign(KEY_ID, b"not-the-secret-0123456789", r.method, r.path_url, body)
+    return _sign(r, body, secret=b"not-the-secret-0123456789")
 
 
 def _unknown_key(r: requests.PreparedRequest, body: bytes) -> dict[str, str]:
-    assert r.method is not None
-    return signing.sign("nobody", SECRET.encode(), r.method, r.path_url, body)
+    return _sign(r, body, key_id="nobody")
 
 
 def _stale(r: requests.PreparedRequest, body: bytes) -> dict[str, str]:
-    assert r.method is not None
-    then = time.time() - 3600
-    return signing.sign(KEY_ID, SECRET.encode(), r.method, r.path_url, body, now=then)
+    return _sign(r, body, now=time.time() - 3600)
 
 
 def _other_target(r: requests.PreparedRequest, body: bytes) -> dict[str, str]:
-    assert r.method is not None
-    return signing.sign(KEY_ID, SECRET.encode(), r.method, r.path_url + "x", body)
+    return _sign(r, body, target=r.path_url + "x")
 
 
 def _other_body(r: requests.PreparedRequest, body: bytes) -> dict[str, str]:
-    assert r.method is not None
-    return signing.sign(KEY_ID, SECRET.encode(), r.method, r.path_url, body + b" ")
+    return _sign(r, body + b" ")
+
+
+def _other_idempotency_key(r: requests.PreparedRequest, body: bytes) -> dict[str, str]:
+    return _sign(r, body, idempotency_key=(_wire_header(r, signing.IDEMPOTENCY_KEY) or b"") + b"x")
+
+
+def _other_content_type(r: requests.PreparedRequest, body: bytes) -> dict[str, str]:
+    return _sign(r, body, content_type=(_wire_header(r, signing.CONTENT_TYPE) or b"") + b"x")
 
 
 class Unsigned(requests.auth.AuthBase):
@@ -295,6 +330,8 @@ class Unsigned(requests.auth.AuthBase):
         _stale,
         _other_target,
         _other_body,
+        _other_idempotency_key,
+        _other_content_type,
     )
 
     def __init__(self) -> None:

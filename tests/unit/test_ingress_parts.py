@@ -1,15 +1,21 @@
-"""The ingress's pure parts: signatures, body parsing, the rate limiter, Prefer: wait."""
+"""The ingress's pure parts: signatures, body parsing, the rate limiter, Prefer: wait, and
+the protocol that answers aiohttp's parser errors (on a loopback socket, no services)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import inspect
 import json
+import logging
 import re
 from typing import Any
 
 import msgspec
 import pytest
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,6 +23,13 @@ from ingress import signing
 from ingress.app import WAIT_MAX_S, prefer_wait
 from ingress.commands import BATCH_MAX, parse_batch, parse_command
 from ingress.problems import Problem
+from ingress.protocol import (
+    HEADER_MAX_BYTES,
+    HEADERS_MAX,
+    URL_MAX_BYTES,
+    ProblemRunner,
+    ProblemServer,
+)
 from ingress.ratelimit import TokenBuckets
 from streams.web import account_url
 from topics.schema import Deposit, Disburse, PublicCommand
@@ -27,23 +40,47 @@ NOW = 1_800_000_000.0
 
 def _verify(headers: dict[str, str], method: str = "POST", target: str = "/v1/commands",
             body: bytes = b"{}", now: float = NOW) -> str:  # fmt: skip
-    return signing.verify(KEYS, headers, method, target, body, max_skew_s=300, now=now)
+    signed = signing.verify(KEYS, headers, method, target, body, max_skew_s=300, now=now)
+    assert signed.signature == headers["Tally-Signature"]
+    return signed.key_id
+
+
+def _sign(target: str = "/v1/commands", body: bytes = b"{}", **extra: str) -> dict[str, str]:
+    """Headers of a request signed for client-a, the signed Content-Type included."""
+    content_type = extra.pop("content_type", "application/json")
+    headers = signing.sign("client-a", KEYS["client-a"], "POST", target, body,
+                           content_type=content_type, now=NOW, **extra)  # fmt: skip
+    return {"Content-Type": content_type, **headers}
 
 
 def test_signature_is_hmac_sha256_of_the_documented_string() -> None:
-    headers = signing.sign("client-a", KEYS["client-a"], "post", "/v1/commands?x=1", b"{}", now=NOW)
-    message = f"POST\n/v1/commands?x=1\n{int(NOW)}\n{hashlib.sha256(b'{}').hexdigest()}"
+    headers = signing.sign("client-a", KEYS["client-a"], "post", "/v1/commands?x=1", b"{}",
+                           idempotency_key="pay-1", content_type="application/json",
+                           nonce="nonce-123", now=NOW)  # fmt: skip
+    message = "\n".join([
+        "TALLY-HMAC-SHA256-2", "POST", "/v1/commands?x=1", str(int(NOW)), "nonce-123",
+        "client-a", hashlib.sha256(b"{}").hexdigest(), "pay-1", "application/json",
+    ])  # fmt: skip
     expected = hmac.new(KEYS["client-a"], message.encode(), hashlib.sha256).hexdigest()
     assert headers == {
         "Tally-Key-Id": "client-a",
         "Tally-Timestamp": str(int(NOW)),
+        "Tally-Nonce": "nonce-123",
         "Tally-Signature": expected,
     }
+    # Absent headers are empty lines.
+    bare = signing.string_to_sign("GET", "/livez", "1", "nonce-123", "k", b"")
+    assert bare.endswith(hashlib.sha256(b"").hexdigest().encode() + b"\n\n")
 
 
 def test_a_correct_signature_names_the_client() -> None:
-    headers = signing.sign("client-a", KEYS["client-a"], "POST", "/v1/commands", b"{}", now=NOW)
-    assert _verify(headers) == "client-a"
+    assert _verify(_sign()) == "client-a"
+
+
+def test_every_signature_has_its_own_nonce() -> None:
+    first, second = _sign(), _sign()
+    assert first["Tally-Nonce"] != second["Tally-Nonce"]
+    assert first["Tally-Signature"] != second["Tally-Signature"]
 
 
 @pytest.mark.parametrize(
@@ -51,18 +88,24 @@ def test_a_correct_signature_names_the_client() -> None:
     [
         ({"Tally-Key-Id": None}, "Tally-Key-Id"),
         ({"Tally-Timestamp": None}, "Tally-Timestamp"),
+        ({"Tally-Nonce": None}, "Tally-Nonce"),
         ({"Tally-Signature": None}, "Tally-Signature"),
         ({"Tally-Key-Id": "bad id!"}, "Tally-Key-Id"),
         ({"Tally-Timestamp": "yesterday"}, "Tally-Timestamp"),
         ({"Tally-Timestamp": str(int(NOW) - 301)}, "Tally-Timestamp"),
         ({"Tally-Timestamp": str(int(NOW) + 301)}, "Tally-Timestamp"),
+        ({"Tally-Nonce": "short"}, "Tally-Nonce"),
+        ({"Tally-Nonce": "another-nonce"}, "Tally-Signature"),
         ({"Tally-Signature": "ABC"}, "Tally-Signature"),
         ({"Tally-Signature": "0" * 64}, "Tally-Signature"),
         ({"Tally-Key-Id": "client-b"}, "Tally-Signature"),  # unknown id: same answer as wrong
+        ({"Idempotency-Key": "pay-2"}, "Tally-Signature"),  # finding 2: added after signing
+        ({"Content-Type": "text/plain"}, "Tally-Signature"),
+        ({"Content-Type": None}, "Tally-Signature"),
     ],
 )
 def test_bad_signature_headers_are_named(change: dict[str, str | None], field: str) -> None:
-    headers = signing.sign("client-a", KEYS["client-a"], "POST", "/v1/commands", b"{}", now=NOW)
+    headers = _sign()
     for name, value in change.items():
         if value is None:
             del headers[name]
@@ -80,14 +123,45 @@ def test_bad_signature_headers_are_named(change: dict[str, str | None], field: s
      ("POST", "/v1/commands", b"{} "), ("POST", "/v1/commands?a=1", b"{}")],
 )  # fmt: skip
 def test_signature_covers_method_target_and_body(method: str, target: str, body: bytes) -> None:
-    headers = signing.sign("client-a", KEYS["client-a"], "POST", "/v1/commands", b"{}", now=NOW)
+    headers = _sign()
     with pytest.raises(signing.SignatureError):
         _verify(headers, method, target, body)
 
 
+@given(
+    key=st.one_of(st.none(), st.text(st.characters(codec="utf-8", exclude_characters="\r\n"),
+                                      max_size=20)),
+    other=st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=20),
+)  # fmt: skip
+def test_the_idempotency_key_is_covered_whatever_its_value(key: str | None, other: str) -> None:
+    """Finding 2 of #13: one signature, three Idempotency-Keys, three commands."""
+    headers = _sign(**({"idempotency_key": key} if key is not None else {}))
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    assert _verify(headers) == "client-a"
+    if other.strip(" \t") != (key or "").strip(" \t"):
+        with pytest.raises(signing.SignatureError):
+            _verify({**headers, "Idempotency-Key": other})
+
+
+def test_header_values_are_signed_as_the_server_reads_them() -> None:
+    # aiohttp strips surrounding spaces and decodes bytes as UTF-8 with surrogateescape.
+    headers = _sign(content_type=" application/json\t")
+    assert _verify({**headers, "Content-Type": "application/json"}) == "client-a"
+    latin = signing.sign("client-a", KEYS["client-a"], "POST", "/v1/commands", b"{}",
+                         idempotency_key="k\u00e9".encode("latin-1"), now=NOW)  # fmt: skip
+    as_read = "k\u00e9".encode("latin-1").decode("utf-8", "surrogateescape")
+    assert _verify({**latin, "Idempotency-Key": as_read}) == "client-a"
+    with pytest.raises(ValueError):
+        signing.sign("a", b"s", "POST", "/", b"", idempotency_key="a\nb")
+
+
 def test_a_signature_within_the_skew_is_accepted() -> None:
-    headers = signing.sign("client-a", KEYS["client-a"], "POST", "/v1/commands", b"{}", now=NOW)
+    headers = _sign()
     assert _verify(headers, now=NOW + 299) == "client-a"
+    signed = signing.verify(KEYS, headers, "POST", "/v1/commands", b"{}", max_skew_s=300,
+                            now=NOW - 299)  # fmt: skip
+    assert signed.valid_until_s == int(NOW) + 300
 
 
 DEPOSIT = b'{"kind":"deposit","command_id":"c1","account":"alice","asset":"USD","amount":5}'
@@ -136,9 +210,108 @@ def test_parse_command_names_the_field(
 
 
 def test_parse_batch_answers_each_item() -> None:
-    items = parse_batch(b'{"commands":[' + DEPOSIT + b',{"kind":"deposit"},' + DEPOSIT + b"]}")
+    other = DEPOSIT.replace(b'"c1"', b'"c2"')
+    items = parse_batch(b'{"commands":[' + DEPOSIT + b',{"kind":"deposit"},' + other + b"]}")
     assert isinstance(items[0], Deposit) and isinstance(items[2], Deposit)
     assert isinstance(items[1], Problem) and items[1].field == "commands[1].command_id"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_batch_items_sharing_account_and_command_id_are_all_refused(fast: bool) -> None:
+    """Finding 3 of #13: items sharing one command_id were all answered 202."""
+    bob = DEPOSIT.replace(b"alice", b"bob")  # same command_id, another account: another command
+    other = DEPOSIT.replace(b'"c1"', b'"c2"')
+    broken = b"," + (b'{"kind":"deposit"}' if not fast else other.replace(b'"c2"', b'"c3"'))
+    items = parse_batch(b'{"commands":[' + b",".join([DEPOSIT, bob, other, DEPOSIT, DEPOSIT])
+                        + broken + b"]}")  # fmt: skip
+    refused = {i: item.field for i, item in enumerate(items) if isinstance(item, Problem)}
+    assert {i: refused[i] for i in (0, 3, 4)} == {
+        0: "commands[0].command_id",
+        3: "commands[3].command_id",
+        4: "commands[4].command_id",
+    }
+    assert all(refused_item.status == 422 for refused_item in items if isinstance(refused_item,
+               Problem))  # fmt: skip
+    assert isinstance(items[1], Deposit) and isinstance(items[2], Deposit)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"kind":"withdraw","kind":"deposit","command_id":"c","account":"a","asset":"USD",'
+         b'"amount":5}', "kind"),
+        (DEPOSIT.replace(b'"amount":5', b'"amount":5,"amount":500'), "amount"),
+        (DEPOSIT.replace(b'"kind"', b'"\\u006bind"').replace(b"}", b',"kind":"deposit"}'), "kind"),
+        (b'{"kind":"disburse","command_id":"c","account":"a","asset":"USD",'
+         b'"legs":[{"to":"b","amount":1},{"to":"c","to":"d","amount":1}]}', "legs[1].to"),
+        (DEPOSIT.replace(b"}", b',"memo":{"x":1,"x":2}}'), "memo.x"),  # invalid anyway: 400 first
+    ],
+)  # fmt: skip
+def test_duplicate_keys_are_refused_naming_the_key(body: bytes, field: str) -> None:
+    """Finding 3 of #13: msgspec resolved duplicate keys last-wins."""
+    for parse in (lambda: parse_command(body, None), lambda: parse_command(body, "c"),
+                  lambda: parse_batch(b'{"commands":[' + body + b"]}")):  # fmt: skip
+        with pytest.raises(Problem) as caught:
+            parse()
+        assert caught.value.status == 400 and caught.value.title == "duplicate key"
+        assert caught.value.field in (field, f"commands[0].{field}")
+    with pytest.raises(Problem) as caught:
+        parse_batch(b'{"commands":[' + DEPOSIT + b'],"commands":[' + DEPOSIT + b"]}")
+    assert caught.value.field == "commands"
+
+
+_KEYS = st.text(st.characters(codec="ascii", categories=("L", "N")), min_size=1, max_size=4)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+def _encode(node: object, repeat: list[str]) -> str:
+    """JSON text of node, where every object whose path is in `repeat` writes its first
+    key twice."""
+    import json
+
+    def walk(n: object, path: str) -> str:
+        if isinstance(n, dict):
+            parts = [f"{json.dumps(k)}:{walk(v, f'{path}.{k}' if path else k)}"
+                     for k, v in n.items()]  # fmt: skip
+            if path in repeat and parts:
+                parts.append(parts[0])
+            return "{" + ",".join(parts) + "}"
+        if isinstance(n, list):
+            return "[" + ",".join(walk(v, f"{path}[{i}]") for i, v in enumerate(n)) + "]"
+        return json.dumps(n)
+
+    return walk(node, "")
+
+
+@given(st.dictionaries(_KEYS, _JSON, min_size=1, max_size=4), st.data())
+def test_a_key_repeated_at_any_depth_is_found_and_named(
+    node: dict[str, object], data: st.DataObject
+) -> None:
+    from ingress.commands import check_unique_keys
+
+    check_unique_keys(_encode(node, []).encode())  # no duplicate: no problem
+    objects = []
+
+    def collect(n: object, path: str) -> None:
+        if isinstance(n, dict) and n:
+            objects.append((path, next(iter(n))))
+            for k, v in n.items():
+                collect(v, f"{path}.{k}" if path else k)
+        elif isinstance(n, list):
+            for i, v in enumerate(n):
+                collect(v, f"{path}[{i}]")
+
+    collect(node, "")
+    path, key = data.draw(st.sampled_from(objects))
+    with pytest.raises(Problem) as caught:
+        check_unique_keys(_encode(node, [path]).encode())
+    # The only repeated key is named by its path.
+    assert caught.value.status == 400
+    assert caught.value.field == (f"{path}.{key}" if path else key)
 
 
 @pytest.mark.parametrize(
@@ -219,6 +392,14 @@ def test_prefer_wait_out_of_range_names_the_header(header: str) -> None:
     with pytest.raises(Problem) as caught:
         prefer_wait(header)
     assert (caught.value.status, caught.value.field) == (400, "Prefer")
+
+
+def test_prefer_headers_are_one_list_and_wait_is_given_once() -> None:
+    assert prefer_wait(["respond-async", "wait=3"]) == 3
+    for repeated in (["wait=1", "wait=30"], ["wait=1, wait=1"]):
+        with pytest.raises(Problem) as caught:
+            prefer_wait(repeated)
+        assert (caught.value.status, caught.value.field) == (400, "Prefer")
 
 
 @pytest.mark.parametrize(
@@ -427,3 +608,212 @@ def test_an_unknown_field_holding_a_backtick_is_named_whole() -> None:
     assert (caught.value.field, caught.value.title) == ("0`x", "unknown field")
     (item,) = parse_batch(b'{"commands":[' + body + b"]}")
     assert isinstance(item, Problem) and item.field == "commands[0].0`x"
+
+
+# --- what aiohttp's parser refuses (ingress.protocol), pinned against aiohttp ---------
+
+PARSER_CASES = [
+    (b"HELLO\r\n\r\n", 400, "request line"),
+    (b"GET /" + b"a" * (URL_MAX_BYTES + 10) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "url"),
+    (b"GET /x HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * (HEADER_MAX_BYTES + 10) + b"\r\n\r\n",
+     431, "headers"),
+    (b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(HEADERS_MAX))
+     + b"\r\n", 431, "headers"),
+    (b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Type: a/b\r\nContent-Type: c/d\r\n"
+     b"Content-Length: 0\r\n\r\n", 400, "Content-Type"),
+    (b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "body"),
+]  # fmt: skip
+
+
+async def test_problem_runner_answers_parser_errors_as_problems() -> None:
+    """Fails if aiohttp moves what ingress.protocol relies on: AppRunner._make_server,
+    Server._kwargs, RequestHandler.handle_error's signature, the parser's exceptions."""
+    params = list(inspect.signature(RequestHandler.handle_error).parameters)
+    assert params == ["self", "request", "status", "exc", "message"]
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/x", ok)
+    app.router.add_post("/x", ok)
+    counted: list[int] = []
+    runner = ProblemRunner(app, on_error=counted.append, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        assert isinstance(runner.server, ProblemServer)
+        port = runner.addresses[0][1]
+        for data, status, field in PARSER_CASES:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(data)
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == str(status).encode(), (data[:40], answer[:200])
+            assert b"Content-Type: application/problem+json" in head
+            problem = msgspec.json.decode(body)
+            assert (problem["status"], problem["field"]) == (status, field), problem
+        assert counted == [status for _, status, _ in PARSER_CASES]
+        # A good request still gets its handler.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 10)).endswith(b"\r\n\r\nok")
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_chunked_framing_broken_mid_body_reaches_the_reading_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The headers and the start of the body first, the broken chunk later: the handler
+    reading the body gets the parser's error at once (not after its deadline)."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    async def read(request: web.Request) -> web.Response:
+        try:
+            await asyncio.wait_for(request.read(), 20)
+        except HttpProcessingError:
+            return web.Response(text="framing")
+        return web.Response(text="read")
+
+    app = web.Application()
+    app.router.add_post("/x", read)
+    runner = ProblemRunner(app, on_error=lambda status: None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"zz\r\n{}\r\n0\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        # The handler's answer first (then aiohttp's own for the broken framing, as this
+        # handler keeps the connection open; the ingress's 400 closes it).
+        assert answer.startswith(b"HTTP/1.1 200") and b"\r\n\r\nframing" in answer, answer
+    finally:
+        await runner.cleanup()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_a_client_that_sends_its_headers_slowly_is_closed_at_the_keepalive() -> None:
+    """Slow headers never reach a handler: aiohttp's keep-alive timer is their bound
+    (ingress.protocol sets it; this pins that aiohttp applies it to a partial request)."""
+    app = web.Application()
+    runner = ProblemRunner(app, on_error=lambda status: None, keepalive_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing answered
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+# --- the replay check's batching (ingress.replay), against a stand-in for Redis -------
+
+
+class _FakeRedis:
+    """SET NX semantics in a dict; every round trip takes a loop turn or two, and counts."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.keys: dict[str, int] = {}
+        self.trips: list[int] = []  # commands per round trip
+        self.in_flight = self.in_flight_max = 0
+        self.fail = fail
+
+    async def _trip(self, commands: list[tuple[str, int]]) -> list[bool | None]:
+        self.in_flight += 1
+        self.in_flight_max = max(self.in_flight_max, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)
+            if self.fail:
+                raise ConnectionError("refused")
+            self.trips.append(len(commands))
+            return [None if k in self.keys else bool(self.keys.setdefault(k, ttl))
+                    for k, ttl in commands]  # fmt: skip
+        finally:
+            self.in_flight -= 1
+
+    async def set(self, key: str, value: bytes, *, nx: bool, ex: int) -> bool | None:
+        assert nx and value == b"1"
+        return (await self._trip([(key, ex)]))[0]
+
+    def pipeline(self, *, transaction: bool) -> _FakePipeline:
+        return _FakePipeline(self)
+
+
+class _FakePipeline:
+    def __init__(self, redis: _FakeRedis) -> None:
+        self.redis = redis
+        self.commands: list[tuple[str, int]] = []
+
+    async def __aenter__(self) -> _FakePipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def set(self, key: str, value: bytes, *, nx: bool, ex: int) -> None:
+        self.commands.append((key, ex))
+
+    async def execute(self) -> list[bool | None]:
+        return await self.redis._trip(self.commands)
+
+
+async def test_claims_are_batched_with_at_most_two_round_trips_at_a_time() -> None:
+    from ingress.replay import SeenSignatures, seen_key
+
+    redis = _FakeRedis()
+    seen = SeenSignatures(redis, "p")
+    signatures = [f"{i:032x}" + "f" * 32 for i in range(200)]
+    firsts = await asyncio.gather(*(seen.claim("k", sig, 30) for sig in signatures))
+    again = await asyncio.gather(*(seen.claim("k", sig, 30) for sig in signatures[:50]))
+    assert all(firsts) and not any(again)
+    assert redis.in_flight_max <= SeenSignatures.in_flight_max
+    assert sum(redis.trips) == 250 and len(redis.trips) < 20  # batched, not one per claim
+    assert redis.keys[seen_key("p", "k", signatures[0])] == 30
+    assert seen_key("p", "k", signatures[0]) == f"p:seen:k:{signatures[0][:32]}"
+    assert await seen.claim("other-key", signatures[0], 30)  # per key id
+
+
+async def test_a_claim_redis_cannot_answer_is_unknown_not_granted() -> None:
+    from ingress.replay import ReplayUnknown, SeenSignatures
+
+    seen = SeenSignatures(_FakeRedis(fail=True), "p")
+    results = await asyncio.gather(*(seen.claim("k", f"{i:064x}", 30) for i in range(5)),
+                                   return_exceptions=True)  # fmt: skip
+    assert all(isinstance(r, ReplayUnknown) for r in results), results
+
+
+def test_tally_sign_prints_headers_the_server_accepts() -> None:
+    """The README's curl recipe: `curl -H @<(tally sign ...)` sends these lines as is."""
+    from click.testing import CliRunner
+    from multidict import CIMultiDict
+
+    from tally.cli import main
+
+    body = DEPOSIT.decode()
+    env = {"TALLY_CLIENT_KEY_ID": "client-a", "TALLY_CLIENT_SECRET": KEYS["client-a"].decode()}
+    out = CliRunner().invoke(main, ["sign", "POST", "/v1/commands", body, "--idempotency-key",
+                                    "c1"], env=env)  # fmt: skip
+    assert out.exit_code == 0, out.output
+    headers = CIMultiDict(line.split(": ", 1) for line in out.output.splitlines())
+    assert headers["Content-Type"] == "application/json" and headers["Idempotency-Key"] == "c1"
+    signed = signing.verify(KEYS, headers, "POST", "/v1/commands", DEPOSIT, max_skew_s=300)
+    assert signed.key_id == "client-a"
+    again = CliRunner().invoke(main, ["sign", "GET", "/v1/accounts/alice/balances"], env=env)
+    lines = dict(line.split(": ", 1) for line in again.output.splitlines())
+    assert "Content-Type" not in lines and lines["Tally-Nonce"] != headers["Tally-Nonce"]
+    assert signing.verify(KEYS, lines, "GET", "/v1/accounts/alice/balances", b"",
+                          max_skew_s=300).key_id == "client-a"  # fmt: skip

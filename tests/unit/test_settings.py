@@ -92,7 +92,14 @@ def test_wrong_case_variable_is_not_silently_ignored() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["TALLY_CACHE_DIR", "TALLY_KAFKA_PORT", "TALLY_PG_PORT", "TALLY_REDIS_PORT"]
+    "name",
+    [
+        "TALLY_CACHE_DIR",
+        "TALLY_KAFKA_PORT",
+        "TALLY_PG_PORT",
+        "TALLY_REDIS_PORT",
+        "TALLY_TEST_KEEP_TOPICS",
+    ],
 )
 def test_variables_of_the_services_script_are_not_reported(name: str) -> None:
     assert load({name: "/somewhere"}) == Settings()
@@ -112,6 +119,8 @@ def test_variables_of_the_services_script_are_not_reported(name: str) -> None:
         ("TALLY_WEB_ADVERTISED_HOST", "http://worker-1"),
         ("TALLY_TOPIC_PREFIX", "bad prefix"),
         ("TALLY_KAFKA_BOOTSTRAP", ""),
+        ("TALLY_INGRESS_BODY_TIMEOUT_MS", "99"),
+        ("TALLY_INGRESS_BODY_TIMEOUT_MS", "600001"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -203,3 +212,8 @@ def test_the_advertised_web_host_defaults_to_the_listen_host_and_auto_resolves()
     both = {"TALLY_WEB_HOST": "0.0.0.0", "TALLY_WEB_ADVERTISED_HOST": "worker-1"}
     assert advertised_host(load(both)) == "worker-1"
     ipaddress.ip_address(advertised_host(load({"TALLY_WEB_ADVERTISED_HOST": "auto"})))
+
+
+def test_the_body_timeout_is_read_in_milliseconds() -> None:
+    assert Settings().ingress_body_timeout_ms == 10_000
+    assert load({"TALLY_INGRESS_BODY_TIMEOUT_MS": "250"}).ingress_body_timeout_ms == 250
