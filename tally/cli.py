@@ -386,7 +386,7 @@ def import_(
     are integers in the asset's minor unit), or from --pg-query. Every row is checked
     before anything is produced; each bad row is reported with its line (or row)
     number and reason: a bad account id or asset, an amount that is not an integer,
-    has decimals, is not positive or exceeds 2^63-1, a missing or extra field, or an
+    has decimals, is not positive or exceeds 2^127-1, a missing or extra field, or an
     (account, asset) pair on more than one row (all of its rows are refused). Without
     --strict the good rows are imported anyway.
 

@@ -1,8 +1,9 @@
 """The one definition of every command and event on Tally's topics (schema version 1).
 
 The ingress validates with it, the engine decodes with it, the sinks read it and the
-tests generate data from it. JSON on the wire; amounts are integers in minor units
-(floats, strings and booleans are refused by the decoder, not coerced).
+tests generate data from it. JSON on the wire; amounts are integers in minor units,
+1 to 2^127-1, and balances exact integers of any size (floats, strings and booleans are
+refused by the decoder, not coerced).
 """
 
 from __future__ import annotations
@@ -36,12 +37,37 @@ CommandId = Annotated[
 ]
 InternalId = Annotated[str, msgspec.Meta(pattern=limits.INTERNAL_ID_PATTERN)]
 HoldId = Annotated[str, msgspec.Meta(pattern=limits.HOLD_ID_PATTERN)]
+# msgspec cannot bound an int beyond 64 bits in a Meta: the upper bounds of Amount and
+# Limit are stated for JSON Schema here and checked by `_bounded` in __post_init__.
 Amount = Annotated[
     int,
-    msgspec.Meta(ge=1, le=limits.AMOUNT_MAX, description="minor units, 1 to 2^63-1"),
+    msgspec.Meta(
+        ge=1,
+        extra_json_schema={"maximum": limits.AMOUNT_MAX},
+        description="minor units, an integer from 1 to 2^127-1 (JSON number, exact; "
+        "above 2^53 parse it with a big-integer-aware JSON reader)",
+    ),
 ]
-Limit = Annotated[int, msgspec.Meta(ge=0, le=limits.AMOUNT_MAX)]
-EpochMs = Annotated[int, msgspec.Meta(ge=0, le=limits.AMOUNT_MAX)]
+Limit = Annotated[
+    int,
+    msgspec.Meta(
+        ge=0,
+        extra_json_schema={"maximum": limits.LIMIT_MAX},
+        description="minor units, an integer from 0 to 2^127-1",
+    ),
+]
+EpochMs = Annotated[int, msgspec.Meta(ge=0, le=limits.INT64_MAX)]
+# A balance or a delta in an event: any integer (see limits for the bound rule).
+Money = Annotated[int, msgspec.Meta(description="minor units, an exact integer of any size")]
+
+
+def _bounded(value: int | None, field: str, most: int = limits.AMOUNT_MAX) -> None:
+    """The 128-bit upper bound msgspec cannot check; the message reads like msgspec's
+    own, with the field's path, so that the ingress names the field at fault."""
+    if value is not None and value > most:
+        raise ValueError(f"Expected `int` <= {most} - at `$.{field}`")
+
+
 AccountStatus = Literal["active", "frozen", "closed"]
 
 
@@ -73,12 +99,18 @@ class Deposit(_Command, tag="deposit", frozen=True):
     asset: Asset
     amount: Amount
 
+    def __post_init__(self) -> None:
+        _bounded(self.amount, "amount")
+
 
 class Withdraw(_Command, tag="withdraw", frozen=True):
     """Money leaves the system: debit `amount` of `asset` from `account`."""
 
     asset: Asset
     amount: Amount
+
+    def __post_init__(self) -> None:
+        _bounded(self.amount, "amount")
 
 
 class Transfer(_Command, tag="transfer", frozen=True):
@@ -87,6 +119,9 @@ class Transfer(_Command, tag="transfer", frozen=True):
     to: AccountId
     asset: Asset
     amount: Amount
+
+    def __post_init__(self) -> None:
+        _bounded(self.amount, "amount")
 
 
 class Leg(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -102,6 +137,10 @@ class Disburse(_Command, tag="disburse", frozen=True):
     asset: Asset
     legs: Annotated[list[Leg], msgspec.Meta(min_length=1, max_length=limits.DISBURSE_LEGS_MAX)]
 
+    def __post_init__(self) -> None:
+        for index, leg in enumerate(self.legs):
+            _bounded(leg.amount, f"legs[{index}].amount")
+
 
 class Hold(_Command, tag="hold", frozen=True):
     """Reserve `amount` of `account`'s available funds under `hold_id`, optionally
@@ -111,6 +150,9 @@ class Hold(_Command, tag="hold", frozen=True):
     asset: Asset
     amount: Amount
     expires_at_ms: EpochMs | None = None
+
+    def __post_init__(self) -> None:
+        _bounded(self.amount, "amount")
 
 
 class Release(_Command, tag="release", frozen=True):
@@ -127,6 +169,9 @@ class Capture(_Command, tag="capture", frozen=True):
     amount: Amount | None = None
     to: AccountId | None = None
 
+    def __post_init__(self) -> None:
+        _bounded(self.amount, "amount")
+
 
 class Configure(_Command, tag="configure", frozen=True):
     """Change an account's status, or its overdraft limit for one asset."""
@@ -134,6 +179,9 @@ class Configure(_Command, tag="configure", frozen=True):
     status: AccountStatus | None = None
     asset: Asset | None = None
     overdraft_limit: Limit | None = None
+
+    def __post_init__(self) -> None:
+        _bounded(self.overdraft_limit, "overdraft_limit", limits.LIMIT_MAX)
 
 
 # Internal commands: the engine emits these to its own internal topic, never clients.
@@ -148,6 +196,9 @@ class Credit(_Internal, tag="credit", frozen=True):
     origin_command_id: CommandId
     origin_account: AccountId
 
+    def __post_init__(self) -> None:
+        _bounded(self.amount, "amount")
+
 
 class Refund(_Internal, tag="refund", frozen=True):
     """Gives back to the payer a credit the payee's partition could not apply."""
@@ -156,6 +207,9 @@ class Refund(_Internal, tag="refund", frozen=True):
     amount: Amount
     origin_command_id: CommandId
     reason: str
+
+    def __post_init__(self) -> None:
+        _bounded(self.amount, "amount")
 
 
 class Expire(_Internal, tag="expire", frozen=True):
@@ -213,10 +267,10 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     account: str
     asset: str
     seq: int
-    available: int
-    held: int
-    delta_available: int
-    delta_held: int
+    available: Money
+    held: Money
+    delta_available: Money
+    delta_held: Money
 
 
 class FirstResult(msgspec.Struct, frozen=True, kw_only=True):
