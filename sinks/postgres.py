@@ -8,6 +8,10 @@ breakpoints computed from the entries in SQL, and the consumed offsets into
 `sink_offsets`. The offsets commit with the rows: after a crash the sink resumes
 exactly after the last batch that reached PostgreSQL, whatever Kafka's own committed
 offsets say (they are committed too, afterwards, for lag monitoring).
+
+Money columns are `numeric` (migrations/0002): asyncpg encodes a Python int of any size
+into it exactly, by COPY and as `numeric[]` parameters, and reads it back as a Decimal
+(callers take `int()` of it). Sums of money in SQL stay numeric.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ _ENTRIES = """
 INSERT INTO ledger_entries (shard_id, account, asset, seq, command_id, kind,
     delta_available, delta_held, available, held, at)
 SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-    $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::timestamptz[])
+    $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[], $11::timestamptz[])
 ON CONFLICT DO NOTHING
 """
 
@@ -45,7 +49,7 @@ WHERE command_results.reason = 'invalid_command'
 
 _BALANCES = """
 INSERT INTO balances (shard_id, account, asset, available, held, seq, updated_at)
-SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::numeric[], $5::numeric[],
     $6::bigint[], $7::timestamptz[])
 ON CONFLICT (shard_id, account, asset) DO UPDATE SET
     available = excluded.available, held = excluded.held, seq = excluded.seq,
