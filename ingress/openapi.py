@@ -165,7 +165,10 @@ def document() -> dict[str, Any]:
             "title": "Tally ingress",
             "version": "1",
             "description": "Signed commands in, balances and results out. Amounts are "
-            "integers in minor units. Requests under /v1 are signed: HMAC-SHA256 over "
+            "JSON integers in minor units from 1 to 2^127-1 (balances: exact integers of "
+            "any size); above 2^53 parse them with a big-integer-aware JSON reader, never "
+            "into a double (JavaScript: not Number). Requests under /v1 are signed: "
+            "HMAC-SHA256 over "
             "METHOD, request target, timestamp and the body's SHA-256, one per line "
             f"(headers {signing.KEY_ID}, {signing.TIMESTAMP}, {signing.SIGNATURE}).",
         },

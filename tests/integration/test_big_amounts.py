@@ -13,7 +13,7 @@ import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 
-from sinks import verify
+from sinks import numeric, verify
 from sinks.migrate import MIGRATIONS, SHARDED_TABLES, migrate, quote
 from sinks.postgres import PostgresStore
 from sinks.redis_store import RedisStore, balance_key
@@ -270,3 +270,28 @@ async def test_redis_holds_the_digits_a_double_would_round(settings: Settings, u
     finally:
         await store.close()
         await verify.drop(settings.pg_dsn, f"unused-{prefix}", settings.redis_url, prefix)
+
+
+async def test_the_sink_codec_writes_what_postgresql_reads_as_the_same_digits(
+    settings: Settings,
+) -> None:
+    """sinks.numeric against the real server: by COPY and as numeric[] parameters, every
+    bound is stored as exactly its digits, and sums of them are exact."""
+    values = [0, 1, -1, 9_999, 10_000, 2**53 + 1, INT64_MAX, 2**63, 2**64, limits.AMOUNT_MAX,
+              -limits.AMOUNT_MAX, 5 * 2**127, 10**60]  # fmt: skip
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        await numeric.use_int_codec(conn)
+        await conn.execute("CREATE TEMP TABLE money (i int, v numeric)")
+        await conn.copy_records_to_table("money", records=list(enumerate(values)))
+        await conn.execute(
+            "INSERT INTO money SELECT * FROM unnest($1::int[], $2::numeric[])",
+            [100 + i for i in range(len(values))], values,
+        )  # fmt: skip
+        rows = await conn.fetch("SELECT i, v, v::text AS t FROM money ORDER BY i")
+        total = await conn.fetchval("SELECT sum(v) FROM money")
+    finally:
+        await conn.close()
+    assert [r["v"] for r in rows] == values * 2
+    assert [r["t"] for r in rows] == [str(v) for v in values] * 2
+    assert total == 2 * sum(values)
