@@ -137,6 +137,8 @@ def migrate() -> None:
 
     The schema is named after TALLY_TOPIC_PREFIX; files come from migrations/ in order,
     each in its own transaction. Safe to run twice or concurrently (advisory lock).
+    On a deployment from before 128-bit amounts, 0002 turns the bigint money columns
+    into numeric, rewriting those tables: stop the PostgreSQL sink while it runs.
     """
     from sinks.migrate import MigrationError
     from sinks.migrate import migrate as run_migrations

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import msgspec
 import redis.asyncio as aioredis
 
 from sinks import numeric, verify
@@ -18,15 +19,21 @@ from sinks.migrate import MIGRATIONS, SHARDED_TABLES, migrate, quote
 from sinks.postgres import PostgresStore
 from sinks.redis_store import RedisStore, balance_key
 from sinks.runner import Batch
+from streams.engine import Engine, changelog_name
+from streams.state import BalanceState
+from streams.store import account_key
+from streams.store import balance_key as balance_key_of
 from tally.audit import Audit, render
 from tally.client import Client
-from tally.collector import all_answered, expected_counts
-from tally.procs import IngressProcess, command, produce, run_cli
+from tally.collector import Collector, all_answered, expected_counts
+from tally.procs import EngineProcess, IngressProcess, command, produce, run_cli
 from tally.settings import Settings
 from tests.integration.sink_support import PARTITIONS, Deployment, deployment, running
 from topics import limits
+from topics.admin import ensure_topics
 from topics.schema import Configure, Deposit, Entry, Result, Status, Transfer, Withdraw
 from topics.shard import shard_of
+from topics.specs import topics_for
 
 BIG = 2**100 + 7
 INT64_MAX = 2**63 - 1
@@ -295,3 +302,43 @@ async def test_the_sink_codec_writes_what_postgresql_reads_as_the_same_digits(
     assert [r["v"] for r in rows] == values * 2
     assert [r["t"] for r in rows] == [str(v) for v in values] * 2
     assert total == 2 * sum(values)
+
+
+async def test_an_engine_recovers_a_changelog_written_in_the_64_bit_format(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    """Changelog records as the 64-bit engine wrote them (literal bytes) are recovered
+    into an empty state directory, and the balance then grows past 2^64; a second worker
+    recovering the changelog with old and new records mixed reads the same."""
+    prefix = f"old-{unique}"
+    local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=PARTITIONS)
+    app_id = Engine.app_id_of(local)
+    account = f"old-{unique}"
+    shard = shard_of(account, PARTITIONS)
+    await ensure_topics(settings.kafka_bootstrap, Engine.all_topic_specs(local, app_id))
+    await produce(settings.kafka_bootstrap, changelog_name(app_id), [
+        (account_key(account).decode(), b'["active",["USD"]]', shard),
+        (balance_key_of(account, "USD").decode(), b"[9223372036854775807,0,4,0]", shard),
+    ])  # fmt: skip
+    collector = Collector(settings.kafka_bootstrap, topics_for(prefix, PARTITIONS))
+    await collector.start(from_end=False)
+    first = EngineProcess(settings, prefix=prefix, data_dir=tmp_path / "a", partitions=PARTITIONS)
+    await first.start()
+    try:
+        assert (await first.balances(account))["USD"] == BalanceState(INT64_MAX, 0, 4)
+        deposit = Deposit(command_id="d-past-64", account=account, asset="USD", amount=2**64)
+        await produce(settings.kafka_bootstrap, first.topics.commands.name, [command(deposit)])
+        assert await collector.wait_for(
+            lambda r: "d-past-64" in r.by_id, timeout_s=60, say=lambda _: None
+        ), first.tail()
+        (entry,) = collector.results.by_id["d-past-64"][0].entries
+        assert (entry.available, entry.seq) == (INT64_MAX + 2**64, 5)
+    finally:
+        await collector.stop()
+        await first.stop()
+    second = EngineProcess(settings, prefix=prefix, data_dir=tmp_path / "b", partitions=PARTITIONS)
+    await second.start()
+    try:
+        assert (await second.balances(account))["USD"] == BalanceState(INT64_MAX + 2**64, 0, 5)
+    finally:
+        await second.stop()
