@@ -31,7 +31,16 @@ from tally.settings import Settings
 from tests.integration.sink_support import PARTITIONS, Deployment, deployment, running
 from topics import limits
 from topics.admin import ensure_topics
-from topics.schema import Configure, Deposit, Entry, Result, Status, Transfer, Withdraw
+from topics.schema import (
+    Configure,
+    Deposit,
+    Entry,
+    Reason,
+    Result,
+    Status,
+    Transfer,
+    Withdraw,
+)
 from topics.shard import shard_of
 from topics.specs import topics_for
 
@@ -103,6 +112,19 @@ async def test_128_bit_amounts_are_exact_in_every_store_and_the_audit_is_clean(
                 await produce(s.kafka_bootstrap, d.engine.topics.commands.name,
                               [command(c) for c in cmds])  # fmt: skip
                 await _answered(d, ["d-whale", "c-shut", *(c.command_id for c in cmds)])
+                # Hostile records straight to the topic: one past the bound is answered
+                # invalid_command; an integer of 5,000 digits (beyond what a JSON reader
+                # should turn into an int) is dead-lettered. Neither stops the worker.
+                hostile = b'{"kind":"deposit","command_id":"%s","account":"%s","asset":"ETH",' \
+                          b'"amount":%s}'  # fmt: skip
+                over = hostile % (b"x-over", a["whale"].encode(), b"%d" % (limits.AMOUNT_MAX + 1))
+                huge = hostile % (b"x-huge", a["whale"].encode(), b"9" * 5000)
+                await produce(s.kafka_bootstrap, d.engine.topics.commands.name,
+                              [(a["whale"], over, None), (a["whale"], huge, None)])  # fmt: skip
+                assert await d.collector.wait_for(
+                    lambda r: "x-over" in r.by_id and r.dead_letters, timeout_s=60,
+                    say=lambda _: None,
+                ), d.engine.tail()  # fmt: skip
                 assert await verify.wait_drained([pg, rd], timeout_s=60)
                 cached = await http.balances(a["whale"])
                 strong = await http.balances(a["whale"], strong=True)
@@ -125,6 +147,11 @@ async def test_128_bit_amounts_are_exact_in_every_store_and_the_audit_is_clean(
         # The engine's table view.
         assert (await d.engine.balances(a["whale"]))["ETH"].available == whale
         assert (await d.engine.balances(a["fish"]))["ETH"].available == 2**64 + 3
+
+        rejected = _result(d, "x-over")
+        assert (rejected.status, rejected.reason) == (Status.REJECTED, Reason.INVALID_COMMAND)
+        assert "x-huge" not in d.collector.results.by_id
+        assert d.collector.results.dead_letters[0].raw.endswith("9" * 100 + "}")
 
         # Finding 1: the refund applied, the 100 are kept.
         refund = _result(d, f"{a['ovr']}/t-ovr/credit/refund")
