@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -132,6 +132,11 @@ class LedgerWorld(RuleBasedStateMachine):
             key = (entry.account, entry.asset)
             self.entry_seqs[key].append(entry.seq)
             assert shard_of(entry.account, SHARDS) == shard_id
+            if entry.available > limits.BALANCE_MAX:
+                # Shown by --hypothesis-show-statistics: the bound rule is exercised.
+                event(f"{result.kind} took a balance past the cap")
+        if result.reason is Reason.BALANCE_OVERFLOW:
+            event(f"{result.kind} refused balance_overflow")
 
         if expected_status is Status.DUPLICATE:
             assert result.first == first
@@ -383,8 +388,12 @@ class LedgerWorld(RuleBasedStateMachine):
     @rule(data=st.data(), over=st.integers(0, 1))
     def fill_to_the_cap(self, data: st.DataObject, over: int) -> None:
         """A deposit that takes a balance exactly to BALANCE_MAX (or one past it), so that
-        refunds and releases on their way back meet a full balance."""
+        refunds and releases on their way back meet a full balance (often a balance with
+        an open hold, whose release or capture then lands on it)."""
         account, asset = data.draw(accounts), data.draw(assets)
+        if self.holds and data.draw(st.booleans()):
+            account, hold_id = data.draw(st.sampled_from(sorted(self.holds)))
+            asset = self.holds[(account, hold_id)][0]
         room = limits.BALANCE_MAX - self.available[(account, asset)] + over
         if 1 <= room <= limits.AMOUNT_MAX:
             self.deposit(account, asset, room)
