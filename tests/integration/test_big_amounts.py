@@ -35,7 +35,9 @@ from topics.schema import (
     Configure,
     Deposit,
     Entry,
+    Hold,
     Reason,
+    Release,
     Result,
     Status,
     Transfer,
@@ -51,7 +53,7 @@ INT64_MAX = 2**63 - 1
 def _commands(unique: str) -> tuple[dict[str, str], list[Any]]:
     """The accounts and the commands produced straight to Kafka (the big deposit itself
     goes through the ingress)."""
-    a = {n: f"{n}-{unique}" for n in ("whale", "fish", "ovr", "shut", "f2", "flow")}
+    a = {n: f"{n}-{unique}" for n in ("whale", "fish", "ovr", "shut", "f2", "flow", "past")}
     cmds: list[Any] = [
         # The whale pays a fish more than 2^64: a credit across shards, exact.
         Transfer(command_id="t-whale", account=a["whale"], to=a["fish"], asset="ETH",
@@ -73,6 +75,15 @@ def _commands(unique: str) -> tuple[dict[str, str], list[Any]]:
         cmds.append(Withdraw(command_id=f"w-flow-{i}", account=a["flow"], asset="ETH",
                              amount=limits.AMOUNT_MAX))  # fmt: skip
     cmds.append(Deposit(command_id="d-flow-3", account=a["flow"], asset="ETH", amount=3))
+    # A release never fails: a balance filled to the cap while its hold was open ends
+    # at 2 x (2^127-1), past the cap, in every store.
+    top = limits.BALANCE_MAX
+    cmds += [
+        Deposit(command_id="d-past-1", account=a["past"], asset="ETH", amount=top),
+        Hold(command_id="h-past", account=a["past"], hold_id="h", asset="ETH", amount=top),
+        Deposit(command_id="d-past-2", account=a["past"], asset="ETH", amount=top),
+        Release(command_id="r-past", account=a["past"], hold_id="h"),
+    ]
     return a, cmds
 
 
@@ -191,6 +202,7 @@ async def test_128_bit_amounts_are_exact_in_every_store_and_the_audit_is_clean(
         events = verify.event_balances(d.collector.results)
         assert events[(a["f2"], "USD")][0] == 1
         assert events[(a["flow"], "ETH")][0] == 3
+        assert events[(a["past"], "ETH")] == (2 * limits.BALANCE_MAX, 0, 4)
         for name, other in (
             ("postgres", await d.pg()),
             ("ledger", await verify.ledger_balances(s.pg_dsn, d.schema)),
