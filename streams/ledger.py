@@ -31,7 +31,8 @@ downstream systems, and it only ever refuses a command that can be refused safel
   `release`, an expiry and the released rest of a `capture` always apply, whatever the
   balance. Refusing one would destroy the money (a refund has nowhere else to go) or
   leave a hold stuck for ever. So `available` can pass BALANCE_MAX, by at most what was
-  debited from it and was still on its way back when deposits refilled it;
+  the balance's own and on its way back (refunds in flight, open holds) when deposits
+  refilled it;
 - a debit never takes `available` below -overdraft_limit (>= -2^127+1).
 The stateful property test checks conservation, the overdraft floor and seq continuity
 after every step with amounts at every width boundary and refunds meeting full balances.
