@@ -169,7 +169,10 @@ def document() -> dict[str, Any]:
             "title": "Tally ingress",
             "version": "1",
             "description": "Signed commands in, balances and results out. Amounts are "
-            "integers in minor units. Requests under /v1 are signed: HMAC-SHA256 over "
+            "JSON integers in minor units from 1 to 2^127-1 (balances: exact integers of "
+            "any size); above 2^53 parse them with a big-integer-aware JSON reader, never "
+            "into a double (JavaScript: not Number). Requests under /v1 are signed: "
+            "HMAC-SHA256 over "
             f"the lines {signing.SCHEME}, METHOD, request target, timestamp, nonce, key id, "
             "the body's SHA-256, Idempotency-Key and Content-Type (empty when absent), "
             f"joined by newlines (headers {signing.KEY_ID}, {signing.TIMESTAMP}, "

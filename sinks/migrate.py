@@ -4,7 +4,9 @@ Each deployment (topic prefix) has its own PostgreSQL schema, named after the pr
 Pending files run in order, each in its own transaction together with its row in
 `schema_migrations`; a session-level advisory lock per schema makes concurrent runs
 take turns, and a second run finds nothing to do. After the files, one partition per
-shard is created for every shard-partitioned table.
+shard is created for every shard-partitioned table. A file that changes a column's
+type (0002: bigint money columns to numeric) rewrites the table and its partitions under
+an exclusive lock; the README says how to run it on a live deployment.
 
 Why not a library: the candidates (alembic, yoyo) bring SQLAlchemy or a sync driver
 and their own file formats; this is plain SQL over asyncpg in forty lines.

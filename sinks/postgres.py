@@ -8,6 +8,11 @@ breakpoints computed from the entries in SQL, and the consumed offsets into
 `sink_offsets`. The offsets commit with the rows: after a crash the sink resumes
 exactly after the last batch that reached PostgreSQL, whatever Kafka's own committed
 offsets say (they are committed too, afterwards, for lag monitoring).
+
+Money columns are `numeric` (migrations/0002), of any size. The sink's connection sends
+them with `sinks.numeric`'s codec, straight from Python ints, by COPY and as `numeric[]`
+parameters (asyncpg's own goes through Decimal and cost the sink most of its COPY
+speed). Sums of money in SQL stay numeric.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from sinks import numeric
 from sinks.migrate import quote
 from sinks.runner import Batch
 from topics.schema import Reason, Status
@@ -29,7 +35,7 @@ _ENTRIES = """
 INSERT INTO ledger_entries (shard_id, account, asset, seq, command_id, kind,
     delta_available, delta_held, available, held, at)
 SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-    $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::timestamptz[])
+    $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[], $11::timestamptz[])
 ON CONFLICT DO NOTHING
 """
 
@@ -45,7 +51,7 @@ WHERE command_results.reason = 'invalid_command'
 
 _BALANCES = """
 INSERT INTO balances (shard_id, account, asset, available, held, seq, updated_at)
-SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::numeric[], $5::numeric[],
     $6::bigint[], $7::timestamptz[])
 ON CONFLICT (shard_id, account, asset) DO UPDATE SET
     available = excluded.available, held = excluded.held, seq = excluded.seq,
@@ -115,6 +121,7 @@ class PostgresStore:
         self.conn = await asyncpg.connect(
             self.dsn, server_settings={"search_path": quote(self.schema)}, timeout=5
         )
+        await numeric.use_int_codec(self.conn)
 
     async def close(self) -> None:
         conn, self.conn = self.conn, None

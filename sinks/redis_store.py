@@ -35,6 +35,9 @@ from sinks.runner import Batch, StoreLost
 # anything when the progress the sink had written is gone or behind what it wrote (Redis
 # lost its data, or came back from an older snapshot).
 # The progress only ever moves forward, so a replay beside a live sink cannot move it back.
+# Money never becomes a Lua number (a double: exact only to 2^53): `available` and `held`
+# are decimal strings of any length, matched as digits and stored as given; only `seq`
+# and the offsets, counters far below 2^53, are compared with tonumber.
 LWW_SCRIPT = """
 local stored = redis.call('GET', KEYS[1])
 if tonumber(ARGV[1]) > 0 and (stored == false or tonumber(stored) < tonumber(ARGV[1])) then

@@ -27,8 +27,11 @@ async def _fetch(dsn: str, schema: str, query: str) -> list[Any]:
 
 
 async def pg_balances(dsn: str, schema: str) -> Balances:
+    # Money columns are numeric (any size): asyncpg gives Decimals, read back as ints.
     rows = await _fetch(dsn, schema, "SELECT account, asset, available, held, seq FROM balances")
-    return {(r["account"], r["asset"]): (r["available"], r["held"], r["seq"]) for r in rows}
+    return {
+        (r["account"], r["asset"]): (int(r["available"]), int(r["held"]), r["seq"]) for r in rows
+    }
 
 
 async def ledger_balances(dsn: str, schema: str) -> Balances:
@@ -37,11 +40,11 @@ async def ledger_balances(dsn: str, schema: str) -> Balances:
     rows = await _fetch(
         dsn,
         schema,
-        "SELECT account, asset, sum(delta_available)::bigint AS a, sum(delta_held)::bigint AS h,"
+        "SELECT account, asset, sum(delta_available) AS a, sum(delta_held) AS h,"
         " count(*) AS n, max(seq) AS s FROM ledger_entries GROUP BY account, asset",
     )
     return {
-        (r["account"], r["asset"]): (r["a"], r["h"], r["s"] if r["n"] == r["s"] else -1)
+        (r["account"], r["asset"]): (int(r["a"]), int(r["h"]), r["s"] if r["n"] == r["s"] else -1)
         for r in rows
     }
 

@@ -11,13 +11,31 @@ Every command is checked in this fixed order, and the first failing check is its
 3. account status of the account that pays (`account_closed`, then `account_frozen`);
 4. hold existence and state (`hold_exists`, `hold_not_found`, `hold_expired`, ...);
 5. funds (`insufficient_funds` beyond the overdraft limit);
-6. 64-bit bounds of the resulting balance (`balance_overflow`).
+6. the balance cap (`balance_overflow`), see below.
 Rejections are values, not exceptions, and change nothing but the idempotency record.
 
 Money conservation: only `deposit` creates money and only `withdraw` and external
 `capture` destroy it. A transfer, disbursement or capture to an account debits here and
 emits `credit` commands for the payees' shards; a credit that cannot be applied there
 emits a `refund` back here, which always applies.
+
+Bounds (the numbers are in `topics.limits`). Every amount is 1..2^127-1, a
+disbursement's total too. Balances are Python ints and every store keeps them without a
+width (JSON integers in events, RocksDB and changelogs, PostgreSQL `numeric`, decimal
+strings in Redis), so no arithmetic here can overflow; the cap exists for clients and
+downstream systems, and it only ever refuses a command that can be refused safely:
+- money from outside a balance is capped: a `deposit` or `credit` that would take
+  `available` past BALANCE_MAX (2^127-1), and a `hold` that would take `held` past it,
+  are rejected `balance_overflow` (a rejected credit is refunded to its payer);
+- money a balance gets back is never refused: a `refund` (its own debit returning), a
+  `release`, an expiry and the released rest of a `capture` always apply, whatever the
+  balance. Refusing one would destroy the money (a refund has nowhere else to go) or
+  leave a hold stuck for ever. So `available` can pass BALANCE_MAX, by at most what was
+  the balance's own and on its way back (refunds in flight, open holds) when deposits
+  refilled it;
+- a debit never takes `available` below -overdraft_limit (>= -2^127+1).
+The stateful property test checks conservation, the overdraft floor and seq continuity
+after every step with amounts at every width boundary and refunds meeting full balances.
 """
 
 from __future__ import annotations
@@ -199,15 +217,23 @@ class _Change:
 
     # Writes ----------------------------------------------------------------------------
 
-    def move(self, account: str, asset: str, d_available: int, d_held: int) -> None:
-        """Change one balance by the deltas, bumping its seq and recording an entry."""
+    def move(
+        self, account: str, asset: str, d_available: int, d_held: int, *, capped: bool = False
+    ) -> None:
+        """Change one balance by the deltas, bumping its seq and recording an entry.
+        `capped` moves bring money from outside the balance and must keep what they
+        raise under BALANCE_MAX; returns of the balance's own money are never capped."""
         bal = self.balance(account, asset)
         available = bal.available + d_available
         held = bal.held + d_held
-        if not (limits.BALANCE_MIN <= available <= limits.AMOUNT_MAX) or not (
-            0 <= held <= limits.AMOUNT_MAX
+        if capped and (
+            (d_available > 0 and available > limits.BALANCE_MAX)
+            or (d_held > 0 and held > limits.BALANCE_MAX)
         ):
-            raise _Rejected(Reason.BALANCE_OVERFLOW)
+            raise _Rejected(
+                Reason.BALANCE_OVERFLOW,
+                f"available {available}, held {held} would pass 2^127-1",
+            )
         new = BalanceState(available, held, bal.seq + 1, bal.overdraft_limit)
         self.set_balance(account, asset, new)
         self.entries.append(
@@ -300,7 +326,7 @@ def _origin(command: Command) -> str:
 
 def _deposit(c: _Change, cmd: Deposit) -> None:
     c.may_receive(cmd.account)
-    c.move(cmd.account, cmd.asset, cmd.amount, 0)
+    c.move(cmd.account, cmd.asset, cmd.amount, 0, capped=True)
 
 
 def _withdraw(c: _Change, cmd: Withdraw) -> None:
@@ -324,7 +350,7 @@ def _disburse(c: _Change, cmd: Disburse) -> None:
             raise _Rejected(Reason.SAME_ACCOUNT, f"legs[{index}] pays the paying account")
     total = sum(leg.amount for leg in cmd.legs)
     if total > limits.AMOUNT_MAX:
-        raise _Rejected(Reason.BALANCE_OVERFLOW, "the legs add up to more than 2^63-1")
+        raise _Rejected(Reason.BALANCE_OVERFLOW, "the legs add up to more than 2^127-1")
     c.may_pay(cmd.account)
     c.has_funds(cmd.account, cmd.asset, total)
     c.move(cmd.account, cmd.asset, -total, 0)
@@ -339,7 +365,7 @@ def _hold(c: _Change, cmd: Hold) -> None:
     if cmd.expires_at_ms is not None and cmd.expires_at_ms <= c.now_ms:
         raise _Rejected(Reason.HOLD_EXPIRED, "expires_at_ms is not in the future")
     c.has_funds(cmd.account, cmd.asset, cmd.amount)
-    c.move(cmd.account, cmd.asset, -cmd.amount, cmd.amount)
+    c.move(cmd.account, cmd.asset, -cmd.amount, cmd.amount, capped=True)
     c.holds[(cmd.account, cmd.hold_id)] = HoldState(cmd.asset, cmd.amount, cmd.expires_at_ms)
 
 
@@ -399,12 +425,12 @@ def _configure(c: _Change, cmd: Configure) -> None:
 
 def _credit(c: _Change, cmd: Credit) -> None:
     c.may_receive(cmd.account)
-    c.move(cmd.account, cmd.asset, cmd.amount, 0)
+    c.move(cmd.account, cmd.asset, cmd.amount, 0, capped=True)
 
 
 def _refund(c: _Change, cmd: Refund) -> None:
     # A refund returns money this shard already debited: it applies whatever the
-    # account's status now is, or the money would vanish.
+    # account's status and balance now are (never capped), or the money would vanish.
     c.move(cmd.account, cmd.asset, cmd.amount, 0)
 
 

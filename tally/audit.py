@@ -365,7 +365,8 @@ def asset_flows(balances: dict[str, int], flows: dict[tuple[str, str], int]) -> 
 # One shard, one row per balance known to `balances` or `ledger_entries`, in the engine's
 # key order. The last breakpoint's `*_after` plus the later entries is the balance; the
 # count, first and last seq prove the seqs are 1..n; the sums of all entries check the
-# breakpoint. Sums are numeric in PostgreSQL: cast back, a balance fits in bigint.
+# breakpoint. Money columns and their sums are numeric, of any size: never cast to a
+# fixed width (lifetime flows pass 2^63 long before any balance does); read as ints.
 SHARD_SQL = """
 WITH last AS (
     SELECT DISTINCT ON (account, asset) account, asset, to_seq, available_after, held_after
@@ -374,12 +375,12 @@ WITH last AS (
 ), ledger AS (
     SELECT e.account, e.asset,
         (coalesce(max(l.available_after), 0) + coalesce(sum(e.delta_available)
-            FILTER (WHERE l.to_seq IS NULL OR e.seq > l.to_seq), 0))::bigint AS available,
+            FILTER (WHERE l.to_seq IS NULL OR e.seq > l.to_seq), 0)) AS available,
         (coalesce(max(l.held_after), 0) + coalesce(sum(e.delta_held)
-            FILTER (WHERE l.to_seq IS NULL OR e.seq > l.to_seq), 0))::bigint AS held,
+            FILTER (WHERE l.to_seq IS NULL OR e.seq > l.to_seq), 0)) AS held,
         max(e.seq) AS last_seq, count(*) AS entries, min(e.seq) AS first_seq,
         max(l.to_seq) AS breakpoint_seq,
-        sum(e.delta_available)::bigint AS sum_available, sum(e.delta_held)::bigint AS sum_held
+        sum(e.delta_available) AS sum_available, sum(e.delta_held) AS sum_held
     FROM ledger_entries e LEFT JOIN last l ON l.account = e.account AND l.asset = e.asset
     WHERE e.shard_id = $1
     GROUP BY e.account, e.asset
@@ -406,7 +407,7 @@ SELECT e.asset,
     CASE WHEN e.kind IN ('deposit', 'withdraw') THEN e.kind
          WHEN e.kind = 'capture' OR c.account IS NOT NULL THEN 'capture'
          ELSE 'internal' END AS flow,
-    sum(e.delta_available + e.delta_held)::bigint AS total
+    sum(e.delta_available + e.delta_held) AS total
 FROM ledger_entries e
 LEFT JOIN captures c ON e.kind IN ('credit', 'refund')
     AND c.account = split_part(e.command_id, '/', 1)
@@ -426,9 +427,31 @@ WHERE NOT EXISTS (SELECT 1 FROM balances b
 _PG_DOWN: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
-    asyncpg.PostgresError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
     asyncpg.InterfaceError,
 )
+# Columns of SHARD_SQL's rows that are money (numeric: Decimals from asyncpg).
+_MONEY_COLUMNS = frozenset({2, 3, 5, 6, 11, 12})
+
+
+def _failed(exc: BaseException) -> AuditError:
+    """PostgreSQL down is not the same as a query PostgreSQL refused: name which it is,
+    with the SQLSTATE, so that an operator does not go looking for an outage."""
+    if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _PG_DOWN):
+        return AuditError(
+            "PostgreSQL",
+            f"the audit's query failed (PostgreSQL is up): {exc} [SQLSTATE {exc.sqlstate}]",
+        )
+    return AuditError("PostgreSQL", str(exc))
+
+
+def _ledger_row(record: Any) -> LedgerRow:
+    values: list[Any] = [
+        int(v) if i in _MONEY_COLUMNS and v is not None else v for i, v in enumerate(record)
+    ]
+    return LedgerRow(*values)
 
 
 class Postgres:
@@ -458,6 +481,8 @@ class Postgres:
                 )
         except _PG_DOWN as exc:
             raise AuditError("PostgreSQL", f"unreachable at {self.shown_dsn} ({exc})") from None
+        except asyncpg.PostgresError as exc:
+            raise _failed(exc) from None
         if not shards:
             raise AuditError(
                 "PostgreSQL",
@@ -479,8 +504,8 @@ class Postgres:
         try:
             async with self.pool.acquire() as conn:
                 return list(await conn.fetch(query, *args))
-        except _PG_DOWN as exc:
-            raise AuditError("PostgreSQL", str(exc)) from None
+        except (*_PG_DOWN, asyncpg.PostgresError) as exc:
+            raise _failed(exc) from None
 
     async def count(self) -> int:
         return int((await self._fetch("SELECT count(*) FROM balances"))[0][0])
@@ -507,9 +532,9 @@ class Postgres:
                 await conn.execute(f"SET LOCAL work_mem = '{pg_work_mem}'")
                 cursor = await conn.cursor(SHARD_SQL, shard)
                 while records := await cursor.fetch(size):
-                    yield [(sort_key(r[0], r[1]), LedgerRow(*r)) for r in records]
-        except _PG_DOWN as exc:
-            raise AuditError("PostgreSQL", str(exc)) from None
+                    yield [(sort_key(r[0], r[1]), _ledger_row(r)) for r in records]
+        except (*_PG_DOWN, asyncpg.PostgresError) as exc:
+            raise _failed(exc) from None
 
 
 # Redis -------------------------------------------------------------------------------------

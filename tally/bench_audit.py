@@ -38,7 +38,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-from sinks import verify
+from sinks import numeric, verify
 from sinks.migrate import migrate, quote
 from sinks.redis_store import LWW_SCRIPT, add_balance, script_call
 from streams.engine import Engine, changelog_name
@@ -133,6 +133,8 @@ class Writer:
         self.conn = await asyncpg.connect(
             s.pg_dsn, server_settings={"search_path": quote(s.topic_prefix)}
         )
+        # Money columns are numeric: written with the sink's own codec, as the sink does.
+        await numeric.use_int_codec(self.conn)
         self.redis = aioredis.from_url(s.redis_url)
         self.script = self.redis.register_script(LWW_SCRIPT)
         if self.with_engine:

@@ -137,6 +137,8 @@ def migrate() -> None:
 
     The schema is named after TALLY_TOPIC_PREFIX; files come from migrations/ in order,
     each in its own transaction. Safe to run twice or concurrently (advisory lock).
+    On a deployment from before 128-bit amounts, 0002 turns the bigint money columns
+    into numeric, rewriting those tables: stop the PostgreSQL sink while it runs.
     """
     from sinks.migrate import MigrationError
     from sinks.migrate import migrate as run_migrations
@@ -420,7 +422,7 @@ def import_(
     are integers in the asset's minor unit), or from --pg-query. Every row is checked
     before anything is produced; each bad row is reported with its line (or row)
     number and reason: a bad account id or asset, an amount that is not an integer,
-    has decimals, is not positive or exceeds 2^63-1, a missing or extra field, or an
+    has decimals, is not positive or exceeds 2^127-1, a missing or extra field, or an
     (account, asset) pair on more than one row (all of its rows are refused). Without
     --strict the good rows are imported anyway.
 

@@ -203,7 +203,7 @@ def check_values(line: int, values: Mapping[str, object]) -> Verdict:
 
 
 def check_amount(value: object) -> int | tuple[Problem, str]:
-    """An amount in minor units, 1 to 2^63-1: an int, digits, or a PostgreSQL numeric
+    """An amount in minor units, 1 to 2^127-1: an int, digits, or a PostgreSQL numeric
     without a fractional part. Never coerced from a float."""
     if isinstance(value, bool):
         return Problem.AMOUNT_NOT_A_NUMBER, f"amount {value!r} is a boolean"
@@ -229,7 +229,7 @@ def _amount_of_text(text: str) -> int | tuple[Problem, str]:
     if digits == "0" or sign == "-":
         return Problem.AMOUNT_NOT_POSITIVE, f"amount {text!r} is not positive"
     if len(digits) > _AMOUNT_DIGITS_MAX:  # before int(): Python refuses 4,300+ digits
-        return Problem.AMOUNT_TOO_LARGE, f"amount of {len(digits)} digits exceeds 2^63-1"
+        return Problem.AMOUNT_TOO_LARGE, f"amount of {len(digits)} digits exceeds 2^127-1"
     return _in_range(int(digits), repr(text))
 
 
@@ -248,7 +248,7 @@ def _in_range(amount: int, shown: str) -> int | tuple[Problem, str]:
     if amount < 1:
         return Problem.AMOUNT_NOT_POSITIVE, f"amount {shown} is not positive"
     if amount > limits.AMOUNT_MAX:
-        return Problem.AMOUNT_TOO_LARGE, f"amount {shown} exceeds 2^63-1"
+        return Problem.AMOUNT_TOO_LARGE, f"amount {shown} exceeds 2^127-1"
     return amount
 
 

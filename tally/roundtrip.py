@@ -167,13 +167,13 @@ async def _postgres(settings: Settings, deposits: list[Deposit]) -> tuple[int, S
         async with conn.transaction():
             await conn.execute(
                 "CREATE TEMP TABLE roundtrip (command_id text PRIMARY KEY, account text,"
-                " asset text, amount bigint) ON COMMIT DROP"
+                " asset text, amount numeric) ON COMMIT DROP"
             )
             await conn.copy_records_to_table(
                 "roundtrip",
                 records=[(d.command_id, d.account, d.asset, d.amount) for d in deposits],
             )
-            total = await conn.fetchval("SELECT coalesce(sum(amount), 0)::bigint FROM roundtrip")
+            total = await conn.fetchval("SELECT coalesce(sum(amount), 0) FROM roundtrip")
     finally:
         await conn.close()
     return int(total), Stage("postgres COPY + sum", len(deposits), time.perf_counter() - started)

@@ -4,11 +4,37 @@ from __future__ import annotations
 
 from typing import Final
 
-# Balances, amounts and limits are signed 64-bit integers in the asset's minor unit, so
-# that every store on the way (Kafka JSON readers, PostgreSQL BIGINT, Redis) holds them
-# without loss. Python ints do not overflow; the ledger checks against these instead.
-AMOUNT_MAX: Final = 2**63 - 1
-BALANCE_MIN: Final = -(2**63)
+# Money is exact integers in the asset's minor unit, 128-bit wide so that 18-decimal
+# tokens fit (TigerBeetle's u128 amounts): 2^127-1 wei is about 1.7e20 whole tokens.
+# msgspec cannot state integer bounds beyond 64 bits in a `Meta`, so `topics.schema`
+# checks these in the structs' `__post_init__` (decoding and constructing alike).
+# Every amount of every command (deposit, withdraw, transfer, disburse leg and total,
+# hold, capture, credit, refund) is 1..AMOUNT_MAX; an overdraft limit is 0..LIMIT_MAX.
+AMOUNT_MAX: Final = 2**127 - 1
+LIMIT_MAX: Final = 2**127 - 1
+
+# The balance bound rule (streams.ledger applies it; see its docstring):
+# - credits that bring money from outside the balance (deposit, the credit half of a
+#   transfer, disbursement or capture) are refused `balance_overflow` when `available`
+#   would pass BALANCE_MAX, and a hold is refused when `held` would pass it;
+# - moves that give a balance back its own money (refund, release, expiry, the released
+#   rest of a capture) are never refused, or conservation would break; so `available`
+#   can pass BALANCE_MAX, by at most what was in flight back to it;
+# - debits stop at -overdraft_limit, so `available` never goes below BALANCE_MIN.
+# Every store is therefore unbounded-width: Python ints in the engine, JSON integers
+# on the wire, in RocksDB and in changelogs, PostgreSQL `numeric` (no precision limit),
+# decimal strings in Redis. Nothing on the way is a 64-bit or 128-bit type.
+BALANCE_MAX: Final = 2**127 - 1
+BALANCE_MIN: Final = -LIMIT_MAX
+# What a sink accepts as an event's `available`: a balance past BALANCE_MAX is the cap
+# plus money of its own on the way back (each refund or release at most AMOUNT_MAX), so
+# no real ledger comes near 2^255; an event beyond it is not the engine's, and is
+# dead-lettered by the sinks instead of written (PostgreSQL numeric and Redis strings
+# would hold it, but nothing downstream should have to).
+EVENT_AVAILABLE_MAX: Final = 2**255 - 1
+
+# Times (epoch milliseconds) stay signed 64-bit.
+INT64_MAX: Final = 2**63 - 1
 
 # Every pattern ends in (?!\n)$: Python's '$' also matches before a final newline, so
 # "alice\n" would pass a plain '^...$'; the lookahead refuses it (and means the same

@@ -13,12 +13,15 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
+from sinks import verify
 from sinks.migrate import quote
 from sinks.redis_store import balance_key
 from tally.audit import Audit, Report, render
-from tally.procs import EngineProcess, free_port, run_cli
+from tally.collector import all_answered, expected_counts
+from tally.procs import EngineProcess, command, free_port, produce, run_cli
 from tally.settings import Settings
-from tests.integration.sink_support import Deployment, deployment
+from tests.integration.sink_support import Deployment, deployment, running
+from topics.schema import Deposit, Withdraw
 
 
 async def _two_balances(conn: Any, schema: str) -> list[Any]:
@@ -164,3 +167,30 @@ async def test_audit_agrees_then_names_what_was_tampered_with(
         no_redis = msgspec.structs.replace(s, redis_url=f"redis://127.0.0.1:{free_port()}/0")
         code, out, err = await run_cli(no_redis, "audit", "--skip-engine")
         assert code == 2 and "tally audit: Redis: unreachable at redis://" in err, out + err
+
+
+async def test_audit_is_clean_when_the_lifetime_flows_pass_2_63(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    """Finding 2 of the money-at-the-bounds issue: deposit 2^63-1, withdraw it, deposit 1.
+    The only balance is 1, but the deposits add up to 2^63: the audit sums them exactly
+    (it used to cast the sum to bigint, fail with "bigint out of range" and exit 2)."""
+    async with deployment(settings, unique, tmp_path, count=10, accounts=2) as d:
+        account = f"f2-{unique}"
+        cmds = [
+            Deposit(command_id="d1", account=account, asset="USD", amount=2**63 - 1),
+            Withdraw(command_id="w1", account=account, asset="USD", amount=2**63 - 1),
+            Deposit(command_id="d2", account=account, asset="USD", amount=1),
+        ]
+        pg, rd = d.runner("postgres"), d.runner("redis")
+        async with running(pg, rd):
+            await produce(d.settings.kafka_bootstrap, d.engine.topics.commands.name,
+                          [command(c) for c in cmds])  # fmt: skip
+            done = all_answered(expected_counts(c.command_id for c in cmds))
+            assert await d.collector.wait_for(done, timeout_s=60, say=lambda _: None)
+            assert await verify.wait_drained([pg, rd], timeout_s=60)
+        assert (await d.pg())[(account, "USD")] == (1, 0, 3)
+        engine_url = f"http://127.0.0.1:{d.engine.port}"
+        code, out, err = await run_cli(d.settings, "audit", "--engine-url", engine_url)
+        assert code == 0, out + err
+        assert "bigint" not in out + err

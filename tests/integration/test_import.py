@@ -113,7 +113,7 @@ async def test_bad_rows_are_reported_by_line_and_strict_imports_nothing(
         f"{other},usd,5",  # 4
         f"{other},USD,0",  # 5
         f"no way-{unique},USD,5",  # 6
-        f"{other},BTC,99999999999999999999",  # 7
+        f"{other},BTC,170141183460469231731687303715884105728",  # 7 (2^127)
         f"{other},ETH",  # 8
         f"{dup},USD,1",  # 9
         f"{dup},USD,2",  # 10

@@ -28,7 +28,7 @@ async def test_migrations_run_once_even_concurrently(settings: Settings, unique:
         first, second = await asyncio.gather(
             migrate(settings.pg_dsn, schema, 4), migrate(settings.pg_dsn, schema, 4)
         )
-        assert sorted([first, second]) == [[], ["0001_projections.sql"]]
+        assert sorted([first, second]) == [[], ["0001_projections.sql", "0002_numeric_money.sql"]]
         assert await migrate(settings.pg_dsn, schema, 4) == []
         conn = await asyncpg.connect(settings.pg_dsn)
         try:
@@ -41,7 +41,7 @@ async def test_migrations_run_once_even_concurrently(settings: Settings, unique:
             )
         finally:
             await conn.close()
-        assert [r["version"] for r in rows] == [1]
+        assert [r["version"] for r in rows] == [1, 2]
         assert parts == 4 * 4  # four sharded tables, four shards
     finally:
         conn = await asyncpg.connect(settings.pg_dsn)

@@ -242,3 +242,16 @@ def test_render_says_everything_agrees_or_counts_and_lists_mismatches() -> None:
     assert "mismatches: 1 (redis 1)" in text
     assert "  redis      a/USD seq 3 (shard 1): expected (ledger)" in text
     assert text.endswith("result: 1 mismatch")
+
+
+def test_a_query_postgresql_refused_is_not_reported_as_postgresql_down() -> None:
+    """An audit failure names its real cause: a refused query (here the old 64-bit cast's
+    "bigint out of range") says PostgreSQL is up and gives the SQLSTATE."""
+    import asyncpg
+
+    from tally.audit import _failed
+
+    refused = _failed(asyncpg.exceptions.NumericValueOutOfRangeError("bigint out of range"))
+    assert "query failed (PostgreSQL is up)" in str(refused) and "22003" in str(refused)
+    down = _failed(ConnectionRefusedError("connection refused"))
+    assert str(down) == "PostgreSQL: connection refused"

@@ -144,10 +144,10 @@ def test_missing_v_defaults_to_version_1() -> None:
 
 @pytest.mark.parametrize(
     "amount",
-    [1.0, 1.5, "5", True, False, 0, -1, 2**63, 2**64, 10**30, None, [5], {"n": 5}],
+    [1.0, 1.5, "5", True, False, 0, -1, 2**127, 2**128, 10**40, None, [5], {"n": 5}],
     ids=repr,
 )
-def test_non_positive_int64_amounts_are_refused(amount: object) -> None:
+def test_amounts_outside_1_to_2_127_minus_1_are_refused(amount: object) -> None:
     got = assert_invalid(decode_command(raw(amount=amount)), where="$.amount")
     assert got.command_id == "cmd-1"
     assert got.account == "alice"
@@ -167,9 +167,11 @@ def test_amount_non_json_literals_are_undecodable(literal: bytes) -> None:
     assert isinstance(decode_command(record), Undecodable)
 
 
-def test_largest_amount_is_accepted() -> None:
-    got = decode_command(raw(amount=limits.AMOUNT_MAX))
-    assert isinstance(got, Deposit) and got.amount == limits.AMOUNT_MAX
+@pytest.mark.parametrize("amount", [1, 2**53, 2**63 - 1, 2**63, 2**64, limits.AMOUNT_MAX])
+def test_amounts_up_to_2_127_minus_1_are_accepted_exactly(amount: int) -> None:
+    got = decode_command(raw(amount=amount))
+    assert isinstance(got, Deposit) and got.amount == amount
+    assert decode_command(encode(got)) == got
 
 
 @pytest.mark.parametrize(

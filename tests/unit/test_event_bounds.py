@@ -62,9 +62,11 @@ EDGES = [
     ("entry_seq", 1, 0),
     ("entry_seq", limits.SEQ_MAX, limits.SEQ_MAX + 1),
     ("entry_held", 0, -1),
-    ("entry_held", limits.AMOUNT_MAX, limits.AMOUNT_MAX + 1),
+    ("entry_held", limits.BALANCE_MAX, limits.BALANCE_MAX + 1),
     ("entry_available", limits.BALANCE_MIN, limits.BALANCE_MIN - 1),
-    ("entry_available", limits.AMOUNT_MAX, limits.AMOUNT_MAX + 1),
+    # Past the cap by money coming back (refunds, releases): still the ledger's.
+    ("entry_available", 2 * limits.BALANCE_MAX, limits.EVENT_AVAILABLE_MAX + 1),
+    ("entry_available", limits.EVENT_AVAILABLE_MAX, limits.EVENT_AVAILABLE_MAX + 1),
     ("entry_delta_available", -limits.AMOUNT_MAX, -limits.AMOUNT_MAX - 1),
     ("entry_delta_held", limits.AMOUNT_MAX, limits.AMOUNT_MAX + 1),
     ("emitted", limits.DISBURSE_LEGS_MAX, limits.DISBURSE_LEGS_MAX + 1),

@@ -68,7 +68,11 @@ def test_a_good_row_is_a_deposit_of_its_amount() -> None:
 
 
 def test_good_rows_carry_their_line_numbers_and_blank_lines_are_skipped() -> None:
-    text = HEADER + "alice,USD,100\n\nbob,EUR,2\r\n" + '"carol",BTC,"9223372036854775807"\n'
+    text = (
+        HEADER
+        + "alice,USD,100\n\nbob,EUR,2\r\n"
+        + '"carol",BTC,"170141183460469231731687303715884105727"\n'
+    )
     assert verdicts(text) == [
         Row(2, "alice", "USD", 100),
         Row(4, "bob", "EUR", 2),
@@ -124,7 +128,7 @@ BAD_ROWS = [
     ("alice,USD,000", Problem.AMOUNT_NOT_POSITIVE),
     ("alice,USD,-0", Problem.AMOUNT_NOT_POSITIVE),
     ("alice,USD,-5", Problem.AMOUNT_NOT_POSITIVE),
-    ("alice,USD,9223372036854775808", Problem.AMOUNT_TOO_LARGE),
+    ("alice,USD,170141183460469231731687303715884105728", Problem.AMOUNT_TOO_LARGE),
     ("alice,USD," + "9" * 5000, Problem.AMOUNT_TOO_LARGE),
 ]
 
@@ -138,7 +142,9 @@ def test_each_bad_row_names_its_line_and_problem(line: str, problem: Problem) ->
     assert got[1].detail
 
 
-@pytest.mark.parametrize("amount", ["1", "0007", "+5", "9223372036854775807"])
+@pytest.mark.parametrize(
+    "amount", ["1", "0007", "+5", "9223372036854775807", "170141183460469231731687303715884105727"]
+)
 def test_amounts_that_are_whole_minor_units_pass(amount: str) -> None:
     (row,) = verdicts(HEADER + f"alice,USD,{amount}\n")
     assert isinstance(row, Row) and row.amount == int(amount)
@@ -184,7 +190,7 @@ def test_a_quoted_newline_keeps_the_next_rows_on_their_own_lines() -> None:
         ("5", 5),
         (0, Problem.AMOUNT_NOT_POSITIVE),
         (-1, Problem.AMOUNT_NOT_POSITIVE),
-        (2**63, Problem.AMOUNT_TOO_LARGE),
+        (2**127, Problem.AMOUNT_TOO_LARGE),
         (None, Problem.MISSING_FIELD),
     ],
 )

@@ -192,7 +192,14 @@ def test_parse_command_takes_the_key_from_the_header_when_the_body_has_none() ->
         (DEPOSIT.replace(b"5}", b"5.0}"), None, 422, "amount"),
         (DEPOSIT.replace(b"5}", b"0}"), None, 422, "amount"),
         (DEPOSIT.replace(b"5}", b"-5}"), None, 422, "amount"),
-        (DEPOSIT.replace(b"5}", b"9223372036854775808}"), None, 422, "amount"),
+        (DEPOSIT.replace(b"5}", b"170141183460469231731687303715884105728}"), None, 422,
+         "amount"),
+        (b'{"kind":"disburse","command_id":"c","account":"a","asset":"USD","legs":[{"to":"b",'
+         b'"amount":1},{"to":"c","amount":170141183460469231731687303715884105728}]}', None, 422,
+         "legs[1].amount"),
+        (b'{"kind":"configure","command_id":"c","account":"a","asset":"USD",'
+         b'"overdraft_limit":170141183460469231731687303715884105728}', None, 422,
+         "overdraft_limit"),
         (DEPOSIT.replace(b"5}", b'"5"}'), None, 422, "amount"),
         (DEPOSIT.replace(b"alice", b"al ice"), None, 422, "account"),
         (DEPOSIT.replace(b"USD", b"usd"), None, 422, "asset"),

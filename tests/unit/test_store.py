@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
+import pytest
+
 from streams import ledger
-from streams.store import ShardStore, balance_key, command_key
+from streams.state import BalanceState, HoldState
+from streams.store import ShardStore, balance_key, command_key, hold_key
 from topics.schema import Deposit, Hold, Release
 
 
@@ -95,3 +99,48 @@ def test_commands_are_paged_for_pruning(tmp_path: Path) -> None:
     store.forget_command("c0")
     store.flush(None)
     assert store.command("c0") is None and store.command("c1") is not None
+
+
+# Value encodings at the money bounds (issue 14) ---------------------------------------
+
+MONEY_BOUNDS = [1, 2**53, 2**63 - 1, 2**63, 2**64, 2**127 - 1, 2**128, -(2**127 - 1)]
+
+
+@pytest.mark.parametrize("value", MONEY_BOUNDS)
+def test_balance_and_hold_values_round_trip_exactly_at_every_bound(
+    tmp_path: Path, value: int
+) -> None:
+    """The table values are msgspec JSON arrays: integers of any width, exactly."""
+    bal = BalanceState(value, abs(value), 3, abs(value))
+    held = HoldState("USD", abs(value), None)
+    assert msgspec.json.decode(msgspec.json.encode(bal), type=BalanceState) == bal
+    assert msgspec.json.encode(bal) == b"[%d,%d,3,%d]" % (value, abs(value), abs(value))
+    store = _store(tmp_path)
+    store.restore(
+        [(balance_key("a", "USD"), msgspec.json.encode(bal)),
+         (hold_key("a", "h"), msgspec.json.encode(held))],
+        1,
+    )  # fmt: skip
+    store.close()
+    again = _store(tmp_path)
+    assert again.balance("a", "USD") == bal
+    assert again.hold("a", "h") == held
+
+
+def test_a_store_written_in_the_64_bit_format_is_read_and_grows_past_it(tmp_path: Path) -> None:
+    """Records as today's engine and changelog hold them (the bytes the 64-bit engine
+    wrote) decode unchanged, and the next deposit takes the balance past 2^64."""
+    old = [
+        (balance_key("a", "USD"), b"[9223372036854775807,0,7,0]"),
+        (b"a|a", b'["active",["USD"]]'),
+        (hold_key("a", "h"), b'["USD",9223372036854775807,null]'),
+    ]
+    store = _store(tmp_path)
+    store.restore(old, 3)
+    assert store.balance("a", "USD") == BalanceState(2**63 - 1, 0, 7, 0)
+    assert store.hold("a", "h") == HoldState("USD", 2**63 - 1, None)
+    out = ledger.apply(store, Deposit(command_id="d", account="a", asset="USD", amount=2**64), 1)
+    store.commit(out)
+    store.flush(4)
+    assert store.balance("a", "USD") == BalanceState(2**63 - 1 + 2**64, 0, 8, 0)
+    assert store.db.get(balance_key("a", "USD")) == b"[27670116110564327423,0,8,0]"
