@@ -304,15 +304,19 @@ async def test_redis_holds_the_digits_a_double_would_round(settings: Settings, u
     store = RedisStore(settings.redis_url, prefix, PARTITIONS)
     values = [2**53 + 1, limits.AMOUNT_MAX, -(2**127 - 1), limits.AMOUNT_MAX * 3]
     events = []
+    # `held` and the deltas stay within what an event may carry (held at most the cap,
+    # a delta one amount); `available` goes past the cap, as money coming back takes it.
+    helds = [min(abs(value), limits.BALANCE_MAX) for value in values]
     for i, value in enumerate(values):
-        entry = Entry(account=f"r{i}", asset="ETH", seq=1, available=value, held=abs(value),
-                      delta_available=value, delta_held=abs(value))  # fmt: skip
+        delta = max(-limits.AMOUNT_MAX, min(value, limits.AMOUNT_MAX))
+        entry = Entry(account=f"r{i}", asset="ETH", seq=1, available=value, held=helds[i],
+                      delta_available=delta, delta_held=helds[i])  # fmt: skip
         events.append((0, Result(command_id=f"c{i}", account=f"r{i}", kind="deposit",
                                  status=Status.APPLIED, entries=[entry], at_ms=1)))  # fmt: skip
     try:
         await store.write(Batch(topic="t", events=events, offsets={0: len(events)}))
         got = await verify.redis_balances(settings.redis_url, prefix)
-        assert got == {(f"r{i}", "ETH"): (v, abs(v), 1) for i, v in enumerate(values)}
+        assert got == {(f"r{i}", "ETH"): (v, helds[i], 1) for i, v in enumerate(values)}
     finally:
         await store.close()
         await verify.drop(settings.pg_dsn, f"unused-{prefix}", settings.redis_url, prefix)

@@ -21,6 +21,7 @@ from tally.collector import read_all
 from tally.procs import run_cli
 from tally.settings import Settings
 from tests.integration.sink_support import running
+from topics import limits
 from topics.admin import ensure_topics
 from topics.codec import decode_dead_letter
 from topics.shard import shard_of
@@ -101,7 +102,7 @@ async def test_no_event_stops_a_sink_or_a_replay(settings: Settings, unique: str
         _event(f"c2-{unique}", good[1]),
         _event(f"c3-{unique}", f"negseq-{unique}", seq=-1),
         _event(f"c4-{unique}", f"neghold-{unique}", held=-5),
-        _event(f"c5-{unique}", f"huge-{unique}", available=2**64),
+        _event(f"c5-{unique}", f"huge-{unique}", available=limits.EVENT_AVAILABLE_MAX + 1),
         _event(f"c6-{unique}", pg_refuses),
         _event(f"c7-{unique}", good[2]),
         _event(f"c8-{unique}", redis_refuses),
