@@ -28,6 +28,7 @@ _FOREIGN = frozenset(
         "TALLY_PG_PORT",
         "TALLY_REDIS_PORT",
         "TALLY_SERVICES_MODE",
+        "TALLY_TEST_KEEP_TOPICS",
     }
 )
 
