@@ -62,7 +62,7 @@ from aiokafka.structs import TopicPartition
 
 from streams import ledger
 from streams.state import BalanceState
-from streams.store import ShardStore
+from streams.store import CommandName, ShardStore
 from streams.watchdog import Watchdog
 from tally.progress import Progress
 from tally.settings import Settings
@@ -510,7 +510,7 @@ class Engine:
         p: int,
         batch: _Batch,
         expiries: list[Expire],
-        prunes: list[str],
+        prunes: list[CommandName],
         *,
         without_outputs: BaseException | None = None,
     ) -> None:
@@ -530,8 +530,8 @@ class Engine:
             now_ms = int(time.time() * 1000)
             for expire in expiries:
                 self._decide(p, store, expire, now_ms, out)
-            for command_id in prunes:
-                store.forget_command(command_id)
+            for name in prunes:
+                store.forget_command(name)
             _check_sizes(out, store.pending.items())
         except Exception as exc:
             # Before any Kafka call: about the records, whatever it is.
@@ -868,20 +868,20 @@ class Engine:
 
     # Idempotency retention ---------------------------------------------------------------
 
-    def _due_prunes(self, now: float) -> dict[int, list[str]]:
+    def _due_prunes(self, now: float) -> dict[int, list[CommandName]]:
         """Idempotency records older than the retention, a bounded slice per shard."""
         if now < self._next_prune or self.retention_ms <= 0:
             return {}
         # Short retentions (tests) are pruned sooner than every prune_every_s.
         self._next_prune = now + min(prune_every_s, max(0.5, self.retention_ms / 4000))
         cutoff = int(time.time() * 1000) - self.retention_ms
-        due: dict[int, list[str]] = {}
+        due: dict[int, list[CommandName]] = {}
         for p in sorted(self.owned):
             records, cursor = self.stores[p].commands_from(
                 self._prune_cursor.get(p), prune_scan_per_shard
             )
             self._prune_cursor[p] = cursor
-            old = [command_id for command_id, rec in records if rec.at_ms < cutoff]
+            old = [name for name, rec in records if rec.at_ms < cutoff]
             if old:
                 due[p] = old
                 self.counts["pruned"] += len(old)

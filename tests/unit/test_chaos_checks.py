@@ -117,3 +117,14 @@ def test_dead_letters_must_be_exactly_the_garbage() -> None:
     assert chaos._check_dead_letters(commands, [letter]).ok  # type: ignore[list-item]
     assert not chaos._check_dead_letters(commands, []).ok
     assert not chaos._check_dead_letters(commands, [letter, letter]).ok  # type: ignore[list-item]
+
+
+def test_one_id_on_two_accounts_is_two_decisions_and_a_forwarded_copy_is_not_a_record() -> None:
+    commands, results = _history()
+    other = Deposit(command_id="d1", account="c", asset="USD", amount=5)
+    # The client's record on a wrong partition, and the engine's copy on the right one.
+    commands += [_record(2, 0, encode(other)), _record(1, 7, encode(other), "2:0")]
+    results.append((_record(1, 1, b"", "2:0"), _result("d1", "deposit", [_entry("c", 1, 5, 5)])))
+    checks = {c.name: c for c in chaos._check_results(commands, [], results)}
+    assert checks["exactly one result per command record"].ok, checks
+    assert checks["one decision per (account, command id)"].ok, checks
