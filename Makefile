@@ -12,9 +12,10 @@ BENCH_COUNT ?= 200000
 BENCH_SECONDS ?= 10
 DURATION ?= 300
 SEED ?= 1
+FUZZ_EXAMPLES ?= 200
 
 .PHONY: help venv services services-down services-status lint fmt test test-unit \
-        test-integration test-fault demo bench chaos clean
+        test-integration test-fault demo bench chaos fuzz clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -78,6 +79,10 @@ bench: $(STAMP) services ## Run the benchmarks (engine, sinks, HTTP, recovery, r
 
 chaos: $(STAMP) services ## Long chaos run: faults on a seeded schedule under load, then checks (DURATION=300 SEED=1)
 	$(VENV)/bin/tally chaos --duration $(DURATION) --seed $(SEED)
+
+fuzz: export TALLY_FUZZ_EXAMPLES = $(FUZZ_EXAMPLES)
+fuzz: $(STAMP) services ## Long engine fuzz run: hostile records against a real worker (FUZZ_EXAMPLES=200)
+	$(call run_pytest,tests/fault/test_engine_fuzz.py)
 
 clean: ## Remove the virtualenv and caches (not the services' data: see services-down)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
