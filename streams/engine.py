@@ -146,6 +146,16 @@ _RECORD_ERRORS = (
 )
 
 
+async def _delivered(*futures: list[asyncio.Future[Any]]) -> None:
+    """Wait for every send of a batch; raise the first failure (each one retrieved)."""
+    outcomes = await asyncio.gather(
+        *(f for group in futures for f in group), return_exceptions=True
+    )
+    failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+    if failed is not None:
+        raise failed
+
+
 def _split(
     records: list[Any], error: BaseException, todo: list[tuple[list[Any], BaseException | None]]
 ) -> None:
@@ -554,11 +564,11 @@ class Engine:
                 # Every record delivered before the commit: aiokafka commits a transaction
                 # even when the broker refused one of its batches (MESSAGE_TOO_LARGE, say),
                 # so a refused record would be lost with its batch committed around it.
-                await asyncio.gather(*sent, *changelog)
+                await _delivered(sent, changelog)
                 await producer.commit_transaction()
             else:
                 await producer.flush()
-                await asyncio.gather(*sent, *changelog)
+                await _delivered(sent, changelog)
                 if batch.offsets:
                     assert self.consumer is not None
                     await self.consumer.commit(batch.offsets)

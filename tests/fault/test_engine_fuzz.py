@@ -51,7 +51,7 @@ pytestmark = pytest.mark.fault
 
 PARTITIONS = 4
 # The short form: a handful of examples, well under a minute with the worker's start.
-EXAMPLES = int(os.environ.get("TALLY_FUZZ_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("TALLY_FUZZ_EXAMPLES", "8"))
 HOSTILE_MAX = 6
 ANSWER_TIMEOUT_S = 90.0
 
@@ -69,6 +69,12 @@ class Hostile:
     value: bytes
     partition: int | None = None
     kcat: bool = False
+
+    def __repr__(self) -> str:
+        # Short: a failing example is printed, and its values can be megabytes.
+        head = self.value[:80] + (b"..." if len(self.value) > 80 else b"")
+        return (f"Hostile({self.what!r}, key={self.key!r}, {len(self.value)} bytes {head!r}, "
+                f"partition={self.partition}, kcat={self.kcat})")  # fmt: skip
 
 
 # Strategies ---------------------------------------------------------------------------

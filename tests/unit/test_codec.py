@@ -542,3 +542,24 @@ def test_a_letter_written_before_the_bounds_still_decodes() -> None:
     assert (letter.raw, letter.raw_len, letter.raw_sha256, letter.truncated) == (
         "\\xff", None, None, False
     )  # fmt: skip
+
+
+def test_the_largest_command_writes_records_far_below_the_output_bound() -> None:
+    """The engine refuses to write a record over limits.OUTPUT_BYTES_MAX (the batch is
+    split and the record answered record_too_large); a legitimate command must never
+    come near it. The widest one: a disbursement of DISBURSE_LEGS_MAX legs with the
+    longest ids and amounts."""
+    from streams import ledger
+    from streams.memory import MemoryShard
+
+    payer, cid = "p" * limits.ACCOUNT_ID_LEN_MAX, "c" * limits.COMMAND_ID_LEN_MAX
+    shard = MemoryShard()
+    shard.commit(ledger.apply(shard, Deposit(command_id="seed", account=payer, asset="A" * 12,
+                                             amount=limits.AMOUNT_MAX), 1))  # fmt: skip
+    legs = [Leg(to=f"{i:064d}", amount=1) for i in range(limits.DISBURSE_LEGS_MAX)]
+    command = Disburse(command_id=cid, account=payer, asset="A" * 12, legs=legs)
+    assert len(encode(command)) < limits.COMMAND_BYTES_MAX
+    outcome = ledger.apply(shard, command, 2)
+    assert outcome.result.status is Status.APPLIED
+    largest = max(len(encode(x)) for x in [outcome.result, *outcome.emits])
+    assert largest < limits.OUTPUT_BYTES_MAX // 100, largest
