@@ -1026,11 +1026,17 @@ def _source(record: Any, internal: bool) -> list[tuple[str, bytes]] | None:
     """The header that ties a client command's result to the record it answers (see
     `topics.schema.SOURCE_HEADER`): the record itself, or, for a copy the engine
     forwarded from a wrong partition, the record the client produced (which the copy's
-    own header names)."""
+    own header names). A header is only taken as such when it is well formed and names
+    another partition, as a forwarded copy's always does: a producer cannot make a
+    record stand for one on its own partition (where the ingress's records are)."""
     if internal:
         return None
     forwarded = source_in(record.headers)
-    if forwarded is not None and _SOURCE_VALUE.fullmatch(forwarded):
+    if (
+        forwarded is not None
+        and _SOURCE_VALUE.fullmatch(forwarded)
+        and int(forwarded.partition(b":")[0]) != record.partition
+    ):
         return [(SOURCE_HEADER, forwarded)]
     return [(SOURCE_HEADER, source(record.partition, record.offset))]
 

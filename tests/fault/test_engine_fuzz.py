@@ -187,9 +187,12 @@ values = st.one_of(
 @st.composite
 def hostile_records(draw: st.DrawFn) -> Hostile:
     what, value = draw(values)
-    key = draw(
+    keys = (
         st.sampled_from([b"fz0", b"fz3", b"ok1"]) | st.none() | st.binary(min_size=1, max_size=80)
     )
+    if len(value) < 64 * 1024:
+        keys |= st.builds(lambda n: b"\xfe" * n, st.integers(1000, 400_000))  # a huge key
+    key = draw(keys)
     partition = draw(st.none() | st.integers(0, PARTITIONS - 1))
     raw_bytes = what in ("random bytes", "0xff blob")
     kcat = raw_bytes and draw(st.booleans()) and (key is None or key.isalnum())

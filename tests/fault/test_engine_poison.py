@@ -23,7 +23,8 @@ from tally.settings import Settings
 from tests.integration.conftest import ENGINE_PARTITIONS, engine
 from topics import limits
 from topics.codec import decode_result, encode
-from topics.schema import Deposit, Reason, Status, source, source_in
+from topics.producer import durable_producer
+from topics.schema import SOURCE_HEADER, Deposit, Reason, Status, source, source_in
 from topics.shard import shard_of
 
 pytestmark = pytest.mark.fault
@@ -232,3 +233,36 @@ async def test_a_record_the_broker_refuses_is_isolated_and_the_batch_around_it_a
     assert (cut.raw, cut.truncated, cut.raw_len) == ("", True, len(blob))
     assert cut.raw_sha256 == hashlib.sha256(blob).hexdigest()
     assert counts.get("isolated") == 1 and counts.get("batches_failed", 0) == 0, counts
+
+
+async def test_a_forged_source_header_naming_its_own_partition_is_ignored(
+    settings: Settings, engine: EngineProcess, unique: str
+) -> None:
+    """Only a forwarded copy stands for another record, and a copy always names another
+    partition: a producer cannot make its result pose as the answer to a record on its
+    own partition (where the ingress's records are)."""
+    account = f"forge-{unique}"
+    p = shard_of(account, PARTITIONS)
+    deposit = Deposit(command_id=f"f-{unique}", account=account, asset="USD", amount=1)
+    producer = durable_producer(settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        sent = await producer.send_and_wait(
+            engine.topics.commands.name, encode(deposit), key=account.encode(), partition=p,
+            headers=[(SOURCE_HEADER, source(p, 0))],
+        )  # fmt: skip
+    finally:
+        await producer.stop()
+    collector = Collector(settings.kafka_bootstrap, engine.topics)
+    await collector.start(from_end=False)
+    try:
+        await _wait(collector, engine, {deposit.command_id: 1})
+    finally:
+        await collector.stop()
+    events, _ = await read_all(settings.kafka_bootstrap, engine.topics.events.name, PARTITIONS)
+    answers = [
+        source_in(r.headers)
+        for r in events
+        if decode_result(r.value).command_id == deposit.command_id
+    ]
+    assert answers == [source(p, sent.offset)]
