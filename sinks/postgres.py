@@ -40,8 +40,10 @@ SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], 
 ON CONFLICT (shard_id, account, command_id) DO UPDATE SET
     account = excluded.account, kind = excluded.kind, status = excluded.status,
     reason = excluded.reason, at = excluded.at
-WHERE command_results.reason = 'invalid_command'
+WHERE command_results.reason IN ('invalid_command', 'record_too_large')
 """
+# Rejections the engine does not remember: a later decision on the same id replaces them.
+_FORGOTTEN = (Reason.INVALID_COMMAND.value, Reason.RECORD_TOO_LARGE.value)
 
 _BALANCES = """
 INSERT INTO balances (shard_id, account, asset, available, held, seq, updated_at)
@@ -165,7 +167,7 @@ class PostgresStore:
                 continue  # not a decision: the first result already is one
             rkey = (shard, result.account, result.command_id)
             known = results.get(rkey)
-            if known is None or known[5] == Reason.INVALID_COMMAND.value:
+            if known is None or known[5] in _FORGOTTEN:
                 results[rkey] = (
                     shard,
                     result.command_id,
