@@ -12,9 +12,11 @@ BENCH_COUNT ?= 200000
 BENCH_SECONDS ?= 10
 DURATION ?= 300
 SEED ?= 1
+FUZZ_EXAMPLES ?= 200
+FUZZ_HTTP_EXAMPLES ?= 500
 
 .PHONY: help venv services services-down services-status lint fmt test test-unit \
-        test-integration test-fault fuzz demo bench chaos clean
+        test-integration test-fault demo bench chaos fuzz clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -65,10 +67,6 @@ test-integration: $(STAMP) services ## Only the integration tests (real services
 test-fault: $(STAMP) services ## Only the fault tests (kills and restarts)
 	$(call run_pytest,-m fault tests/fault)
 
-fuzz: $(STAMP) services ## Fuzz with a fresh seed each run (FUZZ_SEED=N repeats one, FUZZ_EXAMPLES=500)
-	@seed=$${FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; echo "make fuzz: FUZZ_SEED=$$seed"; \
-	TALLY_FUZZ_SEED=$$seed TALLY_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-500} $(PY) -m pytest -m integration tests/integration/test_ingress_fuzz.py $(PYTEST_ARGS)
-
 demo: $(STAMP) services ## Run the main job against the local services and print its summary
 	$(VENV)/bin/tally demo
 
@@ -82,6 +80,12 @@ bench: $(STAMP) services ## Run the benchmarks (engine, sinks, HTTP, recovery, r
 
 chaos: $(STAMP) services ## Long chaos run: faults on a seeded schedule under load, then checks (DURATION=300 SEED=1)
 	$(VENV)/bin/tally chaos --duration $(DURATION) --seed $(SEED)
+
+fuzz: export TALLY_FUZZ_EXAMPLES = $(FUZZ_EXAMPLES)
+fuzz: $(STAMP) services ## Long fuzz runs, fresh seeds: hostile records at a real worker (FUZZ_EXAMPLES=200), schemathesis at the ingress (FUZZ_HTTP_EXAMPLES=500; FUZZ_SEED=N repeats one)
+	$(call run_pytest,tests/fault/test_engine_fuzz.py)
+	@seed=$${FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; echo "make fuzz: FUZZ_SEED=$$seed"; \
+	TALLY_FUZZ_SEED=$$seed TALLY_FUZZ_EXAMPLES=$(FUZZ_HTTP_EXAMPLES) $(PY) -m pytest -m integration tests/integration/test_ingress_fuzz.py $(PYTEST_ARGS)
 
 clean: ## Remove the virtualenv and caches (not the services' data: see services-down)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

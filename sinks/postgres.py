@@ -43,11 +43,13 @@ _RESULTS = """
 INSERT INTO command_results (shard_id, command_id, account, kind, status, reason, at)
 SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
     $7::timestamptz[])
-ON CONFLICT (shard_id, command_id) DO UPDATE SET
+ON CONFLICT (shard_id, account, command_id) DO UPDATE SET
     account = excluded.account, kind = excluded.kind, status = excluded.status,
     reason = excluded.reason, at = excluded.at
-WHERE command_results.reason = 'invalid_command'
+WHERE command_results.reason IN ('invalid_command', 'record_too_large')
 """
+# Rejections the engine does not remember: a later decision on the same id replaces them.
+_FORGOTTEN = (Reason.INVALID_COMMAND.value, Reason.RECORD_TOO_LARGE.value)
 
 _BALANCES = """
 INSERT INTO balances (shard_id, account, asset, available, held, seq, updated_at)
@@ -146,7 +148,7 @@ class PostgresStore:
 
     async def _write(self, conn: asyncpg.Connection, batch: Batch) -> None:
         entry_rows: list[tuple[Any, ...]] = []
-        results: dict[tuple[int, str], tuple[Any, ...]] = {}
+        results: dict[tuple[int, str, str], tuple[Any, ...]] = {}
         balances: dict[tuple[int, str, str], tuple[Any, ...]] = {}
         breakpoints: list[list[Any]] = [[], [], [], []]
         times: dict[int, datetime] = {}  # events of a batch share few distinct times
@@ -170,9 +172,9 @@ class PostgresStore:
                         column.append(value)
             if result.status is Status.DUPLICATE or result.reason is Reason.COMMAND_ID_REUSED:
                 continue  # not a decision: the first result already is one
-            rkey = (shard, result.command_id)
+            rkey = (shard, result.account, result.command_id)
             known = results.get(rkey)
-            if known is None or known[5] == Reason.INVALID_COMMAND.value:
+            if known is None or known[5] in _FORGOTTEN:
                 results[rkey] = (
                     shard,
                     result.command_id,

@@ -51,8 +51,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
-from topics import limits
-from topics.codec import decode_result, encode
+from topics.codec import dead_letter, decode_result, encode
 from topics.producer import durable_producer
 from topics.schema import DeadLetter, Result
 from topics.specs import Topics
@@ -335,15 +334,15 @@ class SinkRunner:
         return None
 
     def _refused_letter(self, partition: int, offset: int, result: Result, why: str) -> DeadLetter:
-        return DeadLetter(
-            reason=f"sink {self.store.name}: the store refused the event: {why}"[
-                : limits.DETAIL_LEN_MAX
-            ],
-            source_topic=self.topic,
-            source_partition=partition,
-            source_offset=offset,
-            key=result.account,
-            raw=encode(result).decode(),
+        # Bounded like every dead letter (`topics.codec.dead_letter`): a result of a
+        # 1,000-leg disbursement re-encoded whole could pass the broker's limit.
+        return dead_letter(
+            f"sink {self.store.name}: the store refused the event: {why}",
+            topic=self.topic,
+            partition=partition,
+            offset=offset,
+            key=result.account.encode(),
+            raw=encode(result),
             at_ms=int(time.time() * 1000),
         )
 
@@ -460,14 +459,14 @@ class SinkRunner:
         return batch, letters
 
     def _letter(self, record: Any, reason: str) -> DeadLetter:
-        raw = record.value or b""
-        return DeadLetter(
-            reason=f"sink {self.store.name}: undecodable event: {reason}"[: limits.DETAIL_LEN_MAX],
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            key=None if record.key is None else record.key.decode("utf-8", "replace"),
-            raw=raw.decode("utf-8", "backslashreplace"),
+        # Bounded like the engine's (a 1 MB event of 0xff escaped would be ~5 MB).
+        return dead_letter(
+            f"sink {self.store.name}: undecodable event: {reason}",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            raw=record.value or b"",
             at_ms=int(time.time() * 1000),  # the sink's time: the record's is not ours
         )
 

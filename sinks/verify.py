@@ -209,7 +209,7 @@ async def pg_dump(dsn: str, schema: str) -> dict[str, list[tuple[Any, ...]]]:
     order = {
         "balances": "shard_id, account, asset",
         "ledger_entries": "shard_id, account, asset, seq",
-        "command_results": "shard_id, command_id",
+        "command_results": "shard_id, account, command_id",
         "breakpoints": "shard_id, account, asset, to_seq",
     }
     return {

@@ -29,6 +29,14 @@ than `clock_skew_max_ms` away from the broker's, idempotency records are not pru
 worker whose clock ran ahead would otherwise forget other workers' records early, and
 their retries would apply twice. (Pruning is only storage hygiene; it can wait.)
 
+Poison isolation: a batch that fails because of one of its records (an output over
+limits.OUTPUT_BYTES_MAX, a record the broker refuses as too large or corrupt, an error
+while deciding a record) is aborted and split in halves, each its own transaction, until
+the record is alone; that record is then answered without its outputs (`rejected`
+`record_too_large` if it names a command_id, else a bounded dead letter) and the records
+behind it go on. Only a failure that is not about a record (the broker gone, a timeout,
+fencing) takes the retry and take-over path, which re-reads the batch from Kafka.
+
 Fencing: each shard has its own transactional producer, `transactional.id` =
 `<group>-shard-<p>`. Whoever takes over a shard initialises that id first, which aborts
 the previous owner's open transaction and fences it: a worker that was paused or cut off
@@ -50,27 +58,46 @@ import contextlib
 import hashlib
 import heapq
 import logging
+import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import (
+    CorruptRecordException,
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from aiokafka.structs import TopicPartition
 
 from streams import agreement, ledger
 from streams.state import BalanceState
-from streams.store import ShardStore
+from streams.store import CommandName, ShardStore
 from streams.watchdog import Watchdog
 from tally.progress import Progress
 from tally.settings import Settings
 from topics import limits
-from topics.codec import Invalid, Undecodable, decode_command, encode
+from topics.codec import Invalid, Undecodable, dead_letter, decode_command, encode
 from topics.producer import durable_producer
-from topics.schema import SOURCE_HEADER, Command, DeadLetter, Expire, Hold, source
+from topics.schema import (
+    SOURCE_HEADER,
+    Command,
+    Expire,
+    Hold,
+    Reason,
+    Result,
+    Status,
+    kind_of,
+    source,
+    source_in,
+)
 from topics.shard import shard_of
 from topics.specs import Topics, TopicSpec, changelog_spec, topics_for
 
@@ -115,6 +142,68 @@ class _Batch:
     records: list[Any] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     first: dict[TopicPartition, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, records: list[Any]) -> _Batch:
+        """A batch of some of a batch's records (kept in their order)."""
+        batch = cls(records=records)
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            batch.first.setdefault(tp, record.offset)
+            batch.offsets[tp] = record.offset + 1
+        return batch
+
+
+class _RecordFault(Exception):
+    """A batch failed because of one of its records, not because of Kafka: splitting the
+    batch finds the record (see `Engine._isolate`)."""
+
+
+# What the producer or the broker raise about one record rather than the connection: too
+# large (client-side max_request_size, the topic's max.message.bytes), or corrupt.
+_RECORD_ERRORS = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    CorruptRecordException,
+)
+
+
+async def _delivered(producer: AIOKafkaProducer, *futures: list[asyncio.Future[Any]]) -> None:
+    """Wait until every send of a batch is acknowledged; raise the first failure. (A
+    flush and a scan: gathering ten thousand futures costs ten times as much.)"""
+    await producer.flush()
+    failed: BaseException | None = None
+    for group in futures:
+        for future in group:
+            if not future.done():
+                await asyncio.wait([future])
+            error = future.exception()  # retrieved, so none is logged as lost
+            if failed is None and error is not None:
+                failed = error
+    if failed is not None:
+        raise failed
+
+
+def _split(
+    records: list[Any], error: BaseException, todo: list[tuple[list[Any], BaseException | None]]
+) -> None:
+    """Push the halves of a failed slice (the first on top), or a record left alone with
+    the error it failed with."""
+    if len(records) == 1:
+        todo.append((records, error))
+        return
+    half = len(records) // 2
+    todo += [(records[half:], None), (records[:half], None)]
+
+
+def _about_a_record(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (_RecordFault, *_RECORD_ERRORS)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class Engine:
@@ -479,29 +568,55 @@ class Engine:
         )
         for p, outcome in zip(sorted(shards), outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                await self._failed(p, batches.get(p, _Batch()), outcome)
+                batch = batches.get(p, _Batch())
+                if (
+                    batch.records
+                    and not _fenced(outcome, self.producers.get(p))
+                    and (_about_a_record(outcome))
+                ):
+                    await self._isolate(p, batch, outcome)
+                else:
+                    await self._failed(p, batch, outcome)
 
     async def _shard_batch(
-        self, p: int, batch: _Batch, expiries: list[Expire], prunes: list[str]
+        self,
+        p: int,
+        batch: _Batch,
+        expiries: list[Expire],
+        prunes: list[CommandName],
+        *,
+        without_outputs: BaseException | None = None,
     ) -> None:
+        """Decide the batch and commit it. With `without_outputs` (a batch of the one
+        record that made its batch fail, and why), that record is answered on its own
+        (`_answer_alone`) instead of being decided."""
         store = self.stores[p]
         producer = self.producers[p]
         out: list[Output] = []
         now_ms = self._time_ms(p)
-        for record in batch.records:
-            self._handle(p, store, record, now_ms, out)
-        for expire in expiries:
-            self._decide(p, store, expire, now_ms, out)
-        for command_id in prunes:
-            store.forget_command(command_id)
+        try:
+            if without_outputs is not None:
+                for record in batch.records:
+                    self._answer_alone(p, record, without_outputs, now_ms, out)
+            else:
+                for record in batch.records:
+                    self._handle(p, store, record, now_ms, out)
+            for expire in expiries:
+                self._decide(p, store, expire, now_ms, out)
+            for name in prunes:
+                store.forget_command(name)
+            _check_sizes(out, store.pending.items())
+        except Exception as exc:
+            # Before any Kafka call: about the records, whatever it is.
+            store.discard()
+            raise _RecordFault(repr(exc)) from exc
         if self.exactly_once:
             await producer.begin_transaction()
         try:
-            sent = None
-            for topic, key, value, partition, headers in out:
-                sent = await producer.send(
-                    topic, value, key=key, partition=partition, headers=headers
-                )
+            sent = [
+                await producer.send(topic, value, key=key, partition=partition, headers=headers)
+                for topic, key, value, partition, headers in out
+            ]
             changelog = [
                 await producer.send(self.changelog, value, key=key, partition=p)
                 for key, value in store.pending.items()
@@ -509,9 +624,13 @@ class Engine:
             if self.exactly_once:
                 if batch.offsets:
                     await producer.send_offsets_to_transaction(batch.offsets, self.group_id)
+                # Every record delivered before the commit: aiokafka commits a transaction
+                # even when the broker refused one of its batches (MESSAGE_TOO_LARGE, say),
+                # so a refused record would be lost with its batch committed around it.
+                await _delivered(producer, sent, changelog)
                 await producer.commit_transaction()
             else:
-                await producer.flush()
+                await _delivered(producer, sent, changelog)
                 if batch.offsets:
                     assert self.consumer is not None
                     await self.consumer.commit(batch.offsets)
@@ -519,7 +638,7 @@ class Engine:
             store.discard()
             raise
         offsets = [f.result().offset for f in changelog]
-        last = changelog[-1] if changelog else sent
+        last = changelog[-1] if changelog else (sent[-1] if sent else None)
         if last is not None:
             self._check_clock(now_ms, last.result())
         store.flush(max(offsets) + 1 if offsets else None)
@@ -567,6 +686,56 @@ class Engine:
         for tp, offset in batch.first.items():
             self.consumer.seek(tp, offset)
             self._next[tp] = offset
+
+    async def _isolate(self, p: int, batch: _Batch, error: BaseException) -> None:
+        """Find the record that made shard p's batch fail and answer it alone: the batch is
+        split in halves, each committed as its own transaction, in order, and a half that
+        fails about a record again is split again. The record left alone is answered
+        without its outputs; the records around it are applied as usual. A failure that is
+        not about a record ends the search and takes the usual path for what is left (read
+        again from Kafka). The batch's expiries and prunes are left to the next poll.
+
+        Taking the shard over between two slices keeps exactly-once: it puts the store and
+        the consumer back at what Kafka committed, which is the slices committed so far,
+        and the records the consumer reads again from there are skipped by `_next` as
+        the following slices commit them."""
+        self.counts["isolations"] += 1
+        log.warning("shard %d: batch failed on a record (%r); isolating it", p, error)
+        self._next_rescan = 0.0  # the expiries the failed batch carried are found again
+        # A stack of (records, why they are answered alone): the slice to commit next last.
+        todo: list[tuple[list[Any], BaseException | None]] = []
+        _split(batch.records, error, todo)
+        failed: BaseException | None = error
+        while todo:
+            # A fault raised before the transaction began left nothing to undo. Anything
+            # else is undone by taking the shard over again: a batch the broker refused
+            # also cost the idempotent producer its sequence numbers (the next batch
+            # would fail OutOfOrderSequenceNumber), so only a new producer goes on.
+            if failed is not None and not isinstance(failed, _RecordFault):
+                await self._reclaim(p)
+                if p not in self.owned or p not in self.producers:
+                    return  # no longer this worker's shard: its new owner reads it again
+            failed = None
+            part, alone = todo.pop()
+            try:
+                await self._shard_batch(p, _Batch.of(part), [], [], without_outputs=alone)
+            except Exception as exc:
+                failed = exc
+                if (
+                    alone is None
+                    and _about_a_record(exc)
+                    and not _fenced(exc, self.producers.get(p))
+                ):
+                    _split(part, exc, todo)
+                    continue
+                rest = [r for records, _ in reversed(todo) for r in records]
+                await self._failed(p, _Batch.of(part + rest), exc)
+                return
+            if alone is not None:
+                record = part[0]
+                log.warning("shard %d: %s[%d]@%d answered alone (%r)", p, record.topic,
+                            record.partition, record.offset, alone)  # fmt: skip
+                self.counts["isolated"] += 1
 
     async def _reclaim(self, p: int) -> None:
         """Take shard p over again, as a new owner would: a new transactional producer
@@ -668,8 +837,13 @@ class Engine:
         if owner != p:
             # Placed by a partitioner other than murmur2 (kcat's CRC32, say): apply it
             # only on its account's shard, or one balance would live in two.
+            # The copy carries the source of the record the client produced, so that
+            # its result names that record (see `_source`).
             self.counts["forwarded"] += 1
-            out.append((record.topic, record.key, record.value, owner, None))
+            out.append(
+                (record.topic, decoded.account.encode(), record.value, owner,
+                 _source(record, internal))
+            )  # fmt: skip
             return
         try:
             self._decide(p, store, decoded, now_ms, out, _source(record, internal))
@@ -710,19 +884,60 @@ class Engine:
         self.counts[result.status.value] += 1
         out.append((self.topics.events.name, result.account.encode(), encode(result), p, source))
 
+    def _answer_alone(
+        self, p: int, record: Any, error: BaseException, now_ms: int, out: list[Output]
+    ) -> None:
+        """Answer the record that made its batch fail even alone, without deciding it
+        (nothing of it is applied or remembered): a client command whose outcome would
+        not fit in the records the engine writes gets `rejected` `record_too_large`;
+        anything else (an internal command, a record that broke the engine) a dead letter
+        naming the error, and without the record's bytes if it was the letter that was
+        too large (a dead-letter topic with a small max.message.bytes)."""
+        internal = record.topic == self.topics.internal.name
+        try:
+            decoded = decode_command(record.value or b"", internal=internal)
+        except Exception:
+            decoded = Undecodable("undecodable")
+        if internal or isinstance(decoded, Undecodable) or not _too_large(error):
+            reason = f"isolated: {error!r}"
+            keep = 0 if _too_large(error) else limits.DEAD_LETTER_RAW_BYTES_MAX
+            self._dead_letter(p, record, reason, now_ms, out, keep=keep)
+            return
+        result = Result(
+            command_id=decoded.command_id,
+            account=decoded.account,
+            kind=decoded.kind if isinstance(decoded, Invalid) else kind_of(decoded),
+            status=Status.REJECTED,
+            reason=Reason.RECORD_TOO_LARGE,
+            detail=f"its outcome cannot be written: {error!r}"[: limits.DETAIL_LEN_MAX],
+            at_ms=now_ms,
+        )
+        self.counts[result.status.value] += 1
+        out.append(
+            (self.topics.events.name, result.account.encode(), encode(result), p,
+             _source(record, internal))
+        )  # fmt: skip
+
     def _dead_letter(
-        self, p: int, record: Any, reason: str, now_ms: int, out: list[Output]
+        self,
+        p: int,
+        record: Any,
+        reason: str,
+        now_ms: int,
+        out: list[Output],
+        *,
+        keep: int = limits.DEAD_LETTER_RAW_BYTES_MAX,
     ) -> None:
         self.counts["dead_lettered"] += 1
-        raw = record.value or b""
-        letter = DeadLetter(
-            reason=reason[: limits.DETAIL_LEN_MAX],
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            key=None if record.key is None else record.key.decode("utf-8", "replace"),
-            raw=raw.decode("utf-8", "backslashreplace"),
+        letter = dead_letter(
+            reason,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            raw=record.value or b"",
             at_ms=now_ms,
+            keep=keep,
         )
         out.append((self.topics.dead_letter.name, None, encode(letter), p, None))
 
@@ -766,7 +981,7 @@ class Engine:
 
     # Idempotency retention ---------------------------------------------------------------
 
-    def _due_prunes(self, now: float) -> dict[int, list[str]]:
+    def _due_prunes(self, now: float) -> dict[int, list[CommandName]]:
         """Idempotency records older than the retention, a bounded slice per shard."""
         if now < self._next_prune or self.retention_ms <= 0 or not self._clock_agrees(now):
             return {}
@@ -774,13 +989,13 @@ class Engine:
         self._next_prune = now + min(prune_every_s, max(0.5, self.retention_ms / 4000))
         # The records' times are the engine's own (see `_time_ms`): no producer moves them.
         cutoff = self._now_ms() - self.retention_ms
-        due: dict[int, list[str]] = {}
+        due: dict[int, list[CommandName]] = {}
         for p in sorted(self.owned):
             records, cursor = self.stores[p].commands_from(
                 self._prune_cursor.get(p), prune_scan_per_shard
             )
             self._prune_cursor[p] = cursor
-            old = [command_id for command_id, rec in records if rec.at_ms < cutoff]
+            old = [name for name, rec in records if rec.at_ms < cutoff]
             if old:
                 due[p] = old
                 self.counts["pruned"] += len(old)
@@ -809,7 +1024,7 @@ class Engine:
             position = _position_now(consumer, tp)
             if position is not None:
                 self.watchdog.advanced(key, position, now)
-            self.watchdog.seen(key, consumer.highwater(tp), position)
+            self.watchdog.seen(key, consumer.highwater(tp), position, now=now)
         for topic, partition in self.watchdog.newly_stalled(now):
             log.warning(
                 "%s[%d]: no progress for %.0fs with %d records waiting (stalled)",
@@ -829,7 +1044,7 @@ class Engine:
             for tp in consumer.assignment():
                 key = (tp.topic, tp.partition)
                 if key in self.watchdog.partitions:
-                    self.watchdog.seen(key, consumer.highwater(tp), None)
+                    self.watchdog.seen(key, consumer.highwater(tp), None, now=now)
         return [
             (topic, partition, state.lag, self.watchdog.stalled_for((topic, partition), now))
             for (topic, partition), state in sorted(self.watchdog.partitions.items())
@@ -902,9 +1117,47 @@ def _position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
         return None
 
 
+_SOURCE_VALUE = re.compile(rb"[0-9]{1,10}:[0-9]{1,19}")
+
+
 def _source(record: Any, internal: bool) -> list[tuple[str, bytes]] | None:
     """The header that ties a client command's result to the record it answers (see
-    `topics.schema.SOURCE_HEADER`)."""
+    `topics.schema.SOURCE_HEADER`): the record itself, or, for a copy the engine
+    forwarded from a wrong partition, the record the client produced (which the copy's
+    own header names). A header is only taken as such when it is well formed and names
+    another partition, as a forwarded copy's always does: a producer cannot make a
+    record stand for one on its own partition (where the ingress's records are)."""
     if internal:
         return None
+    forwarded = source_in(record.headers)
+    if (
+        forwarded is not None
+        and _SOURCE_VALUE.fullmatch(forwarded)
+        and int(forwarded.partition(b":")[0]) != record.partition
+    ):
+        return [(SOURCE_HEADER, forwarded)]
     return [(SOURCE_HEADER, source(record.partition, record.offset))]
+
+
+def _check_sizes(out: list[Output], changelog: Iterable[tuple[bytes, bytes | None]]) -> None:
+    """Refuse a batch that would write a record over limits.OUTPUT_BYTES_MAX, before
+    anything is sent (the broker would refuse it, or aiokafka before it)."""
+    for topic, key, value, _, headers in out:
+        size = len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers or ())
+        if size > limits.OUTPUT_BYTES_MAX:
+            raise RecordTooLargeError(f"a record of {size} bytes for {topic}")
+    for key, value in changelog:
+        if len(key) + len(value or b"") > limits.OUTPUT_BYTES_MAX:
+            raise RecordTooLargeError(f"a changelog value of {len(value or b'')} bytes")
+
+
+def _too_large(error: BaseException) -> bool:
+    """Whether a record failed for the size of what it would write."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(
+            seen, (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -126,7 +126,7 @@ def apply(state: StateView, command: Command, now_ms: int) -> Outcome:
     """Decide one command against one shard's state. Deterministic: the same state,
     command and time give the same outcome."""
     digest = fingerprint(command)
-    known = state.command(command.command_id)
+    known = state.command(command.account, command.command_id)
     if known is not None:
         return _repeat(command, known, digest, now_ms)
     change = _Change(state, command, now_ms)

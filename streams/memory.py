@@ -13,7 +13,7 @@ class MemoryShard:
         self.balances: dict[tuple[str, str], BalanceState] = {}
         self.accounts: dict[str, AccountState] = {}
         self.holds: dict[tuple[str, str], HoldState] = {}
-        self.commands: dict[str, CommandRecord] = {}
+        self.commands: dict[tuple[str, str], CommandRecord] = {}  # (account, command_id)
 
     def balance(self, account: str, asset: str) -> BalanceState | None:
         return self.balances.get((account, asset))
@@ -24,8 +24,8 @@ class MemoryShard:
     def hold(self, account: str, hold_id: str) -> HoldState | None:
         return self.holds.get((account, hold_id))
 
-    def command(self, command_id: str) -> CommandRecord | None:
-        return self.commands.get(command_id)
+    def command(self, account: str, command_id: str) -> CommandRecord | None:
+        return self.commands.get((account, command_id))
 
     def commit(self, outcome: Outcome) -> None:
         self.balances.update(outcome.balances)
@@ -36,4 +36,4 @@ class MemoryShard:
             else:
                 self.holds[key] = held
         if outcome.record is not None:
-            self.commands[outcome.result.command_id] = outcome.record
+            self.commands[(outcome.result.account, outcome.result.command_id)] = outcome.record

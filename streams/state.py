@@ -45,7 +45,7 @@ class HoldState(msgspec.Struct, frozen=True, array_like=True):
 
 
 class CommandRecord(msgspec.Struct, frozen=True, array_like=True):
-    """The idempotency record of a command id: what the command looked like
+    """The idempotency record of an (account, command id): what the command looked like
     (a fingerprint) and how it ended, so that a repeat can answer with the first result."""
 
     fingerprint: str
@@ -64,4 +64,6 @@ class StateView(Protocol):
 
     def hold(self, account: str, hold_id: str) -> HoldState | None: ...
 
-    def command(self, command_id: str) -> CommandRecord | None: ...
+    def command(self, account: str, command_id: str) -> CommandRecord | None:
+        """The idempotency record of `command_id` on `account` (ids are scoped by account)."""
+        ...

@@ -9,9 +9,18 @@ reached in one RocksDB write batch, atomically. A crash between the Kafka commit
 reads the changelog from the stored offset to catch up. An aborted batch is `discard`ed.
 
 Keys carry their table as a prefix: `b|account|asset` balances, `a|account` account
-settings, `h|account|hold_id` open holds, `c|command_id` idempotency records. The same
-keys and values go to the changelog, so recovery is a plain copy. Values are the
+settings, `h|account|hold_id` open holds, `c|account|command_id` idempotency records. The
+same keys and values go to the changelog, so recovery is a plain copy. Values are the
 msgspec array encodings of `streams.state`.
+
+Idempotency is scoped by (account, command_id): the same id on two accounts is two
+commands, whichever shards the accounts hash to. Stores and changelogs written before
+that hold `c|command_id` records (legacy, shard-scoped: ids hold no '|', so the two
+layouts never collide). Such a record is still consulted when an (account, id) has no
+record of its own, so that a command applied under the old layout cannot apply twice
+after the upgrade; it answers as it did then (a retry is `duplicate`, the id on another
+account of the shard `command_id_reused`) until retention prunes it, and new records
+are only written in the new layout. Nothing is rewritten: the old records age out.
 """
 
 from __future__ import annotations
@@ -57,8 +66,22 @@ def hold_key(account: str, hold_id: str) -> bytes:
     return b"h|%s|%s" % (account.encode(), hold_id.encode())
 
 
-def command_key(command_id: str) -> bytes:
+def command_key(account: str, command_id: str) -> bytes:
+    return b"c|%s|%s" % (account.encode(), command_id.encode())
+
+
+def legacy_command_key(command_id: str) -> bytes:
+    """The shard-scoped key of an idempotency record written before (account, id) scope."""
     return b"c|" + command_id.encode()
+
+
+# (account, command_id) of an idempotency record; account None for a legacy record.
+CommandName = tuple[str | None, str]
+
+
+def _command_name(key: bytes) -> CommandName:
+    account, bar, command_id = key[2:].decode().partition("|")
+    return (account, command_id) if bar else (None, account)
 
 
 def _options() -> Options:
@@ -109,8 +132,10 @@ class ShardStore:
         raw = self._get(hold_key(account, hold_id))
         return None if raw is None else _hold.decode(raw)
 
-    def command(self, command_id: str) -> CommandRecord | None:
-        raw = self._get(command_key(command_id))
+    def command(self, account: str, command_id: str) -> CommandRecord | None:
+        raw = self._get(command_key(account, command_id))
+        if raw is None:
+            raw = self._get(legacy_command_key(command_id))  # see the module's docstring
         return None if raw is None else _record.decode(raw)
 
     # Writes ------------------------------------------------------------------------------
@@ -125,11 +150,17 @@ class ShardStore:
         for (account, hold_id), held in outcome.holds.items():
             pending[hold_key(account, hold_id)] = None if held is None else _encode(held)
         if outcome.record is not None:
-            pending[command_key(outcome.result.command_id)] = _encode(outcome.record)
+            result = outcome.result
+            pending[command_key(result.account, result.command_id)] = _encode(outcome.record)
 
-    def forget_command(self, command_id: str) -> None:
+    def forget_command(self, name: CommandName) -> None:
         """Stage the removal of an idempotency record whose retention has passed."""
-        self.pending[command_key(command_id)] = None
+        account, command_id = name
+        if account is None:
+            key = legacy_command_key(command_id)
+        else:
+            key = command_key(account, command_id)
+        self.pending[key] = None
 
     def flush(self, changelog_next_offset: int | None) -> None:
         """Write the staged batch, and how far the changelog now is, atomically."""
@@ -223,12 +254,12 @@ class ShardStore:
 
     def commands_from(
         self, start: bytes | None, limit: int
-    ) -> tuple[list[tuple[str, CommandRecord]], bytes | None]:
-        """Up to `limit` committed idempotency records from key `start` on, and the key to
-        continue from next time (None once the end is reached)."""
-        out: list[tuple[str, CommandRecord]] = []
+    ) -> tuple[list[tuple[CommandName, CommandRecord]], bytes | None]:
+        """Up to `limit` committed idempotency records (legacy ones included) from key
+        `start` on, and the key to continue from next time (None once the end is reached)."""
+        out: list[tuple[CommandName, CommandRecord]] = []
         for key, raw in self._scan(COMMAND, start):
             if len(out) == limit:
                 return out, key
-            out.append((key[2:].decode(), _record.decode(raw)))
+            out.append((_command_name(key), _record.decode(raw)))
         return out, None

@@ -18,8 +18,8 @@ One run:
    PostgreSQL restarted, Redis flushed.
 4. Heal (every worker running), wait until the workers' watchdogs show no lag and the
    sinks have drained, read every topic back from offset 0 and check (`Check`): one
-   result per command record, one decision per command id, one result per internal
-   command, every balance's seq 1..n once, conservation per asset, dead letters exactly
+   result per command record, one decision per (account, command id), one result per
+   internal command, every balance's seq 1..n once, conservation per asset, dead letters exactly
    the garbage, the final balances of the events in PostgreSQL, and `tally audit`
    (the ledger recomputes every balance; PostgreSQL, Redis and the engine agree).
 
@@ -636,23 +636,32 @@ def _is_decision(result: Result) -> bool:
 def _check_results(
     commands: list[Any], internal: list[Any], results: list[tuple[Any, Result]]
 ) -> list[Check]:
-    """One result per command record; one decision per client id; one result per
-    internal command, and every internal command a decision implies exists."""
+    """One result per command record; one decision per client (account, command id);
+    one result per internal command, and every internal command a decision implies
+    exists. A copy the engine forwarded from a wrong partition is not a record of its
+    own: its result names (tally-source) the record the client produced."""
     by_source: Counter[bytes] = Counter()
     by_id: dict[str, list[Result]] = defaultdict(list)
+    by_key: dict[tuple[str, str], list[Result]] = defaultdict(list)
     for record, result in results:
         found = source_in(record.headers)
         if found is not None:
             by_source[found] += 1
         by_id[result.command_id].append(result)
+        by_key[(result.account, result.command_id)].append(result)
     garbage = 0
-    answerable: dict[bytes, str] = {}  # source header value -> command id
+    answerable: dict[bytes, tuple[str, str]] = {}  # source -> (account, command id)
     for record in commands:
+        if source_in(record.headers) is not None:
+            continue  # a forwarded copy
         decoded = decode_command(record.value or b"")
         if isinstance(decoded, Undecodable):
             garbage += 1
             continue
-        answerable[source(record.partition, record.offset)] = decoded.command_id
+        answerable[source(record.partition, record.offset)] = (
+            decoded.account,
+            decoded.command_id,
+        )
     missing = [src for src in answerable if by_source[src] == 0]
     doubled = [src for src in answerable if by_source[src] > 1]
     orphans = [src for src in by_source if src not in answerable]
@@ -664,11 +673,11 @@ def _check_results(
         + (f"; e.g. {(missing + doubled + orphans)[:3]}" if missing or doubled or orphans else ""),
     )
     client_ids = set(answerable.values())
-    decisions = {i: sum(_is_decision(r) for r in by_id.get(i, [])) for i in client_ids}
+    decisions = {i: sum(_is_decision(r) for r in by_key.get(i, [])) for i in client_ids}
     not_one = {i: n for i, n in decisions.items() if n != 1}
-    duplicates = sum(1 for i in client_ids for r in by_id.get(i, []) if not _is_decision(r))
+    duplicates = sum(1 for i in client_ids for r in by_key.get(i, []) if not _is_decision(r))
     one_decision = Check(
-        "one decision per command id",
+        "one decision per (account, command id)",
         not not_one,
         f"{len(client_ids)} ids, {duplicates} repeats answered duplicate/reused"
         + (

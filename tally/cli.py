@@ -535,7 +535,7 @@ def chaos(
     timeout, then continued: a zombie that must be fenced), add_worker (at 3 workers
     the newest leaves with SIGTERM instead), broker_restart, pg_restart, redis_flush.
     Then it waits for everything to drain and checks: one
-    result per command record, one decision per command id, one result per internal
+    result per command record, one decision per (account, command id), one result per internal
     command, seq 1..n per balance, conservation per asset, dead letters = the garbage
     sent, the stores hold the events' balances, and `tally audit`.
 

@@ -23,6 +23,7 @@ _FOREIGN = frozenset(
         "TALLY_CACHE_DIR",
         "TALLY_CLIENT_KEY_ID",
         "TALLY_CLIENT_SECRET",
+        "TALLY_FUZZ_EXAMPLES",
         "TALLY_KAFKA_PORT",
         "TALLY_KAFKA_CONTROLLER_PORT",
         "TALLY_PG_PORT",

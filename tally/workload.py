@@ -176,6 +176,18 @@ def build(
                 work.records.append(
                     Record(forged.account, encode(forged), forged.command_id, "reuse")
                 )
+        elif roll < 0.85 and sent:
+            # An earlier id on another account: its own command (ids are scoped by
+            # account, whichever shards the two accounts hash to).
+            again = rng.choice(sent)
+            add(
+                Deposit(
+                    command_id=again.command_id,
+                    account=_other(rng, names, again.account),
+                    asset="USD",
+                    amount=rng.randrange(1, 5_000),
+                )
+            )
         elif invalid and roll < 0.86:
             # Schema-invalid but answerable: rejected invalid_command.
             bad_id = cid()

@@ -2,14 +2,17 @@
 
 Decoding a command has three outcomes, none of them an exception:
 - the command itself;
-- `Invalid`: the record names a usable command_id but breaks the schema, so the
-  engine answers it with a `rejected` result;
+- `Invalid`: the record names a usable command_id but breaks the schema, or is larger
+  than limits.COMMAND_BYTES_MAX (`record_too_large`), so the engine answers it with a
+  `rejected` result;
 - `Undecodable`: no usable command_id (not JSON, not an object, no or a bad id),
-  so the record goes to the dead-letter topic with its raw bytes.
+  so the record goes to the dead-letter topic (`dead_letter`: bounded, with the
+  length and digest of what it cuts).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, NamedTuple
 
@@ -58,7 +61,7 @@ _NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 def decode_command(raw: bytes, *, internal: bool = False) -> Command | Invalid | Undecodable:
     """Decode one record value from the commands topic (or the internal topic)."""
     if len(raw) > limits.COMMAND_BYTES_MAX:
-        return Undecodable(f"record of {len(raw)} bytes exceeds {limits.COMMAND_BYTES_MAX}")
+        return _oversize(raw, _internal_id_re if internal else _command_id_re)
     try:
         command: Command = (_internal if internal else _public).decode(raw)
         return command
@@ -91,6 +94,73 @@ def _salvage(raw: bytes, error: str, id_re: re.Pattern[str]) -> Invalid | Undeco
         kind=kind if isinstance(kind, str) and _kind_re.match(kind) else "",
         reason=reason,
         detail=error[: limits.DETAIL_LEN_MAX],
+    )
+
+
+def _oversize(raw: bytes, id_re: re.Pattern[str]) -> Invalid | Undecodable:
+    """A record over the limit: answered `record_too_large` if it names a usable
+    command_id. Only a record under limits.SALVAGE_DECODE_BYTES_MAX is decoded (as
+    plain JSON, for its top-level fields); a larger one has only its first
+    limits.SALVAGE_PREFIX_BYTES scanned, so the cost of reading it stays bounded."""
+    error = f"record of {len(raw)} bytes exceeds {limits.COMMAND_BYTES_MAX}"
+    fields: dict[str, Any] = {}
+    if len(raw) <= limits.SALVAGE_DECODE_BYTES_MAX:
+        try:
+            obj: Any = _any_json.decode(raw)
+        except _NOT_JSON:
+            obj = None
+        if isinstance(obj, dict):
+            fields = obj
+    else:
+        prefix = raw[: limits.SALVAGE_PREFIX_BYTES]
+        for name in ("command_id", "account", "kind"):
+            found = _field_re[name].search(prefix)
+            if found is not None:
+                fields[name] = found.group(1).decode("ascii")
+    command_id = fields.get("command_id")
+    if not isinstance(command_id, str) or not id_re.match(command_id):
+        return Undecodable(f"{error}, no usable command_id")
+    account = fields.get("account")
+    kind = fields.get("kind")
+    return Invalid(
+        command_id=command_id,
+        account=account if isinstance(account, str) and _account_re.match(account) else "",
+        kind=kind if isinstance(kind, str) and len(kind) <= 32 else "",
+        reason=Reason.RECORD_TOO_LARGE,
+        detail=error,
+    )
+
+
+# `"name": "value"` with a value that can only be an id (no escapes, bounded): what the
+# prefix scan of an oversize record accepts.
+_field_re = {
+    name: re.compile(rb'"%s"\s{0,16}:\s{0,16}"([A-Za-z0-9_.:/-]{1,220})"' % name.encode())
+    for name in ("command_id", "account", "kind")
+}
+
+
+def dead_letter(
+    reason: str, *, topic: str, partition: int, offset: int, key: bytes | None, raw: bytes,
+    at_ms: int, keep: int = limits.DEAD_LETTER_RAW_BYTES_MAX,
+) -> DeadLetter:  # fmt: skip
+    """The dead letter of a record, bounded in size whatever the record (see DeadLetter):
+    the first `keep` bytes of the value, escaped, and the same of the key (`keep=0`: only
+    the value's length and digest, for a dead-letter topic that refuses even the bounded
+    letter)."""
+    head = raw[:keep]
+    return DeadLetter(
+        reason=reason[: limits.DETAIL_LEN_MAX],
+        source_topic=topic,
+        source_partition=partition,
+        source_offset=offset,
+        key=None
+        if key is None or keep == 0
+        else key[: min(keep, limits.DEAD_LETTER_KEY_BYTES_MAX)].decode("utf-8", "backslashreplace"),
+        raw=head.decode("utf-8", "backslashreplace"),
+        raw_len=len(raw),
+        raw_sha256=hashlib.sha256(raw).hexdigest(),
+        truncated=len(head) < len(raw),
+        at_ms=at_ms,
     )
 
 

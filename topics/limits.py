@@ -82,3 +82,28 @@ TIME_MS_MAX: Final = 253_402_300_799_999
 # A balance's `seq` counts its changes from 1 with no gaps; the stores keep it as a
 # signed 64-bit integer.
 SEQ_MAX: Final = 2**63 - 1
+
+# A record over COMMAND_BYTES_MAX is still read for its command_id, account and kind, so
+# that a client waiting on it hears back (`record_too_large`); but never by decoding
+# megabytes of JSON: up to this size it is decoded as JSON (Kafka's default record limit
+# is 1 MiB, so this is about half of the largest record a producer can send), beyond it
+# only its first SALVAGE_PREFIX_BYTES are scanned for those three fields.
+SALVAGE_DECODE_BYTES_MAX: Final = 512 * 1024
+SALVAGE_PREFIX_BYTES: Final = 4096
+
+# A dead letter carries at most this much of the record's value and key, as text with
+# undecodable bytes backslash-escaped; the value's full length and sha256 stand for the
+# rest (the record itself stays in its topic at source_offset). Escaping costs at most 6
+# bytes a byte in JSON ("\u0000"), so a letter stays under DEAD_LETTER_BYTES_MAX whatever
+# the record was: far below the 1 MiB the broker takes, which a letter carrying every
+# byte escaped (4-5x the record) once passed and crash-looped the worker (issue #13).
+DEAD_LETTER_RAW_BYTES_MAX: Final = 4096
+DEAD_LETTER_KEY_BYTES_MAX: Final = 256
+DEAD_LETTER_BYTES_MAX: Final = 32 * 1024
+
+# No record the engine writes (result, credit, forwarded copy, dead letter, changelog
+# value) may be larger than this: under aiokafka's max_request_size (1 MiB) and the
+# broker's default message.max.bytes (1 MiB + 12), with room for the record's framing.
+# A batch whose outputs would break it is split until the record that causes it is
+# found, and that record is answered with `record_too_large` or dead-lettered.
+OUTPUT_BYTES_MAX: Final = 1_000_000

@@ -284,6 +284,9 @@ class Reason(enum.StrEnum):
     HOLD_NOT_EXPIRED = "hold_not_expired"
     AMOUNT_EXCEEDS_HOLD = "amount_exceeds_hold"
     NOTHING_TO_CONFIGURE = "nothing_to_configure"
+    # Over limits.COMMAND_BYTES_MAX, or its outcome would write a record over
+    # limits.OUTPUT_BYTES_MAX: not applied, nothing remembered.
+    RECORD_TOO_LARGE = "record_too_large"
 
 
 class Entry(msgspec.Struct, frozen=True, kw_only=True):
@@ -351,6 +354,9 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
 # the commands-topic record it answers. A command_id can be sent more than once (a
 # retry is answered `duplicate`), so the id alone does not say which sending a result
 # belongs to; the ingress matches on this to hand each request its own result.
+# A record the engine forwards from a wrong partition (a producer that does not hash
+# with murmur2, kcat say) carries the same header on its copy, naming the record the
+# client produced, so that the copy's result names that record too.
 SOURCE_HEADER = "tally-source"
 
 
@@ -365,9 +371,15 @@ def source_in(headers: Any) -> bytes | None:
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
-    """A record the engine could not turn into a command with a usable command_id.
+    """A record the engine could not answer with a result: no usable command_id.
 
-    `raw` is the record's value as text (undecodable bytes escaped), never dropped.
+    Bounded in size whatever the record was (limits.DEAD_LETTER_BYTES_MAX): `raw` is the
+    first limits.DEAD_LETTER_RAW_BYTES_MAX bytes of the record's value as text
+    (undecodable bytes backslash-escaped, `\\xff`), `truncated` says whether that was all
+    of it, and `raw_len` and `raw_sha256` are the length and digest of the whole value.
+    Nothing is lost: the record itself stays at `source_offset` of its topic. `key` is
+    cut the same way to limits.DEAD_LETTER_KEY_BYTES_MAX. Letters written before these
+    fields existed carry the whole value in `raw` and decode with the defaults.
     """
 
     v: Literal[1] = 1
@@ -377,6 +389,9 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     source_offset: int
     key: str | None
     raw: str
+    raw_len: int | None = None
+    raw_sha256: str | None = None
+    truncated: bool = False
     at_ms: int
 
 

@@ -125,3 +125,14 @@ def test_the_report_says_which_faults_were_not_injected() -> None:
     run.skipped = ["t+20.0s sigstop: no live worker"]
     report = chaos.render(run)
     assert "injected: kill9, broker_restart; NOT injected: t+20.0s sigstop" in report
+
+
+def test_one_id_on_two_accounts_is_two_decisions_and_a_forwarded_copy_is_not_a_record() -> None:
+    commands, results = _history()
+    other = Deposit(command_id="d1", account="c", asset="USD", amount=5)
+    # The client's record on a wrong partition, and the engine's copy on the right one.
+    commands += [_record(2, 0, encode(other)), _record(1, 7, encode(other), "2:0")]
+    results.append((_record(1, 1, b"", "2:0"), _result("d1", "deposit", [_entry("c", 1, 5, 5)])))
+    checks = {c.name: c for c in chaos._check_results(commands, [], results)}
+    assert checks["exactly one result per command record"].ok, checks
+    assert checks["one decision per (account, command id)"].ok, checks

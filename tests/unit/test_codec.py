@@ -3,6 +3,7 @@ sends to the dead-letter topic as Undecodable. It must never raise."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -15,6 +16,7 @@ from topics import limits
 from topics.codec import (
     Invalid,
     Undecodable,
+    dead_letter,
     decode_command,
     decode_dead_letter,
     decode_result,
@@ -347,12 +349,45 @@ def test_command_id_of_max_length_is_accepted() -> None:
     assert isinstance(got, Deposit)
 
 
-def test_record_over_the_size_limit_is_undecodable() -> None:
+def test_record_over_the_size_limit_naming_an_id_is_record_too_large() -> None:
     record = raw(command_id="ok", account="x" * (limits.COMMAND_BYTES_MAX + 1))
     assert len(record) > limits.COMMAND_BYTES_MAX
     got = decode_command(record)
-    assert isinstance(got, Undecodable)
-    assert str(limits.COMMAND_BYTES_MAX) in got.reason
+    assert isinstance(got, Invalid) and got.reason is Reason.RECORD_TOO_LARGE
+    assert (got.command_id, got.account, got.kind) == ("ok", "", "deposit")
+    assert str(limits.COMMAND_BYTES_MAX) in got.detail
+
+
+def test_an_oversize_command_is_answered_with_its_account_and_kind() -> None:
+    record = raw(command_id="big", memo="m" * limits.COMMAND_BYTES_MAX)
+    got = decode_command(record)
+    assert isinstance(got, Invalid)
+    assert (got.command_id, got.account, got.kind, got.reason) == (
+        "big", "alice", "deposit", Reason.RECORD_TOO_LARGE
+    )  # fmt: skip
+
+
+def test_past_the_decode_cap_only_a_bounded_prefix_is_scanned_for_the_id() -> None:
+    pad = "p" * limits.SALVAGE_DECODE_BYTES_MAX
+    front = json.dumps({"command_id": "c-1", "account": "bob", "kind": "withdraw", "memo": pad})
+    got = decode_command(front.encode())
+    assert isinstance(got, Invalid) and got.reason is Reason.RECORD_TOO_LARGE
+    assert (got.command_id, got.account, got.kind) == ("c-1", "bob", "withdraw")
+    back = json.dumps({"memo": pad, "command_id": "c-2", "account": "bob"})
+    late = decode_command(back.encode())
+    assert isinstance(late, Undecodable) and "no usable command_id" in late.reason
+
+
+def test_an_oversize_record_without_a_usable_id_is_undecodable() -> None:
+    for record in (
+        b"\xff" * (limits.COMMAND_BYTES_MAX + 1),
+        raw(command_id="has space", memo="m" * limits.COMMAND_BYTES_MAX),
+        b"[" * (limits.SALVAGE_DECODE_BYTES_MAX - 1) + b"]" * 5,
+        json.dumps({"command_id": 5, "memo": "m" * limits.COMMAND_BYTES_MAX}).encode(),
+    ):
+        got = decode_command(record)
+        assert isinstance(got, Undecodable)
+        assert str(limits.COMMAND_BYTES_MAX) in got.reason
 
 
 def test_record_at_the_size_limit_is_decoded() -> None:
@@ -465,3 +500,77 @@ def test_a_rejected_record_kind_with_control_characters_is_not_echoed() -> None:
     assert isinstance(decoded, Invalid) and decoded.kind == ""
     ok = decode_command(b'{"command_id": "k2", "account": "alice", "kind": "Deposit"}')
     assert isinstance(ok, Invalid) and ok.kind == "Deposit"
+
+
+def _letter(
+    raw: bytes, key: bytes | None = b"k", reason: str = "why", keep: int = 4096
+) -> DeadLetter:
+    return dead_letter(
+        reason, topic="t" * 249, partition=3, offset=2**62, key=key, raw=raw, at_ms=1, keep=keep
+    )
+
+
+def test_a_dead_letter_is_bounded_whatever_the_record() -> None:
+    # The worst escapes: invalid UTF-8 is "\\xff" (5 bytes in JSON), control characters
+    # are "\\u0000" (6 bytes), in the value, the key and the reason alike.
+    for byte in (b"\x00", b"\xff", b"\\", b'"'):
+        letter = _letter(byte * 300_000, key=byte * 5000, reason="\x00" * 5000)
+        assert len(encode(letter)) <= limits.DEAD_LETTER_BYTES_MAX
+        assert letter.truncated and letter.raw_len == 300_000
+
+
+@given(
+    raw=st.binary(max_size=10_000),
+    key=st.none() | st.binary(max_size=600),
+    reason=st.text(max_size=600),
+)
+@settings(max_examples=200)
+def test_dead_letters_round_trip_bounded_with_length_and_digest(
+    raw: bytes, key: bytes | None, reason: str
+) -> None:
+    letter = _letter(raw, key, reason)
+    assert len(encode(letter)) <= limits.DEAD_LETTER_BYTES_MAX
+    assert decode_dead_letter(encode(letter)) == letter
+    assert letter.raw_len == len(raw) and letter.raw_sha256 == hashlib.sha256(raw).hexdigest()
+    assert letter.truncated == (len(raw) > limits.DEAD_LETTER_RAW_BYTES_MAX)
+    if not letter.truncated:
+        # Nothing lost when it fits: backslashreplace is undone by the escape codec
+        # for text without backslashes of its own.
+        assert letter.raw == raw.decode("utf-8", "backslashreplace")
+
+
+def test_a_letter_without_the_bytes_keeps_only_length_and_digest() -> None:
+    letter = _letter(b"abc" * 10, key=b"key", keep=0)
+    assert (letter.raw, letter.key, letter.truncated, letter.raw_len) == ("", None, True, 30)
+
+
+def test_a_letter_written_before_the_bounds_still_decodes() -> None:
+    old = (
+        b'{"v":1,"reason":"malformed JSON","source_topic":"tally.commands",'
+        b'"source_partition":0,"source_offset":5,"key":null,"raw":"\\\\xff","at_ms":1}'
+    )
+    letter = decode_dead_letter(old)
+    assert (letter.raw, letter.raw_len, letter.raw_sha256, letter.truncated) == (
+        "\\xff", None, None, False
+    )  # fmt: skip
+
+
+def test_the_largest_command_writes_records_far_below_the_output_bound() -> None:
+    """The engine refuses to write a record over limits.OUTPUT_BYTES_MAX (the batch is
+    split and the record answered record_too_large); a legitimate command must never
+    come near it. The widest one: a disbursement of DISBURSE_LEGS_MAX legs with the
+    longest ids and amounts."""
+    from streams import ledger
+    from streams.memory import MemoryShard
+
+    payer, cid = "p" * limits.ACCOUNT_ID_LEN_MAX, "c" * limits.COMMAND_ID_LEN_MAX
+    shard = MemoryShard()
+    shard.commit(ledger.apply(shard, Deposit(command_id="seed", account=payer, asset="A" * 12,
+                                             amount=limits.AMOUNT_MAX), 1))  # fmt: skip
+    legs = [Leg(to=f"{i:064d}", amount=1) for i in range(limits.DISBURSE_LEGS_MAX)]
+    command = Disburse(command_id=cid, account=payer, asset="A" * 12, legs=legs)
+    assert len(encode(command)) < limits.COMMAND_BYTES_MAX
+    outcome = ledger.apply(shard, command, 2)
+    assert outcome.result.status is Status.APPLIED
+    largest = max(len(encode(x)) for x in [outcome.result, *outcome.emits])
+    assert largest < limits.OUTPUT_BYTES_MAX // 100, largest

@@ -57,12 +57,13 @@ def test_records_are_decided_at_the_engine_time_not_their_timestamp(tmp_path: Pa
                 key=account.encode(),
                 value=encode(c),
                 timestamp=stamp,
+                headers=(),
             )
             engine._handle(0, store, record, engine._time_ms(0), out)
         results = [decode_result(value) for topic, _, value, _, _ in out if value is not None]
         assert [r.at_ms for r in results] == [1_700_000_000_000, 1_700_000_000_000]
         assert [(r.status.value, r.reason) for r in results][1][1] == "hold_expired"
-        record = store.command("d1")
+        record = store.command(account, "d1")
         assert record is not None and record.at_ms == 1_700_000_000_000
     finally:
         store.close()

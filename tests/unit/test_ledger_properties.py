@@ -97,7 +97,7 @@ class LedgerWorld(RuleBasedStateMachine):
         self.seq: dict[Key, int] = defaultdict(int)
         self.status: dict[str, str] = defaultdict(lambda: "active")
         self.holds: dict[Key, tuple[str, int, int | None]] = {}
-        self.records: dict[tuple[int, str], tuple[Command, Status, Reason | None, int]] = {}
+        self.records: dict[tuple[str, str], tuple[Command, Status, Reason | None, int]] = {}
         self.money_in: Counter[str] = Counter()  # deposits
         self.money_out: Counter[str] = Counter()  # withdrawals and external captures
         # Bookkeeping of what the engine reported.
@@ -148,14 +148,14 @@ class LedgerWorld(RuleBasedStateMachine):
             assert shard.__dict__ == before, "a reused command_id changed state"
             return outcome
 
-        self.records[(shard_id, command.command_id)] = (
+        self.records[(command.account, command.command_id)] = (
             command,
             expected_status,
             expected_reason,
             self.now,
         )
-        assert shard.commands[command.command_id].status is expected_status
-        assert shard.commands[command.command_id].reason is expected_reason
+        assert shard.commands[(command.account, command.command_id)].status is expected_status
+        assert shard.commands[(command.account, command.command_id)].reason is expected_reason
         if expected_status is Status.APPLIED:
             expected_entries, expected_emits = self.effect(command)
         else:
@@ -195,7 +195,7 @@ class LedgerWorld(RuleBasedStateMachine):
     def predict(
         self, shard_id: int, command: Command
     ) -> tuple[Status, Reason | None, FirstResult | None]:
-        known = self.records.get((shard_id, command.command_id))
+        known = self.records.get((command.account, command.command_id))
         if known is not None:
             first_command, status, reason, at_ms = known
             if first_command == command:

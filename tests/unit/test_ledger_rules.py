@@ -101,8 +101,8 @@ def assert_rejected(
     for table in ("balances", "accounts", "holds"):
         assert after[table] == before[table], table
     new_commands = {k: v for k, v in after["commands"].items() if k not in before["commands"]}
-    assert set(new_commands) == {result.command_id}
-    record = new_commands[result.command_id]
+    assert set(new_commands) == {(result.account, result.command_id)}
+    record = new_commands[(result.account, result.command_id)]
     assert record.status is Status.REJECTED
     assert record.reason is reason
 
@@ -134,7 +134,7 @@ def test_deposit_credits_available_and_records_one_entry(shard: MemoryShard) -> 
     assert out.result.at_ms == NOW
     assert bal(shard, "alice") == BalanceState(available=100, held=0, seq=1, overdraft_limit=0)
     assert shard.accounts["alice"].assets == ("USD",)
-    assert shard.commands["d1"].status is Status.APPLIED
+    assert shard.commands[("alice", "d1")].status is Status.APPLIED
 
 
 def test_deposit_allowed_on_frozen_account(shard: MemoryShard) -> None:
@@ -963,7 +963,7 @@ def test_duplicate_is_checked_before_everything_else(shard: MemoryShard) -> None
 def test_same_id_with_different_payload_is_command_id_reused(shard: MemoryShard) -> None:
     first = Deposit(command_id="d1", account="alice", asset="USD", amount=100)
     run(shard, first)
-    record = shard.commands["d1"]
+    record = shard.commands[("alice", "d1")]
     before = snapshot(shard)
     other = Deposit(command_id="d1", account="alice", asset="USD", amount=101)
     out = run(shard, other, NOW + 1)
@@ -971,7 +971,7 @@ def test_same_id_with_different_payload_is_command_id_reused(shard: MemoryShard)
     assert out.result.reason is Reason.COMMAND_ID_REUSED
     assert out.result.first is None
     assert out.record is None
-    assert shard.commands["d1"] == record
+    assert shard.commands[("alice", "d1")] == record
     assert snapshot(shard) == before
     # The original is still recognised as itself.
     again = run(shard, first)

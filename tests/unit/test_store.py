@@ -9,9 +9,9 @@ import msgspec
 import pytest
 
 from streams import ledger
-from streams.state import BalanceState, HoldState
-from streams.store import ShardStore, balance_key, command_key, hold_key
-from topics.schema import Deposit, Hold, Release
+from streams.state import BalanceState, CommandRecord, HoldState
+from streams.store import ShardStore, balance_key, command_key, hold_key, legacy_command_key
+from topics.schema import Deposit, Hold, Reason, Release, Status
 
 
 def _store(tmp_path: Path) -> ShardStore:
@@ -36,7 +36,7 @@ def test_a_batch_reads_its_own_writes_and_flush_makes_them_durable(tmp_path: Pat
     store.close()
     again = _store(tmp_path)
     assert again.balances_of("a")["USD"].available == 12
-    assert again.command("d1") is not None and again.changelog_offset() == 42
+    assert again.command("a", "d1") is not None and again.changelog_offset() == 42
 
 
 def test_discard_forgets_an_aborted_batch(tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ def test_discard_forgets_an_aborted_batch(tmp_path: Path) -> None:
     store.discard()
     bal = store.balance("a", "USD")
     assert bal is not None and (bal.available, bal.seq) == (5, 1)
-    assert store.command("d2") is None
+    assert store.command("a", "d2") is None
     assert store.changelog_offset() == 1
 
 
@@ -81,8 +81,8 @@ def test_restore_copies_changelog_records_and_the_offset(tmp_path: Path) -> None
     target.restore(records, 17)
     assert target.balances_of("a")["EUR"].available == 9
     assert target.changelog_offset() == 17
-    target.restore([(command_key("d1"), None)], 18)
-    assert target.command("d1") is None
+    target.restore([(command_key("a", "d1"), None)], 18)
+    assert target.command("a", "d1") is None
 
 
 def test_commands_are_paged_for_pruning(tmp_path: Path) -> None:
@@ -92,13 +92,14 @@ def test_commands_are_paged_for_pruning(tmp_path: Path) -> None:
         store.commit(ledger.apply(store, cmd, 100 + i))
     store.flush(None)
     first, cursor = store.commands_from(None, 3)
-    assert [cid for cid, _ in first] == ["c0", "c1", "c2"] and cursor is not None
+    assert [name for name, _ in first] == [("a", "c0"), ("a", "c1"), ("a", "c2")]
+    assert cursor is not None
     rest, cursor = store.commands_from(cursor, 3)
-    assert [cid for cid, _ in rest] == ["c3", "c4"] and cursor is None
+    assert [name for name, _ in rest] == [("a", "c3"), ("a", "c4")] and cursor is None
     assert [rec.at_ms for _, rec in first + rest] == [100, 101, 102, 103, 104]
-    store.forget_command("c0")
+    store.forget_command(("a", "c0"))
     store.flush(None)
-    assert store.command("c0") is None and store.command("c1") is not None
+    assert store.command("a", "c0") is None and store.command("a", "c1") is not None
 
 
 # Value encodings at the money bounds (issue 14) ---------------------------------------
@@ -144,3 +145,80 @@ def test_a_store_written_in_the_64_bit_format_is_read_and_grows_past_it(tmp_path
     store.flush(4)
     assert store.balance("a", "USD") == BalanceState(2**63 - 1 + 2**64, 0, 8, 0)
     assert store.db.get(balance_key("a", "USD")) == b"[27670116110564327423,0,8,0]"
+
+
+def test_the_same_command_id_on_two_accounts_of_one_shard_is_two_commands(
+    tmp_path: Path,
+) -> None:
+    # Issue #13 finding 4: ids were shard-scoped, so this was command_id_reused when the
+    # accounts shared a shard and two commands when they did not.
+    store = _store(tmp_path)
+    for account in ("alice", "bob"):
+        cmd = Deposit(command_id="order-1", account=account, asset="USD", amount=5)
+        outcome = ledger.apply(store, cmd, 1)
+        assert (outcome.result.status, outcome.result.reason) == (Status.APPLIED, None)
+        store.commit(outcome)
+    store.flush(2)
+    assert [name for name, _ in store.commands_from(None, 10)[0]] == [
+        ("alice", "order-1"),
+        ("bob", "order-1"),
+    ]
+    retry = ledger.apply(
+        store, Deposit(command_id="order-1", account="bob", asset="USD", amount=5), 2
+    )
+    assert retry.result.status is Status.DUPLICATE
+
+
+def _legacy_store(tmp_path: Path) -> ShardStore:
+    """A store as the engine wrote it before (account, id) scope: "c|<id>" records, here
+    restored from a changelog the way a worker upgraded in place would find it."""
+    old = ShardStore(tmp_path / "old", "cl")
+    cmd = Deposit(command_id="d1", account="alice", asset="USD", amount=9)
+    outcome = ledger.apply(old, cmd, 100)
+    old.commit(outcome)
+    records = [
+        (legacy_command_key("d1") if key.startswith(b"c|") else key, value)
+        for key, value in old.pending.items()
+    ]
+    assert records[-1][0] == b"c|d1"
+    store = ShardStore(tmp_path / "shard", "cl")
+    store.restore(records, len(records))
+    return store
+
+
+def test_a_command_applied_under_the_old_layout_never_applies_twice(tmp_path: Path) -> None:
+    store = _legacy_store(tmp_path)
+    again = Deposit(command_id="d1", account="alice", asset="USD", amount=9)
+    outcome = ledger.apply(store, again, 200)
+    assert outcome.result.status is Status.DUPLICATE and outcome.record is None
+    assert outcome.result.first is not None and outcome.result.first.at_ms == 100
+    # Shard-scoped as before until retention prunes it: another account of the shard.
+    other = ledger.apply(store, Deposit(command_id="d1", account="bob", asset="USD", amount=9), 200)
+    assert other.result.reason is Reason.COMMAND_ID_REUSED
+    assert store.balance("alice", "USD") is not None
+    assert store.balance("alice", "USD").available == 9  # type: ignore[union-attr]
+
+
+def test_legacy_records_are_pruned_like_new_ones(tmp_path: Path) -> None:
+    store = _legacy_store(tmp_path)
+    store.commit(
+        ledger.apply(store, Deposit(command_id="d2", account="bob", asset="USD", amount=1), 300)
+    )
+    store.flush(None)
+    names = [name for name, _ in store.commands_from(None, 10)[0]]
+    assert names == [("bob", "d2"), (None, "d1")]
+    store.forget_command((None, "d1"))
+    assert store.pending == {b"c|d1": None}  # the tombstone the changelog gets
+    store.flush(None)
+    assert store.command("alice", "d1") is None and store.command("bob", "d2") is not None
+    # After the prune the id is free on every account again.
+    fresh = ledger.apply(store, Deposit(command_id="d1", account="bob", asset="USD", amount=1), 400)
+    assert fresh.result.status is Status.APPLIED
+
+
+def test_a_legacy_record_decodes_as_the_old_engine_wrote_it(tmp_path: Path) -> None:
+    store = ShardStore(tmp_path / "shard", "cl")
+    old_value = msgspec.json.encode(CommandRecord("f" * 32, Status.APPLIED, None, 5))
+    store.restore([(b"c|x-1", old_value)], 1)
+    record = store.command("anyone", "x-1")
+    assert record is not None and (record.status, record.at_ms) == (Status.APPLIED, 5)
