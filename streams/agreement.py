@@ -70,6 +70,7 @@ def terms(settings: Settings) -> dict[str, str]:
         "AMOUNT_MAX": str(limits.AMOUNT_MAX),
         "BALANCE_MIN": str(limits.BALANCE_MIN),
         "DISBURSE_LEGS_MAX": str(limits.DISBURSE_LEGS_MAX),
+        "ACCOUNT_ASSETS_MAX": str(limits.ACCOUNT_ASSETS_MAX),
         "COMMAND_BYTES_MAX": str(limits.COMMAND_BYTES_MAX),
     }
 

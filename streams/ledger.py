@@ -11,7 +11,8 @@ Every command is checked in this fixed order, and the first failing check is its
 3. account status of the account that pays (`account_closed`, then `account_frozen`);
 4. hold existence and state (`hold_exists`, `hold_not_found`, `hold_expired`, ...);
 5. funds (`insufficient_funds` beyond the overdraft limit);
-6. the balance cap (`balance_overflow`), see below.
+6. the balance cap (`balance_overflow`), see below, and the number of assets one
+   account may hold (`too_many_assets`, limits.ACCOUNT_ASSETS_MAX).
 Rejections are values, not exceptions, and change nothing but the idempotency record.
 
 Money conservation: only `deposit` creates money and only `withdraw` and external
@@ -251,6 +252,12 @@ class _Change:
     def set_balance(self, account: str, asset: str, new: BalanceState) -> None:
         acct = self.account(account)
         if asset not in acct.assets:
+            if len(acct.assets) >= limits.ACCOUNT_ASSETS_MAX:
+                # Never met by a refund, release or expiry: their balance exists already.
+                raise _Rejected(
+                    Reason.TOO_MANY_ASSETS,
+                    f"the account holds {len(acct.assets)} assets, the most it may",
+                )
             self.accounts[account] = AccountState(acct.status, (*acct.assets, asset))
         self.balances[(account, asset)] = new
 

@@ -65,6 +65,15 @@ HOLD_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$"
 # command record (about 100 bytes a leg) and the work one command may cause.
 DISBURSE_LEGS_MAX: Final = 1000
 
+# One account holds balances in at most this many assets. Its settings row (status and
+# the list of its assets, which closing the account checks) is one changelog value: an
+# account crediting itself into ever more assets would otherwise grow that value past
+# OUTPUT_BYTES_MAX (about 66,000 assets of 12 characters), and then every command on the
+# account, a payee's credit among them, could only be isolated, not applied. A new asset
+# past the bound is rejected `too_many_assets` (a rejected credit is refunded: its payer
+# already holds the asset). 1,000 assets of 12 characters is a value of about 15 KiB.
+ACCOUNT_ASSETS_MAX: Final = 1000
+
 # A raw record larger than this is not decoded at all: 1,000 legs fit in ~120 KiB.
 COMMAND_BYTES_MAX: Final = 256 * 1024
 

@@ -287,6 +287,8 @@ class Reason(enum.StrEnum):
     # Over limits.COMMAND_BYTES_MAX, or its outcome would write a record over
     # limits.OUTPUT_BYTES_MAX: not applied, nothing remembered.
     RECORD_TOO_LARGE = "record_too_large"
+    # A balance in one more asset than limits.ACCOUNT_ASSETS_MAX.
+    TOO_MANY_ASSETS = "too_many_assets"
 
 
 class Entry(msgspec.Struct, frozen=True, kw_only=True):

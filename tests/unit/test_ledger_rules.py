@@ -1215,3 +1215,33 @@ def test_overdraft_floor_reaches_minus_the_amount_bound(shard: MemoryShard) -> N
     out = run(shard, Withdraw(command_id="w2", account="bob", asset="USD", amount=1))
     assert_rejected(out, Reason.INSUFFICIENT_FUNDS, before, shard)
     assert bal(shard, "bob").available == -TWO_127
+
+
+def _asset(i: int) -> str:
+    return f"A{i:05d}"
+
+
+def test_an_account_holds_at_most_the_asset_bound_and_a_credit_past_it_is_refunded(
+    shard: MemoryShard,
+) -> None:
+    """Found while bounding the engine's outputs (#13): an account crediting itself into
+    ever more assets grew its settings value past the engine's output bound, after which
+    a payee's credit could only be isolated (dead-lettered) and its money was lost. The
+    asset count is bounded; the credit past it is refunded; what the account already
+    holds still moves."""
+    for i in range(limits.ACCOUNT_ASSETS_MAX):
+        deposit(shard, "whale", 1, asset=_asset(i))
+    before = snapshot(shard)
+    one_more = Deposit(command_id="more", account="whale", asset="NEW", amount=5)
+    assert_rejected(run(shard, one_more), Reason.TOO_MANY_ASSETS, before, shard)
+    credit = Credit(command_id="payer/t/credit", account="whale", asset="NEW", amount=7,
+                    origin_command_id="t", origin_account="payer")  # fmt: skip
+    out = run(shard, credit)
+    assert out.result.reason is Reason.TOO_MANY_ASSETS
+    (refund,) = out.emits
+    assert (refund.account, refund.asset, refund.amount) == ("payer", "NEW", 7)
+    whale = shard.account("whale")
+    assert whale is not None and len(whale.assets) == limits.ACCOUNT_ASSETS_MAX
+    assert "NEW" not in whale.assets
+    assert_applied(deposit(shard, "whale", 3, asset=_asset(0)))
+    assert bal(shard, "whale", _asset(0)).available == 4
