@@ -838,11 +838,14 @@ class Engine:
             # Placed by a partitioner other than murmur2 (kcat's CRC32, say): apply it
             # only on its account's shard, or one balance would live in two.
             # The copy carries the source of the record the client produced, so that
-            # its result names that record (see `_source`).
+            # its result names that record (see `_source`). Always this record's own:
+            # a record on a wrong partition is never a copy of ours (copies land on
+            # their owner), so a tally-source header it carries is a producer's
+            # invention and is not passed on.
             self.counts["forwarded"] += 1
+            own = None if internal else [(SOURCE_HEADER, source(record.partition, record.offset))]
             out.append(
-                (record.topic, decoded.account.encode(), record.value, owner,
-                 _source(record, internal))
+                (record.topic, decoded.account.encode(), record.value, owner, own)
             )  # fmt: skip
             return
         try:

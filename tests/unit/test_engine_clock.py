@@ -86,3 +86,34 @@ def test_pruning_waits_for_a_fresh_check_that_the_clock_agrees_with_the_broker()
     # A CreateTime answer is our own producer's stamp: it tells nothing.
     engine._check_clock(1_000_000, SimpleNamespace(timestamp=0, timestamp_type=0))
     assert not engine._clock_agrees(now)
+
+
+def test_a_forwarded_copy_names_the_record_it_copies_not_a_header_it_carried(
+    tmp_path: Path,
+) -> None:
+    """A record on a wrong partition is never one of the engine's copies, so a
+    tally-source header on it (a producer's invention) is replaced by the record's own
+    place: the result of the copy then names the record the client produced."""
+    engine = Engine(Settings(partitions=4), clock=lambda: 1_700_000_000.0)
+    store = ShardStore(tmp_path / "shard", "cl")
+    try:
+        account = "eve"
+        owner = shard_of(account, 4)
+        wrong = (owner + 1) % 4
+        forged = owner if (owner + 2) % 4 == wrong else (owner + 2) % 4
+        record = SimpleNamespace(
+            topic=engine.topics.commands.name,
+            partition=wrong,
+            offset=17,
+            key=account.encode(),
+            value=encode(Deposit(command_id="f1", account=account, asset="USD", amount=5)),
+            timestamp=0,
+            headers=[("tally-source", b"%d:5" % forged)],
+        )
+        out: list[Output] = []
+        engine._handle(wrong, store, record, engine._time_ms(wrong), out)
+        ((topic, _, _, partition, headers),) = out
+        assert (topic, partition) == (engine.topics.commands.name, owner)
+        assert headers == [("tally-source", b"%d:17" % wrong)]
+    finally:
+        store.close()
