@@ -14,7 +14,12 @@ import asyncio
 from collections.abc import Iterator
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -82,6 +87,8 @@ class SinkWeb:
         self.port = port
         self.last_ready = False
         self.last_lag: dict[int, int] = {}
+        # The *_created series double the output and nobody graphs them (as the ingress).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         self.registry.register(_SinkCollector(self))
         self.write_seconds = Histogram(
