@@ -166,16 +166,19 @@ async def supervise(settings: Settings, target: str, processes: int) -> None:
     await prepare(settings, target)
     shares = split(settings.partitions, processes)
     log.info("sink %s: %d processes, partitions %s", target, len(shares), shares)
+    await supervise_children(f"sink {target}", child_commands(settings, target, shares))
+
+
+def child_commands(settings: Settings, target: str, shares: list[list[int]]) -> list[list[str]]:
+    """The command of each process of `tally sink --processes N`: its share of the
+    partitions, and its own web port (the target's port + 1 + k; 0 stays 0, none)."""
     base = web_port_of(settings, target)
-    await supervise_children(
-        f"sink {target}",
-        [
-            [sys.executable, "-m", "tally.cli", "sink", target,
-             "--partitions", ",".join(str(p) for p in share),
-             "--web-port", str(base + 1 + k if base else 0)]
-            for k, share in enumerate(shares)
-        ],
-    )  # fmt: skip
+    return [
+        [sys.executable, "-m", "tally.cli", "sink", target,
+         "--partitions", ",".join(str(p) for p in share),
+         "--web-port", str(base + 1 + k if base else 0)]
+        for k, share in enumerate(shares)
+    ]  # fmt: skip
 
 
 def run(
