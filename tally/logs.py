@@ -21,6 +21,8 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from aiohttp.http_exceptions import BadHttpMessage
+
 from tally.settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -66,6 +68,27 @@ class ExpectedRetries(logging.Filter):
         return self.show_debug
 
 
+class ClientErrors(logging.Filter):
+    """aiohttp logs a request it could not parse (a header line past its limit, bytes
+    that are not HTTP) at ERROR with a traceback, from every web server of ours: it is
+    the client's error, answered 400. Fold it to one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "aiohttp.server" or not record.exc_info:
+            return True
+        error = record.exc_info[1]
+        if isinstance(error, BadHttpMessage):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "refused a malformed request: %s", (_first_line(error),)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, the
     traceback if any, and any structured fields given as `extra={"fields": {...}}`."""
@@ -93,6 +116,7 @@ def handler_for(settings: Settings, stream: Any = None) -> logging.Handler:
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     handler.addFilter(ExpectedRetries(show_debug=settings.log_level == "DEBUG"))
+    handler.addFilter(ClientErrors())
     return handler
 
 

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import msgspec
 import pytest
+from aiohttp.http_exceptions import LineTooLong
 
-from tally.logs import ExpectedRetries, JsonFormatter, setup_logging
+from tally.logs import ClientErrors, ExpectedRetries, JsonFormatter, setup_logging
 from tally.settings import Settings
 
 
@@ -78,3 +79,18 @@ def test_setup_logs_one_json_start_line_with_secrets_masked() -> None:
     assert start["process"] == "ingress" and start["version"]
     assert start["settings"]["ingress_keys"] == "k1:***"
     assert secret not in lines[0] and "pw-in-dsn" not in lines[0]
+
+
+def test_a_malformed_request_is_one_info_line_not_an_error_with_a_traceback() -> None:
+    try:
+        raise LineTooLong(b"aaaa" * 100, 8190)
+    except LineTooLong:
+        record = logging.LogRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+            ("127.0.0.1",), sys.exc_info(),
+        )  # fmt: skip
+    assert ClientErrors().filter(record)
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert record.getMessage().startswith("refused a malformed request: LineTooLong")
+    other = _record("aiohttp.server", logging.ERROR, "Error handling request")
+    assert ClientErrors().filter(other) and other.levelno == logging.ERROR
