@@ -122,7 +122,7 @@ class SinkWeb:
         runner = self.runner
         store = "ok"
         if runner.down_since is not None:
-            store = "unavailable (retrying a batch)"
+            store = "unavailable (the sink is retrying it)"
         elif (ping := getattr(runner.store, "ping", None)) is not None:
             # Both stores ping; a wrapped store (a replay's) has no server of its own.
             try:

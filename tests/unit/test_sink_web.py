@@ -63,7 +63,7 @@ async def test_not_ready_without_partitions_or_with_the_store_down() -> None:
     checks = await down.checks()
     assert checks["store"] == "unavailable (ConnectionRefusedError)"
     down.runner.down_since = 1.0  # an outage the runner is waiting out
-    assert (await down.checks())["store"] == "unavailable (retrying a batch)"
+    assert (await down.checks())["store"] == "unavailable (the sink is retrying it)"
 
 
 def test_each_sink_process_gets_a_port_of_its_own() -> None:
