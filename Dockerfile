@@ -20,7 +20,7 @@ COPY migrations migrations
 # Editable: the package finds migrations/ beside it, as in a checkout.
 RUN pip install --no-cache-dir --no-deps -e .
 
-RUN useradd --create-home tally && mkdir -p /var/lib/tally && chown tally /var/lib/tally
+RUN useradd --create-home --uid 1000 tally && mkdir -p /var/lib/tally && chown tally /var/lib/tally
 USER tally
 ENV TALLY_DATA_DIR=/var/lib/tally/engine
 ENTRYPOINT ["tally"]

@@ -16,7 +16,7 @@ FUZZ_EXAMPLES ?= 200
 FUZZ_HTTP_EXAMPLES ?= 500
 
 .PHONY: help venv services services-down services-status lint fmt test test-unit \
-        test-integration test-fault demo bench chaos fuzz clean
+        test-integration test-fault demo bench chaos fuzz clean helm
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -39,6 +39,9 @@ services-down: ## Stop the local services started by `make services`
 services-status: ## Say which local services are up
 	@$(SERVICES) status
 
+helm: ## Build the Helm CLI from its Go module into .cache/bin, once (the chart tests render with it)
+	@scripts/helm.sh >/dev/null
+
 lint: $(STAMP) ## ruff check, ruff format --check, mypy on the packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -55,10 +58,10 @@ define run_pytest
 	exit $$rc
 endef
 
-test: lint services ## Lint, start the services, run every test suite against them
+test: lint services helm ## Lint, start the services, build helm (once), run every test suite against them
 	$(call run_pytest,tests/unit tests/integration tests/fault)
 
-test-unit: $(STAMP) ## Only the pure, fast unit tests (no services needed)
+test-unit: $(STAMP) helm ## Only the pure, fast unit tests (no services needed)
 	$(call run_pytest,-m unit tests/unit)
 
 test-integration: $(STAMP) services ## Only the integration tests (real services)

@@ -14,6 +14,7 @@ from ingress.app import Ingress
 from ingress.protocol import ProblemRunner
 from sinks.migrate import migrate
 from streams.engine import Engine
+from tally.logs import setup_logging
 from tally.settings import Settings
 from tally.supervise import supervise
 from topics.admin import ensure_topics
@@ -57,9 +58,7 @@ async def serve(settings: Settings) -> None:
 
 
 def run(settings: Settings, *, processes: int = 1) -> int:
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings, "ingress")
     try:
         Ingress.check(settings)
         if processes > 1:

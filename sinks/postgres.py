@@ -125,6 +125,15 @@ class PostgresStore:
         )
         await numeric.use_int_codec(self.conn)
 
+    async def ping(self, timeout_s: float) -> None:
+        """Whether PostgreSQL answers now, on a connection of its own (the sink's is busy
+        with a batch while the readiness probe asks)."""
+        conn = await asyncpg.connect(self.dsn, timeout=timeout_s)
+        try:
+            await conn.fetchval("SELECT 1", timeout=timeout_s)
+        finally:
+            conn.terminate()
+
     async def close(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:

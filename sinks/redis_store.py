@@ -110,6 +110,16 @@ class RedisStore:
         await self.client.ping()
         self.script = self.client.register_script(LWW_SCRIPT)
 
+    async def ping(self, timeout_s: float) -> None:
+        """Whether Redis answers now, on a connection of its own (for readiness)."""
+        client = aioredis.from_url(
+            self.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
     async def close(self) -> None:
         client, self.client = self.client, None
         if client is not None:

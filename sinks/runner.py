@@ -145,6 +145,7 @@ class SinkRunner:
         self.until = until
         self.written_events = 0
         self.written_entries = 0
+        self.batches = 0
         self.dead_lettered = 0
         self.isolated = 0  # of them: events the store refused
         self.down_since: float | None = None
@@ -153,6 +154,9 @@ class SinkRunner:
         self._next_probe = 0.0
         self.consumer: AIOKafkaConsumer | None = None
         self.on_batch: Callable[[Batch], None] | None = None
+        # Called with each batch's write time in seconds (retries of an outage included):
+        # the sink's web server keeps the histogram.
+        self.on_write: Callable[[float], None] | None = None
         self._stopping = asyncio.Event()
         self._reseek: set[TopicPartition] = set()
         self._next: dict[TopicPartition, int] = {}
@@ -177,6 +181,24 @@ class SinkRunner:
             if high is not None:
                 total += max(0, high - await consumer.position(tp))
         return total
+
+    async def partition_lag(self) -> dict[int, int]:
+        """Events not yet consumed per assigned partition (those whose end is known)."""
+        consumer = self.consumer
+        if consumer is None:
+            return {}
+        lags = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is not None:
+                lags[tp.partition] = max(0, high - await consumer.position(tp))
+        return lags
+
+    def assigned(self) -> list[int]:
+        """The partitions this sink consumes now (empty before the group assigns any)."""
+        if self.consumer is None:
+            return []
+        return sorted(tp.partition for tp in self.consumer.assignment())
 
     async def run(self) -> None:
         producer = self._producer = durable_producer(self.bootstrap)
@@ -252,12 +274,16 @@ class SinkRunner:
     async def _write(self, batch: Batch) -> None:
         """Write one batch (retrying while the store is down); it is visible from here.
         Events whose content the store refuses are isolated and dead-lettered."""
+        started = time.perf_counter()
         try:
             await self._retrying(lambda: self.store.write(batch))
         except Exception as error:
             if not self.content_error(error):
                 raise
             batch = await self._without_refused(batch, error)
+        if self.on_write is not None:
+            self.on_write(time.perf_counter() - started)
+        self.batches += 1
         self.written_events += len(batch.events)
         self.written_entries += batch.entries
         if self.on_batch is not None:

@@ -17,6 +17,8 @@ from sinks.migrate import migrate
 from sinks.postgres import PostgresStore
 from sinks.redis_store import RedisStore
 from sinks.runner import SinkRunner, Store
+from sinks.web import SinkWeb
+from tally.logs import setup_logging
 from tally.settings import Settings
 from tally.supervise import supervise as supervise_children
 from topics.admin import ensure_topics
@@ -116,15 +118,36 @@ async def prepare(settings: Settings, target: str) -> None:
         await migrate(settings.pg_dsn, schema_of(settings), settings.partitions, say=log.info)
 
 
-async def serve(settings: Settings, target: str, partitions: list[int] | None = None) -> None:
+def web_port_of(settings: Settings, target: str) -> int:
+    """The port of `target`'s web server (0: none)."""
+    return settings.sink_postgres_web_port if target == "postgres" else settings.sink_redis_web_port
+
+
+async def serve(
+    settings: Settings,
+    target: str,
+    partitions: list[int] | None = None,
+    *,
+    web_port: int | None = None,
+) -> None:
+    """One sink process; its web server on `web_port` (default: the target's setting)."""
     await prepare(settings, target)
     runner = runner_for(settings, target, partitions)
+    port = web_port_of(settings, target) if web_port is None else web_port
+    server = SinkWeb(runner, target, settings.sink_web_host, port) if port else None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runner.stop)
     what = "group" if partitions is None else f"partitions {partitions} of group"
     log.info("sink %s: consuming %s, %s %s", target, runner.topic, what, runner.group_id)
-    await runner.run()
+    if server is not None:
+        await server.start()
+        log.info("sink %s: web on http://%s:%d", target, settings.sink_web_host, port)
+    try:
+        await runner.run()
+    finally:
+        if server is not None:
+            await server.stop()
 
 
 def split(partitions: int, processes: int) -> list[list[int]]:
@@ -143,27 +166,35 @@ async def supervise(settings: Settings, target: str, processes: int) -> None:
     await prepare(settings, target)
     shares = split(settings.partitions, processes)
     log.info("sink %s: %d processes, partitions %s", target, len(shares), shares)
-    await supervise_children(
-        f"sink {target}",
-        [
-            [sys.executable, "-m", "tally.cli", "sink", target,
-             "--partitions", ",".join(str(p) for p in share)]
-            for share in shares
-        ],
-    )  # fmt: skip
+    await supervise_children(f"sink {target}", child_commands(settings, target, shares))
+
+
+def child_commands(settings: Settings, target: str, shares: list[list[int]]) -> list[list[str]]:
+    """The command of each process of `tally sink --processes N`: its share of the
+    partitions, and its own web port (the target's port + 1 + k; 0 stays 0, none)."""
+    base = web_port_of(settings, target)
+    return [
+        [sys.executable, "-m", "tally.cli", "sink", target,
+         "--partitions", ",".join(str(p) for p in share),
+         "--web-port", str(base + 1 + k if base else 0)]
+        for k, share in enumerate(shares)
+    ]  # fmt: skip
 
 
 def run(
-    settings: Settings, target: str, *, processes: int = 1, partitions: list[int] | None = None
+    settings: Settings,
+    target: str,
+    *,
+    processes: int = 1,
+    partitions: list[int] | None = None,
+    web_port: int | None = None,
 ) -> int:
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings, f"sink {target}")
     try:
         if processes > 1:
             asyncio.run(supervise(settings, target, processes))
         else:
-            asyncio.run(serve(settings, target, partitions))
+            asyncio.run(serve(settings, target, partitions, web_port=web_port))
     except Exception:
         log.exception("sink %s failed", target)
         return 1

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from streams.agreement import Disagreement
 from streams.engine import Engine
 from streams.web import WorkerWeb, client_id_for
+from tally.logs import setup_logging
 from tally.settings import Settings
 from topics.admin import ensure_topics
 
@@ -104,9 +105,7 @@ async def serve(
 
 def run(settings: Settings) -> int:
     """Run the worker until it is stopped; return its exit code."""
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings, "engine worker")
     try:
         asyncio.run(serve(settings))
     except Disagreement:

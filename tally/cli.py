@@ -52,7 +52,9 @@ def demo(count: int, accounts: int, seed: int, keep: bool, stack_check: bool) ->
     """Run the engine and a mixed workload of COUNT commands in this process, then check
     exactly-once results, seq continuity, the tables and conservation."""
     settings = _settings()
-    logging.basicConfig(level=logging.WARNING)
+    from tally.logs import setup_logging
+
+    setup_logging(settings, "demo", quiet=True)
     if stack_check:
         _roundtrip(settings, count=2000, accounts=100, seed=seed)
         click.echo("")
@@ -107,7 +109,8 @@ def engine() -> None:
     "no rebalancing between them; a process that dies is restarted).",
 )
 @click.option("--partitions", hidden=True, help="Internal: the share of one such process.")
-def sink(target: str, processes: int, partitions: str | None) -> None:
+@click.option("--web-port", type=int, hidden=True, help="Internal: one such process's port.")
+def sink(target: str, processes: int, partitions: str | None, web_port: int | None) -> None:
     """Run one sink: project the events topic into PostgreSQL or Redis.
 
     Consumes <prefix>.events in batches (TALLY_SINK_BATCH_SIZE events or
@@ -115,7 +118,9 @@ def sink(target: str, processes: int, partitions: str | None) -> None:
     (the default) it is a member of the consumer group <prefix>-sink-TARGET, so several
     hosts can share the partitions; with --processes N it splits them over N processes
     here instead: do not mix the two for one target. The PostgreSQL sink migrates its
-    schema first. Stop with SIGTERM.
+    schema first. Each process serves /livez, /readyz and /metrics on
+    TALLY_SINK_POSTGRES_WEB_PORT or TALLY_SINK_REDIS_WEB_PORT (with --processes N,
+    process k on that port + 1 + k). Stop with SIGTERM.
     """
     from sinks import service
 
@@ -128,7 +133,9 @@ def sink(target: str, processes: int, partitions: str | None) -> None:
             raise click.BadParameter("a comma-separated list of partition numbers") from None
         if not shares or shares[0] < 0 or shares[-1] >= settings.partitions:
             raise click.BadParameter(f"partitions must be within 0..{settings.partitions - 1}")
-    sys.exit(service.run(settings, target, processes=processes, partitions=shares))
+    sys.exit(
+        service.run(settings, target, processes=processes, partitions=shares, web_port=web_port)
+    )
 
 
 @main.command()

@@ -225,6 +225,39 @@ class IngressProcess(_Child):
             await asyncio.sleep(0.1)
 
 
+class SinkProcess(_Child):
+    """`tally sink TARGET` as a child process with its web server on a free port, for a
+    deployment `prefix`; ready once its /readyz answers 200 (store up, partitions
+    assigned)."""
+
+    what = "sink"
+
+    def __init__(
+        self,
+        settings: Settings,
+        target: str,
+        *,
+        prefix: str,
+        log_path: Path,
+        partitions: int = 4,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        self.args = (target,)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = child_env(
+            msgspec.structs.replace(
+                settings,
+                topic_prefix=prefix,
+                partitions=partitions,
+                **{f"sink_{target}_web_port": self.port},
+                **overrides,
+            )
+        )
+
+
 async def produce(
     bootstrap: str, topic: str, records: list[tuple[str, bytes, int | None]]
 ) -> float:

@@ -75,6 +75,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Sinks: a batch is this many events, or what arrived within the linger.
     sink_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000
     sink_linger_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 200
+    # Each sink process's web server (/livez, /readyz, /metrics): the PostgreSQL sink on
+    # one port, the Redis sink on the other, 0 for none. With `--processes N`, process
+    # k (0-based) listens on port + 1 + k instead (the supervising parent serves none).
+    sink_web_host: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9.:-]{1,253}$")] = "127.0.0.1"
+    sink_postgres_web_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 6100
+    sink_redis_web_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 6200
+    # Log lines as text for people, or one JSON object per line for log shippers.
+    log_format: Literal["text", "json"] = "text"
     # Ingress (HTTP). Client keys for request signatures: "key-id:secret,key-id:secret";
     # a secret is at least 16 characters. Never logged (see `redacted`).
     ingress_host: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"

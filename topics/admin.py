@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Iterable
 from contextlib import suppress
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -135,14 +136,27 @@ def _config_changes(
 
 async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
     """Partition counts by topic, waiting out the moment after a create when the broker
-    still describes a new topic with no partitions."""
+    still describes a new topic with no partitions, or partitions without a leader."""
     deadline = time.monotonic() + metadata_wait_s
     while True:
         described = await admin.describe_topics(names)
         counts = {d["topic"]: len(d["partitions"]) for d in described}
-        if all(counts.get(n, 0) > 0 for n in names) or time.monotonic() > deadline:
+        if all(counts.get(n, 0) > 0 for n in names) and _all_led(described):
+            return counts
+        if time.monotonic() > deadline:
             return counts
         await asyncio.sleep(0.2)
+
+
+def _all_led(described: list[dict[str, Any]]) -> bool:
+    """Whether every partition of the described topics has a leader. Until then a
+    client that fetches offsets or produces meets NotLeaderForPartition and retries
+    (aiokafka logs that at ERROR, which reads as a failure at every first start)."""
+    return all(
+        p.get("error_code", 0) == 0 and p.get("leader", -1) >= 0
+        for d in described
+        for p in d["partitions"]
+    )
 
 
 async def delete_topics(bootstrap: str, names: list[str]) -> None:

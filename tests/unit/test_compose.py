@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from tally.settings import load
+from tally.settings import Settings, load
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ("worker", "sink-postgres", "sink-redis", "ingress")
@@ -49,3 +49,29 @@ def test_the_worker_scales_it_publishes_no_fixed_port_and_advertises_its_own_add
     assert worker["environment"]["TALLY_WEB_ADVERTISED_HOST"] == "auto"
     assert worker["environment"]["TALLY_WEB_HOST"] == "0.0.0.0"
     assert "6066/readyz" in " ".join(worker["healthcheck"]["test"])
+
+
+def test_monitoring_profile_mounts_the_rules_and_dashboard_and_scrapes_every_process() -> None:
+    services = _compose()
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+        for volume in services[name]["volumes"]:
+            host = volume.split(":")[0]
+            assert (ROOT / host).is_dir(), volume
+    config = yaml.safe_load((ROOT / "deploy/monitoring/prometheus/prometheus.yml").read_text())
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert (ROOT / "deploy/monitoring/prometheus/alerts.yml").exists()
+    targets = {
+        t
+        for job in config["scrape_configs"]
+        for c in job.get("static_configs", [])
+        for t in c["targets"]
+    }
+    defaults = Settings()
+    assert targets == {
+        f"ingress:{defaults.ingress_port}",
+        f"sink-postgres:{defaults.sink_postgres_web_port}",
+        f"sink-redis:{defaults.sink_redis_web_port}",
+    }
+    (engine,) = [j for j in config["scrape_configs"] if j["job_name"] == "tally-engine"]
+    assert engine["dns_sd_configs"][0]["port"] == defaults.web_port
