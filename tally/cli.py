@@ -132,6 +132,20 @@ def sink(target: str, processes: int, partitions: str | None) -> None:
 
 
 @main.command()
+def notify() -> None:
+    """Push result events to the subscribers' HTTP endpoints (see /v1/subscriptions).
+
+    A member of the consumer group <prefix>-notify on <prefix>.events (run several to
+    share the partitions). Each delivery is a signed POST, retried with backoff until a
+    2xx or TALLY_NOTIFY_RETRY_HORIZON_S, then parked as failed. /livez, /readyz and
+    /metrics on TALLY_WEB_HOST:TALLY_NOTIFY_PORT. Stop with SIGTERM.
+    """
+    from notify import service
+
+    sys.exit(service.run(_settings()))
+
+
+@main.command()
 def migrate() -> None:
     """Apply pending SQL migrations to the deployment's PostgreSQL schema.
 
