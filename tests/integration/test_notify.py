@@ -26,6 +26,9 @@ PARTITIONS = 4
 KEY_ID = "notify-test"
 SECRET = "notify-test-secret-0123456789"
 SUB_SECRET = "subscriber-secret-0123456789"
+# aiohttp sends "Content-Type: application/octet-stream" with a body-less POST, which
+# tally.client does not sign: name the type, so that the signed one is the one sent.
+JSON: dict[str, Any] = {"headers": {"Content-Type": "application/json"}}
 # Short, so that retries and parking happen within a test.
 NOTIFY = {
     "notify_timeout_ms": 700,
@@ -46,6 +49,7 @@ class Receiver:
 
     mode: str = "ok"
     failures: int = 0
+    delay_s: float = 0.0  # before answering 200
     port: int = field(default_factory=free_port)
     requests: list[dict[str, Any]] = field(default_factory=list)
     acked: list[dict[str, Any]] = field(default_factory=list)  # bodies answered 2xx
@@ -81,6 +85,8 @@ class Receiver:
             await asyncio.sleep(3600)
         if self.mode == "flaky" and len(self.requests) <= self.failures:
             return web.Response(status=500)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         self.acked.append(body)
         return web.Response(status=200)
 
@@ -257,19 +263,19 @@ async def test_pause_holds_deliveries_and_resume_delivers_them(stack: Stack) -> 
     try:
         tag = uuid.uuid4().hex[:6]
         sub = await subscribe(stack.client, r.url, account_prefixes=[f"p-{tag}"])
-        paused = await stack.client.request("POST", f"/v1/subscriptions/{sub}/pause")
+        paused = await stack.client.request("POST", f"/v1/subscriptions/{sub}/pause", **JSON)
         assert paused.status == 200 and paused.body["paused"] is True
         await asyncio.sleep(0.6)  # the notifier sees the pause at its next refresh
         ids = await deposits(stack.client, [f"p-{tag}"], 3, tag)
         await asyncio.sleep(1.5)
         assert not r.acked
-        resumed = await stack.client.request("POST", f"/v1/subscriptions/{sub}/resume")
+        resumed = await stack.client.request("POST", f"/v1/subscriptions/{sub}/resume", **JSON)
         assert resumed.status == 200 and resumed.body["paused"] is False
         await until(lambda: {b["command_id"] for b in r.acked} == set(ids), "after resume")
         listed = await stack.client.request("GET", "/v1/subscriptions")
         assert sub in {s["id"] for s in listed.body["subscriptions"]}
         assert all("secret" not in s for s in listed.body["subscriptions"])
-        gone = await stack.client.request("DELETE", f"/v1/subscriptions/{sub}")
+        gone = await stack.client.request("DELETE", f"/v1/subscriptions/{sub}", **JSON)
         assert gone.status == 204
         again = await stack.client.request("GET", f"/v1/subscriptions/{sub}")
         assert again.status == 404 and again.body["field"] == "subscription_id"
