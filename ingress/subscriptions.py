@@ -239,45 +239,43 @@ def paths(
                 "responses": {**answers, **problems(*errors)}, **more}  # fmt: skip
 
     one = ok(200, "SubscriptionOut", "The subscription (never its secret).")
+    query = [
+        {"name": "status", "in": "query", "required": False,
+         "schema": {"type": "string", "enum": ["failed"]}},
+        {"name": "limit", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": store.DELIVERIES_PAGE_MAX}},
+    ]  # fmt: skip
+    body = {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/NewSubscription"}}}}  # fmt: skip
     return {
         "/v1/subscriptions": {
             "post": op(
                 "createSubscription", "Subscribe an HTTP endpoint to result events.",
                 {**ok(201, "SubscriptionOut", "Created; a generated secret is shown once."),
                  **problems(409, 415, 422)},
-                requestBody={"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/NewSubscription"}}}},
+                requestBody=body,
             ),
             "get": op("listSubscriptions", "List subscriptions.",
                       ok(200, "SubscriptionList", "Every subscription.")),
         },
         "/v1/subscriptions/{subscription_id}": {
-            "parameters": [sid],
-            "get": op("getSubscription", "One subscription.", one),
+            "get": op("getSubscription", "One subscription.", one, parameters=[sid]),
             "delete": op("deleteSubscription", "Delete a subscription and its deliveries.",
-                         ok(204, None, "Deleted.")),
+                         ok(204, None, "Deleted."), parameters=[sid]),
         },
         "/v1/subscriptions/{subscription_id}/pause": {
-            "parameters": [sid],
-            "post": op("pauseSubscription", "Stop deliveries (events meanwhile are skipped).",
-                       one),
+            "post": op("pauseSubscription", "Stop deliveries until resumed.", one,
+                       parameters=[sid]),
         },
         "/v1/subscriptions/{subscription_id}/resume": {
-            "parameters": [sid],
-            "post": op("resumeSubscription", "Deliver again from now on.", one),
+            "post": op("resumeSubscription", "Deliver again from where they stopped.", one,
+                       parameters=[sid]),
         },
         "/v1/subscriptions/{subscription_id}/deliveries": {
-            "parameters": [sid],
             "get": op(
                 "listDeliveries", "Deliveries given up after the retry horizon.",
                 ok(200, "DeliveryList", "Parked deliveries, oldest first."),
-                parameters=[
-                    {"name": "status", "in": "query", "required": False,
-                     "schema": {"type": "string", "enum": ["failed"]}},
-                    {"name": "limit", "in": "query", "required": False,
-                     "schema": {"type": "integer", "minimum": 1,
-                                "maximum": store.DELIVERIES_PAGE_MAX}},
-                ],
+                parameters=[sid, *query],
             ),
         },
     }  # fmt: skip

@@ -666,6 +666,24 @@ def bench_sinks(events: int, processes: int, report: Path) -> None:
     asyncio.run(job.run(settings, count=events, processes=processes, report=report))
 
 
+@bench.command(name="notify")
+@click.option("--events", default=20_000, show_default=True, type=click.IntRange(100, 1_000_000))
+@click.option(
+    "--report",
+    default="reports/bench-notify.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
+def bench_notify(events: int, report: Path) -> None:
+    """Deliveries/s from `tally notify` to a fast local receiver on EVENTS pre-produced
+    result events, and event-to-delivery latency (p50, p99) at 200 events/s."""
+    from tally import bench_notify as job
+
+    settings = _settings()
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(job.run(settings, count=events, report=report))
+
+
 @bench.command(name="replay")
 @click.option("--events", default=200_000, show_default=True, type=click.IntRange(1000, 5_000_000))
 @click.option(
