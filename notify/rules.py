@@ -191,3 +191,14 @@ def backoff_s(attempt: int, *, first_s: float, max_s: float, rng: random.Random)
     (1 = the first retry)."""
     ceiling = min(max_s, first_s * 2 ** min(attempt - 1, 60))
     return rng.uniform(0, ceiling)
+
+
+def global_address(address: str) -> bool:
+    """Whether a resolved address is a public one (the check at connect time)."""
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    return parsed.is_global

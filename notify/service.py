@@ -34,6 +34,7 @@ from prometheus_client.exposition import generate_latest
 from notify import store
 from notify.deliver import Config, Reader
 from notify.metrics import Metrics
+from notify.resolver import PublicOnly
 from sinks.migrate import migrate, quote
 from tally.settings import Settings
 from topics.admin import ensure_topics
@@ -89,7 +90,10 @@ class Notifier:
             server_settings={"search_path": quote(self.settings.topic_prefix)},
         )  # fmt: skip
         # No connection pool limit per host beyond the lanes: each lane has one request.
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        resolver = None if self.settings.notify_allow_private else PublicOnly()
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, resolver=resolver)
+        )
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=group_of(self.settings),

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from notify import rules
 from notify.deliver import Progress
+from notify.resolver import PublicOnly
 from topics import limits
 from topics.schema import PUBLIC_KINDS
 
@@ -171,3 +172,22 @@ def test_the_watermark_stops_at_the_first_delivery_not_done() -> None:
     assert progress.watermarks()[0] == 13
     progress.stored.update(progress.watermarks())
     assert progress.changed() == {}
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [("93.184.216.34", True), ("2606:2800:220:1::1", True), ("127.0.0.1", False),
+     ("10.0.0.1", False), ("::1", False), ("::ffff:10.0.0.1", False), ("fe80::1%eth0", False),
+     ("not-an-address", False)],
+)  # fmt: skip
+def test_resolved_addresses_are_checked_again_at_connect_time(address: str, public: bool) -> None:
+    assert rules.global_address(address) is public
+
+
+async def test_a_name_resolving_to_loopback_is_not_connected_to() -> None:
+    resolver = PublicOnly()
+    try:
+        with pytest.raises(OSError, match="no public address"):
+            await resolver.resolve("localhost", 443)
+    finally:
+        await resolver.close()
