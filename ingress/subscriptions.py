@@ -17,6 +17,7 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
+from ingress.commands import check_unique_keys
 from ingress.problems import Problem, from_validation
 from notify import store
 from notify.rules import Filter, InvalidSubscription, check_filter, check_url
@@ -112,6 +113,8 @@ class Routes:
             raise from_validation(exc) from None
         except msgspec.DecodeError as exc:
             raise Problem(400, "malformed JSON", str(exc)[:200], field="body") from None
+        # A key given twice has no one meaning (msgspec keeps the last, others the first).
+        check_unique_keys(body)
         generated = new.secret is None
         secret = new.secret if new.secret is not None else secrets.token_urlsafe(32)
         try:

@@ -297,12 +297,22 @@ async def test_pause_holds_deliveries_and_resume_delivers_them(stack: Stack) -> 
         ({"url": "http://127.0.0.1/x", "extra": 1}, "extra"),
         ({"secret": SUB_SECRET}, "url"),
         ({"url": 7}, "url"),
+        (b'{"url": "https://hooks.example.com/x", "url": "http://127.0.0.1/x"}', "url"),
+        (
+            b'{"url": "http://127.0.0.1/x", "filter": {"kinds": [], "kinds": ["deposit"]}}',
+            "filter.kinds",
+        ),
+        ({"url": "http://127.0.0.1/x", "filter": {"accounts": ["a"] * 101}}, "filter.accounts"),
+        ({"url": "http://127.0.0.1/x", "secret": "sixteen-chars-ok\n-but-a-newline"}, "secret"),
+        (b"[1, 2]", "body"),
+        (b"{", "body"),
     ],
 )
 async def test_bad_subscription_input_is_a_4xx_naming_the_field(
-    stack: Stack, body: dict[str, Any], field: str
+    stack: Stack, body: dict[str, Any] | bytes, field: str
 ) -> None:
-    answer = await stack.client.request("POST", "/v1/subscriptions", msgspec.json.encode(body))
+    raw = body if isinstance(body, bytes) else msgspec.json.encode(body)
+    answer = await stack.client.request("POST", "/v1/subscriptions", raw)
     assert 400 <= answer.status < 500, answer.body
     assert answer.body["field"] == field, answer.body
 
