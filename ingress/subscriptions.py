@@ -38,6 +38,20 @@ class NewSubscription(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     filter: Filter = Filter()
 
 
+class RedeliveryRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Deliver again the matching events the engine decided within [from_ms, to_ms]."""
+
+    from_ms: Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+    to_ms: Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+
+
+class RedeliveryOut(msgspec.Struct, kw_only=True):
+    id: str
+    subscription_id: str
+    from_ms: int
+    to_ms: int
+
+
 class SubscriptionOut(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     url: str
@@ -175,6 +189,33 @@ class Routes:
             self._found(None)
         return web.Response(status=204)
 
+    async def redeliver(self, request: web.Request) -> web.Response:
+        _, body = await self.admit(request)
+        _no_query(request)
+        subscription_id = _path_id(request)
+        if request.content_type != "application/json":
+            raise Problem(415, "unsupported content type", "send application/json",
+                          field="Content-Type")  # fmt: skip
+        try:
+            window = msgspec.json.decode(body, type=RedeliveryRequest)
+        except msgspec.ValidationError as exc:
+            raise from_validation(exc) from None
+        except msgspec.DecodeError as exc:
+            raise Problem(400, "malformed JSON", str(exc)[:200], field="body") from None
+        check_unique_keys(body)
+        if window.to_ms < window.from_ms:
+            raise Problem(422, "invalid window", "to_ms is before from_ms", field="to_ms")
+        self._found(await self._db(lambda p: store.one(p, subscription_id)))
+        r = store.Redelivery(
+            id="rdl_" + secrets.token_hex(16), subscription_id=subscription_id,
+            from_ms=window.from_ms, to_ms=window.to_ms,
+        )  # fmt: skip
+        if not await self._db(lambda p: store.request_redelivery(p, r)):
+            raise Problem(409, "too many redeliveries pending",
+                          f"at most {store.REDELIVERIES_PENDING_MAX}",
+                          field="subscription_id")  # fmt: skip
+        return _respond(msgspec.structs.asdict(r), 202)
+
     async def deliveries(self, request: web.Request) -> web.Response:
         await self.admit(request)
         _no_query(request, ("status", "limit"))
@@ -212,11 +253,13 @@ def add_routes(
     router.add_delete("/v1/subscriptions/{subscription_id}", r.delete)
     router.add_post("/v1/subscriptions/{subscription_id}/pause", r.pause)
     router.add_post("/v1/subscriptions/{subscription_id}/resume", r.resume)
+    router.add_post("/v1/subscriptions/{subscription_id}/redeliver", r.redeliver)
     router.add_get("/v1/subscriptions/{subscription_id}/deliveries", r.deliveries, allow_head=False)
 
 
 def schemas() -> list[type]:
-    return [NewSubscription, SubscriptionOut, SubscriptionList, DeliveryList]
+    return [NewSubscription, SubscriptionOut, SubscriptionList, DeliveryList,
+            RedeliveryRequest, RedeliveryOut]  # fmt: skip
 
 
 def paths(
@@ -273,6 +316,16 @@ def paths(
         "/v1/subscriptions/{subscription_id}/resume": {
             "post": op("resumeSubscription", "Deliver again from where they stopped.", one,
                        parameters=[sid]),
+        },
+        "/v1/subscriptions/{subscription_id}/redeliver": {
+            "post": op(
+                "redeliver", "Deliver again the events decided within [from_ms, to_ms].",
+                {**ok(202, "RedeliveryOut", "Requested; the notifier picks it up."),
+                 **problems(409, 415, 422)},
+                parameters=[sid],
+                requestBody={"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/RedeliveryRequest"}}}},
+            ),
         },
         "/v1/subscriptions/{subscription_id}/deliveries": {
             "get": op(

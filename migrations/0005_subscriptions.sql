@@ -39,3 +39,13 @@ CREATE TABLE subscription_deliveries (
 );
 CREATE INDEX subscription_deliveries_by_status
     ON subscription_deliveries (subscription_id, status, at_ms);
+
+-- Redeliveries on request: a subscription's events decided within [from_ms, to_ms],
+-- delivered again by the notifier, then marked done.
+CREATE TABLE subscription_redeliveries (
+    id text PRIMARY KEY,
+    subscription_id text NOT NULL REFERENCES subscriptions (id) ON DELETE CASCADE,
+    from_ms bigint NOT NULL,
+    to_ms bigint NOT NULL,
+    done boolean NOT NULL DEFAULT false
+);

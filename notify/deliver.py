@@ -160,7 +160,7 @@ class Reader:
             for tp in tps:
                 consumer.seek(tp, start[tp.partition])
             tasks.append(asyncio.create_task(self._keep_progress()))
-            while True:
+            while not await self._at_end(consumer, tps):
                 polled = await consumer.getmany(timeout_ms=500, max_records=500)
                 for tp, records in sorted(polled.items(), key=lambda kv: kv[0].partition):
                     for record in records:
@@ -175,6 +175,8 @@ class Reader:
                         and position > progress.read_to[tp.partition]
                     ):
                         progress.read_to[tp.partition] = position
+            await asyncio.gather(*(q.join() for q in lanes))  # a bounded read: all done
+            await self._finished()
         finally:
             for task in tasks:
                 task.cancel()
@@ -209,14 +211,23 @@ class Reader:
             # The sinks dead-letter it; it is no result anybody could be told about.
             self.progress.read(partition, record.offset, pending=False)
             return
-        wanted = result.at_ms >= self.sub.created_at_ms and self.sub.filter.matches(
-            result.account, result.status, result.kind
-        )
+        wanted = self._wanted(result)
         self.progress.read(partition, record.offset, pending=wanted)
         if wanted:
             lane = lanes[zlib.crc32(result.account.encode()) % len(lanes)]
             # Waits while this subscriber's lane is full: only this reader is held up.
             await lane.put(Item(partition, record.offset, result))
+
+    def _wanted(self, result: Result) -> bool:
+        return result.at_ms >= self.sub.created_at_ms and self.sub.filter.matches(
+            result.account, result.status, result.kind
+        )
+
+    async def _at_end(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> bool:
+        return False  # a subscription follows the topic for ever
+
+    async def _finished(self) -> None:
+        return None
 
     async def _lane(self, queue: asyncio.Queue[Item]) -> None:
         while True:
@@ -224,6 +235,7 @@ class Reader:
             await self._deliver(item)
             assert self.progress is not None
             self.progress.finish(item.partition, item.offset)
+            queue.task_done()
 
     async def _keep_progress(self) -> None:
         while True:
@@ -342,3 +354,59 @@ class Reader:
             "notify %s: delivery %s (command %s) failed after %d attempts: %s",
             self.sub.id, delivery, item.result.command_id, attempts, error,
         )  # fmt: skip
+
+
+class Redelivery(Reader):
+    """A redelivery on request: the subscription's matching events decided within
+    [from_ms, to_ms], read once from the topic and delivered again (same delivery ids:
+    the same events), then marked done. No progress is stored: a notifier that stops
+    in between starts the whole window again (at-least-once)."""
+
+    def __init__(self, sub: store.Subscription, redelivery: store.Redelivery, **kw: Any) -> None:
+        super().__init__(sub, **kw)
+        self.redelivery = redelivery
+        self.ends: dict[int, int] = {}
+
+    def _wanted(self, result: Result) -> bool:
+        r = self.redelivery
+        within = r.from_ms <= result.at_ms <= r.to_ms
+        return within and self.sub.filter.matches(result.account, result.status, result.kind)
+
+    async def _start_offsets(
+        self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]
+    ) -> dict[int, int]:
+        r = self.redelivery
+        firsts = await consumer.beginning_offsets(tps)
+        lasts = await consumer.end_offsets(tps)
+        begin = await consumer.offsets_for_times(
+            {tp: max(0, r.from_ms - START_MARGIN_MS) for tp in tps}
+        )
+        end = await consumer.offsets_for_times({tp: r.to_ms + START_MARGIN_MS for tp in tps})
+        for tp in tps:
+            hit = end.get(tp)
+            self.ends[tp.partition] = hit.offset if hit is not None else lasts[tp]
+        out = {}
+        for tp in tps:
+            hit = begin.get(tp)
+            out[tp.partition] = hit.offset if hit is not None else firsts[tp]
+        return out
+
+    async def _at_end(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> bool:
+        done = True
+        for tp in tps:
+            if await consumer.position(tp) >= self.ends.get(tp.partition, 0):
+                consumer.pause(tp)
+            else:
+                done = False
+        return done
+
+    async def _route(self, lanes: list[asyncio.Queue[Item]], partition: int, record: Any) -> None:
+        if record.offset < self.ends.get(partition, 0):
+            await super()._route(lanes, partition, record)
+
+    async def _store_progress(self) -> None:
+        return None
+
+    async def _finished(self) -> None:
+        await store.finish_redelivery(self.pool, self.redelivery.id)
+        log.info("notify %s: redelivery %s done", self.sub.id, self.redelivery.id)

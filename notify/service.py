@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
 from notify import store
-from notify.deliver import Config, Reader
+from notify.deliver import Config, Reader, Redelivery
 from notify.metrics import Metrics
 from notify.resolver import PublicOnly
 from sinks.migrate import migrate, quote
@@ -69,6 +69,7 @@ class Notifier:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.metrics = Metrics()
         self.readers: dict[str, Reader] = {}
+        self.redeliveries: dict[str, Redelivery] = {}
         self.assigned: set[int] = set()
         self.joined = False
         self.pool: Any = None
@@ -110,7 +111,7 @@ class Notifier:
                 await self.consumer.getmany(timeout_ms=self.settings.notify_refresh_ms)
                 await self._refresh()
         finally:
-            for reader in list(self.readers.values()):
+            for reader in [*self.readers.values(), *self.redeliveries.values()]:
                 await reader.stop()
             await self._commit()
             with contextlib.suppress(Exception):
@@ -138,7 +139,34 @@ class Notifier:
                     self.readers[sub_id] = self._reader(sub, partitions)
                     self.readers[sub_id].start()
         self.metrics.subscriptions.set(len(self.readers))
+        await self._redeliver(wanted, partitions)
         await self._commit()
+
+    async def _redeliver(
+        self, wanted: dict[str, store.Subscription], partitions: list[int]
+    ) -> None:
+        """Start the pending redeliveries of running subscriptions; forget finished ones
+        (a failed one is started again at the next refresh: it is still pending)."""
+        for rid, reader in list(self.redeliveries.items()):
+            if reader.task is not None and reader.task.done():
+                del self.redeliveries[rid]
+        try:
+            pending = await store.pending_redeliveries(self.pool)
+        except Exception as exc:
+            log.warning("notify: cannot read redeliveries (%s)", exc)
+            return
+        assert self.http is not None
+        for r in pending:
+            sub = wanted.get(r.subscription_id)
+            if sub is None or r.id in self.redeliveries or not partitions:
+                continue
+            reader = Redelivery(
+                sub, r, bootstrap=self.settings.kafka_bootstrap, topic=self.topic,
+                partitions=partitions, pool=self.pool, http=self.http, metrics=self.metrics,
+                config=self.config,
+            )  # fmt: skip
+            self.redeliveries[r.id] = reader
+            reader.start()
 
     def _reader(self, sub: store.Subscription, partitions: list[int]) -> Reader:
         assert self.http is not None

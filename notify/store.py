@@ -136,3 +136,38 @@ async def park(pool: Any, subscription_id: str, row: dict[str, Any]) -> None:
         row["command_id"], row["account"], row["attempts"], row["last_error"][:500],
         row["at_ms"],
     )  # fmt: skip
+
+
+class Redelivery(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    subscription_id: str
+    from_ms: int
+    to_ms: int
+
+
+REDELIVERIES_PENDING_MAX = 10  # per subscription
+
+
+async def request_redelivery(pool: Any, r: Redelivery) -> bool:
+    """Store a request; False when the subscription has too many pending."""
+    row = await pool.fetchrow(
+        "INSERT INTO subscription_redeliveries (id, subscription_id, from_ms, to_ms)"
+        " SELECT $1, $2, $3, $4 WHERE (SELECT count(*) FROM subscription_redeliveries"
+        " WHERE subscription_id = $2 AND NOT done) < $5 RETURNING id",
+        r.id, r.subscription_id, r.from_ms, r.to_ms, REDELIVERIES_PENDING_MAX,
+    )  # fmt: skip
+    return row is not None
+
+
+async def pending_redeliveries(pool: Any) -> list[Redelivery]:
+    rows = await pool.fetch(
+        "SELECT id, subscription_id, from_ms, to_ms FROM subscription_redeliveries"
+        " WHERE NOT done ORDER BY id"
+    )
+    return [Redelivery(**dict(r.items())) for r in rows]
+
+
+async def finish_redelivery(pool: Any, redelivery_id: str) -> None:
+    await pool.execute(
+        "UPDATE subscription_redeliveries SET done = true WHERE id = $1", redelivery_id
+    )

@@ -283,6 +283,34 @@ async def test_pause_holds_deliveries_and_resume_delivers_them(stack: Stack) -> 
         await r.stop()
 
 
+async def test_a_time_range_is_redelivered_on_request(stack: Stack) -> None:
+    r = Receiver("ok")
+    await r.start()
+    try:
+        tag = uuid.uuid4().hex[:6]
+        sub = await subscribe(stack.client, r.url, account_prefixes=[f"r-{tag}"])
+        since_ms = int(time.time() * 1000)
+        ids = await deposits(stack.client, [f"r-{tag}-a", f"r-{tag}-b"], 4, tag)
+        await until(lambda: {b["command_id"] for b in r.acked} == set(ids), "first delivery")
+        first = r.delivered()
+        window = {"from_ms": since_ms, "to_ms": int(time.time() * 1000)}
+        answer = await stack.client.request(
+            "POST", f"/v1/subscriptions/{sub}/redeliver", msgspec.json.encode(window)
+        )
+        assert answer.status == 202, answer.body
+        await until(lambda: len(r.acked) == 2 * len(ids), "every event again")
+        # The same events: the same delivery ids, each twice, in order per account again.
+        assert r.delivered() == first
+        assert in_order_per_account(r.acked[len(ids) :])
+        backwards = {"from_ms": 10, "to_ms": 5}
+        refused = await stack.client.request(
+            "POST", f"/v1/subscriptions/{sub}/redeliver", msgspec.json.encode(backwards)
+        )
+        assert refused.status == 422 and refused.body["field"] == "to_ms"
+    finally:
+        await r.stop()
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
