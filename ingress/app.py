@@ -41,7 +41,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import generate_latest
 
-from ingress import signing
+from ingress import signing, subscriptions
 from ingress.commands import IDEMPOTENCY_KEY, parse_batch, parse_command
 from ingress.openapi import document
 from ingress.problems import Problem
@@ -215,6 +215,9 @@ class Ingress:
         routes.add_post("/v1/commands/batch", self.post_batch)
         routes.add_get("/v1/commands/{command_id}", self.get_command, allow_head=False)
         routes.add_get("/v1/accounts/{account}/balances", self.get_balances, allow_head=False)
+        subscriptions.add_routes(
+            routes, self._admit, lambda: self.pg, allow_private=settings.notify_allow_private
+        )
         routes.add_get("/livez", self.livez, allow_head=False)
         routes.add_get("/readyz", self.readyz, allow_head=False)
         routes.add_get("/metrics", self.get_metrics, allow_head=False)

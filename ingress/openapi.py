@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from ingress import signing
+from ingress import signing, subscriptions
 from ingress.commands import BATCH_MAX
 from topics import limits
 from topics.schema import PublicCommand, Result
@@ -109,11 +109,12 @@ _STATUS_TEXT = {
     404: "Not found.",
     405: "Method not allowed.",
     408: "The body did not arrive within TALLY_INGRESS_BODY_TIMEOUT_MS.",
-    409: "The command id was used by several accounts; name one with ?account=.",
+    409: "The command id was used by several accounts (name one with ?account=), or "
+    "too many subscriptions.",
     413: "Body larger than TALLY_INGRESS_BODY_MAX_BYTES.",
     414: "Request line (URL) too long.",
     415: "Content-Type is not application/json.",
-    422: "Well-formed JSON that breaks the command schema; `field` says where.",
+    422: "Well-formed JSON that breaks the command (or subscription) schema; `field` says where.",
     429: "Rate limit exceeded; see Retry-After.",
     431: "A header line too long, or too many headers.",
     503: "A dependency is unavailable; see Retry-After.",
@@ -146,7 +147,7 @@ _V1_ERRORS = (400, 401, 404, 405, 408, 413, 414, 429, 431, 503)
 def document() -> dict[str, Any]:
     (command_schema, *_), components = msgspec.json.schema_components(
         [PublicCommand, Result, Accepted, BatchAnswer, BatchRequest, Balances, CommandRecord,
-         Ready, Live],
+         Ready, Live, *subscriptions.schemas()],
         ref_template="#/components/schemas/{name}",
     )  # fmt: skip
     components["Problem"] = _PROBLEM
@@ -163,7 +164,7 @@ def document() -> dict[str, Any]:
         "required": True,
         "schema": {"type": "string", "pattern": limits.ACCOUNT_ID_PATTERN},
     }
-    return {
+    out: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "Tally ingress",
@@ -327,3 +328,5 @@ def document() -> dict[str, Any]:
             },
         },
     }
+    out["paths"].update(subscriptions.paths(_SIGNED, _problems, _V1_ERRORS))
+    return out

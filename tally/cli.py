@@ -139,6 +139,20 @@ def sink(target: str, processes: int, partitions: str | None, web_port: int | No
 
 
 @main.command()
+def notify() -> None:
+    """Push result events to the subscribers' HTTP endpoints (see /v1/subscriptions).
+
+    A member of the consumer group <prefix>-notify on <prefix>.events (run several to
+    share the partitions). Each delivery is a signed POST, retried with backoff until a
+    2xx or TALLY_NOTIFY_RETRY_HORIZON_S, then parked as failed. /livez, /readyz and
+    /metrics on TALLY_WEB_HOST:TALLY_NOTIFY_PORT. Stop with SIGTERM.
+    """
+    from notify import service
+
+    sys.exit(service.run(_settings()))
+
+
+@main.command()
 def migrate() -> None:
     """Apply pending SQL migrations to the deployment's PostgreSQL schema.
 
@@ -657,6 +671,24 @@ def bench_sinks(events: int, processes: int, report: Path) -> None:
     settings = _settings()
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(job.run(settings, count=events, processes=processes, report=report))
+
+
+@bench.command(name="notify")
+@click.option("--events", default=20_000, show_default=True, type=click.IntRange(100, 1_000_000))
+@click.option(
+    "--report",
+    default="reports/bench-notify.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
+def bench_notify(events: int, report: Path) -> None:
+    """Deliveries/s from `tally notify` to a fast local receiver on EVENTS pre-produced
+    result events, and event-to-delivery latency (p50, p99) at 200 events/s."""
+    from tally import bench_notify as job
+
+    settings = _settings()
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(job.run(settings, count=events, report=report))
 
 
 @bench.command(name="replay")

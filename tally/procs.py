@@ -258,6 +258,26 @@ class SinkProcess(_Child):
         )
 
 
+class NotifyProcess(_Child):
+    """`tally notify` as a child process for a deployment `prefix`, web on a free port."""
+
+    what = "notify"
+
+    def __init__(
+        self, settings: Settings, *, prefix: str, log_path: Path, partitions: int = 4,
+        **overrides: Any,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.port = free_port()
+        self.log_path = log_path
+        self.env = child_env(
+            msgspec.structs.replace(
+                settings, topic_prefix=prefix, partitions=partitions,
+                notify_port=self.port, **overrides,
+            )
+        )  # fmt: skip
+
+
 async def produce(
     bootstrap: str, topic: str, records: list[tuple[str, bytes, int | None]]
 ) -> float:

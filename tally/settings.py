@@ -103,6 +103,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ingress_body_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] = 10_000
     # How long a request waits for the broker's acknowledgement before answering 503.
     ingress_produce_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=120_000)] = 5000
+    # Notifier (`tally notify`, #17). Subscription targets may be http and loopback or
+    # private addresses: for tests and a laptop only (production: https, public hosts).
+    notify_allow_private: bool = False
+    notify_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 6070
+    # One attempt's time limit; retries back off exponentially with full jitter from
+    # first to max, until the horizon (since the first attempt), then the delivery is
+    # parked as failed.
+    notify_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=120_000)] = 5000
+    notify_backoff_first_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 200
+    notify_backoff_max_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 60_000
+    notify_retry_horizon_s: Annotated[int, msgspec.Meta(ge=0, le=7 * 24 * 3600)] = 3600
+    # Per subscription: deliveries in flight at once (lanes; an account keeps to one,
+    # so its deliveries stay in order) and events queued per lane before its reader waits.
+    notify_concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    notify_queue_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 256
+    # How often subscriptions are re-read from PostgreSQL and progress is stored.
+    notify_refresh_ms: Annotated[int, msgspec.Meta(ge=50, le=60_000)] = 1000
+    notify_progress_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def client_keys(self) -> dict[str, bytes]:

@@ -1,0 +1,1 @@
+"""Result events pushed to subscribers' HTTP endpoints, signed, retried until acknowledged."""

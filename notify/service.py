@@ -1,0 +1,276 @@
+"""`tally notify`: the process that runs every subscription's deliveries.
+
+It is a member of the consumer group <prefix>-notify on the events topic, which shares
+the partitions among the notifier processes (scalable like the sinks). The group's own
+consumer only holds the membership (its partitions stay paused); each running
+subscription reads the group's partitions with a reader of its own (`notify.deliver`)
+from the progress stored in PostgreSQL. After every refresh the group's offsets are
+committed as the lowest stored watermark over the subscriptions, for lag monitoring
+only: a restart resumes from each subscription's own progress.
+
+Subscriptions are re-read every `notify_refresh_ms`: a new or resumed one starts, a
+paused or deleted one stops (a resumed one goes on from where it stopped: nothing is
+skipped while paused), a changed one restarts. /livez, /readyz and /metrics answer on
+TALLY_WEB_HOST:TALLY_NOTIFY_PORT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import aiohttp
+import asyncpg
+import msgspec
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.structs import TopicPartition
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
+from prometheus_client.exposition import generate_latest
+
+from notify import store
+from notify.deliver import Config, Reader, Redelivery
+from notify.metrics import Metrics
+from notify.resolver import PublicOnly
+from sinks.migrate import migrate, quote
+from tally.settings import Settings
+from topics.admin import ensure_topics
+from topics.specs import topics_for
+
+log = logging.getLogger(__name__)
+CHECK_TIMEOUT_S = 2.0
+
+
+def group_of(settings: Settings) -> str:
+    return f"{settings.topic_prefix}-notify"
+
+
+def config_of(settings: Settings) -> Config:
+    return Config(
+        timeout_s=settings.notify_timeout_ms / 1000,
+        backoff_first_s=settings.notify_backoff_first_ms / 1000,
+        backoff_max_s=settings.notify_backoff_max_ms / 1000,
+        horizon_s=float(settings.notify_retry_horizon_s),
+        concurrency=settings.notify_concurrency,
+        queue_max=settings.notify_queue_max,
+        progress_s=settings.notify_progress_ms / 1000,
+    )
+
+
+class Notifier:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = topics_for(settings.topic_prefix, settings.partitions)
+        self.topic = self.topics.events.name
+        self.config = config_of(settings)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.metrics = Metrics()
+        self.readers: dict[str, Reader] = {}
+        self.redeliveries: dict[str, Redelivery] = {}
+        self.assigned: set[int] = set()
+        self.joined = False
+        self.pool: Any = None
+        self.http: aiohttp.ClientSession | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        topics = list(self.topics.all())
+        await ensure_topics(self.settings.kafka_bootstrap, topics)
+        await migrate(
+            self.settings.pg_dsn, self.settings.topic_prefix, self.settings.partitions, say=log.info
+        )
+        self.pool = await asyncpg.create_pool(
+            self.settings.pg_dsn, min_size=1, max_size=4, timeout=5,
+            server_settings={"search_path": quote(self.settings.topic_prefix)},
+        )  # fmt: skip
+        # No connection pool limit per host beyond the lanes: each lane has one request.
+        resolver = None if self.settings.notify_allow_private else PublicOnly()
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, resolver=resolver)
+        )
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=group_of(self.settings),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        self.consumer.subscribe([self.topic], listener=_Listener(self))
+        web_runner = await self._serve_web()
+        await self.consumer.start()
+        log.info("notify: consuming %s in group %s", self.topic, group_of(self.settings))
+        try:
+            while not self._stopping.is_set():
+                # Keeps the membership alive (its partitions are paused: nothing comes).
+                await self.consumer.getmany(timeout_ms=self.settings.notify_refresh_ms)
+                await self._refresh()
+        finally:
+            for reader in [*self.readers.values(), *self.redeliveries.values()]:
+                await reader.stop()
+            await self._commit()
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+            await web_runner.cleanup()
+            await self.http.close()
+            await self.pool.close()
+
+    async def _refresh(self) -> None:
+        try:
+            subs = await asyncio.wait_for(store.all_subscriptions(self.pool), CHECK_TIMEOUT_S * 2)
+        except Exception as exc:
+            log.warning("notify: cannot read subscriptions (%s); keeping the running ones", exc)
+            return
+        wanted = {s.id: s for s in subs if not s.paused} if self.joined else {}
+        partitions = sorted(self.assigned)
+        for sub_id, reader in list(self.readers.items()):
+            sub = wanted.get(sub_id)
+            if sub is None or sub != reader.sub or reader.partitions != partitions:
+                await reader.stop()
+                del self.readers[sub_id]
+        if partitions:
+            for sub_id, sub in wanted.items():
+                if sub_id not in self.readers:
+                    self.readers[sub_id] = self._reader(sub, partitions)
+                    self.readers[sub_id].start()
+        self.metrics.subscriptions.set(len(self.readers))
+        await self._redeliver(wanted, partitions)
+        await self._commit()
+
+    async def _redeliver(
+        self, wanted: dict[str, store.Subscription], partitions: list[int]
+    ) -> None:
+        """Start the pending redeliveries of running subscriptions; forget finished ones
+        (a failed one is started again at the next refresh: it is still pending)."""
+        for rid, reader in list(self.redeliveries.items()):
+            if reader.task is not None and reader.task.done():
+                del self.redeliveries[rid]
+        try:
+            pending = await store.pending_redeliveries(self.pool)
+        except Exception as exc:
+            log.warning("notify: cannot read redeliveries (%s)", exc)
+            return
+        assert self.http is not None
+        for r in pending:
+            sub = wanted.get(r.subscription_id)
+            if sub is None or r.id in self.redeliveries or not partitions:
+                continue
+            reader = Redelivery(
+                sub, r, bootstrap=self.settings.kafka_bootstrap, topic=self.topic,
+                partitions=partitions, pool=self.pool, http=self.http, metrics=self.metrics,
+                config=self.config,
+            )  # fmt: skip
+            self.redeliveries[r.id] = reader
+            reader.start()
+
+    def _reader(self, sub: store.Subscription, partitions: list[int]) -> Reader:
+        assert self.http is not None
+        return Reader(
+            sub, bootstrap=self.settings.kafka_bootstrap, topic=self.topic,
+            partitions=partitions, pool=self.pool, http=self.http, metrics=self.metrics,
+            config=self.config,
+        )  # fmt: skip
+
+    async def _commit(self) -> None:
+        """The group's offsets: the lowest watermark over the running subscriptions."""
+        if self.consumer is None or not self.readers:
+            return
+        lowest: dict[int, int] = {}
+        for reader in self.readers.values():
+            for p, o in reader.watermarks().items():
+                lowest[p] = min(o, lowest.get(p, o))
+        offsets = {
+            TopicPartition(self.topic, p): o for p, o in lowest.items() if p in self.assigned
+        }
+        if offsets:
+            with contextlib.suppress(Exception):
+                await self.consumer.commit(offsets)
+
+    async def _serve_web(self) -> web.AppRunner:
+        app = web.Application()
+        app.router.add_get("/livez", self._livez, allow_head=False)
+        app.router.add_get("/readyz", self._readyz, allow_head=False)
+        app.router.add_get("/metrics", self._metrics, allow_head=False)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.web_host, self.settings.notify_port)
+        await site.start()
+        log.info("notify: web on %s:%d", self.settings.web_host, self.settings.notify_port)
+        return runner
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        return _json_response({"live": True})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        try:
+            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), CHECK_TIMEOUT_S)
+            postgres = "ok"
+        except Exception as exc:
+            postgres = type(exc).__name__
+        kafka = "ok" if self.joined else "not in the group yet"
+        checks = {"kafka": kafka, "postgres": postgres}
+        ready = all(v == "ok" for v in checks.values())
+        body = {
+            "ready": ready,
+            "checks": checks,
+            "partitions": sorted(self.assigned),
+            "subscriptions": len(self.readers),
+        }
+        return _json_response(body, 200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
+
+
+def _json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(body), status=status, content_type="application/json"
+    )
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Readers of revoked partitions stop before the next owner's start (it may
+        # repeat what was in flight: at-least-once).
+        self.notifier.assigned -= {tp.partition for tp in revoked}
+        for sub_id, reader in list(self.notifier.readers.items()):
+            await reader.stop()
+            del self.notifier.readers[sub_id]
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        consumer = self.notifier.consumer
+        assert consumer is not None
+        consumer.pause(*assigned)
+        self.notifier.assigned = {tp.partition for tp in assigned}
+        self.notifier.joined = True
+
+
+async def serve(settings: Settings) -> None:
+    notifier = Notifier(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, notifier.stop)
+    await notifier.run()
+
+
+def run(settings: Settings) -> int:
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(serve(settings))
+    except Exception:
+        log.exception("notify failed")
+        return 1
+    return 0
