@@ -15,6 +15,7 @@ COPY topics topics
 COPY streams streams
 COPY sinks sinks
 COPY ingress ingress
+COPY notify notify
 COPY tally tally
 COPY migrations migrations
 # Editable: the package finds migrations/ beside it, as in a checkout.
