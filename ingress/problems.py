@@ -59,7 +59,8 @@ class Problem(Exception):
         return response
 
 
-_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+# msgspec names a bad key of an object (metadata's) "at `key` in `$.metadata`".
+_AT = re.compile(r" - at (?:`key` in )?`\$(?P<path>[^`]*)`$")
 # The name is the message's end (the path is cut off first): matched to the last
 # backtick, so that a name holding a backtick, or an empty one, is named whole.
 _NAMED = re.compile(r"(missing required|contains unknown) field `(?P<name>.*)`$")

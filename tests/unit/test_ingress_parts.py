@@ -459,6 +459,10 @@ def _valid(t: msgspec.inspect.Type) -> st.SearchStrategy[Any]:
         return st.one_of([_valid(u) for u in t.types])
     if isinstance(t, msgspec.inspect.ListType):
         return st.lists(_valid(t.item_type), min_size=t.min_length or 0, max_size=3)
+    if isinstance(t, msgspec.inspect.DictType):
+        # Short values: three keys stay far within limits.METADATA_BYTES_MAX.
+        values = _valid(t.value_type).map(lambda v: v[:40])
+        return st.dictionaries(_valid(t.key_type), values, max_size=min(t.max_length or 3, 3))
     if isinstance(t, msgspec.inspect.StructType):
         return st.fixed_dictionaries(
             {f.name: _valid(f.type) for f in t.fields if f.required},
