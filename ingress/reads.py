@@ -109,7 +109,9 @@ def parse_time(value: str) -> int:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise bad from None
-    delta = when.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+    # The difference of two aware times needs no conversion (astimezone would overflow
+    # at the ends of year 1 and 9999).
+    delta = when - datetime(1970, 1, 1, tzinfo=UTC)
     ms = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
     if not limits.TIME_MS_MIN <= ms <= limits.TIME_MS_MAX:
         raise bad
