@@ -47,7 +47,7 @@ from ingress.openapi import document
 from ingress.problems import Problem
 from ingress.ratelimit import TokenBuckets
 from ingress.replay import ReplayUnknown, SeenSignatures
-from ingress.results import ResultWaiter
+from ingress.results import ResultWaiter, Waiter
 from sinks import numeric
 from sinks.migrate import quote
 from sinks.redis_store import assets_key, balance_key
@@ -536,14 +536,35 @@ class Ingress:
                 "each command of a batch carries its own command_id",
                 field=IDEMPOTENCY_KEY,
             )
+        wait_s = prefer_wait(request.headers.getall("Prefer", None))
         items = parse_batch(body)
         commands = [item for item in items if not isinstance(item, Problem)]
         # The request paid for one command at admission; the rest of the batch now.
         if len(commands) > 1:
             self._limit(client, len(commands) - 1)
-        metas = iter(await self._produce(commands) if commands else [])
+        waiters = [self.waiter.expect(c.account, c.command_id) for c in commands] if wait_s else []
+        try:
+            produced = await self._produce(commands) if commands else []
+            return await self._batch_answer(items, produced, waiters, wait_s)
+        finally:
+            for waiter in waiters:
+                self.waiter.forget(waiter)
+
+    async def _batch_answer(
+        self,
+        items: list[PublicCommand | Problem],
+        produced: list[RecordMetadata | None],
+        waiters: list[Waiter],
+        wait_s: int,
+    ) -> web.Response:
+        """The per-item answer of a batch; with `Prefer: wait`, each accepted item
+        whose result came within the wait carries it (status 200), and the whole batch
+        is 200 when every item did, else 207."""
+        results = await self._batch_results(produced, waiters, wait_s)
+        metas = iter(produced)
+        outcomes = iter(results)
         answers: list[dict[str, Any]] = []
-        accepted = unavailable = 0
+        accepted = unavailable = answered = 0
         for index, item in enumerate(items):
             if isinstance(item, Problem):
                 answers.append({"index": index, "status": item.status, "problem": item.body()})
@@ -562,27 +583,49 @@ class Ingress:
                 )
                 continue
             accepted += 1
-            answers.append(
-                {
-                    "index": index,
-                    "status": 202,
-                    "command_id": item.command_id,
-                    "account": item.account,
-                    "partition": meta.partition,
-                    "offset": meta.offset,
-                }
-            )
+            answer = {
+                "index": index,
+                "status": 202,
+                "command_id": item.command_id,
+                "account": item.account,
+                "partition": meta.partition,
+                "offset": meta.offset,
+            }
+            result = next(outcomes)
+            if result is not None:
+                answer["status"] = 200
+                answer["result"] = result
+                answered += 1
+            answers.append(answer)
         summary = {
             "accepted": accepted,
-            "invalid": len(items) - len(commands),
+            "invalid": sum(isinstance(item, Problem) for item in items),
             "unavailable": unavailable,
             "items": answers,
         }
-        if accepted == len(items):
-            return _respond(summary, 202)
         if unavailable and not accepted:
             return _respond(summary, 503, headers={"Retry-After": "2"})
-        return _respond(summary, 207)
+        if not wait_s:
+            return _respond(summary, 202 if accepted == len(items) else 207)
+        summary["answered"] = answered
+        applied = {"Preference-Applied": f"wait={wait_s}"}
+        return _respond(summary, 200 if answered == len(items) else 207, headers=applied)
+
+    async def _batch_results(
+        self, produced: list[RecordMetadata | None], waiters: list[Waiter], wait_s: int
+    ) -> list[Result | None]:
+        """Each acknowledged command's result if it came within `wait_s` (one deadline
+        for the whole batch), in the order of the acknowledged commands."""
+        if not wait_s:
+            return [None] * sum(m is not None for m in produced)
+        acked = [(w, m) for w, m in zip(waiters, produced, strict=True) if m is not None]
+        for waiter, meta in acked:
+            waiter.produced(meta.partition, meta.offset)
+        if not acked:
+            return []
+        futures = [asyncio.shield(w.future) for w, _ in acked]
+        await asyncio.wait(futures, timeout=wait_s)
+        return [w.future.result() if w.future.done() else None for w, _ in acked]
 
     async def get_command(self, request: web.Request) -> web.Response:
         await self._admit(request)

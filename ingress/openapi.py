@@ -40,6 +40,8 @@ class BatchItem(msgspec.Struct, kw_only=True, omit_defaults=True):
     partition: int | None = None
     offset: int | None = None
     problem: dict[str, Any] | None = None
+    # With `Prefer: wait=N`: the item's result event when it came in time (status 200).
+    result: Result | None = None
 
 
 class BatchAnswer(msgspec.Struct, kw_only=True):
@@ -47,6 +49,8 @@ class BatchAnswer(msgspec.Struct, kw_only=True):
     invalid: int
     unavailable: int
     items: list[BatchItem]
+    # With `Prefer: wait=N`: how many items carry their result.
+    answered: int | None = None
 
 
 class BatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -287,11 +291,22 @@ def _paths(account: dict[str, Any], command_body: dict[str, Any]) -> dict[str, A
                 "operationId": "postBatch",
                 "summary": "Submit up to 1,000 commands, answered per item.",
                 "security": _SIGNED,
+                "parameters": [
+                    {
+                        "name": "Prefer",
+                        "in": "header",
+                        "required": False,
+                        "description": "wait=N (0-30): each item waits up to N s (one "
+                        "deadline) for its result; 200 when all came, else 207.",
+                        "schema": {"type": "string", "pattern": r"^wait=([0-9]|[12][0-9]|30)$"},
+                    },
+                ],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("BatchRequest")}},
                 },
                 "responses": {
+                    "200": _json("BatchAnswer", "Prefer: wait; every item's result came."),
                     "202": _json("BatchAnswer", "Every command accepted."),
                     "207": _json("BatchAnswer", "Some commands not accepted; see items."),
                     **_problems(*_V1_ERRORS, 415, 422),

@@ -336,3 +336,36 @@ async def test_account_details_come_from_the_engine(stack: Stack) -> None:
         assert body["overdraft_limits"]["EUR"] == limits.LIMIT_MAX
         assert body["overdraft_limits"]["USD"] == 0
         assert (await tally.request("GET", "/v1/accounts/a%2Fb")).status in (400, 404)
+
+
+async def test_a_batch_that_waits_answers_each_item_with_its_result(stack: Stack) -> None:
+    account = stack.account("waits")
+    commands = [_deposit(account, f"w-{i}", i + 1, reference=f"w-ref-{i}") for i in range(5)]
+    async with stack.client() as tally:
+        answer = await tally.submit_batch(commands, wait=10)
+        assert answer.status == 200, answer.body
+        assert answer.headers["Preference-Applied"] == "wait=10"
+        assert answer.body["answered"] == 5
+        for i, item in enumerate(answer.body["items"]):
+            assert item["status"] == 200 and item["result"]["command_id"] == f"w-{i}"
+            assert item["result"]["status"] == "applied"
+            assert item["result"]["reference"] == f"w-ref-{i}"
+        # The same batch again: each item gets its own sending's answer, a duplicate.
+        again = await tally.submit_batch(commands, wait=10)
+        assert again.status == 200
+        assert [i["result"]["status"] for i in again.body["items"]] == ["duplicate"] * 5
+        # One invalid item: the others still carry their results, and the batch is 207.
+        mixed = [_deposit(account, "w-5", 1), {"kind": "deposit", "account": account}]
+        answer = await tally.submit_batch(mixed, wait=10)
+        assert answer.status == 207, answer.body
+        first, second = answer.body["items"]
+        assert first["status"] == 200 and first["result"]["status"] == "applied"
+        assert second["status"] == 422 and "result" not in second
+        # Without wait, nothing changes: 202 and no results.
+        plain = await tally.submit_batch([_deposit(account, "w-6", 1)])
+        assert plain.status == 202 and "result" not in plain.body["items"][0]
+        bad = await tally.request(
+            "POST", "/v1/commands/batch", msgspec.json.encode({"commands": commands}),
+            {"Prefer": "wait=31"},
+        )  # fmt: skip
+        assert bad.status == 400 and bad.body["field"] == "Prefer"
