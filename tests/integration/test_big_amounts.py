@@ -275,6 +275,7 @@ async def test_a_bigint_deployment_is_migrated_and_then_takes_128_bit_amounts(
         assert await migrate(settings.pg_dsn, schema, PARTITIONS) == [
             "0002_numeric_money.sql",
             "0003_command_results_by_account.sql",
+            "0004_references_and_reads.sql",
         ]
         assert await migrate(settings.pg_dsn, schema, PARTITIONS) == []
         types = await conn.fetch(
