@@ -763,10 +763,19 @@ class Ingress:
         routes.add_get("/v1/accounts/{account}", self.get_account, allow_head=False)
         routes.add_get("/v1/accounts/{account}/entries", self.get_entries, allow_head=False)
 
+    @staticmethod
+    def _read_query(request: web.Request, allowed: tuple[str, ...]) -> None:
+        """Only `allowed` query parameters, each given once (a repeated one has no one
+        meaning: refused, naming it)."""
+        Ingress._no_query(request, allowed)
+        for name in request.query:
+            if len(request.query.getall(name)) > 1:
+                raise Problem(400, "repeated query parameter", f"give {name} once", field=name)
+
     async def get_commands(self, request: web.Request) -> web.Response:
         """`GET /v1/commands?reference=...`: the commands carrying a reference."""
         await self._admit(request)
-        self._no_query(request, ("reference",))
+        self._read_query(request, ("reference",))
         reference = reads.parse_reference(request.query.get("reference"))
         return _respond(await _postgres(reads.commands_by_reference(self.pg, reference)))
 
@@ -774,7 +783,7 @@ class Ingress:
         """One page of a balance's history, oldest first, with a `next` link."""
         await self._admit(request)
         query = request.query
-        self._no_query(request, ("asset", "after_seq", "before_seq", "limit"))
+        self._read_query(request, ("asset", "after_seq", "before_seq", "limit"))
         account = request.match_info["account"]
         _check_account(account)
         asset = reads.parse_asset(query.get("asset"), required=True)
@@ -797,7 +806,7 @@ class Ingress:
         """`?at=<time>` (every asset, or `asset`) or `?seq=N&asset=X`: a past balance."""
         await self._admit(request)
         query = request.query
-        self._no_query(request, ("at", "seq", "asset"))
+        self._read_query(request, ("at", "seq", "asset"))
         account = request.match_info["account"]
         _check_account(account)
         shard = shard_of(account, self.settings.partitions)

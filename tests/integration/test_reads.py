@@ -282,6 +282,10 @@ async def test_balances_at_a_seq_or_a_time_equal_a_fold_of_the_entries(stack: St
         for name, value in bad:
             answer = await tally.balances_at(account, asset="USD", **{name: value})
             assert answer.status == 400 and answer.body["field"] == name, (name, value, answer.body)
+        twice = await tally.request("GET", f"/v1/accounts/{account}/balances?at=1&at=2")
+        assert twice.status == 400 and twice.body["field"] == "at"
+        both = await tally.balances_at(account, at=1, seq=1, asset="USD")
+        assert both.status == 400
         no_asset = await tally.balances_at(account, seq=1)
         assert no_asset.status == 400 and no_asset.body["field"] == "asset"
 
@@ -296,7 +300,11 @@ async def test_bad_history_cursors_are_refused_naming_the_field(stack: Stack) ->
                              ("?asset=USD&after_seq=99999999999999999999", "after_seq"),
                              ("?asset=USD&before_seq=0", "before_seq"),
                              ("?asset=USD&limit=0", "limit"), ("?asset=USD&limit=1001", "limit"),
-                             ("?asset=USD&cursor=1", "cursor")]:  # fmt: skip
+                             ("?asset=USD&cursor=1", "cursor"),
+                             ("?asset=USD&asset=EUR", "asset"),
+                             ("?asset=USD&after_seq=1&after_seq=2", "after_seq"),
+                             ("?asset=USD&after_seq=%00", "after_seq"),
+                             ("?asset=USD&limit=%D9%A3", "limit")]:  # fmt: skip
             answer = await tally.request("GET", target + query)
             assert answer.status == 400 and answer.body["field"] == field, (query, answer.body)
         empty = await tally.entries(account, "USD")
