@@ -77,7 +77,9 @@ def from_validation(exc: msgspec.ValidationError, *, prefix: str = "") -> Proble
     named = _NAMED.search(message)
     if named:
         path = f"{path}.{named.group('name')}"
-    field = (prefix + path).lstrip(".") or "body"
+    # One leading dot only: a field name of its own may begin with dots (".0").
+    full = prefix + path
+    field = (full[1:] if full.startswith(".") else full) or "body"
     if message.startswith("Invalid value") and field.endswith("kind"):
         title = "unknown command kind"
     elif named and named.group(1) == "missing required":

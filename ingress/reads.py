@@ -26,6 +26,7 @@ import msgspec
 from ingress.problems import Problem
 from sinks.postgres import at as timestamp
 from topics import limits
+from topics.ids import path_segment
 
 # A history page holds at most this many entries: 1,000 entries of 128-bit balances and
 # 1 KiB of metadata each stay about a megabyte, the most one answer should be.
@@ -159,7 +160,8 @@ async def history(
         query = {"asset": asset, "after_seq": entries[-1]["seq"], "limit": limit}
         if before_seq is not None:
             query["before_seq"] = before_seq
-        next_link = f"/v1/accounts/{account}/entries?{urlencode(query)}"
+        # The account as one escaped path segment: ".." must not become a path step.
+        next_link = f"/v1/accounts/{path_segment(account)}/entries?{urlencode(query)}"
     return {
         "account": account,
         "asset": asset,

@@ -307,6 +307,14 @@ async def test_bad_history_cursors_are_refused_naming_the_field(stack: Stack) ->
                              ("?asset=USD&limit=%D9%A3", "limit")]:  # fmt: skip
             answer = await tally.request("GET", target + query)
             assert answer.status == 400 and answer.body["field"] == field, (query, answer.body)
+        # An account named ".." pages too: its next link keeps the dots escaped.
+        assert (
+            await tally.submit(_deposit("..", f"dots-{stack.unique}", 1), wait=10)
+        ).status == 200
+        await _recorded(tally, "..", "USD", 1)
+        page = await tally.entries("..", "USD", limit=1)
+        assert page.body["next"].startswith("/v1/accounts/%2E%2E/entries?")
+        assert (await tally.page(page.body["next"])).status == 200
         empty = await tally.entries(account, "USD")
         assert empty.status == 200 and empty.body["entries"] == [] and empty.body["next"] is None
 

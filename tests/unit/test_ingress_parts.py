@@ -475,6 +475,10 @@ def _near_miss(value: Any) -> st.SearchStrategy[Any]:
     """`value` as another JSON type that a lax parser would take for it: "5" or 5.0 for
     5, true for 1, [x] or {"value": x} for x."""
     options: list[Any] = [json.dumps(value), [value], {"value": value}]
+    if value is None:
+        # "null" is no near miss of an absent optional string: it is a valid id, or
+        # reference, of its own.
+        options = options[1:]
     if isinstance(value, int) and not isinstance(value, bool):
         options += [str(value), float(value), value == 1]
     return st.sampled_from(options)
