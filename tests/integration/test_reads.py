@@ -385,3 +385,26 @@ async def test_a_batch_that_waits_answers_each_item_with_its_result(stack: Stack
             {"Prefer": "wait=31"},
         )  # fmt: skip
         assert bad.status == 400 and bad.body["field"] == "Prefer"
+
+
+async def test_without_an_engine_a_waiting_batch_is_207_and_details_are_503(
+    stack: Stack, tmp_path: Any
+) -> None:
+    # A deployment of its own with no engine: nothing answers the commands.
+    lonely = IngressProcess(
+        stack.settings, prefix=f"{stack.settings.topic_prefix}-lonely",
+        log_path=tmp_path / "lonely.log", partitions=PARTITIONS, keys={KEY_ID: SECRET},
+    )  # fmt: skip
+    await lonely.start()
+    try:
+        async with Client(lonely.url, KEY_ID, SECRET) as tally:
+            commands = [_deposit("nobody", f"l-{i}", 1) for i in range(3)]
+            answer = await tally.submit_batch(commands, wait=1)
+            assert answer.status == 207, answer.body
+            assert answer.headers["Preference-Applied"] == "wait=1"
+            assert answer.body["accepted"] == 3 and answer.body["answered"] == 0
+            assert [i["status"] for i in answer.body["items"]] == [202] * 3
+            details = await tally.account("nobody")
+            assert details.status == 503 and details.body["field"] == "engine"
+    finally:
+        await lonely.stop()
