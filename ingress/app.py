@@ -22,7 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
@@ -41,13 +41,14 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import generate_latest
 
-from ingress import signing, subscriptions
+from ingress import reads, signing, subscriptions
 from ingress.commands import IDEMPOTENCY_KEY, parse_batch, parse_command
 from ingress.openapi import document
 from ingress.problems import Problem
 from ingress.ratelimit import TokenBuckets
 from ingress.replay import ReplayUnknown, SeenSignatures
-from ingress.results import ResultWaiter
+from ingress.results import ResultWaiter, Waiter
+from sinks import numeric
 from sinks.migrate import quote
 from sinks.redis_store import assets_key, balance_key
 from streams.engine import Engine
@@ -77,7 +78,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _COMMAND_SQL = """
 SELECT shard_id, command_id, account, kind, status, reason,
-       (extract(epoch FROM at) * 1000)::bigint AS at_ms
+       (extract(epoch FROM at) * 1000)::bigint AS at_ms, reference, metadata::text AS metadata
 FROM command_results
 WHERE shard_id = ANY($1::int[]) AND command_id = $2
 ORDER BY shard_id
@@ -218,6 +219,7 @@ class Ingress:
         subscriptions.add_routes(
             routes, self._admit, lambda: self.pg, allow_private=settings.notify_allow_private
         )
+        self._read_routes(routes)
         routes.add_get("/livez", self.livez, allow_head=False)
         routes.add_get("/readyz", self.readyz, allow_head=False)
         routes.add_get("/metrics", self.get_metrics, allow_head=False)
@@ -254,6 +256,7 @@ class Ingress:
             max_size=4,
             timeout=5,
             server_settings={"search_path": quote(self.settings.topic_prefix)},
+            init=numeric.use_int_codec,  # money as exact ints (ingress.reads)
         )
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         log.info(
@@ -536,14 +539,35 @@ class Ingress:
                 "each command of a batch carries its own command_id",
                 field=IDEMPOTENCY_KEY,
             )
+        wait_s = prefer_wait(request.headers.getall("Prefer", None))
         items = parse_batch(body)
         commands = [item for item in items if not isinstance(item, Problem)]
         # The request paid for one command at admission; the rest of the batch now.
         if len(commands) > 1:
             self._limit(client, len(commands) - 1)
-        metas = iter(await self._produce(commands) if commands else [])
+        waiters = [self.waiter.expect(c.account, c.command_id) for c in commands] if wait_s else []
+        try:
+            produced = await self._produce(commands) if commands else []
+            return await self._batch_answer(items, produced, waiters, wait_s)
+        finally:
+            for waiter in waiters:
+                self.waiter.forget(waiter)
+
+    async def _batch_answer(
+        self,
+        items: list[PublicCommand | Problem],
+        produced: list[RecordMetadata | None],
+        waiters: list[Waiter],
+        wait_s: int,
+    ) -> web.Response:
+        """The per-item answer of a batch; with `Prefer: wait`, each accepted item
+        whose result came within the wait carries it (status 200), and the whole batch
+        is 200 when every item did, else 207."""
+        results = await self._batch_results(produced, waiters, wait_s)
+        metas = iter(produced)
+        outcomes = iter(results)
         answers: list[dict[str, Any]] = []
-        accepted = unavailable = 0
+        accepted = unavailable = answered = 0
         for index, item in enumerate(items):
             if isinstance(item, Problem):
                 answers.append({"index": index, "status": item.status, "problem": item.body()})
@@ -562,27 +586,49 @@ class Ingress:
                 )
                 continue
             accepted += 1
-            answers.append(
-                {
-                    "index": index,
-                    "status": 202,
-                    "command_id": item.command_id,
-                    "account": item.account,
-                    "partition": meta.partition,
-                    "offset": meta.offset,
-                }
-            )
+            answer = {
+                "index": index,
+                "status": 202,
+                "command_id": item.command_id,
+                "account": item.account,
+                "partition": meta.partition,
+                "offset": meta.offset,
+            }
+            result = next(outcomes)
+            if result is not None:
+                answer["status"] = 200
+                answer["result"] = result
+                answered += 1
+            answers.append(answer)
         summary = {
             "accepted": accepted,
-            "invalid": len(items) - len(commands),
+            "invalid": sum(isinstance(item, Problem) for item in items),
             "unavailable": unavailable,
             "items": answers,
         }
-        if accepted == len(items):
-            return _respond(summary, 202)
         if unavailable and not accepted:
             return _respond(summary, 503, headers={"Retry-After": "2"})
-        return _respond(summary, 207)
+        if not wait_s:
+            return _respond(summary, 202 if accepted == len(items) else 207)
+        summary["answered"] = answered
+        applied = {"Preference-Applied": f"wait={wait_s}"}
+        return _respond(summary, 200 if answered == len(items) else 207, headers=applied)
+
+    async def _batch_results(
+        self, produced: list[RecordMetadata | None], waiters: list[Waiter], wait_s: int
+    ) -> list[Result | None]:
+        """Each acknowledged command's result if it came within `wait_s` (one deadline
+        for the whole batch), in the order of the acknowledged commands."""
+        if not wait_s:
+            return [None] * sum(m is not None for m in produced)
+        acked = [(w, m) for w, m in zip(waiters, produced, strict=True) if m is not None]
+        for waiter, meta in acked:
+            waiter.produced(meta.partition, meta.offset)
+        if not acked:
+            return []
+        futures = [asyncio.shield(w.future) for w, _ in acked]
+        await asyncio.wait(futures, timeout=wait_s)
+        return [w.future.result() if w.future.done() else None for w, _ in acked]
 
     async def get_command(self, request: web.Request) -> web.Response:
         await self._admit(request)
@@ -625,10 +671,11 @@ class Ingress:
                 "name the account: ?account=...",
                 field="account",
             )
-        row = rows[0]
-        return _respond(dict(row.items()))
+        return _respond(reads.command_row(rows[0]))
 
     async def get_balances(self, request: web.Request) -> web.Response:
+        if "at" in request.query or "seq" in request.query:
+            return await self.get_balances_at(request)
         await self._admit(request)
         self._no_query(request, ("consistency",))
         account = request.match_info["account"]
@@ -674,6 +721,14 @@ class Ingress:
         }
 
     async def _strong(self, account: str, shard: int) -> dict[str, dict[str, int]]:
+        balances = (await self._engine_view(account, shard))["balances"]
+        # The worker's view also gives each overdraft limit (for GET /v1/accounts/{id}).
+        return {
+            asset: {k: b[k] for k in ("available", "held", "seq")} for asset, b in balances.items()
+        }
+
+    async def _engine_view(self, account: str, shard: int) -> dict[str, Any]:
+        """The owning worker's table view of the account (streams.web)."""
         assert self.http is not None
         try:
             owner = await asyncio.wait_for(self.owners.of(shard), CHECK_TIMEOUT_S * 2)
@@ -701,8 +756,109 @@ class Ingress:
                 field="engine",
                 headers={"Retry-After": "1"},
             )
-        balances: dict[str, dict[str, int]] = body["balances"]
-        return balances
+        view: dict[str, Any] = body
+        return view
+
+    # --- the ledger's reads (issue 16; queries in ingress.reads) ---------------------
+
+    def _read_routes(self, routes: web.UrlDispatcher) -> None:
+        routes.add_get("/v1/commands", self.get_commands, allow_head=False)
+        routes.add_get("/v1/accounts/{account}", self.get_account, allow_head=False)
+        routes.add_get("/v1/accounts/{account}/entries", self.get_entries, allow_head=False)
+
+    @staticmethod
+    def _read_query(request: web.Request, allowed: tuple[str, ...]) -> None:
+        """Only `allowed` query parameters, each given once (a repeated one has no one
+        meaning: refused, naming it)."""
+        Ingress._no_query(request, allowed)
+        for name in request.query:
+            if len(request.query.getall(name)) > 1:
+                raise Problem(400, "repeated query parameter", f"give {name} once", field=name)
+
+    async def get_commands(self, request: web.Request) -> web.Response:
+        """`GET /v1/commands?reference=...`: the commands carrying a reference."""
+        await self._admit(request)
+        self._read_query(request, ("reference",))
+        reference = reads.parse_reference(request.query.get("reference"))
+        return _respond(await _postgres(reads.commands_by_reference(self.pg, reference)))
+
+    async def get_entries(self, request: web.Request) -> web.Response:
+        """One page of a balance's history, oldest first, with a `next` link."""
+        await self._admit(request)
+        query = request.query
+        self._read_query(request, ("asset", "after_seq", "before_seq", "limit"))
+        account = request.match_info["account"]
+        _check_account(account)
+        asset = reads.parse_asset(query.get("asset"), required=True)
+        assert asset is not None
+        after_seq = reads.parse_seq(query.get("after_seq"), "after_seq") or 0
+        before_seq = reads.parse_seq(query.get("before_seq"), "before_seq", least=1)
+        limit = reads.parse_limit(query.get("limit"))
+        page = reads.history(
+            self.pg,
+            shard=shard_of(account, self.settings.partitions),
+            account=account,
+            asset=asset,
+            after_seq=after_seq,
+            before_seq=before_seq,
+            limit=limit,
+        )
+        return _respond(await _postgres(page))
+
+    async def get_balances_at(self, request: web.Request) -> web.Response:
+        """`?at=<time>` (every asset, or `asset`) or `?seq=N&asset=X`: a past balance."""
+        await self._admit(request)
+        query = request.query
+        self._read_query(request, ("at", "seq", "asset"))
+        account = request.match_info["account"]
+        _check_account(account)
+        shard = shard_of(account, self.settings.partitions)
+        body: dict[str, Any] = {"account": account, "shard_id": shard}
+        if "at" in query and "seq" in query:
+            raise Problem(400, "at and seq", "give one of at and seq", field="seq")
+        if "seq" in query:
+            asset = reads.parse_asset(query.get("asset"), required=True)
+            assert asset is not None
+            seq = reads.parse_seq(query.get("seq"), "seq")
+            assert seq is not None
+            balance = reads.balance_at_seq(
+                self.pg, shard=shard, account=account, asset=asset, seq=seq
+            )
+            body["seq"] = seq
+            body["balances"] = {asset: await _postgres(balance)}
+        else:
+            asset = reads.parse_asset(query.get("asset"), required=False)
+            at_ms = reads.parse_time(query["at"])
+            balances = reads.balances_at_time(
+                self.pg, shard=shard, account=account, asset=asset, at_ms=at_ms
+            )
+            body["at_ms"] = at_ms
+            body["balances"] = await _postgres(balances)
+        body["consistency"] = "projection"
+        return _respond(body)
+
+    async def get_account(self, request: web.Request) -> web.Response:
+        """Status, overdraft limits, assets and last seqs, from the owning worker."""
+        await self._admit(request)
+        self._no_query(request)
+        account = request.match_info["account"]
+        _check_account(account)
+        shard = shard_of(account, self.settings.partitions)
+        view = await self._engine_view(account, shard)
+        balances = view["balances"]
+        return _respond(
+            {
+                "account": account,
+                "shard_id": shard,
+                "consistency": "strong",
+                "status": view.get("status", "active"),
+                "assets": sorted(balances),
+                "overdraft_limits": {
+                    a: b.get("overdraft_limit", 0) for a, b in sorted(balances.items())
+                },
+                "last_seq": {a: b["seq"] for a, b in sorted(balances.items())},
+            }
+        )
 
     async def livez(self, request: web.Request) -> web.Response:
         return _respond({"status": "ok"})
@@ -771,6 +927,21 @@ async def _check(probe: Awaitable[Any]) -> str:
     except Exception as exc:
         return f"unreachable ({type(exc).__name__})"
     return "ok"
+
+
+_T = TypeVar("_T")
+
+
+async def _postgres(query: Awaitable[_T]) -> _T:
+    """A read query's answer, or a 503 when PostgreSQL cannot give it in time."""
+    try:
+        return await asyncio.wait_for(query, CHECK_TIMEOUT_S * 2)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+            asyncpg.InternalClientError) as exc:  # fmt: skip
+        raise Problem(
+            503, "PostgreSQL unavailable", type(exc).__name__, field="postgres",
+            headers={"Retry-After": "2"},
+        ) from None  # fmt: skip
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

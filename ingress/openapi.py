@@ -40,6 +40,8 @@ class BatchItem(msgspec.Struct, kw_only=True, omit_defaults=True):
     partition: int | None = None
     offset: int | None = None
     problem: dict[str, Any] | None = None
+    # With `Prefer: wait=N`: the item's result event when it came in time (status 200).
+    result: Result | None = None
 
 
 class BatchAnswer(msgspec.Struct, kw_only=True):
@@ -47,6 +49,8 @@ class BatchAnswer(msgspec.Struct, kw_only=True):
     invalid: int
     unavailable: int
     items: list[BatchItem]
+    # With `Prefer: wait=N`: how many items carry their result.
+    answered: int | None = None
 
 
 class BatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -60,10 +64,15 @@ class BalanceOut(msgspec.Struct, kw_only=True):
 
 
 class Balances(msgspec.Struct, kw_only=True):
+    """Current balances (cached, strong), or as they were (`projection`: `at_ms` or
+    `seq` given, each balance's `seq` the last entry it reflects)."""
+
     account: str
     shard_id: int
     consistency: str
     balances: dict[str, BalanceOut]
+    at_ms: int | None = None
+    seq: int | None = None
 
 
 class CommandRecord(msgspec.Struct, kw_only=True):
@@ -76,6 +85,57 @@ class CommandRecord(msgspec.Struct, kw_only=True):
     status: str
     reason: str | None
     at_ms: int
+    reference: str | None
+    metadata: dict[str, str] | None
+
+
+# --- the ledger's reads (issue 16; ingress.reads) -----------------------------------
+
+
+class HistoryEntry(msgspec.Struct, kw_only=True):
+    """One balance change: what moved, the balance after it, and its command's own
+    reference and metadata."""
+
+    seq: int
+    command_id: str
+    kind: str
+    delta_available: int
+    delta_held: int
+    available: int
+    held: int
+    at_ms: int
+    reference: str | None
+    metadata: dict[str, str] | None
+
+
+class HistoryPage(msgspec.Struct, kw_only=True):
+    """Entries oldest first (seq ascending); `next` is the link to the following page
+    when this one is full, else null (poll the last seq as `after_seq` for newer)."""
+
+    account: str
+    asset: str
+    shard_id: int
+    order: str
+    entries: list[HistoryEntry]
+    next: str | None
+
+
+class CommandsByReference(msgspec.Struct, kw_only=True):
+    reference: str
+    commands: list[CommandRecord]
+    truncated: bool
+
+
+class AccountDetails(msgspec.Struct, kw_only=True):
+    """From the owning engine worker's tables (strong)."""
+
+    account: str
+    shard_id: int
+    consistency: str
+    status: str
+    assets: list[str]
+    overdraft_limits: dict[str, int]
+    last_seq: dict[str, int]
 
 
 class Ready(msgspec.Struct, kw_only=True):
@@ -147,7 +207,8 @@ _V1_ERRORS = (400, 401, 404, 405, 408, 413, 414, 429, 431, 503)
 def document() -> dict[str, Any]:
     (command_schema, *_), components = msgspec.json.schema_components(
         [PublicCommand, Result, Accepted, BatchAnswer, BatchRequest, Balances, CommandRecord,
-         Ready, Live, *subscriptions.schemas()],
+         Ready, Live, HistoryPage, CommandsByReference, AccountDetails,
+         *subscriptions.schemas()],
         ref_template="#/components/schemas/{name}",
     )  # fmt: skip
     components["Problem"] = _PROBLEM
@@ -164,7 +225,10 @@ def document() -> dict[str, Any]:
         "required": True,
         "schema": {"type": "string", "pattern": limits.ACCOUNT_ID_PATTERN},
     }
-    out: dict[str, Any] = {
+    paths = _paths(account, command_body)
+    _add_read_paths(paths, account)
+    paths.update(subscriptions.paths(_SIGNED, _problems, _V1_ERRORS))
+    return {
         "openapi": "3.1.0",
         "info": {
             "title": "Tally ingress",
@@ -181,143 +245,7 @@ def document() -> dict[str, Any]:
             "header that changes what a request does may be given once, and a JSON body "
             "names each key once (400 otherwise).",
         },
-        "paths": {
-            "/v1/commands": {
-                "post": {
-                    "operationId": "postCommand",
-                    "summary": "Submit one command.",
-                    "security": _SIGNED,
-                    "parameters": [
-                        {
-                            "name": "Idempotency-Key",
-                            "in": "header",
-                            "required": False,
-                            "description": "The command_id, if the body has none (both: equal).",
-                            "schema": {"type": "string", "pattern": limits.COMMAND_ID_PATTERN},
-                        },
-                        {
-                            "name": "Prefer",
-                            "in": "header",
-                            "required": False,
-                            "description": "wait=N (0-30): wait up to N s for the result.",
-                            "schema": {"type": "string", "pattern": r"^wait=([0-9]|[12][0-9]|30)$"},
-                        },
-                    ],
-                    "requestBody": command_body,
-                    "responses": {
-                        "200": _json("Result", "The command's result event (Prefer: wait)."),
-                        "202": _json("Accepted", "In Kafka (acks=all); the result comes later."),
-                        **_problems(*_V1_ERRORS, 415, 422),
-                    },
-                }
-            },
-            "/v1/commands/batch": {
-                "post": {
-                    "operationId": "postBatch",
-                    "summary": "Submit up to 1,000 commands, answered per item.",
-                    "security": _SIGNED,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref("BatchRequest")}},
-                    },
-                    "responses": {
-                        "202": _json("BatchAnswer", "Every command accepted."),
-                        "207": _json("BatchAnswer", "Some commands not accepted; see items."),
-                        **_problems(*_V1_ERRORS, 415, 422),
-                        "503": {
-                            "description": "Kafka acknowledged none (a BatchAnswer; retry), or "
-                            "a dependency is unavailable (a problem; see Retry-After).",
-                            "content": {
-                                "application/json": {"schema": _ref("BatchAnswer")},
-                                "application/problem+json": {"schema": _ref("Problem")},
-                            },
-                        },
-                    },
-                }
-            },
-            "/v1/commands/{command_id}": {
-                "get": {
-                    "operationId": "getCommand",
-                    "summary": "The engine's first decision on a command id, once recorded.",
-                    "security": _SIGNED,
-                    "parameters": [
-                        {
-                            "name": "command_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "pattern": limits.COMMAND_ID_PATTERN},
-                        },
-                        {
-                            "name": "account",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "string", "pattern": limits.ACCOUNT_ID_PATTERN},
-                        },
-                    ],
-                    "responses": {
-                        "200": _json("CommandRecord", "The recorded decision."),
-                        **_problems(*_V1_ERRORS, 409),
-                    },
-                }
-            },
-            "/v1/accounts/{account}/balances": {
-                "get": {
-                    "operationId": "getBalances",
-                    "summary": "An account's balances: from Redis, or the engine (strong).",
-                    "security": _SIGNED,
-                    "parameters": [
-                        account,
-                        {
-                            "name": "consistency",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "string", "enum": ["cached", "strong"]},
-                        },
-                    ],
-                    "responses": {
-                        "200": _json("Balances", "Each asset's available, held and seq."),
-                        **_problems(*_V1_ERRORS),
-                    },
-                }
-            },
-            "/livez": {
-                "get": {
-                    "operationId": "livez",
-                    "responses": {"200": _json("Live", "The process answers.")},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "operationId": "readyz",
-                    "responses": {
-                        "200": _json("Ready", "Kafka, PostgreSQL and Redis reachable."),
-                        **_problems(503),
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "operationId": "metrics",
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus text exposition.",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "operationId": "openapi",
-                    "responses": {
-                        "200": {
-                            "description": "This document.",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    },
-                }
-            },
-        },
+        "paths": paths,
         "components": {
             "schemas": components,
             "securitySchemes": {
@@ -328,5 +256,233 @@ def document() -> dict[str, Any]:
             },
         },
     }
-    out["paths"].update(subscriptions.paths(_SIGNED, _problems, _V1_ERRORS))
-    return out
+
+
+def _paths(account: dict[str, Any], command_body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "/v1/commands": {
+            "post": {
+                "operationId": "postCommand",
+                "summary": "Submit one command.",
+                "security": _SIGNED,
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "The command_id, if the body has none (both: equal).",
+                        "schema": {"type": "string", "pattern": limits.COMMAND_ID_PATTERN},
+                    },
+                    {
+                        "name": "Prefer",
+                        "in": "header",
+                        "required": False,
+                        "description": "wait=N (0-30): wait up to N s for the result.",
+                        "schema": {"type": "string", "pattern": r"^wait=([0-9]|[12][0-9]|30)$"},
+                    },
+                ],
+                "requestBody": command_body,
+                "responses": {
+                    "200": _json("Result", "The command's result event (Prefer: wait)."),
+                    "202": _json("Accepted", "In Kafka (acks=all); the result comes later."),
+                    **_problems(*_V1_ERRORS, 415, 422),
+                },
+            }
+        },
+        "/v1/commands/batch": {
+            "post": {
+                "operationId": "postBatch",
+                "summary": "Submit up to 1,000 commands, answered per item.",
+                "security": _SIGNED,
+                "parameters": [
+                    {
+                        "name": "Prefer",
+                        "in": "header",
+                        "required": False,
+                        "description": "wait=N (0-30): each item waits up to N s (one "
+                        "deadline) for its result; 200 when all came, else 207.",
+                        "schema": {"type": "string", "pattern": r"^wait=([0-9]|[12][0-9]|30)$"},
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("BatchRequest")}},
+                },
+                "responses": {
+                    "200": _json("BatchAnswer", "Prefer: wait; every item's result came."),
+                    "202": _json("BatchAnswer", "Every command accepted."),
+                    "207": _json("BatchAnswer", "Some commands not accepted; see items."),
+                    **_problems(*_V1_ERRORS, 415, 422),
+                    "503": {
+                        "description": "Kafka acknowledged none (a BatchAnswer; retry), or "
+                        "a dependency is unavailable (a problem; see Retry-After).",
+                        "content": {
+                            "application/json": {"schema": _ref("BatchAnswer")},
+                            "application/problem+json": {"schema": _ref("Problem")},
+                        },
+                    },
+                },
+            }
+        },
+        "/v1/commands/{command_id}": {
+            "get": {
+                "operationId": "getCommand",
+                "summary": "The engine's first decision on a command id, once recorded.",
+                "security": _SIGNED,
+                "parameters": [
+                    {
+                        "name": "command_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": limits.COMMAND_ID_PATTERN},
+                    },
+                    {
+                        "name": "account",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": limits.ACCOUNT_ID_PATTERN},
+                    },
+                ],
+                "responses": {
+                    "200": _json("CommandRecord", "The recorded decision."),
+                    **_problems(*_V1_ERRORS, 409),
+                },
+            }
+        },
+        "/v1/accounts/{account}/balances": {
+            "get": {
+                "operationId": "getBalances",
+                "summary": "An account's balances: from Redis, or the engine (strong).",
+                "security": _SIGNED,
+                "parameters": [
+                    account,
+                    {
+                        "name": "consistency",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": ["cached", "strong"]},
+                    },
+                    *_POINT_PARAMETERS,
+                ],
+                "responses": {
+                    "200": _json("Balances", "Each asset's available, held and seq."),
+                    **_problems(*_V1_ERRORS),
+                },
+            }
+        },
+        "/livez": {
+            "get": {
+                "operationId": "livez",
+                "responses": {"200": _json("Live", "The process answers.")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz",
+                "responses": {
+                    "200": _json("Ready", "Kafka, PostgreSQL and Redis reachable."),
+                    **_problems(503),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "responses": {
+                    "200": {
+                        "description": "This document.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name, "in": "query", "required": False, "schema": schema,
+        "description": description,
+    }  # fmt: skip
+
+
+_SEQ = {"type": "integer", "minimum": 0, "maximum": limits.SEQ_MAX}
+_ASSET = {"type": "string", "pattern": limits.ASSET_PATTERN}
+_POINT_PARAMETERS = [
+    _query(
+        "at",
+        {"type": "string"},
+        "A past time, RFC 3339 with an offset or epoch milliseconds: the balances as "
+        "they were then, from PostgreSQL (with `asset`: that one only).",
+    ),
+    _query("seq", _SEQ, "With `asset`: that balance right after its entry `seq`."),
+    _query("asset", _ASSET, "The one asset of `at` or `seq`."),
+]
+
+
+def _add_read_paths(paths: dict[str, Any], account: dict[str, Any]) -> None:
+    """The ledger's reads: history, commands by reference, account details."""
+    paths["/v1/commands"]["get"] = {
+        "operationId": "getCommandsByReference",
+        "summary": "The recorded commands that carry a reference (at most 100).",
+        "security": _SIGNED,
+        "parameters": [
+            {
+                "name": "reference",
+                "in": "query",
+                "required": True,
+                "schema": {"type": "string", "pattern": limits.REFERENCE_PATTERN},
+            }
+        ],
+        "responses": {
+            "200": _json("CommandsByReference", "The commands, by account and command id."),
+            **_problems(*_V1_ERRORS),
+        },
+    }
+    paths["/v1/accounts/{account}"] = {
+        "get": {
+            "operationId": "getAccount",
+            "summary": "Status, assets, overdraft limits and last seqs, from the engine.",
+            "security": _SIGNED,
+            "parameters": [account],
+            "responses": {
+                "200": _json("AccountDetails", "The account as the engine holds it."),
+                **_problems(*_V1_ERRORS),
+            },
+        }
+    }
+    paths["/v1/accounts/{account}/entries"] = {
+        "get": {
+            "operationId": "getEntries",
+            "summary": "One page of a balance's history, oldest first, from PostgreSQL.",
+            "security": _SIGNED,
+            "parameters": [
+                account,
+                {"name": "asset", "in": "query", "required": True, "schema": _ASSET},
+                _query(
+                    "after_seq", _SEQ, "Entries after this seq (the cursor; 0: from the first)."
+                ),
+                _query("before_seq", {**_SEQ, "minimum": 1}, "Entries before this seq."),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 1000},
+                    "Entries per page (default 100).",
+                ),
+            ],
+            "responses": {
+                "200": _json("HistoryPage", "Up to `limit` entries and the next page's link."),
+                **_problems(*_V1_ERRORS),
+            },
+        }
+    }

@@ -59,7 +59,8 @@ class Problem(Exception):
         return response
 
 
-_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+# msgspec names a bad key of an object (metadata's) "at `key` in `$.metadata`".
+_AT = re.compile(r" - at (?:`key` in )?`\$(?P<path>[^`]*)`$")
 # The name is the message's end (the path is cut off first): matched to the last
 # backtick, so that a name holding a backtick, or an empty one, is named whole.
 _NAMED = re.compile(r"(missing required|contains unknown) field `(?P<name>.*)`$")
@@ -76,7 +77,9 @@ def from_validation(exc: msgspec.ValidationError, *, prefix: str = "") -> Proble
     named = _NAMED.search(message)
     if named:
         path = f"{path}.{named.group('name')}"
-    field = (prefix + path).lstrip(".") or "body"
+    # One leading dot only: a field name of its own may begin with dots (".0").
+    full = prefix + path
+    field = (full[1:] if full.startswith(".") else full) or "body"
     if message.startswith("Invalid value") and field.endswith("kind"):
         title = "unknown command kind"
     elif named and named.group(1) == "missing required":

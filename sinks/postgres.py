@@ -9,6 +9,9 @@ breakpoints computed from the entries in SQL, and the consumed offsets into
 exactly after the last batch that reached PostgreSQL, whatever Kafka's own committed
 offsets say (they are committed too, afterwards, for lag monitoring).
 
+A command's `reference` and `metadata` (migrations/0004) go on each of its entries and on
+its result row; metadata as jsonb.
+
 Money columns are `numeric` (migrations/0002), of any size. The sink's connection sends
 them with `sinks.numeric`'s codec, straight from Python ints, by COPY and as `numeric[]`
 parameters (asyncpg's own goes through Decimal and cost the sink most of its COPY
@@ -21,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from sinks import numeric
 from sinks.migrate import quote
@@ -33,19 +37,22 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _ENTRIES = """
 INSERT INTO ledger_entries (shard_id, account, asset, seq, command_id, kind,
-    delta_available, delta_held, available, held, at)
+    delta_available, delta_held, available, held, at, reference, metadata)
 SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-    $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[], $11::timestamptz[])
+    $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[], $11::timestamptz[],
+    $12::text[], $13::jsonb[])
 ON CONFLICT DO NOTHING
 """
 
 _RESULTS = """
-INSERT INTO command_results (shard_id, command_id, account, kind, status, reason, at)
+INSERT INTO command_results (shard_id, command_id, account, kind, status, reason, at,
+    reference, metadata)
 SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-    $7::timestamptz[])
+    $7::timestamptz[], $8::text[], $9::jsonb[])
 ON CONFLICT (shard_id, account, command_id) DO UPDATE SET
     account = excluded.account, kind = excluded.kind, status = excluded.status,
-    reason = excluded.reason, at = excluded.at
+    reason = excluded.reason, at = excluded.at, reference = excluded.reference,
+    metadata = excluded.metadata
 WHERE command_results.reason IN ('invalid_command', 'record_too_large')
 """
 # Rejections the engine does not remember: a later decision on the same id replaces them.
@@ -79,9 +86,14 @@ ON CONFLICT DO NOTHING
 
 _ENTRY_COLUMNS = [
     "shard_id", "account", "asset", "seq", "command_id", "kind",
-    "delta_available", "delta_held", "available", "held", "at",
+    "delta_available", "delta_held", "available", "held", "at", "reference", "metadata",
 ]  # fmt: skip
-_RESULT_COLUMNS = ["shard_id", "command_id", "account", "kind", "status", "reason", "at"]
+_RESULT_COLUMNS = [
+    "shard_id", "command_id", "account", "kind", "status", "reason", "at",
+    "reference", "metadata",
+]  # fmt: skip
+# A result's metadata as the jsonb text PostgreSQL takes (by COPY and in jsonb[]).
+_json = msgspec.json.Encoder()
 
 _OFFSETS = """
 INSERT INTO sink_offsets (topic, partition, next_offset)
@@ -165,10 +177,13 @@ class PostgresStore:
             when = times.get(result.at_ms)
             if when is None:
                 when = times[result.at_ms] = at(result.at_ms)
+            reference = result.reference
+            metadata = None if result.metadata is None else _json.encode(result.metadata).decode()
             for e in result.entries:
                 row = (
                     shard, e.account, e.asset, e.seq, result.command_id, result.kind,
                     e.delta_available, e.delta_held, e.available, e.held, when,
+                    reference, metadata,
                 )  # fmt: skip
                 entry_rows.append(row)
                 key = (shard, e.account, e.asset)
@@ -192,6 +207,8 @@ class PostgresStore:
                     result.status.value,
                     None if result.reason is None else result.reason.value,
                     when,
+                    reference,
+                    metadata,
                 )
         parts = sorted(batch.offsets.items())
         try:
@@ -211,9 +228,9 @@ class PostgresStore:
             # id seen before. Same rows again, skipping what exists.
             async with conn.transaction():
                 if entry_rows:
-                    await conn.execute(_ENTRIES, *_columns(entry_rows, 11))
+                    await conn.execute(_ENTRIES, *_columns(entry_rows, 13))
                 if results:
-                    await conn.execute(_RESULTS, *_columns(results.values(), 7))
+                    await conn.execute(_RESULTS, *_columns(results.values(), 9))
                 await self._rest(conn, batch.topic, balances, breakpoints, parts)
 
     async def _rest(

@@ -1062,6 +1062,11 @@ class Engine:
         store = self.stores[shard_of(account, self.partitions)]
         return store.balances_of(account)
 
+    def status_of(self, account: str) -> str:
+        """An account's status in the table view ("active" for one never configured)."""
+        state = self.stores[shard_of(account, self.partitions)].account(account)
+        return "active" if state is None else state.status
+
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[None]:
         """Hold off batches while a view reads. A batch's results are visible to

@@ -148,6 +148,8 @@ def _repeat(command: Command, known: CommandRecord, digest: str, now_ms: int) ->
             reason=Reason.COMMAND_ID_REUSED,
             detail="this command_id was first used with a different payload",
             at_ms=now_ms,
+            reference=command.reference,
+            metadata=command.metadata,
         )
     else:
         result = Result(
@@ -157,6 +159,8 @@ def _repeat(command: Command, known: CommandRecord, digest: str, now_ms: int) ->
             status=Status.DUPLICATE,
             first=FirstResult(status=known.status, reason=known.reason, at_ms=known.at_ms),
             at_ms=now_ms,
+            reference=command.reference,
+            metadata=command.metadata,
         )
     return Outcome(result=result)
 
@@ -271,6 +275,8 @@ class _Change:
                 amount=amount,
                 origin_command_id=_origin(cmd),
                 origin_account=cmd.account,
+                reference=cmd.reference,
+                metadata=cmd.metadata,
             )
         )
 
@@ -300,6 +306,8 @@ class _Change:
                     amount=command.amount,
                     origin_command_id=command.origin_command_id,
                     reason=rejected.reason.value,
+                    reference=command.reference,
+                    metadata=command.metadata,
                 )
             )
         result = self._result(Status.REJECTED, rejected.reason, rejected.detail, len(emits))
@@ -319,6 +327,8 @@ class _Change:
             entries=self.entries if status is Status.APPLIED else [],
             emitted=emitted,
             at_ms=self.now_ms,
+            reference=self.command.reference,
+            metadata=self.command.metadata,
         )
 
 

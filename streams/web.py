@@ -296,13 +296,21 @@ class WorkerWeb:
         shard = shard_of(account, engine.partitions)
         async with engine.reading():
             balances = engine.balances_of(account) if engine.owns(account) else None
+            status = engine.status_of(account) if balances is not None else None
         if balances is not None:
+            # The status and overdraft limits serve the ingress's GET /v1/accounts/{id}.
             return web.json_response(
                 {
                     "account": account,
                     "shard_id": shard,
+                    "status": status,
                     "balances": {
-                        asset: {"available": b.available, "held": b.held, "seq": b.seq}
+                        asset: {
+                            "available": b.available,
+                            "held": b.held,
+                            "seq": b.seq,
+                            "overdraft_limit": b.overdraft_limit,
+                        }
                         for asset, b in balances.items()
                     },
                 }

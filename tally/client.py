@@ -107,10 +107,12 @@ class Client:
             headers["Idempotency-Key"] = idempotency_key
         return await self.request("POST", "/v1/commands", _json.encode(command), headers)
 
-    async def submit_batch(self, commands: list[Any]) -> Answer:
-        """POST /v1/commands/batch (at most 1,000 commands), answered per item."""
+    async def submit_batch(self, commands: list[Any], *, wait: int = 0) -> Answer:
+        """POST /v1/commands/batch (at most 1,000 commands), answered per item; with
+        `wait`, each item up to that many seconds for its result."""
+        headers = {"Prefer": f"wait={wait}"} if wait else None
         return await self.request(
-            "POST", "/v1/commands/batch", _json.encode({"commands": commands})
+            "POST", "/v1/commands/batch", _json.encode({"commands": commands}), headers
         )
 
     async def balances(self, account: str, *, strong: bool = False) -> Answer:
@@ -124,3 +126,56 @@ class Client:
         if account is not None:
             target += "?" + urlencode({"account": account})
         return await self.request("GET", target)
+
+    async def commands(self, reference: str) -> Answer:
+        """GET /v1/commands?reference=...: the commands that carry a reference."""
+        return await self.request("GET", "/v1/commands?" + urlencode({"reference": reference}))
+
+    async def account(self, account: str) -> Answer:
+        """GET /v1/accounts/{account}: status, assets, overdraft limits, last seqs."""
+        return await self.request("GET", f"/v1/accounts/{path_segment(account)}")
+
+    async def entries(
+        self,
+        account: str,
+        asset: str,
+        *,
+        after_seq: int | None = None,
+        before_seq: int | None = None,
+        limit: int | None = None,
+    ) -> Answer:
+        """One page of a balance's history, oldest first; follow `body["next"]` with
+        `page` for the next one."""
+        query: dict[str, Any] = {"asset": asset}
+        for name, value in (("after_seq", after_seq), ("before_seq", before_seq),
+                            ("limit", limit)):  # fmt: skip
+            if value is not None:
+                query[name] = value
+        return await self.request(
+            "GET", f"/v1/accounts/{path_segment(account)}/entries?{urlencode(query)}"
+        )
+
+    async def page(self, link: str) -> Answer:
+        """GET a `next` link of a history page."""
+        return await self.request("GET", link)
+
+    async def balances_at(
+        self,
+        account: str,
+        *,
+        at: str | int | None = None,
+        seq: int | None = None,
+        asset: str | None = None,
+    ) -> Answer:
+        """The balances as they were at a time (RFC 3339 or epoch ms) or after a seq
+        (with one asset)."""
+        query: dict[str, Any] = {}
+        if at is not None:
+            query["at"] = at
+        if seq is not None:
+            query["seq"] = seq
+        if asset is not None:
+            query["asset"] = asset
+        return await self.request(
+            "GET", f"/v1/accounts/{path_segment(account)}/balances?{urlencode(query)}"
+        )

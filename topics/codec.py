@@ -164,9 +164,24 @@ def dead_letter(
     )
 
 
+# A command's and a result's optional `reference` and `metadata` are their last fields.
+# Left out when absent, so that such a record is byte for byte what it was before the
+# fields existed: the ledger fingerprints the encoded command (a retry after an upgrade
+# stays a duplicate, not `command_id_reused`), and older readers, which forbid unknown
+# fields, still decode it. Unescaped, these bytes can only be the fields themselves (a
+# quote inside a JSON string is escaped).
+_NO_METADATA = b',"metadata":null}'
+_NO_REFERENCE = b',"reference":null}'
+
+
 def encode(value: msgspec.Struct) -> bytes:
     """JSON bytes of any schema struct (commands, results, dead letters)."""
-    return _encoder.encode(value)
+    raw = _encoder.encode(value)
+    if raw.endswith(_NO_METADATA):
+        raw = raw[: -len(_NO_METADATA)] + b"}"
+    if raw.endswith(_NO_REFERENCE):
+        raw = raw[: -len(_NO_REFERENCE)] + b"}"
+    return raw
 
 
 _result = msgspec.json.Decoder(Result)

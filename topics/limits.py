@@ -61,6 +61,25 @@ INTERNAL_ID_PATTERN: Final = r"^[A-Za-z0-9_.:/-]{1,220}(?!\n)$"
 INTERNAL_ID_LEN_MAX: Final = 220
 HOLD_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$"
 
+# A client's own reference on a command (an order id, an invoice number), searchable by
+# `GET /v1/commands?reference=`: the same alphabet and length as a command id, so that it
+# is safe in a URL query, a log line and an index key without escaping.
+REFERENCE_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,128}(?!\n)$"
+REFERENCE_LEN_MAX: Final = 128
+# A command's metadata is a flat object of strings the ledger only carries: it travels on
+# the command, the result event, a payee's credit and every store row, so it is small.
+# 16 keys and 1 KiB of encoded JSON fit a few ids and notes (Stripe allows 50 keys of 500
+# characters, but its metadata is not copied to every entry); keys use the id alphabet so
+# that they can be queried in PostgreSQL's jsonb without quoting; values are free text
+# without NUL (PostgreSQL's text and jsonb cannot hold U+0000) of up to
+# METADATA_VALUE_LEN_MAX characters.
+METADATA_KEYS_MAX: Final = 16
+METADATA_KEY_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,40}(?!\n)$"
+METADATA_KEY_LEN_MAX: Final = 40
+METADATA_VALUE_PATTERN: Final = r"^[^\x00]{0,500}(?!\n)$"
+METADATA_VALUE_LEN_MAX: Final = 500
+METADATA_BYTES_MAX: Final = 1024
+
 # One disbursement fans out to at most this many payees: it bounds the size of one
 # command record (about 100 bytes a leg) and the work one command may cause.
 DISBURSE_LEGS_MAX: Final = 1000

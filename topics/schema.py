@@ -35,6 +35,25 @@ CommandId = Annotated[
         description="client-chosen idempotency key, 1-128 characters of [A-Za-z0-9_.:-]",
     ),
 ]
+Reference = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=limits.REFERENCE_PATTERN,
+        description="the client's own reference (an order id): 1-128 characters of [A-Za-z0-9_.:-]",
+    ),
+]
+Metadata = Annotated[
+    dict[
+        Annotated[str, msgspec.Meta(pattern=limits.METADATA_KEY_PATTERN)],
+        Annotated[str, msgspec.Meta(pattern=limits.METADATA_VALUE_PATTERN)],
+    ],
+    msgspec.Meta(
+        max_length=limits.METADATA_KEYS_MAX,
+        description="the client's own strings, carried and never interpreted: at most 16 "
+        "keys of 1-40 characters of [A-Za-z0-9_.:-], values of up to 500 characters (no "
+        "NUL), at most 1024 bytes as compact JSON",
+    ),
+]
 InternalId = Annotated[str, msgspec.Meta(pattern=limits.INTERNAL_ID_PATTERN)]
 HoldId = Annotated[str, msgspec.Meta(pattern=limits.HOLD_ID_PATTERN)]
 # msgspec cannot bound an int beyond 64 bits in a Meta: the upper bounds of Amount and
@@ -61,6 +80,22 @@ Limit = Annotated[
 EpochMs = Annotated[int, msgspec.Meta(ge=0, le=limits.TIME_MS_MAX)]
 # A balance or a delta in an event: any integer (see limits for the bound rule).
 Money = Annotated[int, msgspec.Meta(description="minor units, an exact integer of any size")]
+
+
+def metadata_bytes(metadata: dict[str, str]) -> int:
+    """The size a command's metadata is bounded by: its compact JSON encoding."""
+    return len(_metadata_encoder.encode(metadata))
+
+
+_metadata_encoder = msgspec.json.Encoder()
+
+
+def _bounded_metadata(metadata: dict[str, str] | None) -> None:
+    if metadata is not None and metadata_bytes(metadata) > limits.METADATA_BYTES_MAX:
+        raise ValueError(
+            f"Expected metadata of at most {limits.METADATA_BYTES_MAX} bytes as JSON"
+            " - at `$.metadata`"
+        )
 
 
 def _bounded(value: int | None, field: str, most: int = limits.AMOUNT_MAX) -> None:
@@ -93,6 +128,14 @@ EventAccount = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.ACCOU
 EventAsset = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.ASSET_LEN_MAX)]
 ResultAccount = Annotated[str, msgspec.Meta(max_length=limits.ACCOUNT_ID_LEN_MAX)]
 ResultKind = Annotated[str, msgspec.Meta(max_length=limits.KIND_LEN_MAX)]
+EventReference = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.REFERENCE_LEN_MAX)]
+EventMetadata = Annotated[
+    dict[
+        Annotated[str, msgspec.Meta(min_length=1, max_length=limits.METADATA_KEY_LEN_MAX)],
+        Annotated[str, msgspec.Meta(max_length=limits.METADATA_VALUE_LEN_MAX)],
+    ],
+    msgspec.Meta(max_length=limits.METADATA_KEYS_MAX),
+]
 Detail = Annotated[str, msgspec.Meta(max_length=limits.DETAIL_LEN_MAX)]
 
 
@@ -104,10 +147,21 @@ class _Base(
     kw_only=True,
 ):
     """Fields every command carries. `account` is the paying or owning account: it is
-    the Kafka key, so it decides the partition the command is applied on."""
+    the Kafka key, so it decides the partition the command is applied on.
+
+    `reference` and `metadata` are the client's own, optional on every command, carried
+    to the result event (and a payee's credit) and never interpreted. Being defaults of
+    this keyword-only base, they encode last, and `topics.codec.encode` leaves them out
+    when absent: a command without them encodes, and so fingerprints, as it did before
+    they existed, and old records decode unchanged."""
 
     v: Literal[1] = 1
     account: AccountId
+    reference: Reference | None = None
+    metadata: Metadata | None = None
+
+    def __post_init__(self) -> None:
+        _bounded_metadata(self.metadata)
 
 
 class _Command(_Base, frozen=True):
@@ -125,6 +179,7 @@ class Deposit(_Command, tag="deposit", frozen=True):
     amount: Amount
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _bounded(self.amount, "amount")
 
 
@@ -135,6 +190,7 @@ class Withdraw(_Command, tag="withdraw", frozen=True):
     amount: Amount
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _bounded(self.amount, "amount")
 
 
@@ -146,6 +202,7 @@ class Transfer(_Command, tag="transfer", frozen=True):
     amount: Amount
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _bounded(self.amount, "amount")
 
 
@@ -163,6 +220,7 @@ class Disburse(_Command, tag="disburse", frozen=True):
     legs: Annotated[list[Leg], msgspec.Meta(min_length=1, max_length=limits.DISBURSE_LEGS_MAX)]
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for index, leg in enumerate(self.legs):
             _bounded(leg.amount, f"legs[{index}].amount")
 
@@ -177,6 +235,7 @@ class Hold(_Command, tag="hold", frozen=True):
     expires_at_ms: EpochMs | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _bounded(self.amount, "amount")
 
 
@@ -195,6 +254,7 @@ class Capture(_Command, tag="capture", frozen=True):
     to: AccountId | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _bounded(self.amount, "amount")
 
 
@@ -206,6 +266,7 @@ class Configure(_Command, tag="configure", frozen=True):
     overdraft_limit: Limit | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _bounded(self.overdraft_limit, "overdraft_limit", limits.LIMIT_MAX)
 
 
@@ -222,6 +283,7 @@ class Credit(_Internal, tag="credit", frozen=True):
     origin_account: AccountId
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _bounded(self.amount, "amount")
 
 
@@ -234,6 +296,7 @@ class Refund(_Internal, tag="refund", frozen=True):
     reason: str
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _bounded(self.amount, "amount")
 
 
@@ -350,6 +413,10 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     entries: Annotated[list[Entry], msgspec.Meta(max_length=limits.DISBURSE_LEGS_MAX + 1)] = []
     emitted: Annotated[int, msgspec.Meta(ge=0, le=limits.DISBURSE_LEGS_MAX)] = 0
     at_ms: EventTime
+    # The command's own reference and metadata (a credit's are its origin's). Last, and
+    # left out of the encoding when absent (topics.codec.encode), like a command's.
+    reference: EventReference | None = None
+    metadata: EventMetadata | None = None
 
 
 # A result event of a client command carries this Kafka header: "<partition>:<offset>" of

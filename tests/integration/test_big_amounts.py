@@ -272,10 +272,11 @@ async def test_a_bigint_deployment_is_migrated_and_then_takes_128_bit_amounts(
             "SELECT count(*) FROM information_schema.columns WHERE table_schema = $1"
             " AND table_name = 'balances' AND data_type = 'bigint'", schema)  # fmt: skip
         assert with_bigint == 2 + 1  # available, held (and seq)
-        assert await migrate(settings.pg_dsn, schema, PARTITIONS) == [
-            "0002_numeric_money.sql",
-            "0003_command_results_by_account.sql",
-        ]
+        # Every migration after the first, 0002_numeric_money.sql among them, applies to
+        # a deployment of today's shape with data in it.
+        later = sorted(path.name for path in MIGRATIONS.glob("*.sql"))[1:]
+        assert "0002_numeric_money.sql" in later
+        assert await migrate(settings.pg_dsn, schema, PARTITIONS) == later
         assert await migrate(settings.pg_dsn, schema, PARTITIONS) == []
         types = await conn.fetch(
             "SELECT table_name, column_name, data_type FROM information_schema.columns"

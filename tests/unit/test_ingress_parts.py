@@ -459,6 +459,10 @@ def _valid(t: msgspec.inspect.Type) -> st.SearchStrategy[Any]:
         return st.one_of([_valid(u) for u in t.types])
     if isinstance(t, msgspec.inspect.ListType):
         return st.lists(_valid(t.item_type), min_size=t.min_length or 0, max_size=3)
+    if isinstance(t, msgspec.inspect.DictType):
+        # Short values: three keys stay far within limits.METADATA_BYTES_MAX.
+        values = _valid(t.value_type).map(lambda v: v[:40])
+        return st.dictionaries(_valid(t.key_type), values, max_size=min(t.max_length or 3, 3))
     if isinstance(t, msgspec.inspect.StructType):
         return st.fixed_dictionaries(
             {f.name: _valid(f.type) for f in t.fields if f.required},
@@ -471,6 +475,10 @@ def _near_miss(value: Any) -> st.SearchStrategy[Any]:
     """`value` as another JSON type that a lax parser would take for it: "5" or 5.0 for
     5, true for 1, [x] or {"value": x} for x."""
     options: list[Any] = [json.dumps(value), [value], {"value": value}]
+    if value is None:
+        # "null" is no near miss of an absent optional string: it is a valid id, or
+        # reference, of its own.
+        options = options[1:]
     if isinstance(value, int) and not isinstance(value, bool):
         options += [str(value), float(value), value == 1]
     return st.sampled_from(options)
