@@ -88,7 +88,12 @@ class Client:
         # encoded=True: sent byte for byte as signed (yarl would otherwise unescape
         # "%3A" to ":" and resolve "..", and the signature would no longer match).
         url = yarl.URL(self.base_url + target, encoded=True)
-        async with self._session.request(method, url, data=body or None, headers=sent) as response:
+        # aiohttp adds "Content-Type: application/octet-stream" to a POST without a
+        # body; that header is signed, so it is only ever sent when the caller set it.
+        skip = () if "content-type" in {k.lower() for k in sent} else ("Content-Type",)
+        async with self._session.request(
+            method, url, data=body or None, headers=sent, skip_auto_headers=skip
+        ) as response:
             raw = await response.read()
             try:
                 parsed: Any = msgspec.json.decode(raw) if raw else None

@@ -26,8 +26,8 @@ PARTITIONS = 4
 KEY_ID = "notify-test"
 SECRET = "notify-test-secret-0123456789"
 SUB_SECRET = "subscriber-secret-0123456789"
-# aiohttp sends "Content-Type: application/octet-stream" with a body-less POST, which
-# tally.client does not sign: name the type, so that the signed one is the one sent.
+# A JSON content type on the subscription calls, as a client sends them (tally.client
+# no longer needs it for body-less POSTs: tests/integration/test_client_signing.py).
 JSON: dict[str, Any] = {"headers": {"Content-Type": "application/json"}}
 # Short, so that retries and parking happen within a test.
 NOTIFY = {
