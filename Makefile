@@ -73,7 +73,7 @@ test-fault: $(STAMP) services ## Only the fault tests (kills and restarts)
 demo: $(STAMP) services ## Run the main job against the local services and print its summary
 	$(VENV)/bin/tally demo
 
-bench: $(STAMP) services ## Run the benchmarks (engine, sinks, HTTP, recovery, replay, audit, reads) and print their numbers
+bench: $(STAMP) services ## Run the benchmarks (engine, sinks, HTTP, recovery, replay, audit, reads, notify) and print their numbers
 	$(VENV)/bin/tally bench engine --count $(BENCH_COUNT)
 	$(VENV)/bin/tally bench sinks --events $(BENCH_COUNT)
 	$(VENV)/bin/tally bench http --duration $(BENCH_SECONDS)
@@ -81,6 +81,7 @@ bench: $(STAMP) services ## Run the benchmarks (engine, sinks, HTTP, recovery, r
 	$(VENV)/bin/tally bench replay --events $(BENCH_COUNT)
 	$(VENV)/bin/tally bench audit --balances 1000000
 	PYTHONPATH=. $(VENV)/bin/python scripts/bench_reads.py --seconds $(BENCH_SECONDS)
+	$(VENV)/bin/tally bench notify --events 20000
 
 chaos: $(STAMP) services ## Long chaos run: faults on a seeded schedule under load, then checks (DURATION=300 SEED=1)
 	$(VENV)/bin/tally chaos --duration $(DURATION) --seed $(SEED)

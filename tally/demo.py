@@ -19,9 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
+from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 
 from ingress import service as ingress_service
+from notify import rules as notify_rules
+from notify.service import Notifier
 from sinks import service as sink_service
 from sinks import verify
 from sinks.runner import SinkRunner
@@ -50,6 +53,47 @@ http_accounts_every = 4
 http_singles = 300
 http_batch_size = 500
 drain_timeout_s = 300.0
+# The demo subscribes a receiver of its own (a small aiohttp server on loopback) to the
+# transfers and disbursements applied, and `tally notify` runs in the same process.
+notify_kinds = ("transfer", "disburse")
+notify_timeout_s = 120.0
+
+
+class Receiver:
+    """A subscriber's endpoint: checks each delivery's signature, answers 200, and keeps
+    the delivery ids (a receiver deduplicates by them: delivery is at-least-once)."""
+
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+        self.delivered: dict[str, str] = {}  # delivery id -> command_id
+        self.repeats = 0
+        self.bad_signatures = 0
+        self.port = free_port()
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/hook", self._hook)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = dict(request.headers)
+        if not notify_rules.verify(self.secret, headers, body, now_s=int(time.time())):
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        delivery = headers[notify_rules.DELIVERY_ID]
+        if delivery in self.delivered:
+            self.repeats += 1
+        self.delivered[delivery] = headers[notify_rules.COMMAND_ID]
+        return web.Response(status=200)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
 
 
 class DemoJob:
@@ -63,6 +107,7 @@ class DemoJob:
         self.seed = seed
         self.say = say
         self.ok = False
+        self.notified: set[str] = set()  # the command ids the receiver must get
 
     async def run(self, engine: Engine) -> None:
         """Run beside the engine; the engine stops when this returns."""
@@ -84,12 +129,25 @@ class DemoJob:
             ingress_port=free_port(),
             ingress_keys=f"{self.key[0]}:{self.key[1]}",
             ingress_rate_per_s=0,
+            # The demo's receiver is on loopback, which production refuses.
+            notify_allow_private=True,
+            notify_port=free_port(),
         )
         ingress = await ingress_service.start(http)
         self.ingress_url = f"http://{http.ingress_host}:{http.ingress_port}"
+        self.receiver = Receiver(secrets.token_hex(16).encode())
+        notifier = Notifier(http)
+        notify_task: asyncio.Task[None] | None = None
         try:
-            return await self._run_workload()
+            await self._subscribe(await self.receiver.start())
+            notify_task = asyncio.create_task(notifier.run(), name="notify")
+            ok = await self._run_workload()
+            return await self._deliveries(notify_task) and ok
         finally:
+            notifier.stop()
+            if notify_task is not None:
+                await asyncio.gather(notify_task, return_exceptions=True)
+            await self.receiver.stop()
             await ingress.cleanup()
             for runner in self.sinks:
                 runner.stop()
@@ -121,9 +179,48 @@ class DemoJob:
             )
             await self._drain(collector)
             ok = self._report(collector, expected, applied_s)
+            self.notified = {
+                r.command_id
+                for results in collector.results.by_id.values()
+                for r in results
+                if r.kind in notify_kinds and r.status.value == "applied"
+            }
             return await self._stores() and ok
         finally:
             await collector.stop()
+
+    async def _subscribe(self, url: str) -> None:
+        """Subscribe the receiver through the signed API, before any command is sent
+        (a subscription gets the events decided from its creation on)."""
+        body = {
+            "url": url,
+            "secret": self.receiver.secret.decode(),
+            "filter": {"kinds": list(notify_kinds), "statuses": ["applied"]},
+        }
+        async with Client(self.ingress_url, *self.key) as tally:
+            answer = await tally.request("POST", "/v1/subscriptions", msgspec.json.encode(body))
+        if answer.status != 201:
+            raise RuntimeError(f"subscribing answered {answer.status}: {answer.body}")
+
+    async def _deliveries(self, notify_task: asyncio.Task[None]) -> bool:
+        """Every applied transfer and disbursement delivered to the receiver, signed."""
+        want = self.notified
+        deadline = time.monotonic() + notify_timeout_s
+        while time.monotonic() < deadline and not notify_task.done():
+            if want <= set(self.receiver.delivered.values()):
+                break
+            await asyncio.sleep(0.2)
+        got = set(self.receiver.delivered.values())
+        ok = want <= got and not self.receiver.bad_signatures and not notify_task.done()
+        self.say("")
+        self.say(
+            f"tally notify: {len(want)} applied transfers and disbursements, "
+            f"{len(want & got)} delivered to the demo's receiver and acknowledged "
+            f"({len(self.receiver.delivered)} delivery ids, {self.receiver.repeats} repeats, "
+            f"{self.receiver.bad_signatures} bad signatures)"
+        )
+        self.say("RESULT: " + ("every delivery acknowledged" if ok else "DELIVERIES MISSING"))
+        return ok
 
     async def _produce(self) -> int:
         """Produce the workload: a quarter of the accounts' commands through the signed
