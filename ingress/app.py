@@ -645,16 +645,7 @@ class Ingress:
             shards = [shard_of(account, self.settings.partitions)]
         else:
             shards = list(range(self.settings.partitions))
-        try:
-            rows = await asyncio.wait_for(
-                self.pg.fetch(_COMMAND_SQL, shards, command_id), CHECK_TIMEOUT_S * 2
-            )
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                asyncpg.InternalClientError) as exc:  # fmt: skip
-            raise Problem(
-                503, "PostgreSQL unavailable", type(exc).__name__, field="postgres",
-                headers={"Retry-After": "2"},
-            ) from None  # fmt: skip
+        rows = await _postgres(self.pg.fetch(_COMMAND_SQL, shards, command_id))
         if account is not None:
             rows = [row for row in rows if row["account"] == account]
         if not rows:

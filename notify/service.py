@@ -36,6 +36,7 @@ from notify.deliver import Config, Reader, Redelivery
 from notify.metrics import Metrics
 from notify.resolver import PublicOnly
 from sinks.migrate import migrate, quote
+from tally.logs import setup_logging
 from tally.settings import Settings
 from topics.admin import ensure_topics
 from topics.specs import topics_for
@@ -265,9 +266,8 @@ async def serve(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> int:
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # The one logging setup of every process (start line, JSON format, aiokafka quiet).
+    setup_logging(settings, "notify")
     try:
         asyncio.run(serve(settings))
     except Exception:
