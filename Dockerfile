@@ -11,6 +11,7 @@ RUN mkdir -p topics streams sinks ingress tally && touch topics/__init__.py \
         streams/__init__.py sinks/__init__.py ingress/__init__.py tally/__init__.py \
     && pip install --no-cache-dir -e . \
     && rm -rf topics streams sinks ingress tally
+COPY core core
 COPY topics topics
 COPY streams streams
 COPY sinks sinks

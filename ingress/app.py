@@ -41,6 +41,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import generate_latest
 
+from core.settings import Settings
 from ingress import reads, signing, subscriptions
 from ingress.commands import IDEMPOTENCY_KEY, parse_batch, parse_command
 from ingress.openapi import document
@@ -51,15 +52,13 @@ from ingress.results import ResultWaiter, Waiter
 from sinks import numeric
 from sinks.migrate import quote
 from sinks.redis_store import assets_key, balance_key
-from streams.engine import Engine
-from streams.web import ShardOwners, account_url
-from tally.settings import Settings
+from streams.client import ShardOwners, account_url
 from topics import limits
 from topics.codec import encode
+from topics.names import deployment_topics, engine_group
 from topics.producer import durable_producer
 from topics.schema import PublicCommand, Result, kind_of
 from topics.shard import shard_of
-from topics.specs import topics_for
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ class Metrics:
 class Ingress:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.topics = topics_for(settings.topic_prefix, settings.partitions)
+        self.topics = deployment_topics(settings)
         self.check(settings)
         self.keys = settings.client_keys()
         self.insecure = settings.ingress_insecure
@@ -201,7 +200,7 @@ class Ingress:
             settings.kafka_bootstrap, self.topics.events.name, settings.partitions
         )
         self.owners = ShardOwners(
-            settings.kafka_bootstrap, Engine.app_id_of(settings), self.topics.commands.name
+            settings.kafka_bootstrap, engine_group(settings), self.topics.commands.name
         )
         self.redis: Any = None
         self.seen: SeenSignatures | None = None
@@ -719,7 +718,7 @@ class Ingress:
         }
 
     async def _engine_view(self, account: str, shard: int) -> dict[str, Any]:
-        """The owning worker's table view of the account (streams.web)."""
+        """The owning worker's table view of the account (`streams.client.account_url`)."""
         assert self.http is not None
         try:
             owner = await asyncio.wait_for(self.owners.of(shard), CHECK_TIMEOUT_S * 2)

@@ -10,14 +10,14 @@ import sys
 
 from aiohttp import web
 
+from core.logs import setup_logging
+from core.settings import Settings
+from core.supervise import supervise
 from ingress.app import Ingress
 from ingress.protocol import ProblemRunner
 from sinks.migrate import migrate
-from streams.engine import Engine
-from tally.logs import setup_logging
-from tally.settings import Settings
-from tally.supervise import supervise
 from topics.admin import ensure_topics
+from topics.names import deployment_topics
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 async def prepare(settings: Settings) -> None:
     """Topics (the ingress may start before any engine) and the PostgreSQL schema that
     `GET /v1/commands/{id}` reads."""
-    await ensure_topics(settings.kafka_bootstrap, Engine.topics_of(settings).all())
+    await ensure_topics(settings.kafka_bootstrap, deployment_topics(settings).all())
     await migrate(settings.pg_dsn, settings.topic_prefix, settings.partitions, say=log.info)
 
 

@@ -31,22 +31,18 @@ from aiokafka.structs import TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
+from core.logs import setup_logging
+from core.settings import Settings
 from notify import store
 from notify.deliver import Config, Reader, Redelivery
 from notify.metrics import Metrics
 from notify.resolver import PublicOnly
 from sinks.migrate import migrate, quote
-from tally.logs import setup_logging
-from tally.settings import Settings
 from topics.admin import ensure_topics
-from topics.specs import topics_for
+from topics.names import deployment_topics, notify_group
 
 log = logging.getLogger(__name__)
 CHECK_TIMEOUT_S = 2.0
-
-
-def group_of(settings: Settings) -> str:
-    return f"{settings.topic_prefix}-notify"
 
 
 def config_of(settings: Settings) -> Config:
@@ -64,7 +60,7 @@ def config_of(settings: Settings) -> Config:
 class Notifier:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.topics = topics_for(settings.topic_prefix, settings.partitions)
+        self.topics = deployment_topics(settings)
         self.topic = self.topics.events.name
         self.config = config_of(settings)
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -98,14 +94,14 @@ class Notifier:
         )
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
-            group_id=group_of(self.settings),
+            group_id=notify_group(self.settings),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )
         self.consumer.subscribe([self.topic], listener=_Listener(self))
         web_runner = await self._serve_web()
         await self.consumer.start()
-        log.info("notify: consuming %s in group %s", self.topic, group_of(self.settings))
+        log.info("notify: consuming %s in group %s", self.topic, notify_group(self.settings))
         try:
             while not self._stopping.is_set():
                 # Keeps the membership alive (its partitions are paused: nothing comes).

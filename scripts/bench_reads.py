@@ -30,12 +30,12 @@ from pathlib import Path
 import asyncpg
 import msgspec
 
+from core.settings import Settings
 from ingress import reads, signing
 from sinks import verify
 from sinks.migrate import migrate, quote
 from sinks.postgres import at
 from tally.procs import ROOT, IngressProcess
-from tally.settings import Settings
 from topics.admin import delete_topics
 from topics.shard import shard_of
 from topics.specs import topics_for

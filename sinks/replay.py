@@ -47,12 +47,12 @@ from aiokafka.coordinator.protocol import ConsumerProtocol
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
+from core.progress import Progress
+from core.settings import Settings
 from sinks import service
 from sinks.migrate import MigrationError, migrate, quote
 from sinks.runner import Batch, SinkRunner, Store
-from tally.progress import Progress
-from tally.settings import Settings
-from topics.specs import topics_for
+from topics.names import deployment_topics, schema_name, sink_group
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def describe_store(settings: Settings, target: str) -> str:
     """The target store as an operator would look for it (passwords masked)."""
     shown = settings.redacted()
     if target == "postgres":
-        return f"PostgreSQL schema {service.schema_of(settings)} at {shown['pg_dsn']}"
+        return f"PostgreSQL schema {schema_name(settings)} at {shown['pg_dsn']}"
     return f"Redis keys {settings.topic_prefix}:* at {shown['redis_url']}"
 
 
@@ -156,7 +156,7 @@ class Replay:
         self.store = store if store is not None else service.store_for(settings, target)
         self.say = say
         self.tty = tty
-        self.topic = topics_for(settings.topic_prefix, settings.partitions).events.name
+        self.topic = deployment_topics(settings).events.name
         self.runner: SinkRunner | None = None
         self._stopped = False
 
@@ -187,7 +187,7 @@ class Replay:
         ReplayError with the reason when the replay must not or cannot run."""
         plan, members = await self._kafka()
         if members and not self.force:
-            group = service.group_of(self.settings, self.target)
+            group = sink_group(self.settings, self.target)
             raise ReplayError(
                 f"refusing to replay into {describe_store(self.settings, self.target)}: "
                 f"consumer group {group} has {len(members)} live member(s) "
@@ -248,7 +248,7 @@ class Replay:
 
     async def _members(self, admin: AIOKafkaAdminClient) -> list[str]:
         """The live members of the target's sink group, as 'client at host, partitions'."""
-        group = service.group_of(self.settings, self.target)
+        group = sink_group(self.settings, self.target)
         found = []
         for response in await admin.describe_consumer_groups([group]):
             for described in response.groups:
@@ -278,7 +278,7 @@ class Replay:
             try:
                 await migrate(
                     self.settings.pg_dsn,
-                    service.schema_of(self.settings),
+                    schema_name(self.settings),
                     self.settings.partitions,
                     say=log.info,
                 )
@@ -323,7 +323,7 @@ class Replay:
         sink's offsets to at least the end (see the module's docstring for why)."""
         conn = await asyncpg.connect(
             self.settings.pg_dsn,
-            server_settings={"search_path": quote(service.schema_of(self.settings))},
+            server_settings={"search_path": quote(schema_name(self.settings))},
             timeout=5,
         )
         try:

@@ -13,36 +13,27 @@ import asyncpg
 from redis.exceptions import DataError as RedisDataError
 from redis.exceptions import ResponseError
 
+from core.logs import setup_logging
+from core.settings import Settings
+from core.supervise import supervise as supervise_children
 from sinks.migrate import migrate
 from sinks.postgres import PostgresStore
 from sinks.redis_store import RedisStore
 from sinks.runner import SinkRunner, Store
 from sinks.web import SinkWeb
-from tally.logs import setup_logging
-from tally.settings import Settings
-from tally.supervise import supervise as supervise_children
 from topics.admin import ensure_topics
-from topics.specs import topics_for
+from topics.names import deployment_topics, redis_prefix, schema_name, sink_group
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("postgres", "redis")
 
 
-def schema_of(settings: Settings) -> str:
-    """A deployment's PostgreSQL schema: its topic prefix."""
-    return settings.topic_prefix
-
-
-def group_of(settings: Settings, target: str) -> str:
-    return f"{settings.topic_prefix}-sink-{target}"
-
-
 def store_for(settings: Settings, target: str) -> Store:
     if target == "postgres":
-        return PostgresStore(settings.pg_dsn, schema_of(settings))
+        return PostgresStore(settings.pg_dsn, schema_name(settings))
     if target == "redis":
-        return RedisStore(settings.redis_url, settings.topic_prefix, settings.partitions)
+        return RedisStore(settings.redis_url, redis_prefix(settings), settings.partitions)
     raise ValueError(f"unknown sink target {target!r}")
 
 
@@ -100,8 +91,8 @@ def runner_for(
     return SinkRunner(
         store if store is not None else store_for(settings, target),
         bootstrap=settings.kafka_bootstrap,
-        topics=topics_for(settings.topic_prefix, settings.partitions),
-        group_id=None if until is not None else group_of(settings, target),
+        topics=deployment_topics(settings),
+        group_id=None if until is not None else sink_group(settings, target),
         batch_size=settings.sink_batch_size,
         linger_ms=settings.sink_linger_ms,
         partitions=partitions,
@@ -112,10 +103,10 @@ def runner_for(
 
 async def prepare(settings: Settings, target: str) -> None:
     """What a sink needs before it starts: its topics, and for PostgreSQL the schema."""
-    topics = topics_for(settings.topic_prefix, settings.partitions)
+    topics = deployment_topics(settings)
     await ensure_topics(settings.kafka_bootstrap, list(topics.all()))
     if target == "postgres":
-        await migrate(settings.pg_dsn, schema_of(settings), settings.partitions, say=log.info)
+        await migrate(settings.pg_dsn, schema_name(settings), settings.partitions, say=log.info)
 
 
 def web_port_of(settings: Settings, target: str) -> int:

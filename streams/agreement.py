@@ -39,7 +39,7 @@ from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberMetadata,
 )
 
-from tally.settings import Settings, env_name
+from core.settings import Settings, env_name
 from topics import limits
 from topics.schema import SCHEMA_VERSION
 

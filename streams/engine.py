@@ -77,14 +77,15 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import TopicPartition
 
+from core.progress import Progress
+from core.settings import Settings
 from streams import agreement, ledger
 from streams.state import BalanceState
 from streams.store import CommandName, ShardStore
 from streams.watchdog import Watchdog
-from tally.progress import Progress
-from tally.settings import Settings
 from topics import limits
 from topics.codec import Invalid, Undecodable, dead_letter, decode_command, encode
+from topics.names import changelog_name, deployment_topics, engine_group
 from topics.producer import durable_producer
 from topics.schema import (
     SOURCE_HEADER,
@@ -99,7 +100,7 @@ from topics.schema import (
     source_in,
 )
 from topics.shard import shard_of
-from topics.specs import Topics, TopicSpec, changelog_spec, topics_for
+from topics.specs import Topics
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,6 @@ clock_check_fresh_s = 60.0
 # (topic, key, value, partition)
 # (topic, key, value, partition, headers)
 Output = tuple[str, bytes | None, bytes | None, int, list[tuple[str, bytes]] | None]
-
-
-def changelog_name(app_id: str) -> str:
-    return f"{app_id}-state-changelog"
 
 
 @dataclass
@@ -223,9 +220,9 @@ class Engine:
         # The engine's clock minus the broker's, and when that was last seen (monotonic).
         self.clock_skew_ms: int | None = None
         self._clock_checked = 0.0
-        self.topics: Topics = self.topics_of(settings)
+        self.topics: Topics = deployment_topics(settings)
         self.partitions = settings.partitions
-        self.app_id = app_id or self.app_id_of(settings)
+        self.app_id = app_id or engine_group(settings)
         self.group_id = self.app_id
         self.changelog = changelog_name(self.app_id)
         self.exactly_once = settings.processing_guarantee == "exactly_once"
@@ -257,22 +254,6 @@ class Engine:
         self._failures: dict[int, int] = {}  # shard -> batches failed in a row
         # Set when the group refused this worker's settings (see `streams.agreement`).
         self.refused: str | None = None
-
-    @staticmethod
-    def topics_of(settings: Settings) -> Topics:
-        return topics_for(settings.topic_prefix, settings.partitions)
-
-    @staticmethod
-    def app_id_of(settings: Settings) -> str:
-        return f"{settings.topic_prefix}-engine"
-
-    @staticmethod
-    def all_topic_specs(settings: Settings, app_id: str) -> list[TopicSpec]:
-        """Every topic the engine needs, its changelog included."""
-        return [
-            *Engine.topics_of(settings).all(),
-            changelog_spec(changelog_name(app_id), settings.partitions),
-        ]
 
     @property
     def ready(self) -> bool:

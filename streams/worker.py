@@ -15,12 +15,14 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
+from core.logs import setup_logging
+from core.settings import Settings
 from streams.agreement import Disagreement
+from streams.client import client_id_for
 from streams.engine import Engine
-from streams.web import WorkerWeb, client_id_for
-from tally.logs import setup_logging
-from tally.settings import Settings
+from streams.web import WorkerWeb
 from topics.admin import ensure_topics
+from topics.names import engine_topic_specs
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ async def serve(
     """Run a worker until a signal, or until `job` (run beside it) returns."""
     quiet_verification_retries()
     engine = Engine(settings, app_id=app_id)
-    await ensure_topics(settings.kafka_bootstrap, Engine.all_topic_specs(settings, engine.app_id))
+    await ensure_topics(settings.kafka_bootstrap, engine_topic_specs(settings, engine.app_id))
     advertised = advertised_host(settings)
     web = WorkerWeb(engine, settings.web_host, settings.web_port, advertised=advertised)
     await web.start()

@@ -41,11 +41,11 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from core.progress import Progress
+from core.settings import Settings
 from sinks.migrate import quote
 from sinks.redis_store import assets_key, balance_key
-from streams.web import ShardPage, shard_page_limit_max
-from tally.progress import Progress
-from tally.settings import Settings
+from streams.client import ShardPage, shard_page_limit_max
 from topics.shard import shard_of
 
 # Rows per PostgreSQL fetch, per engine page and per Redis script call. A page of each

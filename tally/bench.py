@@ -24,12 +24,12 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.engine import Engine
+from core.settings import Settings
 from tally.collector import Collector, all_answered, expected_counts
 from tally.procs import EngineProcess, produce
-from tally.settings import Settings
 from tally.workload import Record, build
 from topics.admin import delete_topics, ensure_topics
+from topics.names import engine_group, engine_topic_specs
 from topics.producer import durable_producer
 from topics.specs import TopicSpec
 
@@ -69,7 +69,7 @@ async def engine_phase(
     bench_settings = _with(settings, prefix)
     await ensure_topics(
         settings.kafka_bootstrap,
-        Engine.all_topic_specs(bench_settings, Engine.app_id_of(bench_settings)),
+        engine_topic_specs(bench_settings, engine_group(bench_settings)),
     )
     work = build(
         count=count,
@@ -103,10 +103,7 @@ async def engine_phase(
         await proc.stop()
         await delete_topics(
             settings.kafka_bootstrap,
-            [
-                t.name
-                for t in Engine.all_topic_specs(bench_settings, Engine.app_id_of(bench_settings))
-            ],
+            [t.name for t in engine_topic_specs(bench_settings, engine_group(bench_settings))],
         )
     return EngineResult(
         guarantee=guarantee,

@@ -38,16 +38,16 @@ import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
+from core.settings import Settings, child_env
 from sinks import numeric, verify
 from sinks.migrate import migrate, quote
 from sinks.redis_store import LWW_SCRIPT, add_balance, script_call
-from streams.engine import Engine, changelog_name
 from streams.state import AccountState, BalanceState
 from streams.store import account_key
 from streams.store import balance_key as state_key
 from tally.procs import ROOT, EngineProcess
-from tally.settings import Settings, child_env
 from topics.admin import delete_topics, ensure_topics
+from topics.names import changelog_name, engine_group, engine_topic_specs
 from topics.producer import durable_producer
 from topics.shard import shard_of
 
@@ -138,7 +138,7 @@ class Writer:
         self.redis = aioredis.from_url(s.redis_url)
         self.script = self.redis.register_script(LWW_SCRIPT)
         if self.with_engine:
-            await ensure_topics(s.kafka_bootstrap, Engine.all_topic_specs(s, self.app_id))
+            await ensure_topics(s.kafka_bootstrap, engine_topic_specs(s, self.app_id))
             self.producer = durable_producer(
                 s.kafka_bootstrap,
                 linger_ms=20,
@@ -214,6 +214,7 @@ class AuditRun:
 # fresh interpreter of a few MB. argv: stdout file, stderr file, command...
 _LAUNCHER = """
 import json, os, subprocess, sys, time
+from topics.names import engine_group, engine_topic_specs
 with open(sys.argv[1], "wb") as out, open(sys.argv[2], "wb") as err:
     started = time.monotonic()
     proc = subprocess.Popen(sys.argv[3:], stdout=out, stderr=err)
@@ -259,7 +260,7 @@ async def run(
     agreed (exit 0)."""
     prefix = f"bench-audit-{uuid.uuid4().hex[:6]}"
     local = msgspec.structs.replace(settings, topic_prefix=prefix)
-    app_id = Engine.app_id_of(local)
+    app_id = engine_group(local)
     data_dir = workdir / prefix
     audit_dir = workdir / f"{prefix}-audit"
     engine: EngineProcess | None = None
@@ -291,7 +292,7 @@ async def run(
             await engine.stop()
         _remove(data_dir, audit_dir, workdir / f"{prefix}.log")
         if with_engine:
-            specs = Engine.all_topic_specs(local, app_id)
+            specs = engine_topic_specs(local, app_id)
             await delete_topics(settings.kafka_bootstrap, [s.name for s in specs])
         await verify.drop(local.pg_dsn, prefix, local.redis_url, prefix)
     report(result, balances, with_engine, say)

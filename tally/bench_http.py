@@ -46,12 +46,12 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from core.settings import Settings
 from ingress import signing
 from sinks import verify
 from tally.bench import write_report
 from tally.client import Client
 from tally.procs import ROOT, IngressProcess
-from tally.settings import Settings
 from topics.admin import delete_topics
 from topics.specs import topics_for
 

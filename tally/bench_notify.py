@@ -22,6 +22,7 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
+from core.settings import Settings
 from notify import store
 from notify.rules import Filter
 from notify.service import Notifier
@@ -30,7 +31,6 @@ from sinks.migrate import migrate
 from tally.bench import write_report
 from tally.bench_sinks import _events, _pct
 from tally.procs import free_port, produce
-from tally.settings import Settings
 from topics.admin import delete_topics, ensure_topics
 from topics.codec import encode
 from topics.schema import Entry, Result, Status

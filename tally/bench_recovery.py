@@ -28,13 +28,13 @@ from pathlib import Path
 
 import msgspec
 
-from streams.engine import Engine, changelog_name
+from core.settings import Settings
 from streams.state import AccountState, BalanceState
 from streams.store import account_key, balance_key
 from tally.bench import write_report
 from tally.procs import EngineProcess, produce
-from tally.settings import Settings
 from topics.admin import delete_topics, ensure_topics
+from topics.names import changelog_name, engine_group, engine_topic_specs
 from topics.shard import shard_of
 
 BAR_S = 60.0
@@ -79,7 +79,7 @@ def changelog_records(n: int, partitions: int) -> list[tuple[str, bytes, int | N
 
 async def seed(settings: Settings, app_id: str, n: int) -> float:
     """Create the deployment's topics and write N balances to its changelog; records/s."""
-    await ensure_topics(settings.kafka_bootstrap, Engine.all_topic_specs(settings, app_id))
+    await ensure_topics(settings.kafka_bootstrap, engine_topic_specs(settings, app_id))
     records = changelog_records(n, settings.partitions)
     return await produce(settings.kafka_bootstrap, changelog_name(app_id), records)
 
@@ -95,7 +95,7 @@ async def run(
 ) -> RecoveryResult:
     prefix = f"bench-rec-{uuid.uuid4().hex[:6]}"
     local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=partitions)
-    app_id = Engine.app_id_of(local)
+    app_id = engine_group(local)
     say(f"[recovery] writing {balances:,} balances to {changelog_name(app_id)}")
     seed_rate = await seed(local, app_id, balances)
     say(f"[recovery] written at {seed_rate:,.0f} records/s; starting a worker on empty state")
@@ -127,7 +127,7 @@ async def run(
         await engine.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
         await delete_topics(
-            settings.kafka_bootstrap, [s.name for s in Engine.all_topic_specs(local, app_id)]
+            settings.kafka_bootstrap, [s.name for s in engine_topic_specs(local, app_id)]
         )
     result = RecoveryResult(
         balances=balances,

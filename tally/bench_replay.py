@@ -24,14 +24,15 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from core.settings import Settings
 from sinks import service, verify
 from sinks.migrate import quote
 from sinks.replay import Replay
 from tally.bench import write_report
 from tally.bench_sinks import _events
 from tally.procs import produce
-from tally.settings import Settings
 from topics.admin import delete_topics
+from topics.names import schema_name
 from topics.specs import topics_for
 
 
@@ -53,7 +54,7 @@ async def _stored(settings: Settings, target: str) -> int:
     """Entries in the store: ledger rows (PostgreSQL), the summed seqs (Redis)."""
     if target == "postgres":
         conn = await asyncpg.connect(
-            settings.pg_dsn, server_settings={"search_path": quote(service.schema_of(settings))}
+            settings.pg_dsn, server_settings={"search_path": quote(schema_name(settings))}
         )
         try:
             return int(await conn.fetchval("SELECT count(*) FROM ledger_entries"))
@@ -101,7 +102,7 @@ async def run(
             say(f"[replay] tally replay --target {target}: {count:,} events into an empty store")
             results.append(await _replay(local, target, count))
     finally:
-        await verify.drop(local.pg_dsn, service.schema_of(local), local.redis_url, prefix)
+        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, prefix)
         await delete_topics(local.kafka_bootstrap, [t.name for t in topics.all()])
     out: dict[str, object] = {
         "events": count,

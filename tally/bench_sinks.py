@@ -31,15 +31,16 @@ import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
+from core.settings import Settings, child_env
 from sinks import service, verify
 from sinks.migrate import quote
 from sinks.redis_store import balance_key
 from sinks.runner import Batch, SinkRunner
 from tally.bench import write_report
 from tally.procs import produce
-from tally.settings import Settings, child_env
 from topics.admin import delete_topics
 from topics.codec import encode
+from topics.names import deployment_topics, schema_name
 from topics.schema import Entry, Result, Status
 from topics.shard import shard_of
 from topics.specs import topics_for
@@ -110,7 +111,7 @@ class _Watch:
         if self.target == "postgres":
             self.conn = await asyncpg.connect(
                 self.settings.pg_dsn,
-                server_settings={"search_path": quote(service.schema_of(self.settings))},
+                server_settings={"search_path": quote(schema_name(self.settings))},
             )
         else:
             self.client = aioredis.from_url(self.settings.redis_url)
@@ -190,7 +191,7 @@ async def _lags(
                     lags[name].append(now - sent[result.command_id])
 
         runner.on_batch = on_batch
-    topic = topics_for(settings.topic_prefix, settings.partitions).events.name
+    topic = deployment_topics(settings).events.name
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
     await producer.start()
     try:
@@ -275,7 +276,7 @@ async def run(
         for runner in runners:
             runner.stop()
         await asyncio.gather(*tasks)
-        await verify.drop(local.pg_dsn, service.schema_of(local), local.redis_url, prefix)
+        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, prefix)
         await delete_topics(
             local.kafka_bootstrap, [t.name for t in topics_for(prefix, local.partitions).all()]
         )

@@ -49,16 +49,17 @@ import msgspec
 from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.settings import Settings
 from sinks import service, verify
 from sinks.runner import SinkRunner
-from streams.engine import Engine, session_timeout_ms
+from streams.engine import session_timeout_ms
 from tally import faults
 from tally.collector import implied_ids, read_all
 from tally.procs import EngineProcess
-from tally.settings import Settings
 from tally.workload import build
 from topics.admin import delete_topics, ensure_topics
 from topics.codec import Undecodable, decode_command, decode_dead_letter, decode_result
+from topics.names import engine_group, engine_topic_specs, schema_name
 from topics.producer import durable_producer
 from topics.schema import Capture, DeadLetter, Result, Status, source, source_in
 from topics.specs import topics_for
@@ -223,7 +224,7 @@ class Harness:
         began = time.monotonic()
         s = self.settings
         await faults.flush_redis(s.redis_url)
-        await ensure_topics(s.kafka_bootstrap, Engine.all_topic_specs(s, Engine.app_id_of(s)))
+        await ensure_topics(s.kafka_bootstrap, engine_topic_specs(s, engine_group(s)))
         await service.prepare(s, "postgres")
         try:
             for _ in range(self.start_workers):
@@ -271,11 +272,11 @@ class Harness:
     async def clean(self) -> None:
         """Drop what the run created in Kafka, PostgreSQL and Redis (logs stay)."""
         s = self.settings
-        names = [spec.name for spec in Engine.all_topic_specs(s, Engine.app_id_of(s))]
+        names = [spec.name for spec in engine_topic_specs(s, engine_group(s))]
         with contextlib.suppress(Exception):
             await delete_topics(s.kafka_bootstrap, names)
         with contextlib.suppress(Exception):
-            await verify.drop(s.pg_dsn, service.schema_of(s), s.redis_url, s.topic_prefix)
+            await verify.drop(s.pg_dsn, schema_name(s), s.redis_url, s.topic_prefix)
         with contextlib.suppress(Exception):
             await faults.flush_redis(s.redis_url)
 
@@ -589,9 +590,7 @@ class Harness:
         final = verify.final_balances(result for _, result in results)
         s = self.settings
         stores = [
-            verify.compare(
-                "PostgreSQL", final, await verify.pg_balances(s.pg_dsn, service.schema_of(s))
-            ),
+            verify.compare("PostgreSQL", final, await verify.pg_balances(s.pg_dsn, schema_name(s))),
             verify.compare(
                 "Redis", final, await verify.redis_balances(s.redis_url, s.topic_prefix)
             ),

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
+from core.settings import Settings, SettingsError, load
 from tally import roundtrip
-from tally.settings import Settings, SettingsError, load
 
 
 def _settings() -> Settings:
@@ -52,7 +52,7 @@ def demo(count: int, accounts: int, seed: int, keep: bool, stack_check: bool) ->
     """Run the engine and a mixed workload of COUNT commands in this process, then check
     exactly-once results, seq continuity, the tables and conservation."""
     settings = _settings()
-    from tally.logs import setup_logging
+    from core.logs import setup_logging
 
     setup_logging(settings, "demo", quiet=True)
     if stack_check:

@@ -22,6 +22,7 @@ import msgspec
 from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 
+from core.settings import Settings
 from ingress import service as ingress_service
 from notify import rules as notify_rules
 from notify.service import Notifier
@@ -35,9 +36,9 @@ from tally import checks
 from tally.client import Client
 from tally.collector import Collector, all_answered, expected_counts
 from tally.procs import free_port, produce
-from tally.settings import Settings
 from tally.workload import Workload, build
 from topics.codec import decode_command
+from topics.names import engine_topic_specs, schema_name
 from topics.schema import PublicCommand
 from topics.shard import shard_of
 
@@ -313,7 +314,7 @@ class DemoJob:
         engine = {k: (b.available, b.held, b.seq) for k, b in self._balances().items()}
         found = await verify.agreement(
             settings.pg_dsn,
-            sink_service.schema_of(settings),
+            schema_name(settings),
             settings.redis_url,
             settings.topic_prefix,
             engine,
@@ -389,7 +390,7 @@ def run(
             asyncio.run(
                 verify.drop(
                     settings.pg_dsn,
-                    sink_service.schema_of(settings),
+                    schema_name(settings),
                     settings.redis_url,
                     settings.topic_prefix,
                 )
@@ -401,7 +402,7 @@ async def _delete_topics(settings: Settings, app_id: str) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        names = [spec.name for spec in Engine.all_topic_specs(settings, app_id)]
+        names = [spec.name for spec in engine_topic_specs(settings, app_id)]
         existing = set(await admin.list_topics())
         await admin.delete_topics([n for n in names if n in existing])
     finally:

@@ -47,15 +47,16 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from tally.progress import Progress
-from tally.settings import Settings
+from core.progress import Progress
+from core.settings import Settings
 from topics import limits
 from topics.admin import TopicMismatch, ensure_topics
 from topics.codec import decode_result, encode
+from topics.names import deployment_topics
 from topics.producer import durable_producer
 from topics.schema import Deposit, Result, Status, source, source_in
 from topics.shard import shard_of
-from topics.specs import Topics, topics_for
+from topics.specs import Topics
 
 log = logging.getLogger(__name__)
 
@@ -783,7 +784,7 @@ class Publisher:
     def __init__(self, settings: Settings, *, wait: bool, window: int = in_flight_max) -> None:
         self.bootstrap = settings.kafka_bootstrap
         self.partitions = settings.partitions
-        self.topics: Topics = topics_for(settings.topic_prefix, settings.partitions)
+        self.topics: Topics = deployment_topics(settings)
         self.wait = wait
         self.window = window
         self.matcher = Matcher()
@@ -971,7 +972,7 @@ async def run(
     the engine's results. Raises ImportFailed when a service or the source cannot be
     reached; everything about the rows is in the report. `sender` replaces the Kafka
     `Publisher` (tests)."""
-    topics = topics_for(settings.topic_prefix, settings.partitions)
+    topics = deployment_topics(settings)
     report = Report(
         source=source.name,
         unit=source.unit,

@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from core.settings import Settings, child_env
 from streams.state import BalanceState
-from tally.settings import Settings, child_env
 from topics.codec import encode
 from topics.producer import durable_producer
 from topics.specs import Topics, topics_for

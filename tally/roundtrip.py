@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tally.settings import Settings
+from core.settings import Settings
 from topics.codec import decode_command, encode
 from topics.producer import durable_producer
 from topics.schema import Deposit

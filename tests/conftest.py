@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
-from tally.settings import Settings, load
+from core.settings import Settings, load
 
 # The layer a test belongs to is the folder it lives in. A `pytestmark` in a conftest has
 # no effect (a conftest is not a test module), so the mark is set here, at collection,

@@ -12,8 +12,8 @@ import os
 
 import pytest
 
+from core.settings import Settings
 from tally import faults
-from tally.settings import Settings
 from tests.integration.conftest import stack
 
 __all__ = ["local_broker", "local_postgres", "stack"]

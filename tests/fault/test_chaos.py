@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import Settings
 from tally import chaos, faults
-from tally.settings import Settings
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(420)]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import Settings
 from streams.state import BalanceState
 from tally import checks
 from tally.collector import Collector, all_answered, expected_counts
 from tally.procs import EngineProcess, trickle
-from tally.settings import Settings
 from tally.workload import build
 
 pytestmark = pytest.mark.fault

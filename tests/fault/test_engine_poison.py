@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from core.settings import Settings
 from tally.collector import Collector, all_answered, read_all
 from tally.procs import EngineProcess, command, produce
-from tally.settings import Settings
 from tests.integration.conftest import ENGINE_PARTITIONS, engine
 from topics import limits
 from topics.codec import decode_result, encode

@@ -14,11 +14,11 @@ import aiohttp
 import msgspec
 import pytest
 
+from core.settings import Settings
 from streams.state import BalanceState
 from tally import bench_recovery
 from tally.collector import Collector, all_answered, expected_counts, read_all
 from tally.procs import EngineError, EngineProcess, command, produce
-from tally.settings import Settings
 from tally.workload import Workload, build
 from topics.schema import Deposit
 
@@ -212,7 +212,7 @@ async def test_recovery_reads_a_compacted_changelog_with_gaps_and_markers_to_its
     """The recovery hang faust-streaming users met (#176, #597): a compacted changelog has
     offsets with no record (cleaned away) and transaction markers, so a restore that waits
     to *see* the record at end-1 never ends. Ours ends on the consumer's position."""
-    from streams.engine import changelog_name
+    from topics.names import changelog_name
 
     prefix = f"cmp-{unique}"
     engine = EngineProcess(settings, prefix=prefix, data_dir=tmp_path / "state", partitions=2)

@@ -10,13 +10,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from core.settings import Settings
 from streams import ledger
-from streams.engine import Engine, changelog_name
 from streams.store import ShardStore, legacy_command_key
 from tally.collector import Collector, all_answered
 from tally.procs import EngineProcess, command, produce
-from tally.settings import Settings
 from topics.admin import ensure_topics
+from topics.names import changelog_name, engine_group, engine_topic_specs
 from topics.producer import durable_producer
 from topics.schema import Deposit, Reason, Status
 from topics.shard import shard_of
@@ -51,10 +51,10 @@ async def test_old_layout_records_still_answer_and_new_ids_are_per_account(
         for key, value in old.pending.items()
     ]
     old.close()
-    app = Engine.app_id_of(msgspec.structs.replace(settings, topic_prefix=engine.prefix))
+    app = engine_group(msgspec.structs.replace(settings, topic_prefix=engine.prefix))
     await ensure_topics(
         settings.kafka_bootstrap,
-        Engine.all_topic_specs(
+        engine_topic_specs(
             msgspec.structs.replace(settings, topic_prefix=engine.prefix, partitions=PARTITIONS),
             app,
         ),

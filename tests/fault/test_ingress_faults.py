@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from core.settings import Settings
 from tally import faults
 from tally.client import Client
 from tally.collector import read_all
 from tally.procs import EngineProcess, IngressProcess
-from tally.settings import Settings
 from topics.codec import decode_command
 from topics.schema import Deposit
 from topics.specs import topics_for

@@ -10,10 +10,10 @@ import asyncpg
 import msgspec
 import pytest
 
+from core.settings import Settings
 from sinks.migrate import migrate, quote
 from tally.client import Client
 from tally.procs import EngineProcess, IngressProcess, NotifyProcess
-from tally.settings import Settings
 from tests.integration.test_notify import (
     KEY_ID,
     NOTIFY,

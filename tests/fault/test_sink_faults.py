@@ -15,10 +15,10 @@ import asyncpg
 import msgspec
 import pytest
 
+from core.settings import Settings, child_env
 from sinks import verify
 from tally import faults
 from tally.procs import ROOT
-from tally.settings import Settings, child_env
 from tests.integration.sink_support import Deployment, deployment, running
 
 pytestmark = pytest.mark.fault

@@ -10,10 +10,11 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
-from sinks import service, verify
+from core.settings import Settings
+from sinks import verify
 from tally import faults
 from tally.procs import SinkProcess
-from tally.settings import Settings
+from topics.names import schema_name
 
 PARTITIONS = 4
 
@@ -66,4 +67,4 @@ async def test_postgres_sink_is_not_ready_while_postgres_is_down(
         if stopped and not restarted:
             await faults.start_postgres(local_postgres)
         await sink.stop()
-        await verify.drop(local.pg_dsn, service.schema_of(local), local.redis_url, prefix)
+        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, prefix)

@@ -12,8 +12,8 @@ from urllib.parse import urlparse
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from core.settings import Settings
 from tally.procs import EngineProcess
-from tally.settings import Settings
 
 ENGINE_PARTITIONS = 4
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import msgspec
 
+from core.settings import Settings
 from sinks import service, verify
 from sinks.postgres import PostgresStore
 from sinks.runner import SinkRunner
 from tally.collector import Collector, all_answered, expected_counts
 from tally.procs import EngineProcess, trickle
-from tally.settings import Settings
 from tally.workload import Workload, build
+from topics.names import schema_name
 from topics.specs import topics_for
 
 PARTITIONS = 4
@@ -33,7 +34,7 @@ class Deployment:
 
     @property
     def schema(self) -> str:
-        return service.schema_of(self.settings)
+        return schema_name(self.settings)
 
     async def produce(self) -> None:
         """The workload, in slices over about two seconds: load still arriving while
@@ -96,7 +97,7 @@ async def deployment(
     finally:
         await collector.stop()
         await engine.stop()
-        await verify.drop(local.pg_dsn, service.schema_of(local), local.redis_url, prefix)
+        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, prefix)
 
 
 @contextlib.asynccontextmanager

@@ -15,12 +15,12 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
+from core.settings import Settings
 from sinks import numeric, verify
 from sinks.migrate import MIGRATIONS, SHARDED_TABLES, migrate, quote
 from sinks.postgres import PostgresStore
 from sinks.redis_store import RedisStore, balance_key
 from sinks.runner import Batch
-from streams.engine import Engine, changelog_name
 from streams.state import BalanceState
 from streams.store import account_key
 from streams.store import balance_key as balance_key_of
@@ -28,10 +28,10 @@ from tally.audit import Audit, render
 from tally.client import Client
 from tally.collector import Collector, all_answered, expected_counts
 from tally.procs import EngineProcess, IngressProcess, command, produce, run_cli
-from tally.settings import Settings
 from tests.integration.sink_support import PARTITIONS, Deployment, deployment, running
 from topics import limits
 from topics.admin import ensure_topics
+from topics.names import changelog_name, engine_group, engine_topic_specs
 from topics.schema import (
     Configure,
     Deposit,
@@ -364,10 +364,10 @@ async def test_an_engine_recovers_a_changelog_written_in_the_64_bit_format(
     recovering the changelog with old and new records mixed reads the same."""
     prefix = f"old-{unique}"
     local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=PARTITIONS)
-    app_id = Engine.app_id_of(local)
+    app_id = engine_group(local)
     account = f"old-{unique}"
     shard = shard_of(account, PARTITIONS)
-    await ensure_topics(settings.kafka_bootstrap, Engine.all_topic_specs(local, app_id))
+    await ensure_topics(settings.kafka_bootstrap, engine_topic_specs(local, app_id))
     await produce(settings.kafka_bootstrap, changelog_name(app_id), [
         (account_key(account).decode(), b'["active",["USD"]]', shard),
         (balance_key_of(account, "USD").decode(), b"[9223372036854775807,0,4,0]", shard),

@@ -12,9 +12,9 @@ import zlib
 import aiohttp
 from aiokafka import AIOKafkaProducer
 
+from core.settings import Settings
 from tally.collector import Collector, all_answered
 from tally.procs import EngineProcess
-from tally.settings import Settings
 from tests.integration.conftest import ENGINE_PARTITIONS
 from topics.shard import shard_of
 

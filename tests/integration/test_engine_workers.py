@@ -8,9 +8,9 @@ from pathlib import Path
 
 import aiohttp
 
+from core.settings import Settings
 from tally.collector import Collector
 from tally.procs import EngineProcess, command, produce
-from tally.settings import Settings
 from topics.schema import Deposit, Transfer
 
 PARTITIONS = 4

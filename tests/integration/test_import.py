@@ -12,10 +12,10 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from core.settings import Settings
 from tally import importer
 from tally.importer import Options, Problem, Report, Row
 from tally.procs import EngineProcess, free_port, run_cli
-from tally.settings import Settings
 
 HEADER = "account,asset,amount\n"
 cli_timeout_s = 60

@@ -19,11 +19,11 @@ import aiohttp
 import msgspec
 import pytest
 
+from core.settings import Settings, child_env
 from ingress import signing
 from sinks import service
 from tally.client import Client
 from tally.procs import ROOT, EngineProcess, IngressProcess
-from tally.settings import Settings, child_env
 
 PARTITIONS = 4
 KEY_ID, SECRET = "it-client", "it-secret-0123456789"

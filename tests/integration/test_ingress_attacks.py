@@ -22,9 +22,9 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from core.settings import Settings
 from ingress import signing
 from tally.procs import EngineProcess, IngressProcess, free_port
-from tally.settings import Settings
 
 PARTITIONS = 2
 KEY_ID, SECRET = "attack-client", "attack-secret-0123456789"

@@ -16,11 +16,11 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from core.settings import Settings
 from notify import rules
 from sinks.migrate import migrate
 from tally.client import Client
 from tally.procs import EngineProcess, IngressProcess, NotifyProcess, free_port
-from tally.settings import Settings
 
 PARTITIONS = 4
 KEY_ID = "notify-test"

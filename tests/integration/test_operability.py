@@ -20,10 +20,11 @@ import msgspec
 import pytest
 import yaml
 
+from core.settings import Settings
 from sinks import service, verify
 from tally.collector import Collector
 from tally.procs import EngineProcess, IngressProcess, SinkProcess, command, produce
-from tally.settings import Settings
+from topics.names import schema_name
 from topics.schema import Deposit, Transfer
 
 PARTITIONS = 4
@@ -98,7 +99,7 @@ async def deployment(
         await collector.stop()
         for proc in reversed(started):
             await proc.stop()
-        await verify.drop(local.pg_dsn, service.schema_of(local), local.redis_url, prefix)
+        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, prefix)
 
 
 async def _get(url: str) -> tuple[int, str]:

@@ -15,11 +15,11 @@ import asyncpg
 import msgspec
 import pytest
 
+from core.settings import Settings
 from sinks import service
 from sinks.migrate import quote
 from tally.client import Client
 from tally.procs import EngineProcess, IngressProcess
-from tally.settings import Settings
 from topics import limits
 
 PARTITIONS = 2

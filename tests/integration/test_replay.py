@@ -19,15 +19,16 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
+from core.settings import Settings
 from sinks import service, verify
 from sinks.migrate import quote
 from sinks.replay import Replay, kafka_check_timeout_s
 from tally.audit import Audit, render
 from tally.bench_sinks import _events
 from tally.procs import produce, run_cli
-from tally.settings import Settings
 from tests.integration.sink_support import PARTITIONS, Deployment, deployment, running
 from topics.admin import ensure_topics
+from topics.names import deployment_topics, schema_name, sink_group
 from topics.specs import topics_for
 
 # What every replay command here must finish within; the fast failures within less.
@@ -42,7 +43,7 @@ EXTRA_EVENTS = 40
 @contextlib.asynccontextmanager
 async def _pg(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(
-        settings.pg_dsn, server_settings={"search_path": quote(service.schema_of(settings))}
+        settings.pg_dsn, server_settings={"search_path": quote(schema_name(settings))}
     )
     try:
         yield conn
@@ -66,7 +67,7 @@ async def _committed(settings: Settings) -> dict[str, dict[int, int]]:
     try:
         out = {}
         for target in service.TARGETS:
-            offsets = await admin.list_consumer_group_offsets(service.group_of(settings, target))
+            offsets = await admin.list_consumer_group_offsets(sink_group(settings, target))
             out[target] = {tp.partition: meta.offset for tp, meta in offsets.items()}
         return out
     finally:
@@ -74,7 +75,7 @@ async def _committed(settings: Settings) -> dict[str, dict[int, int]]:
 
 
 async def _ends(settings: Settings) -> dict[int, int]:
-    topic = topics_for(settings.topic_prefix, settings.partitions).events.name
+    topic = deployment_topics(settings).events.name
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, isolation_level="read_committed"
     )
@@ -205,9 +206,7 @@ async def test_replay_beside_a_live_sink_is_refused_unless_forced(
             forced = await Replay(local, "postgres", force=True, tty=False, say=print).run()
             assert forced.completed and forced.events == 0
     finally:
-        await verify.drop(
-            local.pg_dsn, service.schema_of(local), local.redis_url, local.topic_prefix
-        )
+        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, local.topic_prefix)
 
 
 async def test_an_unreachable_store_or_kafka_fails_fast_naming_it(

@@ -10,7 +10,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 
-from tally.settings import Settings
+from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "services.sh"

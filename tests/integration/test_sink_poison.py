@@ -12,6 +12,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
+from core.settings import Settings
 from sinks import service, verify
 from sinks.migrate import quote
 from sinks.redis_store import balance_key
@@ -19,11 +20,11 @@ from sinks.replay import Replay
 from sinks.runner import SinkRunner
 from tally.collector import read_all
 from tally.procs import run_cli
-from tally.settings import Settings
 from tests.integration.sink_support import running
 from topics import limits
 from topics.admin import ensure_topics
 from topics.codec import decode_dead_letter
+from topics.names import schema_name
 from topics.shard import shard_of
 from topics.specs import topics_for
 
@@ -82,7 +83,7 @@ async def test_no_event_stops_a_sink_or_a_replay(settings: Settings, unique: str
     topics = topics_for(prefix, PARTITIONS)
     await ensure_topics(local.kafka_bootstrap, list(topics.all()))
     await service.prepare(local, "postgres")
-    schema = service.schema_of(local)
+    schema = schema_name(local)
     good = [f"ok-{unique}-{i}" for i in range(6)]
     pg_refuses, redis_refuses = f"pgno-{unique}", f"rdno-{unique}"
     # A value the schema allows but this PostgreSQL refuses (a constraint of its own), and

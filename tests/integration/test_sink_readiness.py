@@ -14,9 +14,10 @@ from urllib.parse import urlparse
 import aiohttp
 import msgspec
 
-from sinks import service, verify
+from core.settings import Settings
+from sinks import verify
 from tally.procs import SinkProcess, free_port
-from tally.settings import Settings
+from topics.names import schema_name
 
 PARTITIONS = 2
 
@@ -119,4 +120,4 @@ async def test_redis_sink_readyz_is_503_while_redis_is_unreachable(
         await sink.stop()
         await proxy.cut()
         local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=PARTITIONS)
-        await verify.drop(local.pg_dsn, service.schema_of(local), local.redis_url, prefix)
+        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, prefix)

@@ -9,8 +9,8 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from core.settings import Settings
 from tally import roundtrip
-from tally.settings import Settings
 from topics.shard import shard_of
 
 

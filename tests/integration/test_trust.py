@@ -12,10 +12,10 @@ import msgspec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from core.settings import Settings
 from streams.engine import Engine
 from tally.collector import Collector, read_all
 from tally.procs import EngineProcess, command, produce
-from tally.settings import Settings
 from topics.admin import ensure_topics, topic_configs
 from topics.codec import encode
 from topics.producer import durable_producer

@@ -10,6 +10,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.settings import Settings
 from streams.agreement import (
     AgreeingAssignor,
     Proposal,
@@ -20,7 +21,6 @@ from streams.agreement import (
     terms,
     verdict,
 )
-from tally.settings import Settings
 
 WEEK = terms(Settings())
 SECOND = terms(Settings(idempotency_retention_s=1))

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from tally.settings import Settings, load
+from core.settings import Settings, load
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ("worker", "sink-postgres", "sink-redis", "ingress")

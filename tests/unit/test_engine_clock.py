@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+from core.settings import Settings
 from streams.engine import Engine, Output
 from streams.store import ShardStore
-from tally.settings import Settings
 from topics.codec import decode_result, encode
 from topics.schema import Deposit, Hold
 from topics.shard import shard_of

@@ -31,7 +31,7 @@ from ingress.protocol import (
     ProblemServer,
 )
 from ingress.ratelimit import TokenBuckets
-from streams.web import account_url
+from streams.client import account_url
 from topics.schema import Deposit, Disburse, PublicCommand
 
 KEYS = {"client-a": b"0123456789abcdef0123"}

@@ -12,8 +12,8 @@ import msgspec
 import pytest
 from aiohttp.http_exceptions import LineTooLong
 
-from tally.logs import ClientErrors, ExpectedRetries, JsonFormatter, setup_logging
-from tally.settings import Settings
+from core.logs import ClientErrors, ExpectedRetries, JsonFormatter, setup_logging
+from core.settings import Settings
 
 
 @pytest.fixture(autouse=True)

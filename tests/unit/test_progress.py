@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tally.progress import Progress
+from core.progress import Progress
 
 
 def test_plain_lines_carry_done_total_rate_and_eta() -> None:

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from aiokafka.structs import TopicPartition
 
+from core.progress import Progress
+from core.settings import Settings
 from sinks.replay import Summary, _advance, _OffsetsAside, describe_store
 from sinks.runner import Batch, SinkRunner
-from tally.progress import Progress
-from tally.settings import Settings
 from topics.codec import encode
 from topics.schema import Entry, Result, Status
 from topics.specs import topics_for

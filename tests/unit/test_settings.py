@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tally.settings import Settings, SettingsError, load, to_env
+from core.settings import Settings, SettingsError, load, to_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TALLY = Path(sys.executable).parent / "tally"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import msgspec
 from prometheus_client import generate_latest
 
+from core.settings import Settings
 from sinks import service
 from sinks.runner import Batch, SinkRunner
 from sinks.web import SinkWeb
-from tally.settings import Settings
 from topics.specs import topics_for
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp.http_exceptions import BadHttpMessage
 
-from tally.settings import Settings
+from core.settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The retriable errors aiokafka logs and then retries on its own (Kafka error names).
