@@ -7,16 +7,20 @@ FROM python:3.11-slim
 WORKDIR /app
 # Dependencies first, so that a code change does not reinstall them.
 COPY pyproject.toml README.md ./
-RUN mkdir -p topics streams sinks ingress tally && touch topics/__init__.py \
-        streams/__init__.py sinks/__init__.py ingress/__init__.py tally/__init__.py \
+RUN for p in core topics streams sinks notify ingress audit importer replay harness bench tally; do mkdir -p $p && touch $p/__init__.py; done \
     && pip install --no-cache-dir -e . \
-    && rm -rf topics streams sinks ingress tally
+    && rm -rf core topics streams sinks notify ingress audit importer replay harness bench tally
 COPY core core
 COPY topics topics
 COPY streams streams
 COPY sinks sinks
-COPY ingress ingress
 COPY notify notify
+COPY ingress ingress
+COPY audit audit
+COPY importer importer
+COPY replay replay
+COPY harness harness
+COPY bench bench
 COPY tally tally
 COPY migrations migrations
 # Editable: the package finds migrations/ beside it, as in a checkout.

@@ -80,7 +80,7 @@ bench: $(STAMP) services ## Run the benchmarks (engine, sinks, HTTP, recovery, r
 	$(VENV)/bin/tally bench recovery --balances 1000000
 	$(VENV)/bin/tally bench replay --events $(BENCH_COUNT)
 	$(VENV)/bin/tally bench audit --balances 1000000
-	PYTHONPATH=. $(VENV)/bin/python scripts/bench_reads.py --seconds $(BENCH_SECONDS)
+	$(VENV)/bin/python -m bench.reads --seconds $(BENCH_SECONDS)
 	$(VENV)/bin/tally bench notify --events 20000
 
 chaos: $(STAMP) services ## Long chaos run: faults on a seeded schedule under load, then checks (DURATION=300 SEED=1)

@@ -63,7 +63,7 @@ def run(settings: Settings, *, processes: int = 1) -> int:
         Ingress.check(settings)
         if processes > 1:
             asyncio.run(prepare(settings))
-            command = [sys.executable, "-m", "tally.cli", "ingress"]
+            command = [sys.executable, "-m", "ingress"]
             asyncio.run(supervise("ingress", [command] * processes))
         else:
             asyncio.run(serve(settings))

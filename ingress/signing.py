@@ -1,5 +1,5 @@
 """Request signatures: HMAC-SHA256 over everything that changes what a request does, with a
-key id naming the client's secret. Pure functions; the client helper (`tally.client`), the
+key id naming the client's secret. Pure functions; the client helper (`ingress.client`), the
 `tally sign` command, the HTTP bench and the server all use them, so they cannot drift
 apart.
 

@@ -165,7 +165,7 @@ def child_commands(settings: Settings, target: str, shares: list[list[int]]) -> 
     partitions, and its own web port (the target's port + 1 + k; 0 stays 0, none)."""
     base = web_port_of(settings, target)
     return [
-        [sys.executable, "-m", "tally.cli", "sink", target,
+        [sys.executable, "-m", "sinks", target,
          "--partitions", ",".join(str(p) for p in share),
          "--web-port", str(base + 1 + k if base else 0)]
         for k, share in enumerate(shares)

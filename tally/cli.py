@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from core.settings import Settings, SettingsError, load
-from tally import roundtrip
+from harness import roundtrip
 
 
 def _settings() -> Settings:
@@ -58,7 +58,7 @@ def demo(count: int, accounts: int, seed: int, keep: bool, stack_check: bool) ->
     if stack_check:
         _roundtrip(settings, count=2000, accounts=100, seed=seed)
         click.echo("")
-    from tally import demo as demo_job
+    from harness import demo as demo_job
 
     ok = demo_job.run(settings, count=count, accounts=accounts, seed=seed, keep=keep)
     sys.exit(0 if ok else 1)
@@ -108,9 +108,7 @@ def engine() -> None:
     help="Spread the partitions over this many processes on this host (fixed shares, "
     "no rebalancing between them; a process that dies is restarted).",
 )
-@click.option("--partitions", hidden=True, help="Internal: the share of one such process.")
-@click.option("--web-port", type=int, hidden=True, help="Internal: one such process's port.")
-def sink(target: str, processes: int, partitions: str | None, web_port: int | None) -> None:
+def sink(target: str, processes: int) -> None:
     """Run one sink: project the events topic into PostgreSQL or Redis.
 
     Consumes <prefix>.events in batches (TALLY_SINK_BATCH_SIZE events or
@@ -120,22 +118,11 @@ def sink(target: str, processes: int, partitions: str | None, web_port: int | No
     here instead: do not mix the two for one target. The PostgreSQL sink migrates its
     schema first. Each process serves /livez, /readyz and /metrics on
     TALLY_SINK_POSTGRES_WEB_PORT or TALLY_SINK_REDIS_WEB_PORT (with --processes N,
-    process k on that port + 1 + k). Stop with SIGTERM.
+    process k, started as `python -m sinks`, on that port + 1 + k). Stop with SIGTERM.
     """
     from sinks import service
 
-    settings = _settings()
-    shares = None
-    if partitions is not None:
-        try:
-            shares = sorted({int(p) for p in partitions.split(",")})
-        except ValueError:
-            raise click.BadParameter("a comma-separated list of partition numbers") from None
-        if not shares or shares[0] < 0 or shares[-1] >= settings.partitions:
-            raise click.BadParameter(f"partitions must be within 0..{settings.partitions - 1}")
-    sys.exit(
-        service.run(settings, target, processes=processes, partitions=shares, web_port=web_port)
-    )
+    sys.exit(service.run(_settings(), target, processes=processes))
 
 
 @main.command()
@@ -306,7 +293,7 @@ def replay(target: str, force: bool) -> None:
       tally replay --target redis
       tally replay --target postgres --force
     """
-    from sinks import replay as job
+    from replay import run as job
 
     sys.exit(
         job.run(
@@ -367,7 +354,7 @@ def audit(
     Exit status: 0 everything agrees, 1 a mismatch was found, 2 bad usage or a store
     (PostgreSQL, Redis, engine) unreachable.
     """
-    from tally import audit as audit_job
+    from audit import run as audit_job
 
     settings = _settings()
     if skip_engine and engine_url is not None:
@@ -467,7 +454,7 @@ def import_(
       tally import --strict --dry-run balances.csv
       tally import --pg-query "SELECT account, asset, amount FROM legacy.balances"
     """
-    from tally import importer
+    from importer import run as importer
 
     settings = _settings()
     if (file is None) == (pg_query is None):
@@ -565,7 +552,7 @@ def chaos(
     1 a check failed (the seed and plan are printed to reproduce it), 2 the run could
     not be carried out.
     """
-    from tally import chaos as chaos_job
+    from harness import chaos as chaos_job
 
     settings = _settings()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -613,7 +600,7 @@ def chaos(
 
 
 def faults_unavailable() -> type[Exception]:
-    from tally.faults import FaultUnavailable
+    from harness.faults import FaultUnavailable
 
     return FaultUnavailable
 
@@ -640,7 +627,7 @@ def bench() -> None:
 def bench_engine(count: int, guarantee: str, report: Path) -> None:
     """Engine throughput on a backlog of COUNT mixed commands, produce->result latency,
     and the raw aiokafka consume->produce ceiling."""
-    from tally import bench as bench_job
+    from bench import engine as bench_job
 
     settings = _settings()
     logging.basicConfig(level=logging.WARNING)
@@ -666,7 +653,7 @@ def bench_engine(count: int, guarantee: str, report: Path) -> None:
 def bench_sinks(events: int, processes: int, report: Path) -> None:
     """PostgreSQL and Redis sink throughput on EVENTS pre-produced result events, and the
     lag from an event's send to its visibility in each store."""
-    from tally import bench_sinks as job
+    from bench import sinks as job
 
     settings = _settings()
     logging.basicConfig(level=logging.WARNING)
@@ -684,7 +671,7 @@ def bench_sinks(events: int, processes: int, report: Path) -> None:
 def bench_notify(events: int, report: Path) -> None:
     """Deliveries/s from `tally notify` to a fast local receiver on EVENTS pre-produced
     result events, and event-to-delivery latency (p50, p99) at 200 events/s."""
-    from tally import bench_notify as job
+    from bench import notify as job
 
     settings = _settings()
     logging.basicConfig(level=logging.WARNING)
@@ -703,8 +690,8 @@ def bench_replay(events: int, report: Path) -> None:
     """`tally replay` from offset 0 into an empty Redis, then an empty PostgreSQL, on
     EVENTS pre-produced result events (one entry each); events/s and entries/s, and
     every event checked to be in the store. Topics, schema and keys are removed after."""
-    from sinks.replay import ReplayError
-    from tally import bench_replay as job
+    from bench import replay as job
+    from replay.run import ReplayError
 
     settings = _settings()
     logging.basicConfig(level=logging.WARNING)
@@ -730,7 +717,7 @@ def bench_recovery(balances: int, partitions: int, report: Path) -> None:
     """Engine state recovery: BALANCES written to a changelog, then a worker started on
     an empty state directory, timed to /readyz 200; a sample is read back and checked.
     The bar is 1,000,000 balances in under 60 s."""
-    from tally import bench_recovery as job
+    from bench import recovery as job
 
     sys.exit(job.main(_settings(), balances=balances, partitions=partitions, report=report))
 
@@ -753,7 +740,7 @@ def bench_audit(balances: int, skip_engine: bool) -> None:
     and must exit 0. Everything is removed afterwards. The bar is 1,000,000 balances in
     under 60 s.
     """
-    from tally import bench_audit as job
+    from bench import audit as job
 
     logging.basicConfig(level=logging.WARNING)
     sys.exit(job.main(_settings(), balances=balances, with_engine=not skip_engine))
@@ -827,7 +814,7 @@ def bench_http(
     acknowledgement. Needs wrk (installed by `make services`); the topics and schema are
     deleted afterwards.
     """
-    from tally import bench_http as job
+    from bench import ingress as job
 
     settings = _settings()
     logging.basicConfig(level=logging.WARNING)

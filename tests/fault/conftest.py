@@ -13,7 +13,7 @@ import os
 import pytest
 
 from core.settings import Settings
-from tally import faults
+from harness import faults
 from tests.integration.conftest import stack
 
 __all__ = ["local_broker", "local_postgres", "stack"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings
-from tally import chaos, faults
+from harness import chaos, faults
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(420)]
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings
+from harness import checks
+from harness.collector import Collector, all_answered, expected_counts
+from harness.procs import EngineProcess, trickle
+from harness.workload import build
 from streams.state import BalanceState
-from tally import checks
-from tally.collector import Collector, all_answered, expected_counts
-from tally.procs import EngineProcess, trickle
-from tally.workload import build
 
 pytestmark = pytest.mark.fault
 

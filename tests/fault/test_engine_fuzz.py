@@ -38,10 +38,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from core.settings import Settings
+from harness import checks
+from harness.collector import Collector
+from harness.procs import EngineProcess
 from streams.state import BalanceState
-from tally import checks
-from tally.collector import Collector
-from tally.procs import EngineProcess
 from topics import limits
 from topics.codec import Undecodable, decode_command, decode_dead_letter, decode_result, encode
 from topics.producer import durable_producer

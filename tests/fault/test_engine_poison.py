@@ -18,8 +18,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from core.settings import Settings
-from tally.collector import Collector, all_answered, read_all
-from tally.procs import EngineProcess, command, produce
+from harness.collector import Collector, all_answered, read_all
+from harness.procs import EngineProcess, command, produce
 from tests.integration.conftest import ENGINE_PARTITIONS, engine
 from topics import limits
 from topics.codec import decode_result, encode

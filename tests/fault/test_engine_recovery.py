@@ -14,12 +14,12 @@ import aiohttp
 import msgspec
 import pytest
 
+from bench import recovery as bench_recovery
 from core.settings import Settings
+from harness.collector import Collector, all_answered, expected_counts, read_all
+from harness.procs import EngineError, EngineProcess, command, produce
+from harness.workload import Workload, build
 from streams.state import BalanceState
-from tally import bench_recovery
-from tally.collector import Collector, all_answered, expected_counts, read_all
-from tally.procs import EngineError, EngineProcess, command, produce
-from tally.workload import Workload, build
 from topics.schema import Deposit
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]

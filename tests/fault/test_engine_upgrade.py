@@ -11,10 +11,10 @@ import msgspec
 import pytest
 
 from core.settings import Settings
+from harness.collector import Collector, all_answered
+from harness.procs import EngineProcess, command, produce
 from streams import ledger
 from streams.store import ShardStore, legacy_command_key
-from tally.collector import Collector, all_answered
-from tally.procs import EngineProcess, command, produce
 from topics.admin import ensure_topics
 from topics.names import changelog_name, engine_group, engine_topic_specs
 from topics.producer import durable_producer

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from core.settings import Settings
-from tally import faults
-from tally.client import Client
-from tally.collector import read_all
-from tally.procs import EngineProcess, IngressProcess
+from harness import faults
+from harness.collector import read_all
+from harness.procs import EngineProcess, IngressProcess
+from ingress.client import Client
 from topics.codec import decode_command
 from topics.schema import Deposit
 from topics.specs import topics_for

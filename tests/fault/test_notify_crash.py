@@ -11,9 +11,9 @@ import msgspec
 import pytest
 
 from core.settings import Settings
+from harness.procs import EngineProcess, IngressProcess, NotifyProcess
+from ingress.client import Client
 from sinks.migrate import migrate, quote
-from tally.client import Client
-from tally.procs import EngineProcess, IngressProcess, NotifyProcess
 from tests.integration.test_notify import (
     KEY_ID,
     NOTIFY,

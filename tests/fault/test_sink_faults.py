@@ -16,9 +16,9 @@ import msgspec
 import pytest
 
 from core.settings import Settings, child_env
+from harness import faults
+from harness.procs import ROOT
 from sinks import verify
-from tally import faults
-from tally.procs import ROOT
 from tests.integration.sink_support import Deployment, deployment, running
 
 pytestmark = pytest.mark.fault

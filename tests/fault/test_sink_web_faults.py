@@ -11,9 +11,9 @@ import aiohttp
 import msgspec
 
 from core.settings import Settings
+from harness import faults
+from harness.procs import SinkProcess
 from sinks import verify
-from tally import faults
-from tally.procs import SinkProcess
 from topics.names import schema_name
 
 PARTITIONS = 4

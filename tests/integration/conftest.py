@@ -13,7 +13,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from core.settings import Settings
-from tally.procs import EngineProcess
+from harness.procs import EngineProcess
 
 ENGINE_PARTITIONS = 4
 

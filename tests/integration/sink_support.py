@@ -13,12 +13,12 @@ from pathlib import Path
 import msgspec
 
 from core.settings import Settings
+from harness.collector import Collector, all_answered, expected_counts
+from harness.procs import EngineProcess, trickle
+from harness.workload import Workload, build
 from sinks import service, verify
 from sinks.postgres import PostgresStore
 from sinks.runner import SinkRunner
-from tally.collector import Collector, all_answered, expected_counts
-from tally.procs import EngineProcess, trickle
-from tally.workload import Workload, build
 from topics.names import schema_name
 from topics.specs import topics_for
 

@@ -13,13 +13,13 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
+from audit.run import Audit, Report, render
 from core.settings import Settings
+from harness.collector import all_answered, expected_counts
+from harness.procs import EngineProcess, command, free_port, produce, run_cli
 from sinks import verify
 from sinks.migrate import quote
 from sinks.redis_store import balance_key
-from tally.audit import Audit, Report, render
-from tally.collector import all_answered, expected_counts
-from tally.procs import EngineProcess, command, free_port, produce, run_cli
 from tests.integration.sink_support import Deployment, deployment, running
 from topics.schema import Deposit, Withdraw
 

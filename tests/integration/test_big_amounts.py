@@ -15,7 +15,11 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
+from audit.run import Audit, render
 from core.settings import Settings
+from harness.collector import Collector, all_answered, expected_counts
+from harness.procs import EngineProcess, IngressProcess, command, produce, run_cli
+from ingress.client import Client
 from sinks import numeric, verify
 from sinks.migrate import MIGRATIONS, SHARDED_TABLES, migrate, quote
 from sinks.postgres import PostgresStore
@@ -24,10 +28,6 @@ from sinks.runner import Batch
 from streams.state import BalanceState
 from streams.store import account_key
 from streams.store import balance_key as balance_key_of
-from tally.audit import Audit, render
-from tally.client import Client
-from tally.collector import Collector, all_answered, expected_counts
-from tally.procs import EngineProcess, IngressProcess, command, produce, run_cli
 from tests.integration.sink_support import PARTITIONS, Deployment, deployment, running
 from topics import limits
 from topics.admin import ensure_topics

@@ -1,13 +1,13 @@
-"""tally.client against a loopback server that checks every request's signature with the
+"""ingress.client against a loopback server that checks every request's signature with the
 ingress's own `signing.verify`: what the client sends is what it signed."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from harness.procs import free_port
 from ingress import signing
-from tally.client import Client
-from tally.procs import free_port
+from ingress.client import Client
 
 KEYS = {"k1": b"0123456789abcdef0123"}
 

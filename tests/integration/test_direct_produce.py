@@ -13,8 +13,8 @@ import aiohttp
 from aiokafka import AIOKafkaProducer
 
 from core.settings import Settings
-from tally.collector import Collector, all_answered
-from tally.procs import EngineProcess
+from harness.collector import Collector, all_answered
+from harness.procs import EngineProcess
 from tests.integration.conftest import ENGINE_PARTITIONS
 from topics.shard import shard_of
 

@@ -8,8 +8,8 @@ import shutil
 import time
 
 from core.settings import Settings
-from tally.collector import Collector, Results, all_answered, expected_counts
-from tally.procs import EngineProcess, command, produce
+from harness.collector import Collector, Results, all_answered, expected_counts
+from harness.procs import EngineProcess, command, produce
 from tests.integration.conftest import ENGINE_PARTITIONS
 from topics.codec import encode
 from topics.ids import credit_id, refund_id

@@ -9,8 +9,8 @@ from pathlib import Path
 import aiohttp
 
 from core.settings import Settings
-from tally.collector import Collector
-from tally.procs import EngineProcess, command, produce
+from harness.collector import Collector
+from harness.procs import EngineProcess, command, produce
 from topics.schema import Deposit, Transfer
 
 PARTITIONS = 4

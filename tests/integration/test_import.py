@@ -13,9 +13,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from core.settings import Settings
-from tally import importer
-from tally.importer import Options, Problem, Report, Row
-from tally.procs import EngineProcess, free_port, run_cli
+from harness.procs import EngineProcess, free_port, run_cli
+from importer import run as importer
+from importer.run import Options, Problem, Report, Row
 
 HEADER = "account,asset,amount\n"
 cli_timeout_s = 60

@@ -20,10 +20,10 @@ import msgspec
 import pytest
 
 from core.settings import Settings, child_env
+from harness.procs import ROOT, EngineProcess, IngressProcess
 from ingress import signing
+from ingress.client import Client
 from sinks import service
-from tally.client import Client
-from tally.procs import ROOT, EngineProcess, IngressProcess
 
 PARTITIONS = 4
 KEY_ID, SECRET = "it-client", "it-secret-0123456789"

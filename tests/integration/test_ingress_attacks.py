@@ -23,8 +23,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from core.settings import Settings
+from harness.procs import EngineProcess, IngressProcess, free_port
 from ingress import signing
-from tally.procs import EngineProcess, IngressProcess, free_port
 
 PARTITIONS = 2
 KEY_ID, SECRET = "attack-client", "attack-secret-0123456789"
@@ -776,7 +776,7 @@ async def _commands_on_topic(stack: Stack) -> list[dict[str, Any]]:
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         # Explicit offsets (a lazy seek_to_beginning right after assign() can lose to the
-        # reset the assignment started: see tally.collector).
+        # reset the assignment started: see harness.collector).
         for tp, offset in (await consumer.beginning_offsets(tps)).items():
             consumer.seek(tp, offset)
         out: list[dict[str, Any]] = []

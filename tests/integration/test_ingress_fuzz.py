@@ -49,12 +49,12 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from core.settings import Settings
+from harness.procs import EngineProcess, IngressProcess
 from ingress import signing
 from ingress.app import Ingress, prefer_wait
 from ingress.openapi import document
 from sinks.migrate import quote
 from sinks.redis_store import assets_key, balance_key
-from tally.procs import EngineProcess, IngressProcess
 from topics.shard import shard_of
 
 KEY_ID = "fuzz"

@@ -17,16 +17,16 @@ import pytest
 from aiohttp import web
 
 from core.settings import Settings
+from harness.procs import EngineProcess, IngressProcess, NotifyProcess, free_port
+from ingress.client import Client
 from notify import rules
 from sinks.migrate import migrate
-from tally.client import Client
-from tally.procs import EngineProcess, IngressProcess, NotifyProcess, free_port
 
 PARTITIONS = 4
 KEY_ID = "notify-test"
 SECRET = "notify-test-secret-0123456789"
 SUB_SECRET = "subscriber-secret-0123456789"
-# A JSON content type on the subscription calls, as a client sends them (tally.client
+# A JSON content type on the subscription calls, as a client sends them (ingress.client
 # no longer needs it for body-less POSTs: tests/integration/test_client_signing.py).
 JSON: dict[str, Any] = {"headers": {"Content-Type": "application/json"}}
 # Short, so that retries and parking happen within a test.

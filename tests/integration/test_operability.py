@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from core.settings import Settings
+from harness.collector import Collector
+from harness.procs import EngineProcess, IngressProcess, SinkProcess, command, produce
 from sinks import service, verify
-from tally.collector import Collector
-from tally.procs import EngineProcess, IngressProcess, SinkProcess, command, produce
 from topics.names import schema_name
 from topics.schema import Deposit, Transfer
 

@@ -16,10 +16,10 @@ import msgspec
 import pytest
 
 from core.settings import Settings
+from harness.procs import EngineProcess, IngressProcess
+from ingress.client import Client
 from sinks import service
 from sinks.migrate import quote
-from tally.client import Client
-from tally.procs import EngineProcess, IngressProcess
 from topics import limits
 
 PARTITIONS = 2

@@ -19,13 +19,13 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
+from audit.run import Audit, render
+from bench.sinks import _events
 from core.settings import Settings
+from harness.procs import produce, run_cli
+from replay.run import Replay, kafka_check_timeout_s
 from sinks import service, verify
 from sinks.migrate import quote
-from sinks.replay import Replay, kafka_check_timeout_s
-from tally.audit import Audit, render
-from tally.bench_sinks import _events
-from tally.procs import produce, run_cli
 from tests.integration.sink_support import PARTITIONS, Deployment, deployment, running
 from topics.admin import ensure_topics
 from topics.names import deployment_topics, schema_name, sink_group

@@ -13,13 +13,13 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from core.settings import Settings
+from harness.collector import read_all
+from harness.procs import run_cli
+from replay.run import Replay
 from sinks import service, verify
 from sinks.migrate import quote
 from sinks.redis_store import balance_key
-from sinks.replay import Replay
 from sinks.runner import SinkRunner
-from tally.collector import read_all
-from tally.procs import run_cli
 from tests.integration.sink_support import running
 from topics import limits
 from topics.admin import ensure_topics

@@ -15,8 +15,8 @@ import aiohttp
 import msgspec
 
 from core.settings import Settings
+from harness.procs import SinkProcess, free_port
 from sinks import verify
-from tally.procs import SinkProcess, free_port
 from topics.names import schema_name
 
 PARTITIONS = 2

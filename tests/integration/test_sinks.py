@@ -12,11 +12,11 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from core.settings import Settings
+from harness.collector import read_all
+from harness.procs import produce
 from sinks import verify
 from sinks.migrate import MIGRATIONS, migrate, quote
 from sinks.redis_store import offset_key
-from tally.collector import read_all
-from tally.procs import produce
 from tests.integration.sink_support import PARTITIONS, deployment, running
 from topics.codec import decode_dead_letter, encode
 from topics.schema import Deposit

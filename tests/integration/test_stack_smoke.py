@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from core.settings import Settings
-from tally import roundtrip
+from harness import roundtrip
 from topics.shard import shard_of
 
 

@@ -13,9 +13,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from core.settings import Settings
+from harness.collector import Collector, read_all
+from harness.procs import EngineProcess, command, produce
 from streams.engine import Engine
-from tally.collector import Collector, read_all
-from tally.procs import EngineProcess, command, produce
 from topics.admin import ensure_topics, topic_configs
 from topics.codec import encode
 from topics.producer import durable_producer

@@ -11,10 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams import ledger
-from streams.store import ShardStore, balance_key
-from streams.web import balance_page
-from tally.audit import (
+from audit.run import (
     AssetFlow,
     LedgerRow,
     Mismatch,
@@ -27,6 +24,9 @@ from tally.audit import (
     render,
     sort_key,
 )
+from streams import ledger
+from streams.store import ShardStore, balance_key
+from streams.web import balance_page
 from topics import limits
 from topics.schema import Deposit
 
@@ -249,7 +249,7 @@ def test_a_query_postgresql_refused_is_not_reported_as_postgresql_down() -> None
     "bigint out of range") says PostgreSQL is up and gives the SQLSTATE."""
     import asyncpg
 
-    from tally.audit import _failed
+    from audit.run import _failed
 
     refused = _failed(asyncpg.exceptions.NumericValueOutOfRangeError("bigint out of range"))
     assert "query failed (PostgreSQL is up)" in str(refused) and "22003" in str(refused)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from tally import chaos
+from harness import chaos
 from topics.codec import encode
 from topics.schema import SOURCE_HEADER, Capture, Deposit, Entry, Result, Status, Transfer
 

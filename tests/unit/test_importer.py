@@ -14,8 +14,8 @@ import pytest
 
 from core.progress import Progress
 from core.settings import Settings
-from tally import importer
-from tally.importer import BadRow, Checker, Matcher, Options, Problem, Report, Row
+from importer import run as importer
+from importer.run import BadRow, Checker, Matcher, Options, Problem, Report, Row
 from topics import limits
 from topics.codec import decode_command, encode
 from topics.schema import Deposit, FirstResult, Reason, Result, Status
@@ -456,7 +456,7 @@ def test_a_row_kafka_did_not_take_waits_for_nothing() -> None:
 
 async def test_a_result_reader_that_died_is_reported_not_taken_for_a_stall() -> None:
     from core.settings import load
-    from tally.importer import Publisher
+    from importer.run import Publisher
 
     publisher = Publisher(load({}), wait=True)
 

@@ -12,7 +12,7 @@ from aiokafka.structs import TopicPartition
 
 from core.progress import Progress
 from core.settings import Settings
-from sinks.replay import Summary, _advance, _OffsetsAside, describe_store
+from replay.run import Summary, _advance, _OffsetsAside, describe_store
 from sinks.runner import Batch, SinkRunner
 from topics.codec import encode
 from topics.schema import Entry, Result, Status

@@ -11,8 +11,8 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from harness.collector import Results
 from streams.state import BalanceState
-from tally.collector import Results
 from topics.schema import Status
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from core.settings import Settings
-from tally.collector import Collector, all_answered, expected_counts
-from tally.procs import EngineProcess, produce
-from tally.workload import Record, build
+from harness.collector import Collector, all_answered, expected_counts
+from harness.procs import EngineProcess, produce
+from harness.workload import Record, build
 from topics.admin import delete_topics, ensure_topics
 from topics.names import engine_group, engine_topic_specs
 from topics.producer import durable_producer

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import msgspec
 
+from bench.engine import write_report
 from core.settings import Settings
+from harness.procs import EngineProcess, produce
 from streams.state import AccountState, BalanceState
 from streams.store import account_key, balance_key
-from tally.bench import write_report
-from tally.procs import EngineProcess, produce
 from topics.admin import delete_topics, ensure_topics
 from topics.names import changelog_name, engine_group, engine_topic_specs
 from topics.shard import shard_of

@@ -23,7 +23,12 @@ from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 
 from core.settings import Settings
+from harness import checks
+from harness.collector import Collector, all_answered, expected_counts
+from harness.procs import free_port, produce
+from harness.workload import Workload, build
 from ingress import service as ingress_service
+from ingress.client import Client
 from notify import rules as notify_rules
 from notify.service import Notifier
 from sinks import service as sink_service
@@ -32,11 +37,6 @@ from sinks.runner import SinkRunner
 from streams.engine import Engine
 from streams.state import BalanceState
 from streams.worker import serve
-from tally import checks
-from tally.client import Client
-from tally.collector import Collector, all_answered, expected_counts
-from tally.procs import free_port, produce
-from tally.workload import Workload, build
 from topics.codec import decode_command
 from topics.names import engine_topic_specs, schema_name
 from topics.schema import PublicCommand

@@ -1,6 +1,6 @@
 """The read API's benchmark (issue 16): history pages/s and point-in-time reads/s.
 
-    PYTHONPATH=. python scripts/bench_reads.py [--entries 1000000] [--seconds 10]
+    python -m bench.reads [--entries 1000000] [--seconds 10]
         [--connections 1]
 
 What is measured. A deployment of its own (prefix `bench-reads-<random>`, 4 shards) whose
@@ -31,11 +31,11 @@ import asyncpg
 import msgspec
 
 from core.settings import Settings
+from harness.procs import ROOT, IngressProcess
 from ingress import reads, signing
 from sinks import verify
 from sinks.migrate import migrate, quote
 from sinks.postgres import at
-from tally.procs import ROOT, IngressProcess
 from topics.admin import delete_topics
 from topics.shard import shard_of
 from topics.specs import topics_for

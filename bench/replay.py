@@ -24,13 +24,13 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from bench.engine import write_report
+from bench.sinks import _events
 from core.settings import Settings
+from harness.procs import produce
+from replay.run import Replay
 from sinks import service, verify
 from sinks.migrate import quote
-from sinks.replay import Replay
-from tally.bench import write_report
-from tally.bench_sinks import _events
-from tally.procs import produce
 from topics.admin import delete_topics
 from topics.names import schema_name
 from topics.specs import topics_for

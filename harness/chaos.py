@@ -6,7 +6,7 @@ One run:
    name, Redis database `redis_db` which the run may flush whole), 2-3 `tally engine`
    processes in one group (each its own state directory and web port), and the
    PostgreSQL and Redis sinks.
-2. A bounded load: `tally.workload` records from the seed (transfers that mostly cross
+2. A bounded load: `harness.workload` records from the seed (transfers that mostly cross
    shards, disbursements, holds with captures, releases and expiries, settings, exact
    repeats, reused ids and undecodable garbage), produced with acks=all at a fixed rate
    for a fixed time. A send that fails is sent again, as any client would: a repeat
@@ -50,13 +50,13 @@ from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.settings import Settings
+from harness import faults
+from harness.collector import implied_ids, read_all
+from harness.procs import EngineProcess
+from harness.workload import build
 from sinks import service, verify
 from sinks.runner import SinkRunner
 from streams.engine import session_timeout_ms
-from tally import faults
-from tally.collector import implied_ids, read_all
-from tally.procs import EngineProcess
-from tally.workload import build
 from topics.admin import delete_topics, ensure_topics
 from topics.codec import Undecodable, decode_command, decode_dead_letter, decode_result
 from topics.names import engine_group, engine_topic_specs, schema_name
@@ -604,7 +604,7 @@ class Harness:
         )
 
     async def _audit(self) -> Check:
-        from tally.audit import Audit, AuditError
+        from audit.run import Audit, AuditError
 
         live = self._live()
         try:

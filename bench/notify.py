@@ -22,15 +22,15 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
+from bench.engine import write_report
+from bench.sinks import _events, _pct
 from core.settings import Settings
+from harness.procs import free_port, produce
 from notify import store
 from notify.rules import Filter
 from notify.service import Notifier
 from sinks import verify
 from sinks.migrate import migrate
-from tally.bench import write_report
-from tally.bench_sinks import _events, _pct
-from tally.procs import free_port, produce
 from topics.admin import delete_topics, ensure_topics
 from topics.codec import encode
 from topics.schema import Entry, Result, Status

@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from tally.procs import ROOT
+from harness.procs import ROOT
 
 
 class FaultUnavailable(RuntimeError):

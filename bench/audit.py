@@ -39,13 +39,13 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from core.settings import Settings, child_env
+from harness.procs import ROOT, EngineProcess
 from sinks import numeric, verify
 from sinks.migrate import migrate, quote
 from sinks.redis_store import LWW_SCRIPT, add_balance, script_call
 from streams.state import AccountState, BalanceState
 from streams.store import account_key
 from streams.store import balance_key as state_key
-from tally.procs import ROOT, EngineProcess
 from topics.admin import delete_topics, ensure_topics
 from topics.names import changelog_name, engine_group, engine_topic_specs
 from topics.producer import durable_producer

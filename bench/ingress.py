@@ -46,12 +46,12 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.engine import write_report
 from core.settings import Settings
+from harness.procs import ROOT, IngressProcess
 from ingress import signing
+from ingress.client import Client
 from sinks import verify
-from tally.bench import write_report
-from tally.client import Client
-from tally.procs import ROOT, IngressProcess
 from topics.admin import delete_topics
 from topics.specs import topics_for
 

@@ -31,13 +31,13 @@ import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
+from bench.engine import write_report
 from core.settings import Settings, child_env
+from harness.procs import produce
 from sinks import service, verify
 from sinks.migrate import quote
 from sinks.redis_store import balance_key
 from sinks.runner import Batch, SinkRunner
-from tally.bench import write_report
-from tally.procs import produce
 from topics.admin import delete_topics
 from topics.codec import encode
 from topics.names import deployment_topics, schema_name

@@ -1,0 +1,1 @@
+"""`tally bench …`: the benchmarks, each printing the numbers it measured."""

@@ -1,0 +1,1 @@
+"""`tally replay`: rebuilds a sink's projection from the events topic."""
