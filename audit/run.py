@@ -43,7 +43,7 @@ from redis.exceptions import RedisError
 
 from core.progress import Progress
 from core.settings import Settings
-from sinks.migrate import quote
+from sinks import pg
 from sinks.redis_store import assets_key, balance_key
 from streams.client import ShardPage, shard_page_limit_max
 from topics.shard import shard_of
@@ -465,12 +465,12 @@ class Postgres:
 
     async def open(self, partitions: int) -> None:
         try:
-            self.pool = await asyncpg.create_pool(
+            self.pool = await pg.create_pool(
                 self.dsn,
+                self.schema,
                 min_size=1,
                 max_size=shards_in_flight + 2,
-                timeout=connect_timeout_s,
-                server_settings={"search_path": quote(self.schema)},
+                timeout_s=connect_timeout_s,
             )
             async with self.pool.acquire() as conn:
                 shards = await conn.fetchval(

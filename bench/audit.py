@@ -33,15 +33,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from core.settings import Settings, child_env
 from harness.procs import ROOT, EngineProcess
-from sinks import numeric, verify
-from sinks.migrate import migrate, quote
+from sinks import pg, verify
+from sinks.migrate import migrate
 from sinks.redis_store import LWW_SCRIPT, add_balance, script_call
 from streams.state import AccountState, BalanceState
 from streams.store import account_key
@@ -130,11 +129,8 @@ class Writer:
     async def open(self) -> None:
         s = self.settings
         await migrate(s.pg_dsn, s.topic_prefix, s.partitions)
-        self.conn = await asyncpg.connect(
-            s.pg_dsn, server_settings={"search_path": quote(s.topic_prefix)}
-        )
         # Money columns are numeric: written with the sink's own codec, as the sink does.
-        await numeric.use_int_codec(self.conn)
+        self.conn = await pg.connect(s.pg_dsn, s.topic_prefix, exact_money=True)
         self.redis = aioredis.from_url(s.redis_url)
         self.script = self.redis.register_script(LWW_SCRIPT)
         if self.with_engine:

@@ -33,8 +33,8 @@ import msgspec
 from core.settings import Settings
 from harness.procs import ROOT, IngressProcess
 from ingress import reads, signing
-from sinks import verify
-from sinks.migrate import migrate, quote
+from sinks import pg, verify
+from sinks.migrate import migrate
 from sinks.postgres import at
 from topics.admin import delete_topics
 from topics.shard import shard_of
@@ -119,7 +119,7 @@ async def main(entries: int, seconds: int, connections: int) -> None:
         keys={KEY_ID: secret}, ingress_rate_per_s=1_000_000, ingress_rate_burst=1_000_000,
     )  # fmt: skip
     try:
-        conn = await asyncpg.connect(local.pg_dsn, server_settings={"search_path": quote(prefix)})
+        conn = await pg.connect(local.pg_dsn, prefix)
         try:
             started = time.monotonic()
             await fill(conn, entries)

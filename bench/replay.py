@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgspec
 
 from bench.engine import write_report
@@ -29,8 +28,7 @@ from bench.sinks import _events
 from core.settings import Settings
 from harness.procs import produce
 from replay.run import Replay
-from sinks import service, verify
-from sinks.migrate import quote
+from sinks import pg, service, verify
 from topics.admin import delete_topics
 from topics.names import schema_name
 from topics.specs import topics_for
@@ -53,9 +51,7 @@ class ReplayResult:
 async def _stored(settings: Settings, target: str) -> int:
     """Entries in the store: ledger rows (PostgreSQL), the summed seqs (Redis)."""
     if target == "postgres":
-        conn = await asyncpg.connect(
-            settings.pg_dsn, server_settings={"search_path": quote(schema_name(settings))}
-        )
+        conn = await pg.connect(settings.pg_dsn, schema_name(settings))
         try:
             return int(await conn.fetchval("SELECT count(*) FROM ledger_entries"))
         finally:

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
@@ -34,8 +33,7 @@ from aiokafka import AIOKafkaProducer
 from bench.engine import write_report
 from core.settings import Settings, child_env
 from harness.procs import produce
-from sinks import service, verify
-from sinks.migrate import quote
+from sinks import pg, service, verify
 from sinks.redis_store import balance_key
 from sinks.runner import Batch, SinkRunner
 from topics.admin import delete_topics
@@ -109,10 +107,7 @@ class _Watch:
 
     async def open(self) -> None:
         if self.target == "postgres":
-            self.conn = await asyncpg.connect(
-                self.settings.pg_dsn,
-                server_settings={"search_path": quote(schema_name(self.settings))},
-            )
+            self.conn = await pg.connect(self.settings.pg_dsn, schema_name(self.settings))
         else:
             self.client = aioredis.from_url(self.settings.redis_url)
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import redis.asyncio as aioredis
 
 from harness.procs import ROOT
+from sinks import pg
 
 
 class FaultUnavailable(RuntimeError):
@@ -106,7 +106,7 @@ class PgCluster:
 
 async def pg_cluster(dsn: str) -> PgCluster:
     """The running PostgreSQL server's pg_ctl, data directory and start options."""
-    conn = await asyncpg.connect(dsn)
+    conn = await pg.connect(dsn, None)
     try:
         data = str(await conn.fetchval("SHOW data_directory"))
     finally:

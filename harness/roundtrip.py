@@ -15,13 +15,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from core.settings import Settings
+from sinks import pg
 from topics.codec import decode_command, encode
 from topics.producer import durable_producer
 from topics.schema import Deposit
@@ -161,7 +161,7 @@ async def _consume(
 
 
 async def _postgres(settings: Settings, deposits: list[Deposit]) -> tuple[int, Stage]:
-    conn = await asyncpg.connect(settings.pg_dsn)
+    conn = await pg.connect(settings.pg_dsn, None)
     started = time.perf_counter()
     try:
         async with conn.transaction():

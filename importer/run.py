@@ -49,6 +49,7 @@ from aiokafka.errors import KafkaError
 
 from core.progress import Progress
 from core.settings import Settings
+from sinks import pg
 from topics import limits
 from topics.admin import TopicMismatch, ensure_topics
 from topics.codec import decode_result, encode
@@ -627,7 +628,7 @@ class PgSource:
 
     async def __aenter__(self) -> PgSource:
         try:
-            self._conn = await asyncpg.connect(self.dsn, timeout=connect_timeout_s)
+            self._conn = await pg.connect(self.dsn, None, timeout_s=connect_timeout_s)
         except (OSError, TimeoutError, asyncpg.PostgresError, ValueError) as exc:
             raise ImportFailed(
                 f"PostgreSQL unreachable at {self.shown_dsn}: {_one_line(exc)}"

@@ -49,13 +49,12 @@ from ingress.problems import Problem
 from ingress.ratelimit import TokenBuckets
 from ingress.replay import ReplayUnknown, SeenSignatures
 from ingress.results import ResultWaiter, Waiter
-from sinks import numeric
-from sinks.migrate import quote
+from sinks import pg
 from sinks.redis_store import assets_key, balance_key
 from streams.client import ShardOwners, account_url
 from topics import limits
 from topics.codec import encode
-from topics.names import deployment_topics, engine_group
+from topics.names import deployment_topics, engine_group, schema_name
 from topics.producer import durable_producer
 from topics.schema import PublicCommand, Result, kind_of
 from topics.shard import shard_of
@@ -249,13 +248,12 @@ class Ingress:
             self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2
         )
         self.seen = SeenSignatures(self.redis, self.settings.topic_prefix)
-        self.pg = await asyncpg.create_pool(
+        self.pg = await pg.create_pool(
             self.settings.pg_dsn,
+            schema_name(self.settings),
             min_size=0,
             max_size=4,
-            timeout=5,
-            server_settings={"search_path": quote(self.settings.topic_prefix)},
-            init=numeric.use_int_codec,  # money as exact ints (ingress.reads)
+            exact_money=True,  # money as exact ints (ingress.reads)
         )
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         log.info(

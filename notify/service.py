@@ -23,7 +23,6 @@ import signal
 from typing import Any
 
 import aiohttp
-import asyncpg
 import msgspec
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
@@ -37,9 +36,10 @@ from notify import store
 from notify.deliver import Config, Reader, Redelivery
 from notify.metrics import Metrics
 from notify.resolver import PublicOnly
-from sinks.migrate import migrate, quote
+from sinks import pg
+from sinks.migrate import migrate
 from topics.admin import ensure_topics
-from topics.names import deployment_topics, notify_group
+from topics.names import deployment_topics, notify_group, schema_name
 
 log = logging.getLogger(__name__)
 CHECK_TIMEOUT_S = 2.0
@@ -83,10 +83,9 @@ class Notifier:
         await migrate(
             self.settings.pg_dsn, self.settings.topic_prefix, self.settings.partitions, say=log.info
         )
-        self.pool = await asyncpg.create_pool(
-            self.settings.pg_dsn, min_size=1, max_size=4, timeout=5,
-            server_settings={"search_path": quote(self.settings.topic_prefix)},
-        )  # fmt: skip
+        self.pool = await pg.create_pool(
+            self.settings.pg_dsn, schema_name(self.settings), min_size=1, max_size=4
+        )
         # No connection pool limit per host beyond the lanes: each lane has one request.
         resolver = None if self.settings.notify_allow_private else PublicOnly()
         self.http = aiohttp.ClientSession(

@@ -40,7 +40,6 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 
-import asyncpg
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocol
@@ -49,8 +48,8 @@ from aiokafka.structs import TopicPartition
 
 from core.progress import Progress
 from core.settings import Settings
-from sinks import service
-from sinks.migrate import MigrationError, migrate, quote
+from sinks import pg, service
+from sinks.migrate import MigrationError, migrate
 from sinks.runner import Batch, SinkRunner, Store
 from topics.names import deployment_topics, schema_name, sink_group
 
@@ -321,11 +320,7 @@ class Replay:
     async def _settle_offsets(self, plan: Plan, *, raise_to_end: bool) -> None:
         """Drop the replay's own progress rows; after a whole replay, raise the live
         sink's offsets to at least the end (see the module's docstring for why)."""
-        conn = await asyncpg.connect(
-            self.settings.pg_dsn,
-            server_settings={"search_path": quote(schema_name(self.settings))},
-            timeout=5,
-        )
+        conn = await pg.connect(self.settings.pg_dsn, schema_name(self.settings))
         try:
             async with conn.transaction():
                 await conn.execute(

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import asyncpg
 
+from sinks import pg
+from sinks.pg import quote
+
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 SHARDED_TABLES = ("balances", "ledger_entries", "command_results", "breakpoints")
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -28,10 +31,6 @@ _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 class MigrationError(RuntimeError):
     """The migrations folder or the schema is not in a state we can work from."""
-
-
-def quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
 
 
 def files(folder: Path = MIGRATIONS) -> list[tuple[int, str, Path]]:
@@ -59,7 +58,7 @@ async def migrate(
 ) -> list[str]:
     """Bring `schema` up to date; return the names of the files applied now."""
     pending = files()
-    conn = await asyncpg.connect(dsn)
+    conn = await pg.connect(dsn, None)
     ident = quote(schema)
     applied: list[str] = []
     try:

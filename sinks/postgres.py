@@ -26,8 +26,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from sinks import numeric
-from sinks.migrate import quote
+from sinks import pg
 from sinks.runner import Batch
 from topics.schema import Reason, Status
 
@@ -132,15 +131,12 @@ class PostgresStore:
 
     async def open(self) -> None:
         await self.close()
-        self.conn = await asyncpg.connect(
-            self.dsn, server_settings={"search_path": quote(self.schema)}, timeout=5
-        )
-        await numeric.use_int_codec(self.conn)
+        self.conn = await pg.connect(self.dsn, self.schema, exact_money=True)
 
     async def ping(self, timeout_s: float) -> None:
         """Whether PostgreSQL answers now, on a connection of its own (the sink's is busy
         with a batch while the readiness probe asks)."""
-        conn = await asyncpg.connect(self.dsn, timeout=timeout_s)
+        conn = await pg.connect(self.dsn, None, timeout_s=timeout_s)
         try:
             await conn.fetchval("SELECT 1", timeout=timeout_s)
         finally:

@@ -9,17 +9,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import redis.asyncio as aioredis
 
-from sinks.migrate import quote
+from sinks import pg
+from sinks.pg import quote
 
 # (account, asset) -> (available, held, seq)
 Balances = dict[tuple[str, str], tuple[int, int, int]]
 
 
 async def _fetch(dsn: str, schema: str, query: str) -> list[Any]:
-    conn = await asyncpg.connect(dsn, server_settings={"search_path": quote(schema)})
+    conn = await pg.connect(dsn, schema)
     try:
         return list(await conn.fetch(query))
     finally:
@@ -168,7 +168,7 @@ async def agreement(
 
 async def drop(dsn: str, schema: str, redis_url: str, prefix: str) -> None:
     """Remove a deployment's PostgreSQL schema and Redis keys (the demo's clean-up)."""
-    conn = await asyncpg.connect(dsn)
+    conn = await pg.connect(dsn, None)
     try:
         await conn.execute(f"DROP SCHEMA IF EXISTS {quote(schema)} CASCADE")
     finally:

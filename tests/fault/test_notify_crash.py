@@ -13,7 +13,8 @@ import pytest
 from core.settings import Settings
 from harness.procs import EngineProcess, IngressProcess, NotifyProcess
 from ingress.client import Client
-from sinks.migrate import migrate, quote
+from sinks.migrate import migrate
+from sinks.pg import quote
 from tests.integration.test_notify import (
     KEY_ID,
     NOTIFY,

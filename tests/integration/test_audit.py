@@ -18,7 +18,7 @@ from core.settings import Settings
 from harness.collector import all_answered, expected_counts
 from harness.procs import EngineProcess, command, free_port, produce, run_cli
 from sinks import verify
-from sinks.migrate import quote
+from sinks.pg import quote
 from sinks.redis_store import balance_key
 from tests.integration.sink_support import Deployment, deployment, running
 from topics.schema import Deposit, Withdraw

@@ -21,7 +21,8 @@ from harness.collector import Collector, all_answered, expected_counts
 from harness.procs import EngineProcess, IngressProcess, command, produce, run_cli
 from ingress.client import Client
 from sinks import numeric, verify
-from sinks.migrate import MIGRATIONS, SHARDED_TABLES, migrate, quote
+from sinks.migrate import MIGRATIONS, SHARDED_TABLES, migrate
+from sinks.pg import quote
 from sinks.postgres import PostgresStore
 from sinks.redis_store import RedisStore, balance_key
 from sinks.runner import Batch

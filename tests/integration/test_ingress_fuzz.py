@@ -53,7 +53,7 @@ from harness.procs import EngineProcess, IngressProcess
 from ingress import signing
 from ingress.app import Ingress, prefer_wait
 from ingress.openapi import document
-from sinks.migrate import quote
+from sinks.pg import quote
 from sinks.redis_store import assets_key, balance_key
 from topics.shard import shard_of
 

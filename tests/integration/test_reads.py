@@ -19,7 +19,7 @@ from core.settings import Settings
 from harness.procs import EngineProcess, IngressProcess
 from ingress.client import Client
 from sinks import service
-from sinks.migrate import quote
+from sinks.pg import quote
 from topics import limits
 
 PARTITIONS = 2

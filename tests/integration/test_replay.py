@@ -25,7 +25,7 @@ from core.settings import Settings
 from harness.procs import produce, run_cli
 from replay.run import Replay, kafka_check_timeout_s
 from sinks import service, verify
-from sinks.migrate import quote
+from sinks.pg import quote
 from tests.integration.sink_support import PARTITIONS, Deployment, deployment, running
 from topics.admin import ensure_topics
 from topics.names import deployment_topics, schema_name, sink_group

@@ -17,7 +17,7 @@ from harness.collector import read_all
 from harness.procs import run_cli
 from replay.run import Replay
 from sinks import service, verify
-from sinks.migrate import quote
+from sinks.pg import quote
 from sinks.redis_store import balance_key
 from sinks.runner import SinkRunner
 from tests.integration.sink_support import running

@@ -15,7 +15,8 @@ from core.settings import Settings
 from harness.collector import read_all
 from harness.procs import produce
 from sinks import verify
-from sinks.migrate import MIGRATIONS, migrate, quote
+from sinks.migrate import MIGRATIONS, migrate
+from sinks.pg import quote
 from sinks.redis_store import offset_key
 from tests.integration.sink_support import PARTITIONS, deployment, running
 from topics.codec import decode_dead_letter, encode

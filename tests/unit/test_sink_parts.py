@@ -11,7 +11,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError as RedisDataError
 from redis.exceptions import ReadOnlyError, ResponseError
 
-from sinks.migrate import MigrationError, files, quote
+from sinks.migrate import MigrationError, files
+from sinks.pg import quote
 from sinks.redis_store import assets_key, balance_key
 from sinks.runner import Batch, SinkRunner
 from sinks.service import postgres_content_error, redis_content_error
