@@ -11,19 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from audit.run import (
-    AssetFlow,
-    LedgerRow,
-    Mismatch,
-    OutOfOrder,
-    Report,
-    aligned,
-    asset_flows,
-    compare,
-    merge_step,
-    render,
-    sort_key,
-)
+from audit.compare import AssetFlow, asset_flows, compare
+from audit.merge import OutOfOrder, aligned, merge_step
+from audit.report import Report, render
+from audit.rows import LedgerRow, Mismatch, sort_key
 from streams import ledger
 from streams.store import ShardStore, balance_key
 from streams.web import balance_page
@@ -249,7 +240,7 @@ def test_a_query_postgresql_refused_is_not_reported_as_postgresql_down() -> None
     "bigint out of range") says PostgreSQL is up and gives the SQLSTATE."""
     import asyncpg
 
-    from audit.run import _failed
+    from audit.postgres import _failed
 
     refused = _failed(asyncpg.exceptions.NumericValueOutOfRangeError("bigint out of range"))
     assert "query failed (PostgreSQL is up)" in str(refused) and "22003" in str(refused)
