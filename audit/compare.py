@@ -3,8 +3,6 @@ ledger's recomputation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from audit.rows import STORES, Found, LedgerRow, Mismatch, describe
 
 
@@ -68,54 +66,3 @@ def compare(
     if with_redis and redis is not None and not redis_listed:
         differ("redis", f"{asset} in the account's asset set", "not listed", redis)
     return out
-
-
-# Conservation ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AssetFlow:
-    """One asset's money: what the recomputed balances hold against what came in and
-    went out. `captured_out` and `withdrawals` are negative; `internal` is the net of
-    every movement between accounts (transfers, disbursements, captures to an account,
-    with their credits and refunds; holds, releases and expiries), 0 once drained."""
-
-    asset: str
-    balances: int
-    deposits: int = 0
-    withdrawals: int = 0
-    captured_out: int = 0
-    internal: int = 0
-
-    @property
-    def external(self) -> int:
-        return self.deposits + self.withdrawals + self.captured_out
-
-    @property
-    def ok(self) -> bool:
-        return self.balances == self.external and self.internal == 0
-
-    def line(self) -> str:
-        mark = "=" if self.balances == self.external else "!="
-        return (
-            f"{self.asset}: balances {self.balances} {mark} deposits {self.deposits}"
-            f" - withdrawals {-self.withdrawals} - captured out {-self.captured_out};"
-            f" between accounts net {self.internal}"
-        )
-
-
-def asset_flows(balances: dict[str, int], flows: dict[tuple[str, str], int]) -> list[AssetFlow]:
-    """Per asset, the balances' sum next to the ledger's sums by flow (deposit, withdraw,
-    capture, internal: see FLOWS_SQL)."""
-    assets = sorted(set(balances) | {asset for asset, _ in flows})
-    return [
-        AssetFlow(
-            asset,
-            balances.get(asset, 0),
-            deposits=flows.get((asset, "deposit"), 0),
-            withdrawals=flows.get((asset, "withdraw"), 0),
-            captured_out=flows.get((asset, "capture"), 0),
-            internal=flows.get((asset, "internal"), 0),
-        )
-        for asset in assets
-    ]

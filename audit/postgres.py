@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -19,6 +20,7 @@ from audit.rows import (
     sort_key,
 )
 from sinks import pg
+from topics.money import Flow, flow_of
 
 # One shard, one row per balance known to `balances` or `ledger_entries`, in the engine's
 # key order. The last breakpoint's `*_after` plus the later entries is the balance; the
@@ -52,25 +54,25 @@ FROM bal b FULL JOIN ledger g ON g.account = b.account AND g.asset = b.asset
 ORDER BY (coalesce(b.account, g.account) || '|' || coalesce(b.asset, g.asset)) COLLATE "C"
 """
 
-# The ledger's sums per asset and flow. Money enters by deposits and leaves by
-# withdrawals and by captures to no account. A capture to an account is a move between
-# accounts: its credit (or the refund of that credit) carries the capture's id
-# ("<payer>/<capture id>/credit[/refund]", topics.ids) and counts with the capture,
-# so that the capture flow nets to what left the system.
+# The facts `topics.money` needs, summed from the ledger: per asset and kind, and of each
+# capture whether it paid out (named no payee). A capture to an account emitted a credit
+# "<payer>/<capture id>/credit", and that credit is in the ledger, or the refund of it
+# ("<credit>/refund", topics.ids) when it could not be applied; a capture with neither
+# paid out.
 FLOWS_SQL = """
 WITH captures AS (
     SELECT DISTINCT account, command_id FROM ledger_entries WHERE kind = 'capture'
+), paid AS (
+    SELECT DISTINCT c.account, c.command_id FROM captures c
+    JOIN ledger_entries e ON e.kind IN ('credit', 'refund')
+        AND split_part(e.command_id, '/', 1) = c.account
+        AND split_part(e.command_id, '/', 2) = c.command_id
 )
-SELECT e.asset,
-    CASE WHEN e.kind IN ('deposit', 'withdraw') THEN e.kind
-         WHEN e.kind = 'capture' OR c.account IS NOT NULL THEN 'capture'
-         ELSE 'internal' END AS flow,
+SELECT e.asset, e.kind, p.account IS NULL AS pays_out,
     sum(e.delta_available + e.delta_held) AS total
 FROM ledger_entries e
-LEFT JOIN captures c ON e.kind IN ('credit', 'refund')
-    AND c.account = split_part(e.command_id, '/', 1)
-    AND c.command_id = split_part(e.command_id, '/', 2)
-GROUP BY 1, 2
+LEFT JOIN paid p ON e.kind = 'capture' AND p.account = e.account AND p.command_id = e.command_id
+GROUP BY 1, 2, 3
 """
 
 # Of these Redis keys' balances, the ones PostgreSQL knows nothing about.
@@ -168,8 +170,12 @@ class Postgres:
     async def count(self) -> int:
         return int((await self._fetch("SELECT count(*) FROM balances"))[0][0])
 
-    async def flows(self) -> dict[tuple[str, str], int]:
-        return {(r[0], r[1]): int(r[2]) for r in await self._fetch(FLOWS_SQL)}
+    async def flows(self) -> Counter[tuple[str, Flow]]:
+        """The ledger's entries summed per (asset, flow), by `topics.money`'s rule."""
+        flows: Counter[tuple[str, Flow]] = Counter()
+        for asset, kind, pays_out, total in await self._fetch(FLOWS_SQL):
+            flows[(asset, flow_of(kind, pays_out=pays_out))] += int(total)
+        return flows
 
     async def unknown(self, shard: int, keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
         rows = await self._fetch(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from audit.compare import AssetFlow
 from audit.rows import KINDS, STORES, Mismatch
+from topics.money import AssetFlow
 
 
 @dataclass

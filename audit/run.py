@@ -35,7 +35,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from audit.compare import asset_flows, compare
+from audit.compare import compare
 from audit.engine_pages import Engine
 from audit.merge import OutOfOrder, aligned
 from audit.postgres import Postgres
@@ -54,6 +54,7 @@ from audit.rows import (
 )
 from core.progress import Progress
 from core.settings import Settings
+from topics.money import Flow, conservation
 from topics.shard import shard_of
 
 # What `tally audit` and the harness call; the parts live in the modules beside this one.
@@ -237,7 +238,7 @@ class Audit:
                     )  # fmt: skip
 
     def _report(
-        self, tallies: list[ShardTally], flows: dict[tuple[str, str], int], seconds: float
+        self, tallies: list[ShardTally], flows: Counter[tuple[str, Flow]], seconds: float
     ) -> Report:
         compared: Counter[str] = Counter()
         mismatches: Counter[str] = Counter()
@@ -248,7 +249,7 @@ class Audit:
             mismatches.update(tally.mismatches)
             sums.update(tally.sums)
             first.extend(tally.first)
-        assets = asset_flows(dict(sums), flows)
+        assets = conservation(sums, flows)
         wrong = sum(not f.ok for f in assets)
         if wrong:
             mismatches["conservation"] += wrong
