@@ -31,9 +31,10 @@ from importer.rows import (
 )
 from topics.admin import TopicMismatch, ensure_topics
 from topics.codec import decode_result, encode
+from topics.correlate import Awaited, Correlator
 from topics.names import deployment_topics
 from topics.producer import durable_producer
-from topics.schema import source, source_in
+from topics.schema import Result, source_in
 from topics.shard import shard_of
 from topics.specs import Topics
 
@@ -50,16 +51,8 @@ async def _started(client: Any) -> None:
         raise
 
 
-class _Pending:
-    __slots__ = ("early", "row", "source")
-
-    def __init__(self, row: Row) -> None:
-        self.row = row
-        self.source: bytes | None = None
-        self.early: list[tuple[bytes | None, bytes]] = []
-
-
 class _Head(msgspec.Struct):
+    account: str
     command_id: str
 
 
@@ -67,15 +60,14 @@ _head = msgspec.json.Decoder(_Head)
 
 
 class Matcher:
-    """This run's produced rows, waiting for their results. A result counts only when
-    its `tally-source` header names the record this run produced: the result of an
-    earlier run of the same import, still on its way, is not taken for this run's.
-    Until Kafka's acknowledgement says which record a row became, results with its id
-    are kept aside, since a result may be read before the acknowledgement is seen.
-    Ids are unique within a run: a pair on two rows is never produced."""
+    """This run's produced rows, waiting for their results (topics.correlate). A result
+    counts only when its `tally-source` header names the record this run produced: the
+    result of an earlier run of the same import, still on its way, is not taken for
+    this run's. Ids are unique within a run: a pair on two rows is never produced."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, _Pending] = {}
+        self.correlator = Correlator()
+        self.pending: dict[str, Awaited] = {}  # command id -> the row's record
         self.outcomes = Outcomes()
 
     def __len__(self) -> int:
@@ -83,43 +75,37 @@ class Matcher:
 
     def expect(self, row: Row) -> None:
         """Before producing the row."""
-        self.pending[row.command_id] = _Pending(row)
+
+        def answered(result: Result) -> None:
+            del self.pending[row.command_id]
+            self.outcomes.add(row, outcome_of(result))
+
+        self.pending[row.command_id] = self.correlator.expect(row.account, row.command_id, answered)
 
     def acknowledged(self, row: Row, partition: int, offset: int) -> None:
-        pending = self.pending.get(row.command_id)
-        if pending is None:
-            return
-        pending.source = source(partition, offset)
-        early, pending.early = pending.early, []
-        for found, value in early:
-            self._offer(pending, found, value)
+        awaited = self.pending.get(row.command_id)
+        if awaited is not None:
+            awaited.produced(partition, offset)
 
     def failed(self, row: Row) -> None:
         """Kafka did not take the row: no result will come for it from this run."""
-        self.pending.pop(row.command_id, None)
+        awaited = self.pending.pop(row.command_id, None)
+        if awaited is not None:
+            self.correlator.forget(awaited)
 
     def offer(self, value: bytes, source: bytes | None) -> None:
-        """A record of the events topic, with its source header."""
+        """A record of the events topic, with its source header. Only the results of
+        this run's ids are decoded whole."""
         if not self.pending:
             return
         try:
             head = _head.decode(value)
+            if not self.correlator.awaits(head.account, head.command_id):
+                return
+            result = decode_result(value)
         except msgspec.MsgspecError:
             return
-        pending = self.pending.get(head.command_id)
-        if pending is not None:
-            self._offer(pending, source, value)
-
-    def _offer(self, pending: _Pending, source: bytes | None, value: bytes) -> None:
-        if pending.source is None:
-            pending.early.append((source, value))
-        elif source == pending.source:
-            try:
-                result = decode_result(value)
-            except msgspec.MsgspecError:
-                return
-            del self.pending[pending.row.command_id]
-            self.outcomes.add(pending.row, outcome_of(result))
+        self.correlator.offer(result, source)
 
 
 class Sender(Protocol):
