@@ -68,7 +68,7 @@ WITH captures AS (
         AND split_part(e.command_id, '/', 1) = c.account
         AND split_part(e.command_id, '/', 2) = c.command_id
 )
-SELECT e.asset, e.kind, p.account IS NULL AS pays_out,
+SELECT e.asset, e.kind, e.kind = 'capture' AND p.account IS NULL AS pays_out,
     sum(e.delta_available + e.delta_held) AS total
 FROM ledger_entries e
 LEFT JOIN paid p ON e.kind = 'capture' AND p.account = e.account AND p.command_id = e.command_id
