@@ -102,15 +102,35 @@ class World:
 accounts = st.sampled_from(ACCOUNTS)
 assets = st.sampled_from(ASSETS)
 amounts = st.integers(1, 50)
+# Holds on two accounts only, so that releases and captures often find one open.
+holders = st.sampled_from(("alice", "bob"))
 hold_ids = st.sampled_from(("h1", "h2"))
 payees = st.none() | accounts
 
 
-def _step(draw: st.DrawFn, n: int) -> Command:
-    account, asset, amount = draw(accounts), draw(assets), draw(amounts)
+def _steps(draw: st.DrawFn, n: int) -> list[Command]:
+    """One command, or (kind "settle") a deposit, a hold of it and its capture, to an
+    account or out of the system, so that captures are common."""
     kind = draw(st.sampled_from(("deposit", "withdraw", "transfer", "disburse", "hold",
-                                 "release", "capture", "close")))  # fmt: skip
+                                 "release", "capture", "close", "settle")))  # fmt: skip
+    if kind != "settle":
+        return [_step(draw, n, kind)]
+    account, asset, amount = draw(holders), draw(assets), draw(amounts)
+    hold_id = f"s{n}"
+    return [
+        Deposit(command_id=f"c{n}.d", account=account, asset=asset, amount=amount),
+        Hold(command_id=f"c{n}.h", account=account, hold_id=hold_id, asset=asset,
+             amount=amount),
+        Capture(command_id=f"c{n}.c", account=account, hold_id=hold_id,
+                amount=draw(st.none() | st.integers(1, amount)), to=draw(payees)),
+    ]  # fmt: skip
+
+
+def _step(draw: st.DrawFn, n: int, kind: str) -> Command:
+    account, asset, amount = draw(accounts), draw(assets), draw(amounts)
     cid = f"c{n}"
+    if kind in ("hold", "release", "capture"):
+        account = draw(holders)
     if kind == "deposit":
         return Deposit(command_id=cid, account=account, asset=asset, amount=amount * 3)
     if kind == "withdraw":
@@ -138,8 +158,8 @@ def _step(draw: st.DrawFn, n: int) -> Command:
 def histories(draw: st.DrawFn) -> tuple[list[Command], list[int]]:
     """Commands, and after each how many internal commands are delivered (some stay in
     flight until the end)."""
-    n = draw(st.integers(1, 40))
-    commands = [_step(draw, i) for i in range(n)]
+    commands = [c for i in range(draw(st.integers(1, 30))) for c in _steps(draw, i)]
+    n = len(commands)
     deliveries = draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
     return commands, deliveries
 
