@@ -59,9 +59,10 @@ from sinks.runner import SinkRunner
 from streams.engine import session_timeout_ms
 from topics.admin import delete_topics, ensure_topics
 from topics.codec import Undecodable, decode_command, decode_dead_letter, decode_result
+from topics.money import conservation, flows_of, holdings
 from topics.names import engine_group, engine_topic_specs, schema_name
 from topics.producer import durable_producer
-from topics.schema import Capture, DeadLetter, Result, Status, source, source_in
+from topics.schema import DeadLetter, Result, Status, source, source_in
 from topics.specs import topics_for
 
 log = logging.getLogger(__name__)
@@ -580,7 +581,7 @@ class Harness:
             ),
             *_check_results(commands, internal, results),
             _check_seq(results),
-            _check_conservation(commands, results),
+            _check_conservation(results),
             _check_dead_letters(commands, [decode_dead_letter(r.value or b"") for r in letters]),
             await self._check_stores(results),
             await self._audit(),
@@ -722,41 +723,24 @@ def _check_seq(results: list[tuple[Any, Result]]) -> Check:
     )
 
 
-def _check_conservation(commands: list[Any], results: list[tuple[Any, Result]]) -> Check:
-    """Per asset: money moved inside the engine (transfers, disbursements, holds,
-    captures to an account, and their credits and refunds) nets to zero, and the sum of
-    the final balances equals deposits - withdrawals - captures paid out."""
-    paid_out: set[str] = set()
-    for record in commands:
-        decoded = decode_command(record.value or b"")
-        if isinstance(decoded, Capture) and decoded.to is None:
-            paid_out.add(decoded.command_id)
-    moved: Counter[str] = Counter()
-    flows: Counter[str] = Counter()
-    final: dict[tuple[str, str], tuple[int, int]] = {}
-    last_seq: dict[tuple[str, str], int] = {}
+def _check_conservation(results: list[tuple[Any, Result]]) -> Check:
+    """Per asset (topics.money): money moved inside the engine (transfers, disbursements,
+    holds, captures to an account, and their credits and refunds) nets to zero, and the
+    sum of the final balances equals deposits - withdrawals - captures paid out."""
+    final: dict[tuple[str, str], tuple[int, int, int]] = {}  # balance -> (seq, available, held)
     for _, result in results:
         for e in result.entries:
-            delta = e.delta_available + e.delta_held
-            external = result.kind in ("deposit", "withdraw") or (
-                result.kind == "capture" and result.command_id in paid_out
-            )
-            (flows if external else moved)[e.asset] += delta
             key = (e.account, e.asset)
-            if e.seq > last_seq.get(key, 0):
-                last_seq[key] = e.seq
-                final[key] = (e.available, e.held)
-    totals: Counter[str] = Counter()
-    for (_, asset), (available, held) in final.items():
-        totals[asset] += available + held
-    assets = sorted(set(moved) | set(flows) | set(totals))
-    wrong = [a for a in assets if moved[a] != 0 or totals[a] != flows[a]]
+            if e.seq > final.get(key, (0, 0, 0))[0]:
+                final[key] = (e.seq, e.available, e.held)
+    held = holdings((asset, a, h) for (_, asset), (_, a, h) in final.items())
+    assets = conservation(held, flows_of(result for _, result in results))
     return Check(
         "conservation per asset",
-        not wrong,
+        all(f.ok for f in assets),
         "; ".join(
-            f"{a}: balances {totals[a]} = in-out {flows[a]}, internal net {moved[a]}"
-            for a in assets
+            f"{f.asset}: balances {f.balances} = in-out {f.external}, internal net {f.internal}"
+            for f in assets
         ),
     )
 

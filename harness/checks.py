@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from harness.collector import Results
 from streams.state import BalanceState
-from topics.schema import Status
+from topics.money import conservation, flows_of, holdings
 
 
 @dataclass(frozen=True)
@@ -93,23 +93,16 @@ def _seq_and_tables(results: Results, balances: Mapping[tuple[str, str], Balance
 
 
 def _conservation(results: Results, balances: Mapping[tuple[str, str], BalanceState]) -> Check:
-    """Sum of balances per asset == deposits - withdrawals - external captures."""
-    flows: dict[str, int] = defaultdict(int)
-    for group in results.by_id.values():
-        for r in group:
-            if r.status is not Status.APPLIED:
-                continue
-            external = r.kind in ("deposit", "withdraw") or (r.kind == "capture" and not r.emitted)
-            if external:
-                for e in r.entries:
-                    flows[e.asset] += e.delta_available + e.delta_held
-    held_sum: dict[str, int] = defaultdict(int)
-    for (_, asset), b in balances.items():
-        held_sum[asset] += b.available + b.held
-    assets = sorted(set(flows) | set(held_sum))
-    wrong = [a for a in assets if flows[a] != held_sum[a]]
-    detail = ", ".join(f"{a}: balances {held_sum[a]} vs flows {flows[a]}" for a in assets)
-    return Check("conservation per asset", not wrong, detail)
+    """Per asset (topics.money): the tables' balances add up to deposits - withdrawals -
+    captures to no account, and every other movement nets to zero."""
+    every = (r for group in results.by_id.values() for r in group)
+    held = holdings((asset, b.available, b.held) for (_, asset), b in balances.items())
+    assets = conservation(held, flows_of(every))
+    detail = ", ".join(
+        f"{f.asset}: balances {f.balances} vs flows {f.external}, internal net {f.internal}"
+        for f in assets
+    )
+    return Check("conservation per asset", all(f.ok for f in assets), detail)
 
 
 def render(checks: list[Check]) -> str:

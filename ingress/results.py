@@ -18,37 +18,27 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from topics.codec import decode_result
-from topics.schema import Result, source, source_in
+from topics.correlate import Correlator
+from topics.schema import Result, source_in
 
 log = logging.getLogger(__name__)
 
 
 class Waiter:
-    """One request waiting for the result of the record it produced. Until the broker's
-    acknowledgement says which record that is, results with its command_id are kept;
-    then only the result whose source header names that record counts (a command_id
-    sent twice has two results, and a retry must not get the first one's)."""
+    """One request waiting for the result of the record it produced: `future` resolves
+    to the result whose `tally-source` header names that record (topics.correlate)."""
 
-    def __init__(self, account: str, command_id: str) -> None:
-        self.account = account
-        self.command_id = command_id
+    __slots__ = ("awaited", "future")
+
+    def __init__(self, correlator: Correlator, account: str, command_id: str) -> None:
         self.future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self.source: bytes | None = None
-        self.early: list[tuple[bytes | None, Result]] = []
+        self.awaited = correlator.expect(account, command_id, self._answered)
 
     def produced(self, partition: int, offset: int) -> None:
-        self.source = source(partition, offset)
-        for found, result in self.early:
-            self.offer(found, result)
-        self.early.clear()
+        self.awaited.produced(partition, offset)
 
-    def offer(self, source: bytes | None, result: Result) -> None:
-        """A result of this waiter's command_id, and the record it answers."""
-        if self.future.done():
-            return
-        if self.source is None:
-            self.early.append((source, result))
-        elif source == self.source:
+    def _answered(self, result: Result) -> None:
+        if not self.future.done():
             self.future.set_result(result)
 
 
@@ -63,8 +53,7 @@ class ResultWaiter:
             isolation_level="read_committed",
             auto_offset_reset="latest",
         )
-        # account -> command_id -> the requests waiting for that command's result
-        self._waiting: dict[bytes, dict[str, list[Waiter]]] = {}
+        self._correlator = Correlator()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -85,23 +74,10 @@ class ResultWaiter:
     def expect(self, account: str, command_id: str) -> Waiter:
         """Register interest before producing; call `produced` with the record's place
         once acknowledged, await `future` with a timeout, then `forget` it."""
-        waiter = Waiter(account, command_id)
-        by_id = self._waiting.setdefault(account.encode(), {})
-        by_id.setdefault(command_id, []).append(waiter)
-        return waiter
+        return Waiter(self._correlator, account, command_id)
 
     def forget(self, waiter: Waiter) -> None:
-        key = waiter.account.encode()
-        by_id = self._waiting.get(key)
-        if by_id is None:
-            return
-        waiters = by_id.get(waiter.command_id, [])
-        if waiter in waiters:
-            waiters.remove(waiter)
-        if not waiters:
-            by_id.pop(waiter.command_id, None)
-        if not by_id:
-            del self._waiting[key]
+        self._correlator.forget(waiter.awaited)
 
     async def _read(self) -> None:
         while True:
@@ -112,19 +88,13 @@ class ResultWaiter:
                 log.warning("reading results failed; retrying", exc_info=True)
                 await asyncio.sleep(1)
                 continue
-            waiting = self._waiting
+            correlator = self._correlator
             for records in batches.values():
                 for record in records:
-                    by_id = waiting.get(record.key) if record.key is not None else None
-                    if not by_id:
+                    if not correlator.waits_on(record.key):
                         continue
                     try:
                         result = decode_result(record.value)
                     except msgspec.MsgspecError:
                         continue
-                    waiters = by_id.get(result.command_id)
-                    if not waiters:
-                        continue
-                    found = source_in(record.headers)
-                    for waiter in waiters:
-                        waiter.offer(found, result)
+                    correlator.offer(result, source_in(record.headers))

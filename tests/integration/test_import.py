@@ -15,7 +15,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from core.settings import Settings
 from harness.procs import EngineProcess, free_port, run_cli
 from importer import run as importer
-from importer.run import Options, Problem, Report, Row
+from importer.rows import Problem, Row, connect_timeout_s, pg_fetch_rows
+from importer.run import Options, Report
 
 HEADER = "account,asset,amount\n"
 cli_timeout_s = 60
@@ -158,7 +159,7 @@ async def test_a_postgresql_table_is_imported_through_a_cursor(
     deploy = deployment(settings, engine)
     schema = f"legacy_{unique}"
     assets = ("USD", "EUR", "BTC", "ETH", "GBP")
-    count = importer.pg_fetch_rows + 500  # more than one round trip of the cursor
+    count = pg_fetch_rows + 500  # more than one round trip of the cursor
     conn = await asyncpg.connect(settings.pg_dsn)
     try:
         await conn.execute(f"CREATE SCHEMA {schema}")
@@ -224,7 +225,7 @@ async def test_without_an_engine_no_wait_sends_and_waiting_gives_up(
 # Failing fast means the import gives up by itself, after its own connect timeout at the
 # most, and says why; the test's bound is generous on top of that and only turns a hang
 # into a failure that says so.
-fail_fast_bound_s = importer.connect_timeout_s + 30
+fail_fast_bound_s = connect_timeout_s + 30
 
 
 async def _gives_up(settings: Settings, *args: str) -> tuple[int, str, str]:
@@ -233,7 +234,7 @@ async def _gives_up(settings: Settings, *args: str) -> tuple[int, str, str]:
     except TimeoutError:
         pytest.fail(
             f"tally {' '.join(args)} did not give up by itself in {fail_fast_bound_s:.0f}s"
-            f" (its connect timeout is {importer.connect_timeout_s:.0f}s): it hangs"
+            f" (its connect timeout is {connect_timeout_s:.0f}s): it hangs"
         )
 
 

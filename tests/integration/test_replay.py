@@ -23,7 +23,8 @@ from audit.run import Audit, render
 from bench.sinks import _events
 from core.settings import Settings
 from harness.procs import produce, run_cli
-from replay.run import Replay, kafka_check_timeout_s
+from replay.checks import kafka_check_timeout_s
+from replay.run import Replay
 from sinks import service, verify
 from sinks.pg import quote
 from tests.integration.sink_support import PARTITIONS, Deployment, deployment, running

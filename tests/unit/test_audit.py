@@ -11,23 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from audit.run import (
-    AssetFlow,
-    LedgerRow,
-    Mismatch,
-    OutOfOrder,
-    Report,
-    aligned,
-    asset_flows,
-    compare,
-    merge_step,
-    render,
-    sort_key,
-)
+from audit.compare import compare
+from audit.merge import OutOfOrder, aligned, merge_step
+from audit.report import Report, render
+from audit.rows import LedgerRow, Mismatch, sort_key
 from streams import ledger
 from streams.store import ShardStore, balance_key
 from streams.web import balance_page
 from topics import limits
+from topics.money import AssetFlow, conservation
 from topics.schema import Deposit
 
 accounts = st.from_regex(limits.ACCOUNT_ID_PATTERN, fullmatch=True)
@@ -216,7 +208,7 @@ def test_unreadable_redis_fields_show_as_question_marks() -> None:
 def test_conservation_needs_external_flows_to_match_and_internal_moves_to_net_zero() -> None:
     flows = {("USD", "deposit"): 100, ("USD", "withdraw"): -30, ("USD", "capture"): -20,
              ("USD", "internal"): 0, ("EUR", "deposit"): 5, ("EUR", "internal"): 3}  # fmt: skip
-    usd, eur = sorted(asset_flows({"USD": 50, "EUR": 8}, flows), key=lambda f: f.asset != "USD")
+    usd, eur = sorted(conservation({"USD": 50, "EUR": 8}, flows), key=lambda f: f.asset != "USD")
     assert usd.ok and usd.external == 50
     assert usd.line() == (
         "USD: balances 50 = deposits 100 - withdrawals 30 - captured out 20; between accounts net 0"
@@ -249,7 +241,7 @@ def test_a_query_postgresql_refused_is_not_reported_as_postgresql_down() -> None
     "bigint out of range") says PostgreSQL is up and gives the SQLSTATE."""
     import asyncpg
 
-    from audit.run import _failed
+    from audit.postgres import _failed
 
     refused = _failed(asyncpg.exceptions.NumericValueOutOfRangeError("bigint out of range"))
     assert "query failed (PostgreSQL is up)" in str(refused) and "22003" in str(refused)

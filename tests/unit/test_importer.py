@@ -15,7 +15,21 @@ import pytest
 from core.progress import Progress
 from core.settings import Settings
 from importer import run as importer
-from importer.run import BadRow, Checker, Matcher, Options, Problem, Report, Row
+from importer.check import Checker, check_header, check_values
+from importer.publish import Matcher
+from importer.report import Outcomes, outcome_of
+from importer.rows import (
+    BadRow,
+    Problem,
+    Row,
+    Verdict,
+    command_id,
+    line_bytes_max,
+    listed_max,
+    rows_max,
+)
+from importer.run import Options, Report
+from importer.sources import csv_verdicts, decoded_lines
 from topics import limits
 from topics.codec import decode_command, encode
 from topics.schema import Deposit, FirstResult, Reason, Result, Status
@@ -23,13 +37,11 @@ from topics.schema import Deposit, FirstResult, Reason, Result, Status
 HEADER = "account,asset,amount\n"
 
 
-def verdicts(text: str) -> list[importer.Verdict]:
-    return list(importer.csv_verdicts(io.StringIO(text, newline="")))
+def verdicts(text: str) -> list[Verdict]:
+    return list(csv_verdicts(io.StringIO(text, newline="")))
 
 
-def checked(
-    text: str, *, rows_limit: int = importer.rows_max, listed_limit: int = importer.listed_max
-) -> Checker:
+def checked(text: str, *, rows_limit: int = rows_max, listed_limit: int = listed_max) -> Checker:
     checker = Checker(rows_limit=rows_limit, listed_limit=listed_limit)
     for verdict in verdicts(text):
         checker.feed(verdict)
@@ -42,8 +54,8 @@ def checked(
 
 
 def test_the_id_is_open_account_asset_and_the_longest_fits_the_id_pattern() -> None:
-    assert importer.command_id("alice", "USD") == "open:alice:USD"
-    longest = importer.command_id("a" * limits.ACCOUNT_ID_LEN_MAX, "A" * limits.ASSET_LEN_MAX)
+    assert command_id("alice", "USD") == "open:alice:USD"
+    longest = command_id("a" * limits.ACCOUNT_ID_LEN_MAX, "A" * limits.ASSET_LEN_MAX)
     assert len(longest) == 82 <= limits.COMMAND_ID_LEN_MAX
     assert re.match(limits.COMMAND_ID_PATTERN, longest)
     deposit = Row(2, "a" * 64, "A" * 12, limits.AMOUNT_MAX).command()
@@ -54,7 +66,7 @@ def test_ids_do_not_depend_on_the_amount_and_never_collide_across_pairs() -> Non
     assert Row(2, "a", "USD", 5).command_id == Row(9, "a", "USD", 7).command_id
     # ':' is allowed in account ids, never in assets: the last ':' splits the id.
     pairs = [("a:b", "C"), ("a", "BC"), ("a:b:C", "D"), ("a", "B")]
-    ids = {importer.command_id(account, asset) for account, asset in pairs}
+    ids = {command_id(account, asset) for account, asset in pairs}
     assert len(ids) == len(pairs)
 
 
@@ -86,14 +98,14 @@ def test_the_columns_may_come_in_any_order() -> None:
 
 def test_a_utf8_bom_is_dropped_and_a_byte_that_is_not_utf8_names_its_line() -> None:
     raw = b"\xef\xbb\xbf" + HEADER.encode() + b"alice,USD,1\nb\xffb,USD,2\nc,USD,3\n"
-    got = list(importer.csv_verdicts(importer.decoded_lines(io.BytesIO(raw))))
+    got = list(csv_verdicts(decoded_lines(io.BytesIO(raw))))
     assert got[0] == Row(2, "alice", "USD", 1)
     assert got[1][:2] == (3, Problem.MALFORMED_CSV) and len(got) == 2
 
 
 def test_an_overlong_line_stops_the_import_at_that_line() -> None:
-    raw = (HEADER + "alice,USD,1\n" + "x" * (importer.line_bytes_max + 1) + "\n").encode()
-    got = list(importer.csv_verdicts(importer.decoded_lines(io.BytesIO(raw))))
+    raw = (HEADER + "alice,USD,1\n" + "x" * (line_bytes_max + 1) + "\n").encode()
+    got = list(csv_verdicts(decoded_lines(io.BytesIO(raw))))
     assert got[-1][:2] == (3, Problem.MALFORMED_CSV)
 
 
@@ -195,7 +207,7 @@ def test_a_quoted_newline_keeps_the_next_rows_on_their_own_lines() -> None:
     ],
 )
 def test_typed_amounts(amount: object, expected: int | Problem) -> None:
-    got = importer.check_values(7, {"account": "alice", "asset": "USD", "amount": amount})
+    got = check_values(7, {"account": "alice", "asset": "USD", "amount": amount})
     if isinstance(expected, int):
         assert got == Row(7, "alice", "USD", expected)
     else:
@@ -203,15 +215,15 @@ def test_typed_amounts(amount: object, expected: int | Problem) -> None:
 
 
 def test_typed_accounts_and_assets_must_be_text() -> None:
-    got = importer.check_values(3, {"account": 42, "asset": "USD", "amount": 1})
+    got = check_values(3, {"account": 42, "asset": "USD", "amount": 1})
     assert got[:2] == (3, Problem.BAD_ACCOUNT)
-    got = importer.check_values(3, {"account": "a", "asset": 1, "amount": 1})
+    got = check_values(3, {"account": "a", "asset": 1, "amount": 1})
     assert got[:2] == (3, Problem.BAD_ASSET)
 
 
 def test_query_columns_are_checked_like_a_header() -> None:
-    assert importer.check_header(["asset", "amount", "account"]) == ["asset", "amount", "account"]
-    bad = importer.check_header(["account", "asset"])
+    assert check_header(["asset", "amount", "account"]) == ["asset", "amount", "account"]
+    bad = check_header(["account", "asset"])
     assert isinstance(bad, BadRow) and bad.problem is Problem.BAD_HEADER
 
 
@@ -272,7 +284,7 @@ class FakeSender:
     def __init__(self, answer: Result | None = None) -> None:
         self.answer = answer
         self.sent: list[Row] = []
-        self.outcomes = importer.Outcomes()
+        self.outcomes = Outcomes()
         self.produced = 0
         self.failed = 0
         self.opened = False
@@ -294,7 +306,7 @@ class FakeSender:
         self.sent.append(row)
         self.produced += 1
         if self.answer is not None:
-            self.outcomes.add(row, importer.outcome_of(self.answer))
+            self.outcomes.add(row, outcome_of(self.answer))
         return True
 
     async def finish(self, *, stall_s: float, progress: Progress | None = None) -> bool:

@@ -12,7 +12,9 @@ from aiokafka.structs import TopicPartition
 
 from core.progress import Progress
 from core.settings import Settings
-from replay.run import Summary, _advance, _OffsetsAside, describe_store
+from replay.checks import describe_store
+from replay.offsets import OffsetsAside
+from replay.run import Summary, _advance
 from sinks.runner import Batch, SinkRunner
 from topics.codec import encode
 from topics.schema import Entry, Result, Status
@@ -61,7 +63,7 @@ def _runner(until: dict[int, int] | None, group_id: str | None = None) -> SinkRu
 
 async def test_a_replay_files_its_offsets_apart_and_writes_the_same_rows() -> None:
     inner = _Recorder()
-    store = _OffsetsAside(inner, "t.events#replay")
+    store = OffsetsAside(inner, "t.events#replay")
     batch = Batch(topic="t.events", events=[(0, _result(0))], offsets={0: 1})
     await store.write(batch)
     (written,) = inner.written
