@@ -164,7 +164,16 @@ class Run:
 
     @property
     def ok(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks)
+        """Every check held and every planned fault was injected: a fault skipped at
+        run time leaves less chaos than the plan, and checks that held without it
+        prove less than the run claims."""
+        checked = bool(self.checks) and all(c.ok for c in self.checks)
+        return checked and self.faults_injected
+
+    @property
+    def faults_injected(self) -> bool:
+        planned = sorted(f.kind for f in self.plan)
+        return not self.skipped and sorted(self.carried_out) == planned
 
 
 class ChaosError(RuntimeError):
@@ -790,7 +799,8 @@ def render(run: Run) -> str:
         "  what happened:",
         *(f"    {line}" for line in run.injected),
         f"  injected: {', '.join(run.carried_out) or 'nothing'}"
-        + (f"; NOT injected: {'; '.join(run.skipped)}" if run.skipped else ""),
+        + (f"; NOT injected: {'; '.join(run.skipped)}" if run.skipped else "")
+        + ("" if run.faults_injected else " (the run fails: not every planned fault)"),
         "  checks:",
     ]
     width = max((len(c.name) for c in run.checks), default=10)
