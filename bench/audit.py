@@ -37,6 +37,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
+from bench.report import pair, show
 from core.settings import Settings, child_env
 from harness.procs import ROOT, EngineProcess
 from sinks import pg, verify
@@ -304,26 +305,29 @@ def _remove(*paths: Path) -> None:
 
 
 def report(result: AuditRun, balances: int, with_engine: bool, say: Callable[[str], None]) -> None:
-    say("")
-    say(result.summary.rstrip())
-    say("")
+    show(say, [result.summary.rstrip()])
     stores = "PostgreSQL + Redis + engine" if with_engine else "PostgreSQL + Redis (--skip-engine)"
-    say(f"tally audit benchmark ({stores})")
-    say(f"{'balances':<34}{balances:>14,}")
-    say(f"{'wall time (process start to exit)':<34}{result.seconds:>13.1f}s")
+    lines = [
+        f"tally audit benchmark ({stores})",
+        pair("balances", f"{balances:,}"),
+        pair("wall time (process start to exit)", f"{result.seconds:.1f}s"),
+    ]
     if result.own_seconds is not None:
-        say(f"{'of which auditing':<34}{result.own_seconds:>13.1f}s")
-    say(f"{'balances/s (wall)':<34}{balances / result.seconds:>14,.0f}")
-    say(f"{'peak RSS of the audit process':<34}{result.peak_rss_mb:>11,.0f} MB")
-    say(f"{'exit status':<34}{result.exit_code:>14}")
+        lines.append(pair("of which auditing", f"{result.own_seconds:.1f}s"))
+    lines += [
+        pair("balances/s (wall)", f"{balances / result.seconds:,.0f}"),
+        pair("peak RSS of the audit process", f"{result.peak_rss_mb:,.0f} MB"),
+        pair("exit status", result.exit_code),
+    ]
     if balances >= BAR_BALANCES:
         met = result.seconds < BAR_S and result.exit_code == 0
         verdict = "met" if met else "NOT met"
     else:
         verdict = f"n/a (ran {balances:,})"
-    say(f"{'bar: 1M balances < 60 s':<34}{verdict:>14}")
+    lines.append(pair("bar: 1M balances < 60 s", verdict))
     if not with_engine:
-        say("NOTE: the engine was left out (--skip-engine): its tables were not compared.")
+        lines.append("NOTE: the engine was left out (--skip-engine): its tables were not compared.")
+    show(say, lines)
 
 
 def main(settings: Settings, *, balances: int, with_engine: bool) -> int:

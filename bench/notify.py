@@ -22,8 +22,8 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from bench.engine import write_report
-from bench.sinks import _events, _pct
+from bench.report import BenchError, pct, show, write_report
+from bench.sinks import _events
 from core.settings import Settings
 from harness.procs import free_port, produce
 from notify import store
@@ -60,7 +60,7 @@ async def _wait_for(check: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
-            raise RuntimeError("the notifier did not deliver everything in time")
+            raise BenchError("the notifier did not deliver everything in time")
         await asyncio.sleep(0.02)
 
 
@@ -115,17 +115,18 @@ async def run(
         "partitions": local.partitions,
         "concurrency": local.notify_concurrency,
         "deliveries_per_s": rate,
-        "latency_p50_ms": _pct(receiver.lags_ms, 50),
-        "latency_p99_ms": _pct(receiver.lags_ms, 99),
+        "latency_p50_ms": pct(receiver.lags_ms, 50),
+        "latency_p99_ms": pct(receiver.lags_ms, 99),
         "latency_samples": len(receiver.lags_ms),
     }
     await asyncio.to_thread(write_report, report, out)
-    say(
-        f"\nnotify: {rate:,.0f} deliveries/s to one fast receiver "
+    line = (
+        f"notify: {rate:,.0f} deliveries/s to one fast receiver "
         f"({local.notify_concurrency} lanes); event-to-delivery at {paced_rate_per_s}/s: "
         f"p50 {out['latency_p50_ms']:.1f} ms, p99 {out['latency_p99_ms']:.1f} ms "
-        f"({len(receiver.lags_ms)} samples)\nreport written to {report}"
+        f"({len(receiver.lags_ms)} samples)"
     )
+    show(say, [line], report)
     return out
 
 

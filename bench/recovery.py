@@ -28,7 +28,7 @@ from pathlib import Path
 
 import msgspec
 
-from bench.engine import write_report
+from bench.report import pair, show, write_report
 from core.settings import Settings
 from harness.procs import EngineProcess, produce
 from streams.state import AccountState, BalanceState
@@ -140,23 +140,37 @@ async def run(
         sample_ok=ok,
         bar_met=balances >= 1_000_000 and ready_s < BAR_S and ok,
     )
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    say("")
-    say("engine state recovery from the changelog (empty state directory)")
-    say(f"{'balances':<34}{balances:>14,}")
-    say(f"{'shards':<34}{partitions:>14}")
-    say(f"{'start to /readyz 200':<34}{ready_s:>13.1f}s")
-    if engine_s is not None:
-        rate = f"{result.records_per_s:,.0f}/s"
-        say(f"{'of which reading the changelog':<34}{engine_s:>13.1f}s ({rate})")
-    say(f"{'sample read back':<34}{len(sample):>14} {'ok' if ok else 'MISMATCH'}")
-    verdict = "met" if result.bar_met else "NOT met"
-    if balances < 1_000_000:
-        verdict = f"n/a (ran {balances:,})"
-    say(f"{'bar: 1M balances < 60 s':<34}{verdict:>14}")
-
-    say(f"(bench process peak RSS {peak_mb:,.0f} MB)")
+    show(say, lines(result))
     return result
+
+
+def lines(result: RecoveryResult) -> list[str]:
+    """The printed result: one labelled value a line."""
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = [
+        "engine state recovery from the changelog (empty state directory)",
+        pair("balances", f"{result.balances:,}"),
+        pair("shards", result.partitions),
+        pair("start to /readyz 200", f"{result.ready_s:.1f}s"),
+    ]
+    if result.engine_recovery_s is not None:
+        rate = f"{result.records_per_s:,.0f}/s"
+        out.append(
+            pair("of which reading the changelog", f"{result.engine_recovery_s:.1f}s", f" ({rate})")
+        )
+    out.append(
+        pair(
+            "sample read back",
+            result.sample_checked,
+            f" {'ok' if result.sample_ok else 'MISMATCH'}",
+        )
+    )
+    verdict = "met" if result.bar_met else "NOT met"
+    if result.balances < 1_000_000:
+        verdict = f"n/a (ran {result.balances:,})"
+    out.append(pair("bar: 1M balances < 60 s", verdict))
+    out.append(f"(bench process peak RSS {peak_mb:,.0f} MB)")
+    return out
 
 
 def main(settings: Settings, *, balances: int, partitions: int, report: Path) -> int:

@@ -23,7 +23,8 @@ from typing import Any
 
 import msgspec
 
-from bench.engine import write_report
+from bench.report import BenchError as BenchError  # the CLI catches job.BenchError
+from bench.report import Column, show, table, write_report
 from bench.sinks import _events
 from core.settings import Settings
 from harness.procs import produce
@@ -33,9 +34,12 @@ from topics.admin import delete_topics
 from topics.names import schema_name
 from topics.specs import topics_for
 
-
-class BenchError(RuntimeError):
-    """The benchmark could not measure: a replay did not finish or lost events."""
+REPLAY_COLUMNS = (
+    Column("store", 12),
+    Column("seconds", 10, ".1f"),
+    Column("events/s", 12, ",.0f"),
+    Column("entries/s", 12, ",.0f"),
+)
 
 
 @dataclass
@@ -108,10 +112,7 @@ async def run(
         "replays": [asdict(r) for r in results],
     }
     await asyncio.to_thread(write_report, report, out)
-    say("")
-    say(f"replay of {count:,} events from offset 0 into an empty store, one process")
-    say(f"{'store':<12}{'seconds':>10}{'events/s':>12}{'entries/s':>12}")
-    for r in results:
-        say(f"{r.target:<12}{r.seconds:>10.1f}{r.events_per_s:>12,.0f}{r.entries_per_s:>12,.0f}")
-    say(f"\nreport written to {report}")
+    rows = [(r.target, r.seconds, r.events_per_s, r.entries_per_s) for r in results]
+    title = f"replay of {count:,} events from offset 0 into an empty store, one process"
+    show(say, [title, *table(REPLAY_COLUMNS, rows)], report)
     return out

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import statistics
 import sys
 import time
 import uuid
@@ -30,7 +29,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-from bench.engine import write_report
+from bench.report import BenchError, Column, pct, show, table, write_report
 from core.settings import Settings, child_env
 from harness.procs import produce
 from sinks import pg, service, verify
@@ -47,6 +46,13 @@ lag_rate_per_s = 200
 lag_seconds = 10
 drain_timeout_s = 600.0
 poll_s = 0.02
+SINK_COLUMNS = (
+    Column("sink", 12),
+    Column("entries/s", 12, ",.0f"),
+    Column("lag p50 ms", 12, ".1f"),
+    Column("lag p99 ms", 12, ".1f"),
+    Column("samples", 9),
+)
 
 
 @dataclass
@@ -154,9 +160,9 @@ async def _drain(
         started: float | None = None
         while True:
             if proc.returncode is not None:
-                raise RuntimeError(f"tally sink {target} exited {proc.returncode}")
+                raise BenchError(f"tally sink {target} exited {proc.returncode}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"tally sink {target} did not drain in {drain_timeout_s}s")
+                raise BenchError(f"tally sink {target} did not drain in {drain_timeout_s}s")
             now = time.perf_counter()
             if started is None and any(await watch.seqs(first)):
                 started = now
@@ -221,12 +227,6 @@ async def _lags(
     return lags
 
 
-def _pct(values: list[float], pct: int) -> float:
-    if len(values) < 2:
-        return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
-
-
 async def run(
     settings: Settings,
     *,
@@ -264,7 +264,7 @@ async def run(
         # Lag: the same sinks in this process, resuming where the processes stopped.
         tasks = [asyncio.create_task(r.run()) for r in runners]
         if not await verify.wait_drained(runners, timeout_s=120):
-            raise RuntimeError("the sinks did not catch up before the lag phase")
+            raise BenchError("the sinks did not catch up before the lag phase")
         say(f"[sinks] lag at {lag_rate_per_s}/s for {lag_seconds}s, both sinks caught up")
         lags = await _lags(local, runners, accounts)
     finally:
@@ -280,8 +280,8 @@ async def run(
             target=r.store.name,
             events=count,
             entries_per_s=rates[r.store.name],
-            lag_p50_ms=_pct(lags[r.store.name], 50),
-            lag_p99_ms=_pct(lags[r.store.name], 99),
+            lag_p50_ms=pct(lags[r.store.name], 50),
+            lag_p99_ms=pct(lags[r.store.name], 99),
             lag_samples=len(lags[r.store.name]),
         )
         for r in runners
@@ -295,12 +295,6 @@ async def run(
         "sinks": [asdict(x) for x in results],
     }
     await asyncio.to_thread(write_report, report, out)
-    say("")
-    say(f"sinks drained with --processes {processes}")
-    say(f"{'sink':<12}{'entries/s':>12}{'lag p50 ms':>12}{'lag p99 ms':>12}{'samples':>9}")
-    for x in results:
-        say(
-            f"{x.target:<12}{x.entries_per_s:>12,.0f}{x.lag_p50_ms:>12.1f}{x.lag_p99_ms:>12.1f}{x.lag_samples:>9}"
-        )
-    say(f"\nreport written to {report}")
+    rows = [(x.target, x.entries_per_s, x.lag_p50_ms, x.lag_p99_ms, x.lag_samples) for x in results]
+    show(say, [f"sinks drained with --processes {processes}", *table(SINK_COLUMNS, rows)], report)
     return out

@@ -51,6 +51,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core.settings import Settings
 from harness import faults
+from harness.checks import Check
 from harness.collector import implied_ids, read_all
 from harness.procs import EngineProcess
 from harness.workload import build
@@ -135,13 +136,6 @@ class Zombie:
     served: list[int]
     taken_over: list[int]
     stopped_s: float
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
 
 
 @dataclass

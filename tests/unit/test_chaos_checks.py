@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from harness import chaos
+from harness.checks import Check
 from topics.codec import encode
 from topics.schema import SOURCE_HEADER, Capture, Deposit, Entry, Result, Status, Transfer
 
@@ -142,7 +143,7 @@ def test_a_run_with_a_fault_not_injected_fails() -> None:
     """A planned fault that was skipped at run time leaves a run with less chaos than its
     plan: every check may hold, the run still fails (and `tally chaos` exits 1)."""
     run = chaos.Run(seed=1, duration_s=50, rate=300, plan=chaos.plan(1, 50, 3, chaos.SHORT_KINDS))
-    run.checks = [chaos.Check("a check", True, "fine")]
+    run.checks = [Check("a check", True, "fine")]
     run.carried_out = ["kill9", "broker_restart", "sigstop"]
     assert run.ok
     run.carried_out = ["kill9", "broker_restart"]
