@@ -27,9 +27,8 @@ from bench.report import BenchError, Column, pct, show, table, write_report
 from core.settings import Settings
 from harness.collector import Collector, all_answered, expected_counts
 from harness.procs import EngineProcess, produce
+from harness.scratch import deployment, unique_prefix
 from harness.workload import Record, build
-from topics.admin import delete_topics, ensure_topics
-from topics.names import engine_group, engine_topic_specs
 from topics.producer import durable_producer
 from topics.specs import TopicSpec
 
@@ -66,7 +65,7 @@ def _records(records: list[Record]) -> list[tuple[str, bytes, int | None]]:
 async def engine_phase(
     settings: Settings, *, guarantee: str, count: int, workdir: Path, say: Callable[[str], None]
 ) -> EngineResult:
-    prefix = f"bench-{uuid.uuid4().hex[:6]}"
+    prefix = unique_prefix("bench")
     proc = EngineProcess(
         settings,
         prefix=prefix,
@@ -74,11 +73,8 @@ async def engine_phase(
         guarantee=guarantee,
         partitions=settings.partitions,
     )
-    bench_settings = _with(settings, prefix)
-    await ensure_topics(
-        settings.kafka_bootstrap,
-        engine_topic_specs(bench_settings, engine_group(bench_settings)),
-    )
+    scratch = deployment(settings, prefix, topics="engine", data_dir=proc.data_dir)
+    await scratch.create()
     work = build(
         count=count,
         accounts=max(100, count // 20),
@@ -109,10 +105,7 @@ async def engine_phase(
     finally:
         await collector.stop()
         await proc.stop()
-        await delete_topics(
-            settings.kafka_bootstrap,
-            [t.name for t in engine_topic_specs(bench_settings, engine_group(bench_settings))],
-        )
+        await scratch.drop()
     return EngineResult(
         guarantee=guarantee,
         commands=len(work.records),
@@ -172,11 +165,12 @@ async def _latency(settings: Settings, proc: EngineProcess, collector: Collector
 
 async def raw_pipe(settings: Settings, *, count: int, say: Callable[[str], None]) -> float:
     """records/s of a stateless aiokafka consume -> produce loop over `count` records."""
-    prefix = f"bench-pipe-{uuid.uuid4().hex[:6]}"
+    prefix = unique_prefix("bench-pipe")
     n = settings.partitions
     source = TopicSpec(name=f"{prefix}.in", partitions=n, cleanup_policy="delete", retention_ms=-1)
     sink = TopicSpec(name=f"{prefix}.out", partitions=n, cleanup_policy="delete", retention_ms=-1)
-    await ensure_topics(settings.kafka_bootstrap, [source, sink])
+    scratch = deployment(settings, prefix, extra=[source, sink])
+    await scratch.create()
     work = build(count=count, accounts=max(100, count // 20), seed=1, now_ms=0)
     await produce(settings.kafka_bootstrap, source.name, _records(work.records))
     say(f"[raw pipe] consume -> produce of {count:,} records")
@@ -215,13 +209,7 @@ async def raw_pipe(settings: Settings, *, count: int, say: Callable[[str], None]
     finally:
         await consumer.stop()
         await producer.stop()
-        await delete_topics(settings.kafka_bootstrap, [source.name, sink.name])
-
-
-def _with(settings: Settings, prefix: str) -> Settings:
-    import msgspec
-
-    return msgspec.structs.replace(settings, topic_prefix=prefix)
+        await scratch.drop()
 
 
 async def run(

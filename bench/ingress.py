@@ -43,17 +43,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.report import BenchError as BenchError  # the CLI catches job.BenchError
 from bench.report import Column, show, table, write_report
 from core.settings import Settings
 from harness.procs import ROOT, IngressProcess
+from harness.scratch import deployment, unique_prefix
 from ingress import signing
 from ingress.client import Client
-from sinks import verify
-from topics.admin import delete_topics
 from topics.specs import topics_for
 
 WRK_SCRIPT = ROOT / "scripts" / "wrk" / "signed.lua"
@@ -309,8 +307,9 @@ async def run_config(
     workdir: Path,
     say: Callable[[str], None],
 ) -> Config:
-    prefix = f"bench-http-{uuid.uuid4().hex[:6]}"
-    local = msgspec.structs.replace(settings, topic_prefix=prefix)
+    # No topics made: the ingress makes them at its start, as deployed.
+    scratch = deployment(settings, unique_prefix("bench-http"))
+    prefix = scratch.prefix
     secret = secrets.token_hex(24).encode()
     run = uuid.uuid4().hex[:8]
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
@@ -350,8 +349,7 @@ async def run_config(
         )
     finally:
         await ingress.stop()
-        await delete_topics(settings.kafka_bootstrap, [t.name for t in topics.all()])
-        await verify.drop(local.pg_dsn, prefix, local.redis_url, prefix)
+        await scratch.drop()
     accepted = warm + sum(p.accepted_commands for p in phases)
     if records < accepted:
         raise BenchError(

@@ -26,12 +26,10 @@ from bench.report import BenchError, pct, show, write_report
 from bench.sinks import _events
 from core.settings import Settings
 from harness.procs import free_port, produce
+from harness.scratch import deployment, unique_prefix
 from notify import store
 from notify.rules import Filter
 from notify.service import Notifier
-from sinks import verify
-from sinks.migrate import migrate
-from topics.admin import delete_topics, ensure_topics
 from topics.codec import encode
 from topics.schema import Entry, Result, Status
 from topics.specs import topics_for
@@ -67,13 +65,13 @@ async def _wait_for(check: Callable[[], bool], timeout_s: float) -> None:
 async def run(
     settings: Settings, *, count: int, report: Path, say: Callable[[str], None] = print
 ) -> dict[str, object]:
-    prefix = f"bench-notify-{uuid.uuid4().hex[:6]}"
+    scratch = deployment(settings, unique_prefix("bench-notify"), topics="deployment", schema=True)
+    prefix = scratch.prefix
     local = msgspec.structs.replace(
-        settings, topic_prefix=prefix, notify_allow_private=True, notify_port=free_port()
+        scratch.settings, notify_allow_private=True, notify_port=free_port()
     )
     topics = topics_for(prefix, local.partitions)
-    await ensure_topics(local.kafka_bootstrap, list(topics.all()))
-    await migrate(local.pg_dsn, prefix, local.partitions)
+    await scratch.create()
     receiver = _Receiver()
     app = web.Application()
     app.router.add_post("/hook", receiver.hook)
@@ -108,8 +106,7 @@ async def run(
         with contextlib.suppress(Exception):
             await task
         await runner.cleanup()
-        await verify.drop(local.pg_dsn, prefix, local.redis_url, prefix)
-        await delete_topics(local.kafka_bootstrap, [t.name for t in topics.all()])
+        await scratch.drop()
     out: dict[str, object] = {
         "events": count,
         "partitions": local.partitions,

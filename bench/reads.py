@@ -28,18 +28,15 @@ import time
 from pathlib import Path
 
 import asyncpg
-import msgspec
 
 from bench.report import BenchError, Column, show, table
 from core.settings import Settings
 from harness.procs import ROOT, IngressProcess
+from harness.scratch import deployment, unique_prefix
 from ingress import reads, signing
-from sinks import pg, verify
-from sinks.migrate import migrate
+from sinks import pg
 from sinks.postgres import at
-from topics.admin import delete_topics
 from topics.shard import shard_of
-from topics.specs import topics_for
 
 PARTITIONS = 4
 KEY_ID = "bench-reads"
@@ -117,10 +114,13 @@ def wrk(url: str, pool: Path, seconds: int, connections: int) -> dict[str, objec
 
 async def main(entries: int, seconds: int, connections: int) -> None:
     settings = Settings()
-    prefix = f"bench-reads-{secrets.token_hex(4)}"
     secret = secrets.token_hex(16)
-    local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=PARTITIONS)
-    await migrate(local.pg_dsn, prefix, PARTITIONS)
+    # The topics are the ingress's to make, at its start; the schema is filled here.
+    scratch = deployment(
+        settings, unique_prefix("bench-reads", 8), partitions=PARTITIONS, schema=True
+    )
+    prefix, local = scratch.prefix, scratch.settings
+    await scratch.create()
     tmp = Path(tempfile.mkdtemp(prefix="bench-reads-"))
     ingress = IngressProcess(
         settings, prefix=prefix, log_path=tmp / "ingress.log", partitions=PARTITIONS,
@@ -168,9 +168,7 @@ async def main(entries: int, seconds: int, connections: int) -> None:
         show(print, [title, *table(READ_COLUMNS, rows)])
     finally:
         await ingress.stop()
-        names = [t.name for t in topics_for(prefix, PARTITIONS).all()]
-        await delete_topics(local.kafka_bootstrap, names)
-        await verify.drop(local.pg_dsn, prefix, local.redis_url, prefix)
+        await scratch.drop()
 
 
 if __name__ == "__main__":

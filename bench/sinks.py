@@ -19,7 +19,6 @@ import asyncio
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,15 +31,14 @@ from aiokafka import AIOKafkaProducer
 from bench.report import BenchError, Column, pct, show, table, write_report
 from core.settings import Settings, child_env
 from harness.procs import produce
+from harness.scratch import scratch, unique_prefix
 from sinks import pg, service, verify
 from sinks.redis_store import balance_key
 from sinks.runner import Batch, SinkRunner
-from topics.admin import delete_topics
 from topics.codec import encode
 from topics.names import deployment_topics, schema_name
 from topics.schema import Entry, Result, Status
 from topics.shard import shard_of
-from topics.specs import topics_for
 
 lag_rate_per_s = 200
 lag_seconds = 10
@@ -227,31 +225,29 @@ async def _lags(
     return lags
 
 
-async def run(
-    settings: Settings,
-    *,
-    count: int,
-    processes: int,
-    report: Path,
-    say: Callable[[str], None] = print,
-) -> dict[str, object]:
-    prefix = f"bench-sinks-{uuid.uuid4().hex[:6]}"
-    local = msgspec.structs.replace(settings, topic_prefix=prefix)
-    await service.prepare(local, "postgres")
-    accounts = max(100, count // 20)
-    say(f"[sinks] producing {count:,} result events over {accounts:,} accounts to {prefix}.events")
+async def _prefill(
+    settings: Settings, count: int, accounts: int, say: Callable[[str], None]
+) -> None:
+    """Produce `count` result events to the deployment's events topic. (A function of
+    its own so that the events are not kept alive during the drains: 400,000 live
+    objects make every full garbage collection in the sinks' loop walk them.)"""
+    topic = deployment_topics(settings).events.name
+    say(f"[sinks] producing {count:,} result events over {accounts:,} accounts to {topic}")
     events = _events(count, accounts, int(time.time() * 1000))
-    topic = topics_for(prefix, local.partitions).events.name
     # No partition given: the producer's murmur2 of the key is the account's shard.
-    await produce(local.kafka_bootstrap, topic, [(key, value, None) for key, value in events])
-    # Not kept alive during the drains: 400,000 live objects make every full garbage
-    # collection in the sinks' loop walk them.
-    del events
+    await produce(settings.kafka_bootstrap, topic, [(key, value, None) for key, value in events])
+
+
+async def _measure(
+    settings: Settings, count: int, accounts: int, processes: int, say: Callable[[str], None]
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each sink's drain rate (entries/s) as its own processes, then both sinks' lags in
+    this process: (rates, lags) by store name."""
     # Each sink as its own process, as it is deployed; Redis first: PostgreSQL keeps
     # working after its drain (autovacuum of the new rows, the checkpoint), which on
     # two shared cores would be charged to whatever runs next.
     rates = {}
-    runners = [service.runner_for(local, target) for target in ("redis", "postgres")]
+    runners = [service.runner_for(settings, target) for target in ("redis", "postgres")]
     tasks = []
     try:
         for runner in runners:
@@ -260,31 +256,44 @@ async def run(
                 f"[sinks] tally sink {name} --processes {processes}: "
                 f"draining {count:,} events from offset 0"
             )
-            rates[name] = await _drain(local, name, count, accounts, processes)
+            rates[name] = await _drain(settings, name, count, accounts, processes)
         # Lag: the same sinks in this process, resuming where the processes stopped.
         tasks = [asyncio.create_task(r.run()) for r in runners]
         if not await verify.wait_drained(runners, timeout_s=120):
             raise BenchError("the sinks did not catch up before the lag phase")
         say(f"[sinks] lag at {lag_rate_per_s}/s for {lag_seconds}s, both sinks caught up")
-        lags = await _lags(local, runners, accounts)
+        lags = await _lags(settings, runners, accounts)
     finally:
         for runner in runners:
             runner.stop()
         await asyncio.gather(*tasks)
-        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, prefix)
-        await delete_topics(
-            local.kafka_bootstrap, [t.name for t in topics_for(prefix, local.partitions).all()]
-        )
+    return rates, lags
+
+
+async def run(
+    settings: Settings,
+    *,
+    count: int,
+    processes: int,
+    report: Path,
+    say: Callable[[str], None] = print,
+) -> dict[str, object]:
+    accounts = max(100, count // 20)
+    prefix = unique_prefix("bench-sinks")
+    async with scratch(settings, prefix, topics="deployment", schema=True) as deployment:
+        local = deployment.settings
+        await _prefill(local, count, accounts, say)
+        rates, lags = await _measure(local, count, accounts, processes, say)
     results = [
         SinkResult(
-            target=r.store.name,
+            target=name,
             events=count,
-            entries_per_s=rates[r.store.name],
-            lag_p50_ms=pct(lags[r.store.name], 50),
-            lag_p99_ms=pct(lags[r.store.name], 99),
-            lag_samples=len(lags[r.store.name]),
+            entries_per_s=rates[name],
+            lag_p50_ms=pct(lags[name], 50),
+            lag_p99_ms=pct(lags[name], 99),
+            lag_samples=len(lags[name]),
         )
-        for r in runners
+        for name in rates
     ]
     out: dict[str, object] = {
         "events": count,

@@ -54,13 +54,13 @@ from harness import faults
 from harness.checks import Check
 from harness.collector import implied_ids, read_all
 from harness.procs import EngineProcess
+from harness.scratch import Scratch
 from harness.workload import build
 from sinks import service, verify
 from sinks.runner import SinkRunner
 from streams.engine import session_timeout_ms
-from topics.admin import delete_topics, ensure_topics
 from topics.codec import Undecodable, decode_command, decode_dead_letter, decode_result
-from topics.names import engine_group, engine_topic_specs, schema_name
+from topics.names import schema_name
 from topics.producer import durable_producer
 from topics.schema import Capture, DeadLetter, Result, Status, source, source_in
 from topics.specs import topics_for
@@ -215,6 +215,7 @@ class Harness:
         self.run.prefix = prefix
         self.workers: list[EngineProcess] = []
         self.topics = topics_for(prefix, PARTITIONS)
+        self.scratch = Scratch(self.settings, topics="engine", schema=True)
         self.sinks: list[SinkRunner] = []
         self._started = 0.0
         self._killed: set[int] = set()  # workers this harness killed and not restarted yet
@@ -227,8 +228,7 @@ class Harness:
         began = time.monotonic()
         s = self.settings
         await faults.flush_redis(s.redis_url)
-        await ensure_topics(s.kafka_bootstrap, engine_topic_specs(s, engine_group(s)))
-        await service.prepare(s, "postgres")
+        await self.scratch.create()
         try:
             for _ in range(self.start_workers):
                 await self._add_worker()
@@ -274,14 +274,10 @@ class Harness:
 
     async def clean(self) -> None:
         """Drop what the run created in Kafka, PostgreSQL and Redis (logs stay)."""
-        s = self.settings
-        names = [spec.name for spec in engine_topic_specs(s, engine_group(s))]
         with contextlib.suppress(Exception):
-            await delete_topics(s.kafka_bootstrap, names)
+            await self.scratch.drop()
         with contextlib.suppress(Exception):
-            await verify.drop(s.pg_dsn, schema_name(s), s.redis_url, s.topic_prefix)
-        with contextlib.suppress(Exception):
-            await faults.flush_redis(s.redis_url)
+            await faults.flush_redis(self.settings.redis_url)
 
     def _elapsed(self) -> float:
         return time.monotonic() - self._started

@@ -11,21 +11,19 @@ import asyncio
 import logging
 import random
 import secrets
-import shutil
 import time
-import uuid
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 from aiohttp import web
-from aiokafka.admin import AIOKafkaAdminClient
 
 from core.settings import Settings
 from harness import checks
 from harness.collector import Collector, all_answered, expected_counts
 from harness.procs import free_port, produce
+from harness.scratch import deployment, unique_prefix
 from harness.workload import Workload, build
 from ingress import service as ingress_service
 from ingress.client import Client
@@ -38,7 +36,7 @@ from streams.engine import Engine
 from streams.state import BalanceState
 from streams.worker import serve
 from topics.codec import decode_command
-from topics.names import engine_topic_specs, schema_name
+from topics.names import engine_group, schema_name
 from topics.schema import PublicCommand
 from topics.shard import shard_of
 
@@ -368,13 +366,12 @@ def run(
     say: Callable[[str], None] = print,
 ) -> bool:
     """Run the demo in this process; True when every check held."""
-    run_id = uuid.uuid4().hex[:8]
-    settings = msgspec.structs.replace(
-        settings,
-        topic_prefix=f"demo-{run_id}",
-        data_dir=str(Path(settings.data_dir) / f"demo-{run_id}"),
-    )
-    app_id = f"demo-{run_id}-engine"
+    prefix = unique_prefix("demo", 8)
+    run_id = prefix.removeprefix("demo-")
+    data_dir = Path(settings.data_dir) / prefix
+    # The engine makes its topics at its start and the job the schema: nothing to create.
+    scratch = deployment(settings, prefix, data_dir=data_dir)
+    settings = msgspec.structs.replace(scratch.settings, data_dir=str(data_dir))
     workload = build(count=count, accounts=accounts, seed=seed, now_ms=int(time.time() * 1000))
     say(
         f"demo {run_id}: {len(workload.records)} records over {accounts} accounts, "
@@ -382,28 +379,8 @@ def run(
     )
     job = DemoJob(workload, seed=seed, say=say)
     try:
-        asyncio.run(serve(settings, app_id=app_id, job=job.run))
+        asyncio.run(serve(settings, app_id=engine_group(settings), job=job.run))
     finally:
         if not keep:
-            shutil.rmtree(settings.data_dir, ignore_errors=True)
-            asyncio.run(_delete_topics(settings, app_id))
-            asyncio.run(
-                verify.drop(
-                    settings.pg_dsn,
-                    schema_name(settings),
-                    settings.redis_url,
-                    settings.topic_prefix,
-                )
-            )
+            asyncio.run(scratch.drop())
     return job.ok
-
-
-async def _delete_topics(settings: Settings, app_id: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        names = [spec.name for spec in engine_topic_specs(settings, app_id)]
-        existing = set(await admin.list_topics())
-        await admin.delete_topics([n for n in names if n in existing])
-    finally:
-        await admin.close()
