@@ -1,0 +1,168 @@
+"""The chaos run's checks over what every topic holds, read back from offset 0: one
+result per command record, one decision per (account, command id), one result per
+internal command, seq 1..n per balance, conservation per asset, dead letters exactly
+the garbage. Pure functions of the records: the unit tests feed them made-up histories."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+from harness.checks import Check
+from harness.collector import implied_ids
+from topics.codec import Undecodable, decode_command
+from topics.schema import Capture, DeadLetter, Result, Status, source, source_in
+
+
+def _is_decision(result: Result) -> bool:
+    return result.status is not Status.DUPLICATE and not (
+        result.reason is not None and result.reason.value == "command_id_reused"
+    )
+
+
+def _check_results(
+    commands: list[Any], internal: list[Any], results: list[tuple[Any, Result]]
+) -> list[Check]:
+    """One result per command record; one decision per client (account, command id);
+    one result per internal command, and every internal command a decision implies
+    exists. A copy the engine forwarded from a wrong partition is not a record of its
+    own: its result names (tally-source) the record the client produced."""
+    by_source: Counter[bytes] = Counter()
+    by_id: dict[str, list[Result]] = defaultdict(list)
+    by_key: dict[tuple[str, str], list[Result]] = defaultdict(list)
+    for record, result in results:
+        found = source_in(record.headers)
+        if found is not None:
+            by_source[found] += 1
+        by_id[result.command_id].append(result)
+        by_key[(result.account, result.command_id)].append(result)
+    garbage = 0
+    answerable: dict[bytes, tuple[str, str]] = {}  # source -> (account, command id)
+    for record in commands:
+        if source_in(record.headers) is not None:
+            continue  # a forwarded copy
+        decoded = decode_command(record.value or b"")
+        if isinstance(decoded, Undecodable):
+            garbage += 1
+            continue
+        answerable[source(record.partition, record.offset)] = (
+            decoded.account,
+            decoded.command_id,
+        )
+    missing = [src for src in answerable if by_source[src] == 0]
+    doubled = [src for src in answerable if by_source[src] > 1]
+    orphans = [src for src in by_source if src not in answerable]
+    one_each = Check(
+        "exactly one result per command record",
+        not missing and not doubled and not orphans,
+        f"{len(answerable)} records (+{garbage} garbage): {len(missing)} without a result,"
+        f" {len(doubled)} with several, {len(orphans)} results for no record"
+        + (f"; e.g. {(missing + doubled + orphans)[:3]}" if missing or doubled or orphans else ""),
+    )
+    client_ids = set(answerable.values())
+    decisions = {i: sum(_is_decision(r) for r in by_key.get(i, [])) for i in client_ids}
+    not_one = {i: n for i, n in decisions.items() if n != 1}
+    duplicates = sum(1 for i in client_ids for r in by_key.get(i, []) if not _is_decision(r))
+    one_decision = Check(
+        "one decision per (account, command id)",
+        not not_one,
+        f"{len(client_ids)} ids, {duplicates} repeats answered duplicate/reused"
+        + (
+            f"; {len(not_one)} ids with another count, e.g. {list(not_one.items())[:3]}"
+            if not_one
+            else ""
+        ),
+    )
+    internal_ids: Counter[str] = Counter()
+    for record in internal:
+        decoded = decode_command(record.value or b"", internal=True)
+        if not isinstance(decoded, Undecodable):
+            internal_ids[decoded.command_id] += 1
+    repeated_records = [i for i, n in internal_ids.items() if n > 1]
+    wrong = [i for i in internal_ids if len(by_id.get(i, [])) != 1]
+    implied = {i for rs in by_id.values() for r in rs if _is_decision(r) for i in implied_ids(r)}
+    absent = sorted(implied - set(internal_ids))
+    expiries = [i for i in by_id if i.startswith("expire.")]
+    expiry_wrong = [i for i in expiries if len(by_id[i]) != 1]
+    internal_check = Check(
+        "one result per internal command (credits, refunds, expiries)",
+        not repeated_records and not wrong and not absent and not expiry_wrong,
+        f"{len(internal_ids)} credits/refunds, {len(expiries)} expiries:"
+        f" {len(repeated_records)} written twice, {len(wrong)} without exactly one result,"
+        f" {len(absent)} implied but never written, {len(expiry_wrong)} expiries answered"
+        " other than once",
+    )
+    return [one_each, one_decision, internal_check]
+
+
+def _check_seq(results: list[tuple[Any, Result]]) -> Check:
+    seqs: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for _, result in results:
+        for e in result.entries:
+            seqs[(e.account, e.asset)].append(e.seq)
+    bad = {k: v for k, v in seqs.items() if sorted(v) != list(range(1, len(v) + 1))}
+    entries = sum(len(v) for v in seqs.values())
+    return Check(
+        "every balance's seq is 1..n, each once",
+        not bad,
+        f"{len(seqs)} balances, {entries} entries"
+        + (f"; {len(bad)} balances with a gap or a repeat, e.g. {next(iter(bad))}" if bad else ""),
+    )
+
+
+def _check_conservation(commands: list[Any], results: list[tuple[Any, Result]]) -> Check:
+    """Per asset: money moved inside the engine (transfers, disbursements, holds,
+    captures to an account, and their credits and refunds) nets to zero, and the sum of
+    the final balances equals deposits - withdrawals - captures paid out."""
+    paid_out: set[str] = set()
+    for record in commands:
+        decoded = decode_command(record.value or b"")
+        if isinstance(decoded, Capture) and decoded.to is None:
+            paid_out.add(decoded.command_id)
+    moved: Counter[str] = Counter()
+    flows: Counter[str] = Counter()
+    final: dict[tuple[str, str], tuple[int, int]] = {}
+    last_seq: dict[tuple[str, str], int] = {}
+    for _, result in results:
+        for e in result.entries:
+            delta = e.delta_available + e.delta_held
+            external = result.kind in ("deposit", "withdraw") or (
+                result.kind == "capture" and result.command_id in paid_out
+            )
+            (flows if external else moved)[e.asset] += delta
+            key = (e.account, e.asset)
+            if e.seq > last_seq.get(key, 0):
+                last_seq[key] = e.seq
+                final[key] = (e.available, e.held)
+    totals: Counter[str] = Counter()
+    for (_, asset), (available, held) in final.items():
+        totals[asset] += available + held
+    assets = sorted(set(moved) | set(flows) | set(totals))
+    wrong = [a for a in assets if moved[a] != 0 or totals[a] != flows[a]]
+    return Check(
+        "conservation per asset",
+        not wrong,
+        "; ".join(
+            f"{a}: balances {totals[a]} = in-out {flows[a]}, internal net {moved[a]}"
+            for a in assets
+        ),
+    )
+
+
+def _check_dead_letters(commands: list[Any], letters: list[DeadLetter]) -> Check:
+    garbage = Counter(
+        (r.topic, r.partition, r.offset)
+        for r in commands
+        if isinstance(decode_command(r.value or b""), Undecodable)
+    )
+    found = Counter((d.source_topic, d.source_partition, d.source_offset) for d in letters)
+    return Check(
+        "dead letters are exactly the garbage sent",
+        found == garbage,
+        f"{sum(garbage.values())} garbage records, {sum(found.values())} dead letters"
+        + (
+            ""
+            if found == garbage
+            else f"; differ at {sorted(set(found.items()) ^ set(garbage.items()))[:3]}"
+        ),
+    )
