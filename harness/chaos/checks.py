@@ -6,6 +6,7 @@ the garbage. Pure functions of the records: the unit tests feed them made-up his
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 from harness.checks import Check
@@ -20,6 +21,16 @@ def _is_decision(result: Result) -> bool:
     )
 
 
+@dataclass
+class _Answers:
+    """The result events indexed: by the record they answer (tally-source), by command
+    id, and by (account, command id)."""
+
+    by_source: Counter[bytes] = field(default_factory=Counter)
+    by_id: dict[str, list[Result]] = field(default_factory=lambda: defaultdict(list))
+    by_key: dict[tuple[str, str], list[Result]] = field(default_factory=lambda: defaultdict(list))
+
+
 def _check_results(
     commands: list[Any], internal: list[Any], results: list[tuple[Any, Result]]
 ) -> list[Check]:
@@ -27,17 +38,26 @@ def _check_results(
     one result per internal command, and every internal command a decision implies
     exists. A copy the engine forwarded from a wrong partition is not a record of its
     own: its result names (tally-source) the record the client produced."""
-    by_source: Counter[bytes] = Counter()
-    by_id: dict[str, list[Result]] = defaultdict(list)
-    by_key: dict[tuple[str, str], list[Result]] = defaultdict(list)
+    answers = _Answers()
     for record, result in results:
         found = source_in(record.headers)
         if found is not None:
-            by_source[found] += 1
-        by_id[result.command_id].append(result)
-        by_key[(result.account, result.command_id)].append(result)
+            answers.by_source[found] += 1
+        answers.by_id[result.command_id].append(result)
+        answers.by_key[(result.account, result.command_id)].append(result)
+    answerable, garbage = _answerable(commands)
+    return [
+        _one_result_each(answers, answerable, garbage),
+        _one_decision(answers, set(answerable.values())),
+        _one_result_per_internal(answers, internal),
+    ]
+
+
+def _answerable(commands: list[Any]) -> tuple[dict[bytes, tuple[str, str]], int]:
+    """The client's records that must be answered, by source -> (account, command id),
+    and the number of garbage records (forwarded copies are neither)."""
     garbage = 0
-    answerable: dict[bytes, tuple[str, str]] = {}  # source -> (account, command id)
+    answerable: dict[bytes, tuple[str, str]] = {}
     for record in commands:
         if source_in(record.headers) is not None:
             continue  # a forwarded copy
@@ -49,21 +69,31 @@ def _check_results(
             decoded.account,
             decoded.command_id,
         )
+    return answerable, garbage
+
+
+def _one_result_each(
+    answers: _Answers, answerable: dict[bytes, tuple[str, str]], garbage: int
+) -> Check:
+    by_source = answers.by_source
     missing = [src for src in answerable if by_source[src] == 0]
     doubled = [src for src in answerable if by_source[src] > 1]
     orphans = [src for src in by_source if src not in answerable]
-    one_each = Check(
+    return Check(
         "exactly one result per command record",
         not missing and not doubled and not orphans,
         f"{len(answerable)} records (+{garbage} garbage): {len(missing)} without a result,"
         f" {len(doubled)} with several, {len(orphans)} results for no record"
         + (f"; e.g. {(missing + doubled + orphans)[:3]}" if missing or doubled or orphans else ""),
     )
-    client_ids = set(answerable.values())
+
+
+def _one_decision(answers: _Answers, client_ids: set[tuple[str, str]]) -> Check:
+    by_key = answers.by_key
     decisions = {i: sum(_is_decision(r) for r in by_key.get(i, [])) for i in client_ids}
     not_one = {i: n for i, n in decisions.items() if n != 1}
     duplicates = sum(1 for i in client_ids for r in by_key.get(i, []) if not _is_decision(r))
-    one_decision = Check(
+    return Check(
         "one decision per (account, command id)",
         not not_one,
         f"{len(client_ids)} ids, {duplicates} repeats answered duplicate/reused"
@@ -73,6 +103,10 @@ def _check_results(
             else ""
         ),
     )
+
+
+def _one_result_per_internal(answers: _Answers, internal: list[Any]) -> Check:
+    by_id = answers.by_id
     internal_ids: Counter[str] = Counter()
     for record in internal:
         decoded = decode_command(record.value or b"", internal=True)
@@ -84,7 +118,7 @@ def _check_results(
     absent = sorted(implied - set(internal_ids))
     expiries = [i for i in by_id if i.startswith("expire.")]
     expiry_wrong = [i for i in expiries if len(by_id[i]) != 1]
-    internal_check = Check(
+    return Check(
         "one result per internal command (credits, refunds, expiries)",
         not repeated_records and not wrong and not absent and not expiry_wrong,
         f"{len(internal_ids)} credits/refunds, {len(expiries)} expiries:"
@@ -92,7 +126,6 @@ def _check_results(
         f" {len(absent)} implied but never written, {len(expiry_wrong)} expiries answered"
         " other than once",
     )
-    return [one_each, one_decision, internal_check]
 
 
 def _check_seq(results: list[tuple[Any, Result]]) -> Check:
