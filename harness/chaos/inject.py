@@ -52,8 +52,10 @@ class Injector:
             n = max(i for i, w in enumerate(self.workers.all) if w in self.workers.live())
             self.workers.retired.add(n)
             code = await self.workers.all[n].stop()
-            self.timeline.note(f"add_worker: {MAX_WORKERS} workers already; worker-{n} left"
-                               f" instead (SIGTERM, exit {code})")  # fmt: skip
+            self.timeline.note(
+                f"add_worker: {MAX_WORKERS} workers already; worker-{n} left instead"
+                f" (SIGTERM, exit {code})"
+            )
         else:
             await self.workers.add()
             self.timeline.note(f"add_worker: worker-{len(self.workers.all) - 1} started")
