@@ -104,7 +104,10 @@ def deployment(
     schema: bool = False,
     extra: Sequence[TopicSpec] = (),
 ) -> Scratch:
-    """The scratch deployment `prefix` of `settings` (nothing is made yet)."""
+    """The scratch deployment `prefix` of `settings` (nothing is made yet). Refused for
+    the prefix of `settings` itself: dropping the scratch would drop that deployment."""
+    if not prefix or prefix == settings.topic_prefix:
+        raise ValueError(f"a scratch deployment needs a prefix of its own, not {prefix!r}")
     changes: dict[str, object] = {"topic_prefix": prefix}
     if partitions is not None:
         changes["partitions"] = partitions

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 
 from core.settings import Settings
-from harness.scratch import Scratch, scratch
+from harness.scratch import Scratch, deployment, scratch
 from sinks import pg
 from topics.names import changelog_name, engine_group, schema_name
 
@@ -103,3 +103,9 @@ async def test_a_failed_run_is_dropped_too_and_keep_keeps_it(
     finally:
         await kept.drop()
     assert await _after_drop(kept.settings) == NOTHING
+
+
+def test_the_deployment_it_is_made_from_is_refused(settings: Settings) -> None:
+    for prefix in ("", settings.topic_prefix):
+        with pytest.raises(ValueError, match="prefix of its own"):
+            deployment(settings, prefix)
