@@ -22,8 +22,8 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
+from bench.events import result_events
 from bench.report import BenchError, pct, show, write_report
-from bench.sinks import _events
 from core.settings import Settings
 from harness.procs import free_port, produce
 from harness.scratch import deployment, unique_prefix
@@ -92,7 +92,7 @@ async def run(
         await store.create(notifier.pool, sub)
         accounts = max(100, count // 20)
         say(f"[notify] {count:,} result events over {accounts:,} accounts to {prefix}.events")
-        events = _events(count, accounts, int(time.time() * 1000))
+        events = result_events(count, accounts, int(time.time() * 1000))
         await produce(local.kafka_bootstrap, topics.events.name, [(k, v, None) for k, v in events])
         await _wait_for(lambda: len(receiver.seen) >= count, drain_timeout_s)
         times = sorted(receiver.seen.values())

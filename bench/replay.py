@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.events import result_events
 from bench.report import BenchError as BenchError  # the CLI catches job.BenchError
 from bench.report import Column, show, table, write_report
-from bench.sinks import _events
 from core.settings import Settings
 from harness.procs import produce
 from harness.scratch import scratch, unique_prefix
@@ -89,7 +89,7 @@ async def run(
         local = deployment.settings
         accounts = max(100, count // 20)
         say(f"[replay] producing {count:,} result events over {accounts:,} accounts to {prefix}")
-        events = _events(count, accounts, int(time.time() * 1000))
+        events = result_events(count, accounts, int(time.time() * 1000))
         topic = deployment_topics(local).events.name
         await produce(local.kafka_bootstrap, topic, [(k, v, None) for k, v in events])
         del events  # not kept alive during the replays (every full GC would walk them)

@@ -28,6 +28,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
+from bench.events import result_events
 from bench.report import BenchError, Column, pct, show, table, write_report
 from core.settings import Settings, child_env
 from harness.procs import produce
@@ -61,25 +62,6 @@ class SinkResult:
     lag_p50_ms: float
     lag_p99_ms: float
     lag_samples: int
-
-
-def _events(count: int, accounts: int, now_ms: int) -> list[tuple[str, bytes]]:
-    seqs = [0] * accounts
-    out = []
-    for i in range(count):
-        a = i % accounts
-        seqs[a] += 1
-        account = f"bench-{a}"
-        entry = Entry(
-            account=account, asset="USD", seq=seqs[a], available=seqs[a] * 10, held=0,
-            delta_available=10, delta_held=0,
-        )  # fmt: skip
-        result = Result(
-            command_id=f"b-{i}", account=account, kind="deposit", status=Status.APPLIED,
-            entries=[entry], at_ms=now_ms,
-        )  # fmt: skip
-        out.append((account, encode(result)))
-    return out
 
 
 def _watch_keys(
@@ -233,7 +215,7 @@ async def _prefill(
     objects make every full garbage collection in the sinks' loop walk them.)"""
     topic = deployment_topics(settings).events.name
     say(f"[sinks] producing {count:,} result events over {accounts:,} accounts to {topic}")
-    events = _events(count, accounts, int(time.time() * 1000))
+    events = result_events(count, accounts, int(time.time() * 1000))
     # No partition given: the producer's murmur2 of the key is the account's shard.
     await produce(settings.kafka_bootstrap, topic, [(key, value, None) for key, value in events])
 
