@@ -66,8 +66,9 @@ class Injector:
         workers = self.workers
         picked = workers.pick(fault) if kind == "kill9" else await workers.pick_serving(fault)
         if picked is None:
-            self.timeline.note(f"{kind} skipped: no live worker")
-            self.run.skipped.append(f"t+{fault.at_s:.1f}s {kind}: no live worker")
+            why = "no live worker" if kind == "kill9" else "no worker serving a shard"
+            self.timeline.note(f"{kind} skipped: {why}")
+            self.run.skipped.append(f"t+{fault.at_s:.1f}s {kind}: {why}")
             return
         n, worker = picked
         if kind == "kill9":

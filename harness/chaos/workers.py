@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ from core.settings import Settings
 from harness.chaos.plan import PARTITIONS, Fault
 from harness.chaos.record import ChaosError, Timeline
 from harness.procs import EngineProcess
+
+# How long a sigstop waits for a worker that serves a shard (the group may be
+# rebalancing after an earlier fault) before it is skipped.
+SERVING_WAIT_S = 30.0
 
 
 class Workers:
@@ -77,11 +82,19 @@ class Workers:
             return []
         return [int(p) for p in body.get("serving", [])]
 
-    async def pick_serving(self, fault: Fault) -> tuple[int, EngineProcess] | None:
+    async def pick_serving(
+        self, fault: Fault, *, wait_s: float = SERVING_WAIT_S
+    ) -> tuple[int, EngineProcess] | None:
         """Like `pick`, among the live workers that serve a shard (a zombie that served
-        nothing would have nothing to be fenced from)."""
-        live = self.live()
-        serving = [w for w in live if await self.serving(w)] or live
+        nothing would have nothing to be fenced from). During a rebalance every worker
+        may serve nothing for a while: wait for one that does, at most `wait_s`; None
+        if none did (the fault is then skipped, which fails the run)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            serving = [w for w in self.live() if await self.serving(w)]
+            if serving or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.5)
         if not serving:
             return None
         worker = serving[min(len(serving) - 1, int(fault.pick * len(serving)))]
