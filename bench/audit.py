@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,16 +36,16 @@ import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
+from bench.report import pair, show
 from core.settings import Settings, child_env
 from harness.procs import ROOT, EngineProcess
-from sinks import pg, verify
-from sinks.migrate import migrate
+from harness.scratch import Topics, scratch, unique_prefix
+from sinks import pg
 from sinks.redis_store import LWW_SCRIPT, add_balance, script_call
 from streams.state import AccountState, BalanceState
 from streams.store import account_key
 from streams.store import balance_key as state_key
-from topics.admin import delete_topics, ensure_topics
-from topics.names import changelog_name, engine_group, engine_topic_specs
+from topics.names import changelog_name, engine_group
 from topics.producer import durable_producer
 from topics.shard import shard_of
 
@@ -127,14 +126,13 @@ class Writer:
         self.producer: AIOKafkaProducer | None = None
 
     async def open(self) -> None:
+        """Connect to every store (the schema and the changelog topic exist)."""
         s = self.settings
-        await migrate(s.pg_dsn, s.topic_prefix, s.partitions)
         # Money columns are numeric: written with the sink's own codec, as the sink does.
         self.conn = await pg.connect(s.pg_dsn, s.topic_prefix, exact_money=True)
         self.redis = aioredis.from_url(s.redis_url)
         self.script = self.redis.register_script(LWW_SCRIPT)
         if self.with_engine:
-            await ensure_topics(s.kafka_bootstrap, engine_topic_specs(s, self.app_id))
             self.producer = durable_producer(
                 s.kafka_bootstrap,
                 linger_ms=20,
@@ -244,6 +242,24 @@ def run_audit(settings: Settings, engine_url: str | None, workdir: Path) -> Audi
     )
 
 
+async def write(
+    settings: Settings, app_id: str, balances: int, with_engine: bool, say: Callable[[str], None]
+) -> None:
+    """Write the deployment's `balances` into every store (its schema and topics exist)."""
+    where = "PostgreSQL, Redis" + (" and the engine's changelog" if with_engine else "")
+    say(f"[audit] writing {balances:,} balances ({settings.partitions} shards) to {where}")
+    started = time.monotonic()
+    writer = Writer(settings, app_id, with_engine)
+    try:
+        await writer.open()
+        for c in chunks(balances, settings.partitions, settings.topic_prefix):
+            await writer.write(c)
+        await writer.analyze()
+    finally:
+        await writer.close()
+    say(f"[audit] written in {time.monotonic() - started:.1f}s")
+
+
 async def run(
     settings: Settings,
     *,
@@ -254,43 +270,31 @@ async def run(
 ) -> bool:
     """Build the deployment, audit it, print the numbers, clean up; True if the audit
     agreed (exit 0)."""
-    prefix = f"bench-audit-{uuid.uuid4().hex[:6]}"
-    local = msgspec.structs.replace(settings, topic_prefix=prefix)
-    app_id = engine_group(local)
+    prefix = unique_prefix("bench-audit")
     data_dir = workdir / prefix
     audit_dir = workdir / f"{prefix}-audit"
     engine: EngineProcess | None = None
-    writer = Writer(local, app_id, with_engine)
-    where = "PostgreSQL, Redis" + (" and the engine's changelog" if with_engine else "")
-    say(f"[audit] writing {balances:,} balances ({local.partitions} shards) to {where}")
-    try:
-        started = time.monotonic()
-        await writer.open()
-        for c in chunks(balances, local.partitions, prefix):
-            await writer.write(c)
-        await writer.analyze()
-        await writer.close()
-        say(f"[audit] written in {time.monotonic() - started:.1f}s")
-        engine_url = None
-        if with_engine:
-            started = time.monotonic()
-            engine = EngineProcess(
-                settings, prefix=prefix, data_dir=data_dir, partitions=local.partitions
-            )
-            await engine.start()  # ready once every shard is rebuilt from the changelog
-            engine_url = f"http://127.0.0.1:{engine.port}"
-            say(f"[audit] engine worker rebuilt its tables in {time.monotonic() - started:.1f}s")
-        say("[audit] running `tally audit` as a child process")
-        result = await asyncio.to_thread(run_audit, local, engine_url, audit_dir)
-    finally:
-        await writer.close()
-        if engine is not None:
-            await engine.stop()
-        _remove(data_dir, audit_dir, workdir / f"{prefix}.log")
-        if with_engine:
-            specs = engine_topic_specs(local, app_id)
-            await delete_topics(settings.kafka_bootstrap, [s.name for s in specs])
-        await verify.drop(local.pg_dsn, prefix, local.redis_url, prefix)
+    topics: Topics = "engine" if with_engine else "none"
+    async with scratch(settings, prefix, topics=topics, schema=True, data_dir=data_dir) as dep:
+        local = dep.settings
+        try:
+            await write(local, engine_group(local), balances, with_engine, say)
+            engine_url = None
+            if with_engine:
+                started = time.monotonic()
+                engine = EngineProcess(
+                    settings, prefix=prefix, data_dir=data_dir, partitions=local.partitions
+                )
+                await engine.start()  # ready once every shard is rebuilt from the changelog
+                engine_url = f"http://127.0.0.1:{engine.port}"
+                took = time.monotonic() - started
+                say(f"[audit] engine worker rebuilt its tables in {took:.1f}s")
+            say("[audit] running `tally audit` as a child process")
+            result = await asyncio.to_thread(run_audit, local, engine_url, audit_dir)
+        finally:
+            if engine is not None:
+                await engine.stop()
+            _remove(audit_dir, workdir / f"{prefix}.log")
     report(result, balances, with_engine, say)
     return result.exit_code == 0
 
@@ -304,26 +308,29 @@ def _remove(*paths: Path) -> None:
 
 
 def report(result: AuditRun, balances: int, with_engine: bool, say: Callable[[str], None]) -> None:
-    say("")
-    say(result.summary.rstrip())
-    say("")
+    show(say, [result.summary.rstrip()])
     stores = "PostgreSQL + Redis + engine" if with_engine else "PostgreSQL + Redis (--skip-engine)"
-    say(f"tally audit benchmark ({stores})")
-    say(f"{'balances':<34}{balances:>14,}")
-    say(f"{'wall time (process start to exit)':<34}{result.seconds:>13.1f}s")
+    lines = [
+        f"tally audit benchmark ({stores})",
+        pair("balances", f"{balances:,}"),
+        pair("wall time (process start to exit)", f"{result.seconds:.1f}s"),
+    ]
     if result.own_seconds is not None:
-        say(f"{'of which auditing':<34}{result.own_seconds:>13.1f}s")
-    say(f"{'balances/s (wall)':<34}{balances / result.seconds:>14,.0f}")
-    say(f"{'peak RSS of the audit process':<34}{result.peak_rss_mb:>11,.0f} MB")
-    say(f"{'exit status':<34}{result.exit_code:>14}")
+        lines.append(pair("of which auditing", f"{result.own_seconds:.1f}s"))
+    lines += [
+        pair("balances/s (wall)", f"{balances / result.seconds:,.0f}"),
+        pair("peak RSS of the audit process", f"{result.peak_rss_mb:,.0f} MB"),
+        pair("exit status", result.exit_code),
+    ]
     if balances >= BAR_BALANCES:
         met = result.seconds < BAR_S and result.exit_code == 0
         verdict = "met" if met else "NOT met"
     else:
         verdict = f"n/a (ran {balances:,})"
-    say(f"{'bar: 1M balances < 60 s':<34}{verdict:>14}")
+    lines.append(pair("bar: 1M balances < 60 s", verdict))
     if not with_engine:
-        say("NOTE: the engine was left out (--skip-engine): its tables were not compared.")
+        lines.append("NOTE: the engine was left out (--skip-engine): its tables were not compared.")
+    show(say, lines)
 
 
 def main(settings: Settings, *, balances: int, with_engine: bool) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import time
 import uuid
 from collections.abc import Callable
@@ -24,12 +23,12 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.report import BenchError, Column, pct, show, table, write_report
 from core.settings import Settings
 from harness.collector import Collector, all_answered, expected_counts
 from harness.procs import EngineProcess, produce
+from harness.scratch import deployment, unique_prefix
 from harness.workload import Record, build
-from topics.admin import delete_topics, ensure_topics
-from topics.names import engine_group, engine_topic_specs
 from topics.producer import durable_producer
 from topics.specs import TopicSpec
 
@@ -37,6 +36,14 @@ drain_timeout_s = 900.0
 latency_rate_per_s = 200
 latency_seconds = 10
 raw_pipe_timeout_s = 300.0
+ENGINE_COLUMNS = (
+    Column("run", 22),
+    Column("commands/s", 12, ",.0f"),
+    Column("results/s", 12, ",.0f"),
+    Column("p50 ms", 9, ".1f"),
+    Column("p99 ms", 9, ".1f"),
+    Column("vs pipe", 9, ".1%"),
+)
 
 
 @dataclass
@@ -58,7 +65,7 @@ def _records(records: list[Record]) -> list[tuple[str, bytes, int | None]]:
 async def engine_phase(
     settings: Settings, *, guarantee: str, count: int, workdir: Path, say: Callable[[str], None]
 ) -> EngineResult:
-    prefix = f"bench-{uuid.uuid4().hex[:6]}"
+    prefix = unique_prefix("bench")
     proc = EngineProcess(
         settings,
         prefix=prefix,
@@ -66,11 +73,8 @@ async def engine_phase(
         guarantee=guarantee,
         partitions=settings.partitions,
     )
-    bench_settings = _with(settings, prefix)
-    await ensure_topics(
-        settings.kafka_bootstrap,
-        engine_topic_specs(bench_settings, engine_group(bench_settings)),
-    )
+    scratch = deployment(settings, prefix, topics="engine", data_dir=proc.data_dir)
+    await scratch.create()
     work = build(
         count=count,
         accounts=max(100, count // 20),
@@ -90,7 +94,7 @@ async def engine_phase(
         await proc.start()
         done = all_answered(expected)
         if not await collector.wait_for(done, timeout_s=drain_timeout_s, say=say):
-            raise RuntimeError(f"engine did not drain {count} commands in {drain_timeout_s}s")
+            raise BenchError(f"engine did not drain {count} commands in {drain_timeout_s}s")
         results = collector.results
         client_times = [results.received_at[i] for i in expected]
         first = min(results.received_at.values())
@@ -101,18 +105,15 @@ async def engine_phase(
     finally:
         await collector.stop()
         await proc.stop()
-        await delete_topics(
-            settings.kafka_bootstrap,
-            [t.name for t in engine_topic_specs(bench_settings, engine_group(bench_settings))],
-        )
+        await scratch.drop()
     return EngineResult(
         guarantee=guarantee,
         commands=len(work.records),
         produce_per_s=produce_rate,
         applied_per_s=applied_rate,
         results_per_s=results_rate,
-        latency_p50_ms=_pct(latencies, 50),
-        latency_p99_ms=_pct(latencies, 99),
+        latency_p50_ms=pct(latencies, 50),
+        latency_p99_ms=pct(latencies, 99),
         latency_samples=len(latencies),
     )
 
@@ -164,11 +165,12 @@ async def _latency(settings: Settings, proc: EngineProcess, collector: Collector
 
 async def raw_pipe(settings: Settings, *, count: int, say: Callable[[str], None]) -> float:
     """records/s of a stateless aiokafka consume -> produce loop over `count` records."""
-    prefix = f"bench-pipe-{uuid.uuid4().hex[:6]}"
+    prefix = unique_prefix("bench-pipe")
     n = settings.partitions
     source = TopicSpec(name=f"{prefix}.in", partitions=n, cleanup_policy="delete", retention_ms=-1)
     sink = TopicSpec(name=f"{prefix}.out", partitions=n, cleanup_policy="delete", retention_ms=-1)
-    await ensure_topics(settings.kafka_bootstrap, [source, sink])
+    scratch = deployment(settings, prefix, extra=[source, sink])
+    await scratch.create()
     work = build(count=count, accounts=max(100, count // 20), seed=1, now_ms=0)
     await produce(settings.kafka_bootstrap, source.name, _records(work.records))
     say(f"[raw pipe] consume -> produce of {count:,} records")
@@ -207,27 +209,7 @@ async def raw_pipe(settings: Settings, *, count: int, say: Callable[[str], None]
     finally:
         await consumer.stop()
         await producer.stop()
-        await delete_topics(settings.kafka_bootstrap, [source.name, sink.name])
-
-
-def _with(settings: Settings, prefix: str) -> Settings:
-    import msgspec
-
-    return msgspec.structs.replace(settings, topic_prefix=prefix)
-
-
-def write_report(report: Path, out: object) -> None:
-    """A benchmark's JSON report (every benchmark writes one under reports/)."""
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps(out, indent=2) + "\n")
-
-
-def _pct(values: list[float], pct: int) -> float:
-    if not values:
-        return float("nan")
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
+        await scratch.drop()
 
 
 async def run(
@@ -251,13 +233,10 @@ async def run(
         "engine": [asdict(e) for e in engines],
     }
     await asyncio.to_thread(write_report, report, out)
-    say("")
-    say(f"{'run':<22}{'commands/s':>12}{'results/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'vs pipe':>9}")
-    for e in engines:
-        say(
-            f"{'engine ' + e.guarantee:<22}{e.applied_per_s:>12,.0f}{e.results_per_s:>12,.0f}"
-            f"{e.latency_p50_ms:>9.1f}{e.latency_p99_ms:>9.1f}{e.applied_per_s / pipe:>9.1%}"
-        )
-    say(f"{'raw pipe (no state)':<22}{pipe:>12,.0f}")
-    say(f"\nreport written to {report}")
+    rows: list[tuple[object, ...]] = [
+        (f"engine {e.guarantee}", e.applied_per_s, e.results_per_s, e.latency_p50_ms,
+         e.latency_p99_ms, e.applied_per_s / pipe)
+        for e in engines
+    ]  # fmt: skip
+    show(say, table(ENGINE_COLUMNS, [*rows, ("raw pipe (no state)", pipe)]), report)
     return out

@@ -43,16 +43,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.engine import write_report
+from bench.report import BenchError as BenchError  # the CLI catches job.BenchError
+from bench.report import Column, show, table, write_report
 from core.settings import Settings
 from harness.procs import ROOT, IngressProcess
+from harness.scratch import deployment, unique_prefix
 from ingress import signing
 from ingress.client import Client
-from sinks import verify
-from topics.admin import delete_topics
 from topics.specs import topics_for
 
 WRK_SCRIPT = ROOT / "scripts" / "wrk" / "signed.lua"
@@ -74,10 +73,17 @@ warm_up_commands = 200
 accounts = 10_000
 wrk_grace_s = 60.0
 _RESULT = re.compile(r"^TALLY-RESULT (\{.*\})$", re.MULTILINE)
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run (wrk missing, the ingress refused the warm-up...)."""
+PHASE_COLUMNS = (
+    Column("phase", 32),
+    Column("procs", 6),
+    Column("conns", 6),
+    Column("requests/s", 12, ",.0f"),
+    Column("commands/s", 12, ",.0f"),
+    Column("p50 ms", 8, ".1f"),
+    Column("p99 ms", 8, ".1f"),
+    Column("non-2xx", 8),
+    Column("bar", 0, left=True, gap=2),
+)
 
 
 @dataclass
@@ -301,8 +307,9 @@ async def run_config(
     workdir: Path,
     say: Callable[[str], None],
 ) -> Config:
-    prefix = f"bench-http-{uuid.uuid4().hex[:6]}"
-    local = msgspec.structs.replace(settings, topic_prefix=prefix)
+    # No topics made: the ingress makes them at its start, as deployed.
+    scratch = deployment(settings, unique_prefix("bench-http"))
+    prefix = scratch.prefix
     secret = secrets.token_hex(24).encode()
     run = uuid.uuid4().hex[:8]
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
@@ -342,8 +349,7 @@ async def run_config(
         )
     finally:
         await ingress.stop()
-        await delete_topics(settings.kafka_bootstrap, [t.name for t in topics.all()])
-        await verify.drop(local.pg_dsn, prefix, local.redis_url, prefix)
+        await scratch.drop()
     accepted = warm + sum(p.accepted_commands for p in phases)
     if records < accepted:
         raise BenchError(
@@ -374,9 +380,14 @@ def _bar(p: Phase) -> str:
     return f">= {bar:,} {unit}: {verdict}"
 
 
+def _row(p: Phase) -> tuple[object, ...]:
+    label = f"single {SINGLE}" if p.phase == "single" else f"batch x{p.batch_size} {BATCH}"
+    return (label, p.processes, p.connections, p.requests_per_s, p.commands_per_s,
+            p.latency_p50_ms, p.latency_p99_ms, p.non_2xx, _bar(p))  # fmt: skip
+
+
 def render(configs: list[Config], *, duration_s: int) -> list[str]:
     lines = [
-        "",
         f"HTTP ingress, signed requests from wrk on loopback, {duration_s}s per phase.",
         "Measured: a 202 = signature checked, command parsed, and acknowledged by the broker",
         "(acks=all) on the bench's own commands topic; no engine runs. Only 202s count (and",
@@ -385,17 +396,8 @@ def render(configs: list[Config], *, duration_s: int) -> list[str]:
         f"The ingress rate limit is raised to {bench_rate_per_s:,}/s per key",
         "(TALLY_INGRESS_RATE_PER_S, default 5,000) so that it never throttles the bench.",
         "",
-        f"{'phase':<32}{'procs':>6}{'conns':>6}{'requests/s':>12}{'commands/s':>12}"
-        f"{'p50 ms':>8}{'p99 ms':>8}{'non-2xx':>8}  bar",
+        *table(PHASE_COLUMNS, [_row(p) for c in configs for p in c.phases]),
     ]
-    for c in configs:
-        for p in c.phases:
-            label = f"single {SINGLE}" if p.phase == "single" else f"batch x{p.batch_size} {BATCH}"
-            lines.append(
-                f"{label:<32}{p.processes:>6}{p.connections:>6}{p.requests_per_s:>12,.0f}"
-                f"{p.commands_per_s:>12,.0f}{p.latency_p50_ms:>8.1f}{p.latency_p99_ms:>8.1f}"
-                f"{p.non_2xx:>8}  {_bar(p)}"
-            )
     for c in configs:
         for p in c.phases:
             other = {s: n for s, n in p.statuses.items() if s != "202"}
@@ -459,7 +461,5 @@ async def run(
         "configs": [asdict(c) for c in configs],
     }
     await asyncio.to_thread(write_report, report, out)
-    for line in render(configs, duration_s=duration_s):
-        say(line)
-    say(f"\nreport written to {report}")
+    show(say, render(configs, duration_s=duration_s), report)
     return out

@@ -22,16 +22,14 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from bench.engine import write_report
-from bench.sinks import _events, _pct
+from bench.events import result_events
+from bench.report import BenchError, pct, show, write_report
 from core.settings import Settings
 from harness.procs import free_port, produce
+from harness.scratch import deployment, unique_prefix
 from notify import store
 from notify.rules import Filter
 from notify.service import Notifier
-from sinks import verify
-from sinks.migrate import migrate
-from topics.admin import delete_topics, ensure_topics
 from topics.codec import encode
 from topics.schema import Entry, Result, Status
 from topics.specs import topics_for
@@ -60,20 +58,20 @@ async def _wait_for(check: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
-            raise RuntimeError("the notifier did not deliver everything in time")
+            raise BenchError("the notifier did not deliver everything in time")
         await asyncio.sleep(0.02)
 
 
 async def run(
     settings: Settings, *, count: int, report: Path, say: Callable[[str], None] = print
 ) -> dict[str, object]:
-    prefix = f"bench-notify-{uuid.uuid4().hex[:6]}"
+    scratch = deployment(settings, unique_prefix("bench-notify"), topics="deployment", schema=True)
+    prefix = scratch.prefix
     local = msgspec.structs.replace(
-        settings, topic_prefix=prefix, notify_allow_private=True, notify_port=free_port()
+        scratch.settings, notify_allow_private=True, notify_port=free_port()
     )
     topics = topics_for(prefix, local.partitions)
-    await ensure_topics(local.kafka_bootstrap, list(topics.all()))
-    await migrate(local.pg_dsn, prefix, local.partitions)
+    await scratch.create()
     receiver = _Receiver()
     app = web.Application()
     app.router.add_post("/hook", receiver.hook)
@@ -94,7 +92,7 @@ async def run(
         await store.create(notifier.pool, sub)
         accounts = max(100, count // 20)
         say(f"[notify] {count:,} result events over {accounts:,} accounts to {prefix}.events")
-        events = _events(count, accounts, int(time.time() * 1000))
+        events = result_events(count, accounts, int(time.time() * 1000))
         await produce(local.kafka_bootstrap, topics.events.name, [(k, v, None) for k, v in events])
         await _wait_for(lambda: len(receiver.seen) >= count, drain_timeout_s)
         times = sorted(receiver.seen.values())
@@ -108,24 +106,24 @@ async def run(
         with contextlib.suppress(Exception):
             await task
         await runner.cleanup()
-        await verify.drop(local.pg_dsn, prefix, local.redis_url, prefix)
-        await delete_topics(local.kafka_bootstrap, [t.name for t in topics.all()])
+        await scratch.drop()
     out: dict[str, object] = {
         "events": count,
         "partitions": local.partitions,
         "concurrency": local.notify_concurrency,
         "deliveries_per_s": rate,
-        "latency_p50_ms": _pct(receiver.lags_ms, 50),
-        "latency_p99_ms": _pct(receiver.lags_ms, 99),
+        "latency_p50_ms": pct(receiver.lags_ms, 50),
+        "latency_p99_ms": pct(receiver.lags_ms, 99),
         "latency_samples": len(receiver.lags_ms),
     }
     await asyncio.to_thread(write_report, report, out)
-    say(
-        f"\nnotify: {rate:,.0f} deliveries/s to one fast receiver "
+    line = (
+        f"notify: {rate:,.0f} deliveries/s to one fast receiver "
         f"({local.notify_concurrency} lanes); event-to-delivery at {paced_rate_per_s}/s: "
         f"p50 {out['latency_p50_ms']:.1f} ms, p99 {out['latency_p99_ms']:.1f} ms "
-        f"({len(receiver.lags_ms)} samples)\nreport written to {report}"
+        f"({len(receiver.lags_ms)} samples)"
     )
+    show(say, [line], report)
     return out
 
 

@@ -28,23 +28,28 @@ import time
 from pathlib import Path
 
 import asyncpg
-import msgspec
 
+from bench.report import BenchError, Column, show, table
 from core.settings import Settings
 from harness.procs import ROOT, IngressProcess
+from harness.scratch import deployment, unique_prefix
 from ingress import reads, signing
-from sinks import pg, verify
-from sinks.migrate import migrate
+from sinks import pg
 from sinks.postgres import at
-from topics.admin import delete_topics
 from topics.shard import shard_of
-from topics.specs import topics_for
 
 PARTITIONS = 4
 KEY_ID = "bench-reads"
 ACCOUNT = "busy"
 START_MS = 1_767_225_600_000  # 2026-01-01; entry g is at START_MS + 10 g ms
 WRK_SCRIPT = ROOT / "scripts" / "wrk" / "signed_get.lua"
+READ_COLUMNS = (
+    Column("read", 22),
+    Column("reads/s", 10, ",.0f"),
+    Column("p50 ms", 9, ".2f"),
+    Column("p99 ms", 9, ".2f"),
+    Column("statuses", 0, left=True, gap=2),
+)
 
 
 async def fill(conn: asyncpg.Connection, entries: int) -> None:
@@ -102,17 +107,20 @@ def wrk(url: str, pool: Path, seconds: int, connections: int) -> dict[str, objec
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60).stdout
     match = re.search(r"TALLY-RESULT (\{.*\})", out)
     if match is None:
-        raise SystemExit(f"wrk gave no result:\n{out}")
+        raise BenchError(f"wrk gave no result:\n{out}")
     result: dict[str, object] = json.loads(match.group(1))
     return result
 
 
 async def main(entries: int, seconds: int, connections: int) -> None:
     settings = Settings()
-    prefix = f"bench-reads-{secrets.token_hex(4)}"
     secret = secrets.token_hex(16)
-    local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=PARTITIONS)
-    await migrate(local.pg_dsn, prefix, PARTITIONS)
+    # The topics are the ingress's to make, at its start; the schema is filled here.
+    scratch = deployment(
+        settings, unique_prefix("bench-reads", 8), partitions=PARTITIONS, schema=True
+    )
+    prefix, local = scratch.prefix, scratch.settings
+    await scratch.create()
     tmp = Path(tempfile.mkdtemp(prefix="bench-reads-"))
     ingress = IngressProcess(
         settings, prefix=prefix, log_path=tmp / "ingress.log", partitions=PARTITIONS,
@@ -145,20 +153,22 @@ async def main(entries: int, seconds: int, connections: int) -> None:
                 for _ in range(count)
             ],
         }
+        rows = []
         for name, targets in phases.items():
             pool = tmp / name.replace(" ", "_")
             write_pool(pool, secret.encode(), targets)
             r = wrk(ingress.url, pool, seconds, connections)
             latency: dict[str, float] = r["latency_us"]  # type: ignore[assignment]
             rate = float(r["responses"]) / (float(r["duration_us"]) / 1e6)  # type: ignore[arg-type]
-            print(f"{name}: {rate:,.0f}/s, p50 {latency['p50'] / 1000:.2f} ms, "
-                  f"p99 {latency['p99'] / 1000:.2f} ms, statuses {r['statuses']}, "
-                  f"wrk -t1 -c{connections} -d{seconds}s")  # fmt: skip
+            rows.append((name, rate, latency["p50"] / 1000, latency["p99"] / 1000,
+                         str(r["statuses"])))  # fmt: skip
+        title = (
+            f"read API on one balance of {entries:,} entries, wrk -t1 -c{connections} -d{seconds}s"
+        )
+        show(print, [title, *table(READ_COLUMNS, rows)])
     finally:
         await ingress.stop()
-        names = [t.name for t in topics_for(prefix, PARTITIONS).all()]
-        await delete_topics(local.kafka_bootstrap, names)
-        await verify.drop(local.pg_dsn, prefix, local.redis_url, prefix)
+        await scratch.drop()
 
 
 if __name__ == "__main__":

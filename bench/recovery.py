@@ -19,21 +19,20 @@ import asyncio
 import random
 import re
 import resource
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import msgspec
 
-from bench.engine import write_report
+from bench.report import pair, show, write_report
 from core.settings import Settings
 from harness.procs import EngineProcess, produce
+from harness.scratch import scratch, unique_prefix
 from streams.state import AccountState, BalanceState
 from streams.store import account_key, balance_key
-from topics.admin import delete_topics, ensure_topics
+from topics.admin import ensure_topics
 from topics.names import changelog_name, engine_group, engine_topic_specs
 from topics.shard import shard_of
 
@@ -80,8 +79,40 @@ def changelog_records(n: int, partitions: int) -> list[tuple[str, bytes, int | N
 async def seed(settings: Settings, app_id: str, n: int) -> float:
     """Create the deployment's topics and write N balances to its changelog; records/s."""
     await ensure_topics(settings.kafka_bootstrap, engine_topic_specs(settings, app_id))
+    return await write_changelog(settings, app_id, n)
+
+
+async def write_changelog(settings: Settings, app_id: str, n: int) -> float:
+    """Write N balances to the changelog of `app_id`, which exists; records/s."""
     records = changelog_records(n, settings.partitions)
     return await produce(settings.kafka_bootstrap, changelog_name(app_id), records)
+
+
+def _engine_figures(log: str) -> tuple[float | None, int]:
+    """The worker's own account of its recovery: seconds reading the changelog (summed
+    over its shards; None when it logged none) and the records it read."""
+    found = re.findall(r"done, ([\d,]+) changelog records in ([\d.]+)s", log)
+    engine_s = sum(float(s) for _, s in found) if found else None
+    return engine_s, sum(int(n.replace(",", "")) for n, _ in found)
+
+
+async def _check_sample(
+    engine: EngineProcess, balances: int, say: Callable[[str], None]
+) -> tuple[int, bool]:
+    """Read a seeded sample of the balances back through the worker's table view:
+    (how many were to be checked, whether every one read back as written)."""
+    sample = random.Random(1).sample(range(balances), min(sample_size, balances))
+    for i in sample:
+        got = (await engine.balances(account_of(i))).get("USD")
+        want = balance_of(i)
+        if got is None or (got.available, got.held, got.seq) != (
+            want.available,
+            want.held,
+            want.seq,
+        ):
+            say(f"[recovery] MISMATCH {account_of(i)}: {got} != {want}")
+            return len(sample), False
+    return len(sample), True
 
 
 async def run(
@@ -93,42 +124,24 @@ async def run(
     report: Path,
     say: Callable[[str], None] = print,
 ) -> RecoveryResult:
-    prefix = f"bench-rec-{uuid.uuid4().hex[:6]}"
-    local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=partitions)
-    app_id = engine_group(local)
-    say(f"[recovery] writing {balances:,} balances to {changelog_name(app_id)}")
-    seed_rate = await seed(local, app_id, balances)
-    say(f"[recovery] written at {seed_rate:,.0f} records/s; starting a worker on empty state")
+    prefix = unique_prefix("bench-rec")
     data_dir = workdir / prefix
-    engine = EngineProcess(settings, prefix=prefix, data_dir=data_dir, partitions=partitions)
-    try:
-        started = time.monotonic()
-        await engine.start()  # returns once /readyz is 200: every shard rebuilt
-        ready_s = time.monotonic() - started
-        log = engine.tail(400)
-        found = re.findall(r"done, ([\d,]+) changelog records in ([\d.]+)s", log)
-        engine_s = sum(float(s) for _, s in found) if found else None
-        recovered = sum(int(n.replace(",", "")) for n, _ in found)
-        rng = random.Random(1)
-        sample = rng.sample(range(balances), min(sample_size, balances))
-        ok = True
-        for i in sample:
-            got = (await engine.balances(account_of(i))).get("USD")
-            want = balance_of(i)
-            if got is None or (got.available, got.held, got.seq) != (
-                want.available,
-                want.held,
-                want.seq,
-            ):
-                ok = False
-                say(f"[recovery] MISMATCH {account_of(i)}: {got} != {want}")
-                break
-    finally:
-        await engine.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
-        await delete_topics(
-            settings.kafka_bootstrap, [s.name for s in engine_topic_specs(local, app_id)]
-        )
+    async with scratch(
+        settings, prefix, partitions=partitions, topics="engine", data_dir=data_dir
+    ) as deployment:
+        app_id = engine_group(deployment.settings)
+        say(f"[recovery] writing {balances:,} balances to {changelog_name(app_id)}")
+        seed_rate = await write_changelog(deployment.settings, app_id, balances)
+        say(f"[recovery] written at {seed_rate:,.0f} records/s; starting a worker on empty state")
+        engine = EngineProcess(settings, prefix=prefix, data_dir=data_dir, partitions=partitions)
+        try:
+            started = time.monotonic()
+            await engine.start()  # returns once /readyz is 200: every shard rebuilt
+            ready_s = time.monotonic() - started
+            engine_s, recovered = _engine_figures(engine.tail(400))
+            checked, ok = await _check_sample(engine, balances, say)
+        finally:
+            await engine.stop()
     result = RecoveryResult(
         balances=balances,
         partitions=partitions,
@@ -136,27 +149,41 @@ async def run(
         ready_s=ready_s,
         engine_recovery_s=engine_s,
         records_per_s=recovered / engine_s if engine_s else 0.0,
-        sample_checked=len(sample),
+        sample_checked=checked,
         sample_ok=ok,
         bar_met=balances >= 1_000_000 and ready_s < BAR_S and ok,
     )
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    say("")
-    say("engine state recovery from the changelog (empty state directory)")
-    say(f"{'balances':<34}{balances:>14,}")
-    say(f"{'shards':<34}{partitions:>14}")
-    say(f"{'start to /readyz 200':<34}{ready_s:>13.1f}s")
-    if engine_s is not None:
-        rate = f"{result.records_per_s:,.0f}/s"
-        say(f"{'of which reading the changelog':<34}{engine_s:>13.1f}s ({rate})")
-    say(f"{'sample read back':<34}{len(sample):>14} {'ok' if ok else 'MISMATCH'}")
-    verdict = "met" if result.bar_met else "NOT met"
-    if balances < 1_000_000:
-        verdict = f"n/a (ran {balances:,})"
-    say(f"{'bar: 1M balances < 60 s':<34}{verdict:>14}")
-
-    say(f"(bench process peak RSS {peak_mb:,.0f} MB)")
+    show(say, lines(result))
     return result
+
+
+def lines(result: RecoveryResult) -> list[str]:
+    """The printed result: one labelled value a line."""
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = [
+        "engine state recovery from the changelog (empty state directory)",
+        pair("balances", f"{result.balances:,}"),
+        pair("shards", result.partitions),
+        pair("start to /readyz 200", f"{result.ready_s:.1f}s"),
+    ]
+    if result.engine_recovery_s is not None:
+        rate = f"{result.records_per_s:,.0f}/s"
+        out.append(
+            pair("of which reading the changelog", f"{result.engine_recovery_s:.1f}s", f" ({rate})")
+        )
+    out.append(
+        pair(
+            "sample read back",
+            result.sample_checked,
+            f" {'ok' if result.sample_ok else 'MISMATCH'}",
+        )
+    )
+    verdict = "met" if result.bar_met else "NOT met"
+    if result.balances < 1_000_000:
+        verdict = f"n/a (ran {result.balances:,})"
+    out.append(pair("bar: 1M balances < 60 s", verdict))
+    out.append(f"(bench process peak RSS {peak_mb:,.0f} MB)")
+    return out
 
 
 def main(settings: Settings, *, balances: int, partitions: int, report: Path) -> int:

@@ -15,27 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from bench.engine import write_report
-from bench.sinks import _events
+from bench.events import result_events
+from bench.report import BenchError as BenchError  # the CLI catches job.BenchError
+from bench.report import Column, show, table, write_report
 from core.settings import Settings
 from harness.procs import produce
+from harness.scratch import scratch, unique_prefix
 from replay.run import Replay
-from sinks import pg, service, verify
-from topics.admin import delete_topics
-from topics.names import schema_name
-from topics.specs import topics_for
+from sinks import pg, verify
+from topics.names import deployment_topics, schema_name
 
-
-class BenchError(RuntimeError):
-    """The benchmark could not measure: a replay did not finish or lost events."""
+REPLAY_COLUMNS = (
+    Column("store", 12),
+    Column("seconds", 10, ".1f"),
+    Column("events/s", 12, ",.0f"),
+    Column("entries/s", 12, ",.0f"),
+)
 
 
 @dataclass
@@ -83,23 +83,19 @@ async def run(
     report: Path,
     say: Callable[[str], Any] = print,
 ) -> dict[str, object]:
-    prefix = f"bench-replay-{uuid.uuid4().hex[:6]}"
-    local = msgspec.structs.replace(settings, topic_prefix=prefix)
-    topics = topics_for(prefix, local.partitions)
-    await service.prepare(local, "postgres")
+    prefix = unique_prefix("bench-replay")
     results = []
-    try:
+    async with scratch(settings, prefix, topics="deployment", schema=True) as deployment:
+        local = deployment.settings
         accounts = max(100, count // 20)
         say(f"[replay] producing {count:,} result events over {accounts:,} accounts to {prefix}")
-        events = _events(count, accounts, int(time.time() * 1000))
-        await produce(local.kafka_bootstrap, topics.events.name, [(k, v, None) for k, v in events])
+        events = result_events(count, accounts, int(time.time() * 1000))
+        topic = deployment_topics(local).events.name
+        await produce(local.kafka_bootstrap, topic, [(k, v, None) for k, v in events])
         del events  # not kept alive during the replays (every full GC would walk them)
         for target in ("redis", "postgres"):
             say(f"[replay] tally replay --target {target}: {count:,} events into an empty store")
             results.append(await _replay(local, target, count))
-    finally:
-        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, prefix)
-        await delete_topics(local.kafka_bootstrap, [t.name for t in topics.all()])
     out: dict[str, object] = {
         "events": count,
         "partitions": local.partitions,
@@ -108,10 +104,7 @@ async def run(
         "replays": [asdict(r) for r in results],
     }
     await asyncio.to_thread(write_report, report, out)
-    say("")
-    say(f"replay of {count:,} events from offset 0 into an empty store, one process")
-    say(f"{'store':<12}{'seconds':>10}{'events/s':>12}{'entries/s':>12}")
-    for r in results:
-        say(f"{r.target:<12}{r.seconds:>10.1f}{r.events_per_s:>12,.0f}{r.entries_per_s:>12,.0f}")
-    say(f"\nreport written to {report}")
+    rows = [(r.target, r.seconds, r.events_per_s, r.entries_per_s) for r in results]
+    title = f"replay of {count:,} events from offset 0 into an empty store, one process"
+    show(say, [title, *table(REPLAY_COLUMNS, rows)], report)
     return out

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import statistics
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,23 +28,30 @@ import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-from bench.engine import write_report
+from bench.events import result_events
+from bench.report import BenchError, Column, pct, show, table, write_report
 from core.settings import Settings, child_env
 from harness.procs import produce
+from harness.scratch import scratch, unique_prefix
 from sinks import pg, service, verify
 from sinks.redis_store import balance_key
 from sinks.runner import Batch, SinkRunner
-from topics.admin import delete_topics
 from topics.codec import encode
 from topics.names import deployment_topics, schema_name
 from topics.schema import Entry, Result, Status
 from topics.shard import shard_of
-from topics.specs import topics_for
 
 lag_rate_per_s = 200
 lag_seconds = 10
 drain_timeout_s = 600.0
 poll_s = 0.02
+SINK_COLUMNS = (
+    Column("sink", 12),
+    Column("entries/s", 12, ",.0f"),
+    Column("lag p50 ms", 12, ".1f"),
+    Column("lag p99 ms", 12, ".1f"),
+    Column("samples", 9),
+)
 
 
 @dataclass
@@ -57,25 +62,6 @@ class SinkResult:
     lag_p50_ms: float
     lag_p99_ms: float
     lag_samples: int
-
-
-def _events(count: int, accounts: int, now_ms: int) -> list[tuple[str, bytes]]:
-    seqs = [0] * accounts
-    out = []
-    for i in range(count):
-        a = i % accounts
-        seqs[a] += 1
-        account = f"bench-{a}"
-        entry = Entry(
-            account=account, asset="USD", seq=seqs[a], available=seqs[a] * 10, held=0,
-            delta_available=10, delta_held=0,
-        )  # fmt: skip
-        result = Result(
-            command_id=f"b-{i}", account=account, kind="deposit", status=Status.APPLIED,
-            entries=[entry], at_ms=now_ms,
-        )  # fmt: skip
-        out.append((account, encode(result)))
-    return out
 
 
 def _watch_keys(
@@ -154,9 +140,9 @@ async def _drain(
         started: float | None = None
         while True:
             if proc.returncode is not None:
-                raise RuntimeError(f"tally sink {target} exited {proc.returncode}")
+                raise BenchError(f"tally sink {target} exited {proc.returncode}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"tally sink {target} did not drain in {drain_timeout_s}s")
+                raise BenchError(f"tally sink {target} did not drain in {drain_timeout_s}s")
             now = time.perf_counter()
             if started is None and any(await watch.seqs(first)):
                 started = now
@@ -221,10 +207,49 @@ async def _lags(
     return lags
 
 
-def _pct(values: list[float], pct: int) -> float:
-    if len(values) < 2:
-        return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
+async def _prefill(
+    settings: Settings, count: int, accounts: int, say: Callable[[str], None]
+) -> None:
+    """Produce `count` result events to the deployment's events topic. (A function of
+    its own so that the events are not kept alive during the drains: 400,000 live
+    objects make every full garbage collection in the sinks' loop walk them.)"""
+    topic = deployment_topics(settings).events.name
+    say(f"[sinks] producing {count:,} result events over {accounts:,} accounts to {topic}")
+    events = result_events(count, accounts, int(time.time() * 1000))
+    # No partition given: the producer's murmur2 of the key is the account's shard.
+    await produce(settings.kafka_bootstrap, topic, [(key, value, None) for key, value in events])
+
+
+async def _measure(
+    settings: Settings, count: int, accounts: int, processes: int, say: Callable[[str], None]
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each sink's drain rate (entries/s) as its own processes, then both sinks' lags in
+    this process: (rates, lags) by store name."""
+    # Each sink as its own process, as it is deployed; Redis first: PostgreSQL keeps
+    # working after its drain (autovacuum of the new rows, the checkpoint), which on
+    # two shared cores would be charged to whatever runs next.
+    rates = {}
+    runners = [service.runner_for(settings, target) for target in ("redis", "postgres")]
+    tasks = []
+    try:
+        for runner in runners:
+            name = runner.store.name
+            say(
+                f"[sinks] tally sink {name} --processes {processes}: "
+                f"draining {count:,} events from offset 0"
+            )
+            rates[name] = await _drain(settings, name, count, accounts, processes)
+        # Lag: the same sinks in this process, resuming where the processes stopped.
+        tasks = [asyncio.create_task(r.run()) for r in runners]
+        if not await verify.wait_drained(runners, timeout_s=120):
+            raise BenchError("the sinks did not catch up before the lag phase")
+        say(f"[sinks] lag at {lag_rate_per_s}/s for {lag_seconds}s, both sinks caught up")
+        lags = await _lags(settings, runners, accounts)
+    finally:
+        for runner in runners:
+            runner.stop()
+        await asyncio.gather(*tasks)
+    return rates, lags
 
 
 async def run(
@@ -235,56 +260,22 @@ async def run(
     report: Path,
     say: Callable[[str], None] = print,
 ) -> dict[str, object]:
-    prefix = f"bench-sinks-{uuid.uuid4().hex[:6]}"
-    local = msgspec.structs.replace(settings, topic_prefix=prefix)
-    await service.prepare(local, "postgres")
     accounts = max(100, count // 20)
-    say(f"[sinks] producing {count:,} result events over {accounts:,} accounts to {prefix}.events")
-    events = _events(count, accounts, int(time.time() * 1000))
-    topic = topics_for(prefix, local.partitions).events.name
-    # No partition given: the producer's murmur2 of the key is the account's shard.
-    await produce(local.kafka_bootstrap, topic, [(key, value, None) for key, value in events])
-    # Not kept alive during the drains: 400,000 live objects make every full garbage
-    # collection in the sinks' loop walk them.
-    del events
-    # Each sink as its own process, as it is deployed; Redis first: PostgreSQL keeps
-    # working after its drain (autovacuum of the new rows, the checkpoint), which on
-    # two shared cores would be charged to whatever runs next.
-    rates = {}
-    runners = [service.runner_for(local, target) for target in ("redis", "postgres")]
-    tasks = []
-    try:
-        for runner in runners:
-            name = runner.store.name
-            say(
-                f"[sinks] tally sink {name} --processes {processes}: "
-                f"draining {count:,} events from offset 0"
-            )
-            rates[name] = await _drain(local, name, count, accounts, processes)
-        # Lag: the same sinks in this process, resuming where the processes stopped.
-        tasks = [asyncio.create_task(r.run()) for r in runners]
-        if not await verify.wait_drained(runners, timeout_s=120):
-            raise RuntimeError("the sinks did not catch up before the lag phase")
-        say(f"[sinks] lag at {lag_rate_per_s}/s for {lag_seconds}s, both sinks caught up")
-        lags = await _lags(local, runners, accounts)
-    finally:
-        for runner in runners:
-            runner.stop()
-        await asyncio.gather(*tasks)
-        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, prefix)
-        await delete_topics(
-            local.kafka_bootstrap, [t.name for t in topics_for(prefix, local.partitions).all()]
-        )
+    prefix = unique_prefix("bench-sinks")
+    async with scratch(settings, prefix, topics="deployment", schema=True) as deployment:
+        local = deployment.settings
+        await _prefill(local, count, accounts, say)
+        rates, lags = await _measure(local, count, accounts, processes, say)
     results = [
         SinkResult(
-            target=r.store.name,
+            target=name,
             events=count,
-            entries_per_s=rates[r.store.name],
-            lag_p50_ms=_pct(lags[r.store.name], 50),
-            lag_p99_ms=_pct(lags[r.store.name], 99),
-            lag_samples=len(lags[r.store.name]),
+            entries_per_s=rates[name],
+            lag_p50_ms=pct(lags[name], 50),
+            lag_p99_ms=pct(lags[name], 99),
+            lag_samples=len(lags[name]),
         )
-        for r in runners
+        for name in rates
     ]
     out: dict[str, object] = {
         "events": count,
@@ -295,12 +286,6 @@ async def run(
         "sinks": [asdict(x) for x in results],
     }
     await asyncio.to_thread(write_report, report, out)
-    say("")
-    say(f"sinks drained with --processes {processes}")
-    say(f"{'sink':<12}{'entries/s':>12}{'lag p50 ms':>12}{'lag p99 ms':>12}{'samples':>9}")
-    for x in results:
-        say(
-            f"{x.target:<12}{x.entries_per_s:>12,.0f}{x.lag_p50_ms:>12.1f}{x.lag_p99_ms:>12.1f}{x.lag_samples:>9}"
-        )
-    say(f"\nreport written to {report}")
+    rows = [(x.target, x.entries_per_s, x.lag_p50_ms, x.lag_p99_ms, x.lag_samples) for x in results]
+    show(say, [f"sinks drained with --processes {processes}", *table(SINK_COLUMNS, rows)], report)
     return out

@@ -18,6 +18,9 @@ from topics.money import conservation, flows_of, holdings
 
 @dataclass(frozen=True)
 class Check:
+    """One guarantee judged: its name, whether it held, and the numbers that say so
+    (the demo's, the tests' and the chaos harness's checks all return these)."""
+
     name: str
     ok: bool
     detail: str

@@ -11,25 +11,22 @@ import asyncio
 import logging
 import random
 import secrets
-import shutil
 import time
-import uuid
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-from aiohttp import web
-from aiokafka.admin import AIOKafkaAdminClient
 
 from core.settings import Settings
 from harness import checks
 from harness.collector import Collector, all_answered, expected_counts
 from harness.procs import free_port, produce
+from harness.receiver import Receiver
+from harness.scratch import deployment, unique_prefix
 from harness.workload import Workload, build
 from ingress import service as ingress_service
 from ingress.client import Client
-from notify import rules as notify_rules
 from notify.service import Notifier
 from sinks import service as sink_service
 from sinks import verify
@@ -38,7 +35,7 @@ from streams.engine import Engine
 from streams.state import BalanceState
 from streams.worker import serve
 from topics.codec import decode_command
-from topics.names import engine_topic_specs, schema_name
+from topics.names import engine_group, schema_name
 from topics.schema import PublicCommand
 from topics.shard import shard_of
 
@@ -58,43 +55,6 @@ drain_timeout_s = 300.0
 # transfers and disbursements applied, and `tally notify` runs in the same process.
 notify_kinds = ("transfer", "disburse")
 notify_timeout_s = 120.0
-
-
-class Receiver:
-    """A subscriber's endpoint: checks each delivery's signature, answers 200, and keeps
-    the delivery ids (a receiver deduplicates by them: delivery is at-least-once)."""
-
-    def __init__(self, secret: bytes) -> None:
-        self.secret = secret
-        self.delivered: dict[str, str] = {}  # delivery id -> command_id
-        self.repeats = 0
-        self.bad_signatures = 0
-        self.port = free_port()
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_post("/hook", self._hook)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    async def _hook(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        headers = dict(request.headers)
-        if not notify_rules.verify(self.secret, headers, body, now_s=int(time.time())):
-            self.bad_signatures += 1
-            return web.Response(status=401)
-        delivery = headers[notify_rules.DELIVERY_ID]
-        if delivery in self.delivered:
-            self.repeats += 1
-        self.delivered[delivery] = headers[notify_rules.COMMAND_ID]
-        return web.Response(status=200)
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
 
 class DemoJob:
@@ -368,13 +328,12 @@ def run(
     say: Callable[[str], None] = print,
 ) -> bool:
     """Run the demo in this process; True when every check held."""
-    run_id = uuid.uuid4().hex[:8]
-    settings = msgspec.structs.replace(
-        settings,
-        topic_prefix=f"demo-{run_id}",
-        data_dir=str(Path(settings.data_dir) / f"demo-{run_id}"),
-    )
-    app_id = f"demo-{run_id}-engine"
+    prefix = unique_prefix("demo", 8)
+    run_id = prefix.removeprefix("demo-")
+    data_dir = Path(settings.data_dir) / prefix
+    # The engine makes its topics at its start and the job the schema: nothing to create.
+    scratch = deployment(settings, prefix, data_dir=data_dir)
+    settings = msgspec.structs.replace(scratch.settings, data_dir=str(data_dir))
     workload = build(count=count, accounts=accounts, seed=seed, now_ms=int(time.time() * 1000))
     say(
         f"demo {run_id}: {len(workload.records)} records over {accounts} accounts, "
@@ -382,28 +341,8 @@ def run(
     )
     job = DemoJob(workload, seed=seed, say=say)
     try:
-        asyncio.run(serve(settings, app_id=app_id, job=job.run))
+        asyncio.run(serve(settings, app_id=engine_group(settings), job=job.run))
     finally:
         if not keep:
-            shutil.rmtree(settings.data_dir, ignore_errors=True)
-            asyncio.run(_delete_topics(settings, app_id))
-            asyncio.run(
-                verify.drop(
-                    settings.pg_dsn,
-                    schema_name(settings),
-                    settings.redis_url,
-                    settings.topic_prefix,
-                )
-            )
+            asyncio.run(scratch.drop())
     return job.ok
-
-
-async def _delete_topics(settings: Settings, app_id: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        names = [spec.name for spec in engine_topic_specs(settings, app_id)]
-        existing = set(await admin.list_topics())
-        await admin.delete_topics([n for n in names if n in existing])
-    finally:
-        await admin.close()

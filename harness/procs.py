@@ -46,17 +46,16 @@ class _Child:
 
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
+        # Where this start's lines begin in the log (a restart appends to the same file).
+        self.log_start = 0
 
     async def start(self, *, wait: bool = True) -> None:
         """Start the process; with `wait`, return once /readyz answers 200."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        self.log_start = log.seek(0, 2)
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tally.cli",
-            self.what,
-            *self.args,
+            *self.command(),
             cwd=ROOT,
             env=self.env,
             stdout=log,
@@ -71,6 +70,10 @@ class _Child:
                 # entered, so this process must not outlive the failed start.
                 await self.kill()
                 raise
+
+    def command(self) -> list[str]:
+        """The child's argv: `tally WHAT ARGS` through this interpreter."""
+        return [sys.executable, "-m", "tally.cli", self.what, *self.args]
 
     async def wait_ready(self) -> None:
         """Ready once /readyz says so (for the engine: partitions assigned and
@@ -102,6 +105,14 @@ class _Child:
     def tail(self, lines: int = 60) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def log_since_start(self) -> str:
+        """What the process logged since its last start (not an earlier start's lines)."""
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
 
     async def stop(self) -> int:
         """SIGTERM, the clean way; returns the exit code (0 when it never started)."""
@@ -216,7 +227,7 @@ class IngressProcess(_Child):
         over those that do)."""
         await super().wait_ready()
         deadline = asyncio.get_running_loop().time() + ready_timeout_s
-        while self.tail(10_000).count("ingress: listening on") < self.processes:
+        while self.log_since_start().count("ingress: listening on") < self.processes:
             if asyncio.get_running_loop().time() > deadline:
                 raise EngineError(
                     f"{self.processes} ingress processes did not all listen in "

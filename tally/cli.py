@@ -548,9 +548,9 @@ def chaos(
     sent, the stores hold the events' balances, and `tally audit`.
 
     Needs the services of `make services` (it restarts the broker and PostgreSQL those
-    scripts run). Logs: .cache/chaos/<prefix>/. Exit status: 0 every check passed,
-    1 a check failed (the seed and plan are printed to reproduce it), 2 the run could
-    not be carried out.
+    scripts run). Logs: .cache/chaos/<prefix>/. Exit status: 0 every check passed
+    and every planned fault was injected, 1 a check failed or a fault was skipped (the
+    seed and plan are printed to reproduce it), 2 the run could not be carried out.
     """
     from harness import chaos as chaos_job
 

@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 from audit.run import Audit, render
-from bench.sinks import _events
+from bench.events import result_events
 from core.settings import Settings
 from harness.procs import produce, run_cli
 from replay.checks import kafka_check_timeout_s
@@ -164,7 +164,7 @@ async def test_replay_rebuilds_each_store_and_the_live_sinks_resume(
         assert await _committed(s) == committed_before
 
         # (3) The live sinks resume: new events only, nothing rewritten, nothing skipped.
-        extra = _events(EXTRA_EVENTS, 4, int(time.time() * 1000))
+        extra = result_events(EXTRA_EVENTS, 4, int(time.time() * 1000))
         topic = d.engine.topics.events.name
         await produce(s.kafka_bootstrap, topic, [(key, value, None) for key, value in extra])
         pg2, rd2 = d.runner("postgres"), d.runner("redis")

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from harness import chaos
+from harness.checks import Check
 from topics.codec import encode
 from topics.schema import SOURCE_HEADER, Capture, Deposit, Entry, Result, Status, Transfer
 
@@ -136,3 +137,16 @@ def test_one_id_on_two_accounts_is_two_decisions_and_a_forwarded_copy_is_not_a_r
     checks = {c.name: c for c in chaos._check_results(commands, [], results)}
     assert checks["exactly one result per command record"].ok, checks
     assert checks["one decision per (account, command id)"].ok, checks
+
+
+def test_a_run_with_a_fault_not_injected_fails() -> None:
+    """A planned fault that was skipped at run time leaves a run with less chaos than its
+    plan: every check may hold, the run still fails (and `tally chaos` exits 1)."""
+    run = chaos.Run(seed=1, duration_s=50, rate=300, plan=chaos.plan(1, 50, 3, chaos.SHORT_KINDS))
+    run.checks = [Check("a check", True, "fine")]
+    run.carried_out = ["kill9", "broker_restart", "sigstop"]
+    assert run.ok
+    run.carried_out = ["kill9", "broker_restart"]
+    run.skipped = ["t+20.0s sigstop: no live worker"]
+    assert not run.ok
+    assert "FAILED" in chaos.render(run).splitlines()[0]
