@@ -51,8 +51,9 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from core.settings import Settings
 from harness.procs import EngineProcess, IngressProcess
 from ingress import signing
-from ingress.app import Ingress, prefer_wait
+from ingress.app import Ingress
 from ingress.openapi import document
+from ingress.waiting import prefer_wait
 from sinks.pg import quote
 from sinks.redis_store import assets_key, balance_key
 from topics.shard import shard_of
