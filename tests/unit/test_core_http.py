@@ -47,9 +47,9 @@ async def test_a_server_answers_livez_until_stopped_and_stopping_twice_is_harmle
     await server.stop()  # never started: nothing to do
     await server.start()
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/livez") as r:
-                assert r.status == 200 and await r.json() == {"status": "ok"}
+        url = f"http://127.0.0.1:{port}/livez"
+        async with aiohttp.ClientSession() as session, session.get(url) as r:
+            assert r.status == 200 and await r.json() == {"status": "ok"}
     finally:
         await server.stop()
     await server.stop()
