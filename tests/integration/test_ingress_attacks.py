@@ -598,6 +598,23 @@ async def test_what_aiohttp_refuses_is_a_problem_too(
     assert reply.closed, name
 
 
+async def test_what_aiohttp_refuses_is_counted_as_unparsed(stack: Stack) -> None:
+    """No route or method was read: counted under route="unparsed", method="other"."""
+
+    def unparsed(metrics: str) -> float:
+        found = _sample(
+            metrics, "tally_ingress_requests_total", route="unparsed", method="other", status="414"
+        )
+        return found or 0.0
+
+    before = unparsed(await _metrics(stack.second.port))
+    data = b"GET /v1/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    for _ in range(3):
+        (reply,) = await send(stack.second.port, data, eof=True)
+        expect(reply, 414, "url")
+    assert unparsed(await _metrics(stack.second.port)) == before + 3
+
+
 async def test_bad_chunked_bodies_are_400_and_produce_nothing(stack: Stack) -> None:
     for n, (content, chunks) in enumerate(
         [
