@@ -8,11 +8,9 @@ is produced unless everything before it passed:
   -> repeated headers (400) -> body read in time (408) -> signature (401)
   -> rate limit (429) -> first use of the signature (401, or 503 when Redis cannot tell)
   (ingress.admission) -> content type (415) -> body and headers (400/422)
-  -> produce (202 after the broker's ack, or 503) (ingress.submit).
-A client that goes away while sending its body is counted, not answered.
-An accepted command is in Kafka with acks=all from an idempotent producer; a 503 means
-the broker did not confirm in time, and a retry with the same command_id is safe either
-way (the engine answers a repeat as a duplicate of the first).
+  -> produce (202 after the broker's ack, or 503) (ingress.submit, which says what a
+  202 and a 503 promise).
+A client that goes away while sending its body is counted, not answered (ingress.metrics).
 """
 
 from __future__ import annotations
