@@ -259,155 +259,111 @@ def document() -> dict[str, Any]:
 
 
 def _paths(account: dict[str, Any], command_body: dict[str, Any]) -> dict[str, Any]:
+    return {**_command_paths(command_body), **_balance_paths(account), **_probe_paths()}
+
+
+def _prefer(description: str) -> dict[str, Any]:
     return {
-        "/v1/commands": {
-            "post": {
-                "operationId": "postCommand",
-                "summary": "Submit one command.",
-                "security": _SIGNED,
-                "parameters": [
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "description": "The command_id, if the body has none (both: equal).",
-                        "schema": {"type": "string", "pattern": limits.COMMAND_ID_PATTERN},
-                    },
-                    {
-                        "name": "Prefer",
-                        "in": "header",
-                        "required": False,
-                        "description": "wait=N (0-30): wait up to N s for the result.",
-                        "schema": {"type": "string", "pattern": r"^wait=([0-9]|[12][0-9]|30)$"},
-                    },
-                ],
-                "requestBody": command_body,
-                "responses": {
-                    "200": _json("Result", "The command's result event (Prefer: wait)."),
-                    "202": _json("Accepted", "In Kafka (acks=all); the result comes later."),
-                    **_problems(*_V1_ERRORS, 415, 422),
-                },
-            }
-        },
-        "/v1/commands/batch": {
-            "post": {
-                "operationId": "postBatch",
-                "summary": "Submit up to 1,000 commands, answered per item.",
-                "security": _SIGNED,
-                "parameters": [
-                    {
-                        "name": "Prefer",
-                        "in": "header",
-                        "required": False,
-                        "description": "wait=N (0-30): each item waits up to N s (one "
-                        "deadline) for its result; 200 when all came, else 207.",
-                        "schema": {"type": "string", "pattern": r"^wait=([0-9]|[12][0-9]|30)$"},
-                    },
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("BatchRequest")}},
-                },
-                "responses": {
-                    "200": _json("BatchAnswer", "Prefer: wait; every item's result came."),
-                    "202": _json("BatchAnswer", "Every command accepted."),
-                    "207": _json("BatchAnswer", "Some commands not accepted; see items."),
-                    **_problems(*_V1_ERRORS, 415, 422),
-                    "503": {
-                        "description": "Kafka acknowledged none (a BatchAnswer; retry), or "
-                        "a dependency is unavailable (a problem; see Retry-After).",
-                        "content": {
-                            "application/json": {"schema": _ref("BatchAnswer")},
-                            "application/problem+json": {"schema": _ref("Problem")},
-                        },
-                    },
-                },
-            }
-        },
-        "/v1/commands/{command_id}": {
-            "get": {
-                "operationId": "getCommand",
-                "summary": "The engine's first decision on a command id, once recorded.",
-                "security": _SIGNED,
-                "parameters": [
-                    {
-                        "name": "command_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string", "pattern": limits.COMMAND_ID_PATTERN},
-                    },
-                    {
-                        "name": "account",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string", "pattern": limits.ACCOUNT_ID_PATTERN},
-                    },
-                ],
-                "responses": {
-                    "200": _json("CommandRecord", "The recorded decision."),
-                    **_problems(*_V1_ERRORS, 409),
-                },
-            }
-        },
-        "/v1/accounts/{account}/balances": {
-            "get": {
-                "operationId": "getBalances",
-                "summary": "An account's balances: from Redis, or the engine (strong).",
-                "security": _SIGNED,
-                "parameters": [
-                    account,
-                    {
-                        "name": "consistency",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string", "enum": ["cached", "strong"]},
-                    },
-                    *_POINT_PARAMETERS,
-                ],
-                "responses": {
-                    "200": _json("Balances", "Each asset's available, held and seq."),
-                    **_problems(*_V1_ERRORS),
-                },
-            }
-        },
-        "/livez": {
-            "get": {
-                "operationId": "livez",
-                "responses": {"200": _json("Live", "The process answers.")},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "operationId": "readyz",
-                "responses": {
-                    "200": _json("Ready", "Kafka, PostgreSQL and Redis reachable."),
-                    **_problems(503),
-                },
-            }
-        },
-        "/metrics": {
-            "get": {
-                "operationId": "metrics",
-                "responses": {
-                    "200": {
-                        "description": "Prometheus text exposition.",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "operationId": "openapi",
-                "responses": {
-                    "200": {
-                        "description": "This document.",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    }
-                },
-            }
+        "name": "Prefer", "in": "header", "required": False, "description": description,
+        "schema": {"type": "string", "pattern": r"^wait=([0-9]|[12][0-9]|30)$"},
+    }  # fmt: skip
+
+
+def _signed(op_id: str, summary: str, parameters: list[dict[str, Any]],
+            responses: dict[str, Any], **more: Any) -> dict[str, Any]:  # fmt: skip
+    """A /v1 operation: signed, with its parameters and answers."""
+    return {"operationId": op_id, "summary": summary, "security": _SIGNED,
+            "parameters": parameters, **more, "responses": responses}  # fmt: skip
+
+
+def _command_paths(command_body: dict[str, Any]) -> dict[str, Any]:
+    """Submitting commands, one or a batch, and reading a command's recorded result."""
+    idempotency_key = {
+        "name": "Idempotency-Key", "in": "header", "required": False,
+        "description": "The command_id, if the body has none (both: equal).",
+        "schema": {"type": "string", "pattern": limits.COMMAND_ID_PATTERN},
+    }  # fmt: skip
+    batch_unavailable = {
+        "description": "Kafka acknowledged none (a BatchAnswer; retry), or "
+        "a dependency is unavailable (a problem; see Retry-After).",
+        "content": {
+            "application/json": {"schema": _ref("BatchAnswer")},
+            "application/problem+json": {"schema": _ref("Problem")},
         },
     }
+    command_id = {
+        "name": "command_id", "in": "path", "required": True,
+        "schema": {"type": "string", "pattern": limits.COMMAND_ID_PATTERN},
+    }  # fmt: skip
+    by_account = {
+        "name": "account", "in": "query", "required": False,
+        "schema": {"type": "string", "pattern": limits.ACCOUNT_ID_PATTERN},
+    }  # fmt: skip
+    return {
+        "/v1/commands": {"post": _signed(
+            "postCommand", "Submit one command.",
+            [idempotency_key, _prefer("wait=N (0-30): wait up to N s for the result.")],
+            {"200": _json("Result", "The command's result event (Prefer: wait)."),
+             "202": _json("Accepted", "In Kafka (acks=all); the result comes later."),
+             **_problems(*_V1_ERRORS, 415, 422)},
+            requestBody=command_body,
+        )},
+        "/v1/commands/batch": {"post": _signed(
+            "postBatch", "Submit up to 1,000 commands, answered per item.",
+            [_prefer("wait=N (0-30): each item waits up to N s (one deadline) for its "
+                     "result; 200 when all came, else 207.")],
+            {"200": _json("BatchAnswer", "Prefer: wait; every item's result came."),
+             "202": _json("BatchAnswer", "Every command accepted."),
+             "207": _json("BatchAnswer", "Some commands not accepted; see items."),
+             **_problems(*_V1_ERRORS, 415, 422),
+             "503": batch_unavailable},
+            requestBody={"required": True,
+                         "content": {"application/json": {"schema": _ref("BatchRequest")}}},
+        )},
+        "/v1/commands/{command_id}": {"get": _signed(
+            "getCommand", "The engine's first decision on a command id, once recorded.",
+            [command_id, by_account],
+            {"200": _json("CommandRecord", "The recorded decision."),
+             **_problems(*_V1_ERRORS, 409)},
+        )},
+    }  # fmt: skip
+
+
+def _balance_paths(account: dict[str, Any]) -> dict[str, Any]:
+    consistency = {
+        "name": "consistency", "in": "query", "required": False,
+        "schema": {"type": "string", "enum": ["cached", "strong"]},
+    }  # fmt: skip
+    return {
+        "/v1/accounts/{account}/balances": {"get": _signed(
+            "getBalances", "An account's balances: from Redis, or the engine (strong).",
+            [account, consistency, *_POINT_PARAMETERS],
+            {"200": _json("Balances", "Each asset's available, held and seq."),
+             **_problems(*_V1_ERRORS)},
+        )},
+    }  # fmt: skip
+
+
+def _probe_paths() -> dict[str, Any]:
+    """The unsigned routes: probes, metrics and this document."""
+
+    def plain(op_id: str, responses: dict[str, Any]) -> dict[str, Any]:
+        return {"get": {"operationId": op_id, "responses": responses}}
+
+    def text(description: str, media: str, schema_type: str) -> dict[str, Any]:
+        return {"200": {"description": description,
+                        "content": {media: {"schema": {"type": schema_type}}}}}  # fmt: skip
+
+    return {
+        "/livez": plain("livez", {"200": _json("Live", "The process answers.")}),
+        "/readyz": plain("readyz", {
+            "200": _json("Ready", "Kafka, PostgreSQL and Redis reachable."), **_problems(503),
+        }),
+        "/metrics": plain("metrics", text("Prometheus text exposition.", "text/plain", "string")),
+        "/openapi.json": plain(
+            "openapi", text("This document.", "application/json", "object")
+        ),
+    }  # fmt: skip
 
 
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:

@@ -8,15 +8,15 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-CONTENT_TYPE = "application/problem+json"
-_json = msgspec.json.Encoder()
+from core.http import problem_body, problem_response
 
 
 class Problem(Exception):
     """An error answer. Raised anywhere in a handler; the middleware turns it into the
-    response. `field` names the offending body field (a JSON path like `legs[0].to`),
-    header, query or path parameter. `close`: the connection is closed after the answer
-    (what is left of the request cannot be read as the next one)."""
+    response (`core.http.problem_response`). `field` names the offending body field (a
+    JSON path like `legs[0].to`), header, query or path parameter. `close`: the
+    connection is closed after the answer (what is left of the request cannot be read as
+    the next one)."""
 
     def __init__(
         self,
@@ -39,24 +39,13 @@ class Problem(Exception):
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": "about:blank", "title": self.title, "status": self.status}
-        if self.detail is not None:
-            out["detail"] = self.detail
-        if self.field is not None:
-            out["field"] = self.field
-        out.update(self.extra)
-        return out
+        return problem_body(self.status, self.title, self.detail, field=self.field, **self.extra)
 
     def response(self) -> web.Response:
-        response = web.Response(
-            body=_json.encode(self.body()),
-            status=self.status,
-            content_type=CONTENT_TYPE,
-            headers=self.headers,
-        )
-        if self.close:
-            response.force_close()
-        return response
+        return problem_response(
+            self.status, self.title, self.detail, field=self.field, headers=self.headers,
+            close=self.close, **self.extra,
+        )  # fmt: skip
 
 
 # msgspec names a bad key of an object (metadata's) "at `key` in `$.metadata`".

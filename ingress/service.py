@@ -10,6 +10,7 @@ import sys
 
 from aiohttp import web
 
+from core.http import WebServer
 from core.logs import setup_logging
 from core.settings import Settings
 from core.supervise import supervise
@@ -33,13 +34,15 @@ async def start(settings: Settings) -> web.AppRunner:
     """Start an ingress on settings.ingress_host:port; stop it with `runner.cleanup()`."""
     ingress = Ingress(settings)
     runner = ProblemRunner(
-        ingress.app, on_error=ingress.refused_by_parser, access_log=None, handle_signals=False
+        ingress.app,
+        on_error=ingress.metrics.refused_by_parser,
+        access_log=None,
+        handle_signals=False,
     )
-    await runner.setup()
-    site = web.TCPSite(
+    server = WebServer(
         runner, settings.ingress_host, settings.ingress_port, reuse_port=True, backlog=2048
     )
-    await site.start()
+    await server.start()
     log.info("ingress: listening on http://%s:%d", settings.ingress_host, settings.ingress_port)
     return runner
 

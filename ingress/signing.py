@@ -43,7 +43,8 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Concatenate, ParamSpec
 
 import msgspec
 
@@ -66,6 +67,7 @@ _OWS = b" \t"
 # Compared against when the key id is unknown, so that an unknown id costs the same
 # work as a known one.
 _NO_SECRET = b"\0" * 32
+_P = ParamSpec("_P")
 
 
 class SignatureError(Exception):
@@ -124,23 +126,16 @@ def string_to_sign(
     return b"\n".join(lines)
 
 
-def signature(
-    secret: bytes,
-    method: str,
-    target: str,
-    timestamp: str,
-    nonce: str,
-    key_id: str,
-    body: bytes,
-    *,
-    idempotency_key: str | bytes | None = None,
-    content_type: str | bytes | None = None,
-) -> str:
-    message = string_to_sign(
-        method, target, timestamp, nonce, key_id, body,
-        idempotency_key=idempotency_key, content_type=content_type,
-    )  # fmt: skip
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+def _hmac_of(message: Callable[_P, bytes]) -> Callable[Concatenate[bytes, _P], str]:
+    def signature(secret: bytes, /, *args: _P.args, **kwargs: _P.kwargs) -> str:
+        return hmac.new(secret, message(*args, **kwargs), hashlib.sha256).hexdigest()
+
+    return signature
+
+
+# `signature(secret, <the arguments of string_to_sign>)`: the hex HMAC-SHA256 of that
+# string, so that what is signed is defined once, by string_to_sign's parameters.
+signature = _hmac_of(string_to_sign)
 
 
 def new_nonce() -> str:

@@ -7,16 +7,16 @@ ingress's own `admit` before anything else. Bad input is a 4xx problem naming th
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-import asyncpg
 import msgspec
 from aiohttp import web
 
+from core.http import json_response
+from ingress.checks import json_body, no_query, postgres
 from ingress.commands import check_unique_keys
 from ingress.problems import Problem, from_validation
 from notify import store
@@ -25,9 +25,8 @@ from topics import limits
 from topics.schema import INTERNAL_KINDS, PUBLIC_KINDS
 
 Admit = Callable[[web.Request], Awaitable[tuple[str, bytes]]]
-TIMEOUT_S = 4.0
 _SECRET_LEN = (16, 256)
-_json = msgspec.json.Encoder()
+_T = TypeVar("_T")
 
 
 class NewSubscription(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -82,16 +81,6 @@ class DeliveryList(msgspec.Struct, kw_only=True):
     deliveries: list[DeliveryOut]
 
 
-def _respond(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_json.encode(body), status=status, content_type="application/json")
-
-
-def _no_query(request: web.Request, allowed: tuple[str, ...] = ()) -> None:
-    for name in request.query:
-        if name not in allowed:
-            raise Problem(400, "unknown query parameter", f"{name!r} is not taken here", field=name)
-
-
 def _path_id(request: web.Request) -> str:
     subscription_id = request.match_info["subscription_id"]
     if not (subscription_id.startswith("sub_") and len(subscription_id) == 36
@@ -101,6 +90,21 @@ def _path_id(request: web.Request) -> str:
     return subscription_id
 
 
+def _decode(request: web.Request, body: bytes, kind: type[_T]) -> _T:
+    """The JSON body as `kind`, or the problem naming what is wrong with it (415, 400,
+    422); a key given twice has no one meaning (msgspec keeps the last, others the
+    first): refused."""
+    json_body(request)
+    try:
+        value = msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise from_validation(exc) from None
+    except msgspec.DecodeError as exc:
+        raise Problem(400, "malformed JSON", str(exc)[:200], field="body") from None
+    check_unique_keys(body)
+    return value
+
+
 class Routes:
     def __init__(self, admit: Admit, pool: Callable[[], Any], *, allow_private: bool) -> None:
         self.admit = admit
@@ -108,27 +112,18 @@ class Routes:
         self.allow_private = allow_private
 
     async def _db(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
-        try:
-            return await asyncio.wait_for(call(self.pool()), TIMEOUT_S)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                asyncpg.InternalClientError) as exc:  # fmt: skip
-            raise Problem(503, "PostgreSQL unavailable", type(exc).__name__, field="postgres",
-                          headers={"Retry-After": "2"}) from None  # fmt: skip
+        return await postgres(call(self.pool()))
+
+    async def _admit_one(self, request: web.Request) -> tuple[str, bytes]:
+        """Admit a request about one subscription: its id, checked, and the body."""
+        _, body = await self.admit(request)
+        no_query(request)
+        return _path_id(request), body
 
     async def create(self, request: web.Request) -> web.Response:
         _, body = await self.admit(request)
-        _no_query(request)
-        if request.content_type != "application/json":
-            raise Problem(415, "unsupported content type", "send application/json",
-                          field="Content-Type")  # fmt: skip
-        try:
-            new = msgspec.json.decode(body, type=NewSubscription)
-        except msgspec.ValidationError as exc:
-            raise from_validation(exc) from None
-        except msgspec.DecodeError as exc:
-            raise Problem(400, "malformed JSON", str(exc)[:200], field="body") from None
-        # A key given twice has no one meaning (msgspec keeps the last, others the first).
-        check_unique_keys(body)
+        no_query(request)
+        new = _decode(request, body, NewSubscription)
         generated = new.secret is None
         secret = new.secret if new.secret is not None else secrets.token_urlsafe(32)
         try:
@@ -154,19 +149,17 @@ class Routes:
         out = sub.public()
         if generated:
             out["secret"] = secret
-        return _respond(out, 201)
+        return json_response(out, 201)
 
     async def list(self, request: web.Request) -> web.Response:
         await self.admit(request)
-        _no_query(request)
+        no_query(request)
         subs = await self._db(store.all_subscriptions)
-        return _respond({"subscriptions": [s.public() for s in subs]})
+        return json_response({"subscriptions": [s.public() for s in subs]})
 
     async def get(self, request: web.Request) -> web.Response:
-        await self.admit(request)
-        _no_query(request)
-        subscription_id = _path_id(request)
-        return _respond(self._found(await self._db(lambda p: store.one(p, subscription_id))))
+        subscription_id, _ = await self._admit_one(request)
+        return json_response(self._found(await self._db(lambda p: store.one(p, subscription_id))))
 
     async def pause(self, request: web.Request) -> web.Response:
         return await self._set_paused(request, True)
@@ -175,34 +168,19 @@ class Routes:
         return await self._set_paused(request, False)
 
     async def _set_paused(self, request: web.Request, paused: bool) -> web.Response:
-        await self.admit(request)
-        _no_query(request)
-        subscription_id = _path_id(request)
+        subscription_id, _ = await self._admit_one(request)
         sub = await self._db(lambda p: store.set_paused(p, subscription_id, paused))
-        return _respond(self._found(sub))
+        return json_response(self._found(sub))
 
     async def delete(self, request: web.Request) -> web.Response:
-        await self.admit(request)
-        _no_query(request)
-        subscription_id = _path_id(request)
+        subscription_id, _ = await self._admit_one(request)
         if not await self._db(lambda p: store.delete(p, subscription_id)):
             self._found(None)
         return web.Response(status=204)
 
     async def redeliver(self, request: web.Request) -> web.Response:
-        _, body = await self.admit(request)
-        _no_query(request)
-        subscription_id = _path_id(request)
-        if request.content_type != "application/json":
-            raise Problem(415, "unsupported content type", "send application/json",
-                          field="Content-Type")  # fmt: skip
-        try:
-            window = msgspec.json.decode(body, type=RedeliveryRequest)
-        except msgspec.ValidationError as exc:
-            raise from_validation(exc) from None
-        except msgspec.DecodeError as exc:
-            raise Problem(400, "malformed JSON", str(exc)[:200], field="body") from None
-        check_unique_keys(body)
+        subscription_id, body = await self._admit_one(request)
+        window = _decode(request, body, RedeliveryRequest)
         if window.to_ms < window.from_ms:
             raise Problem(422, "invalid window", "to_ms is before from_ms", field="to_ms")
         self._found(await self._db(lambda p: store.one(p, subscription_id)))
@@ -214,11 +192,11 @@ class Routes:
             raise Problem(409, "too many redeliveries pending",
                           f"at most {store.REDELIVERIES_PENDING_MAX}",
                           field="subscription_id")  # fmt: skip
-        return _respond(msgspec.structs.asdict(r), 202)
+        return json_response(msgspec.structs.asdict(r), 202)
 
     async def deliveries(self, request: web.Request) -> web.Response:
         await self.admit(request)
-        _no_query(request, ("status", "limit"))
+        no_query(request, ("status", "limit"))
         subscription_id = _path_id(request)
         status = request.query.get("status", "failed")
         if status != "failed":
@@ -232,7 +210,7 @@ class Routes:
         rows = await self._db(
             lambda p: store.deliveries(p, subscription_id, status, int(raw_limit))
         )
-        return _respond({"deliveries": rows})
+        return json_response({"deliveries": rows})
 
     @staticmethod
     def _found(sub: store.Subscription | None) -> dict[str, Any]:
@@ -267,71 +245,99 @@ def paths(
     errors: tuple[int, ...],
 ) -> dict[str, Any]:  # fmt: skip
     """The OpenAPI paths of these routes (schemas named as in `schemas`)."""
+    doc = _Operations(signed, problems, errors)
+    return {**_collection_paths(doc), **_one_paths(doc)}
 
-    def ok(status: int, name: str | None, description: str) -> dict[str, Any]:
-        answer: dict[str, Any] = {"description": description}
-        if name is not None:
-            ref = {"$ref": f"#/components/schemas/{name}"}
-            answer["content"] = {"application/json": {"schema": ref}}
-        return {str(status): answer}
 
-    sid = {
-        "name": "subscription_id", "in": "path", "required": True,
-        "schema": {"type": "string", "minLength": 1},
+def _ok(status: int, name: str | None, description: str) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": description}
+    if name is not None:
+        answer["content"] = {"application/json": {"schema": _ref(name)}}
+    return {str(status): answer}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+_SID = {
+    "name": "subscription_id", "in": "path", "required": True,
+    "schema": {"type": "string", "minLength": 1},
+}  # fmt: skip
+
+
+class _Operations:
+    """Operations signed and answering the /v1 errors, as the ingress documents them."""
+
+    def __init__(
+        self, signed: list[dict[str, list[str]]], problems: Callable[..., dict[str, Any]],
+        errors: tuple[int, ...],
+    ) -> None:  # fmt: skip
+        self.signed = signed
+        self.problems = problems
+        self.errors = errors
+
+    def op(self, op_id: str, summary: str, answers: dict[str, Any], **more: Any) -> dict[str, Any]:
+        return {"operationId": op_id, "summary": summary, "security": self.signed,
+                "responses": {**answers, **self.problems(*self.errors)}, **more}  # fmt: skip
+
+
+def _collection_paths(doc: _Operations) -> dict[str, Any]:
+    return {
+        "/v1/subscriptions": {
+            "post": doc.op(
+                "createSubscription", "Subscribe an HTTP endpoint to result events.",
+                {**_ok(201, "SubscriptionOut", "Created; a generated secret is shown once."),
+                 **doc.problems(409, 415, 422)},
+                requestBody=_body("NewSubscription"),
+            ),
+            "get": doc.op("listSubscriptions", "List subscriptions.",
+                          _ok(200, "SubscriptionList", "Every subscription.")),
+        },
     }  # fmt: skip
 
-    def op(op_id: str, summary: str, answers: dict[str, Any], **more: Any) -> dict[str, Any]:
-        return {"operationId": op_id, "summary": summary, "security": signed,
-                "responses": {**answers, **problems(*errors)}, **more}  # fmt: skip
 
-    one = ok(200, "SubscriptionOut", "The subscription (never its secret).")
+def _one_paths(doc: _Operations) -> dict[str, Any]:
+    """The routes of one subscription."""
+    one = _ok(200, "SubscriptionOut", "The subscription (never its secret).")
     query = [
         {"name": "status", "in": "query", "required": False,
          "schema": {"type": "string", "enum": ["failed"]}},
         {"name": "limit", "in": "query", "required": False,
          "schema": {"type": "integer", "minimum": 1, "maximum": store.DELIVERIES_PAGE_MAX}},
     ]  # fmt: skip
-    body = {"required": True, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/NewSubscription"}}}}  # fmt: skip
+    base = "/v1/subscriptions/{subscription_id}"
     return {
-        "/v1/subscriptions": {
-            "post": op(
-                "createSubscription", "Subscribe an HTTP endpoint to result events.",
-                {**ok(201, "SubscriptionOut", "Created; a generated secret is shown once."),
-                 **problems(409, 415, 422)},
-                requestBody=body,
-            ),
-            "get": op("listSubscriptions", "List subscriptions.",
-                      ok(200, "SubscriptionList", "Every subscription.")),
+        base: {
+            "get": doc.op("getSubscription", "One subscription.", one, parameters=[_SID]),
+            "delete": doc.op("deleteSubscription", "Delete a subscription and its deliveries.",
+                             _ok(204, None, "Deleted."), parameters=[_SID]),
         },
-        "/v1/subscriptions/{subscription_id}": {
-            "get": op("getSubscription", "One subscription.", one, parameters=[sid]),
-            "delete": op("deleteSubscription", "Delete a subscription and its deliveries.",
-                         ok(204, None, "Deleted."), parameters=[sid]),
+        f"{base}/pause": {
+            "post": doc.op("pauseSubscription", "Stop deliveries until resumed.", one,
+                           parameters=[_SID]),
         },
-        "/v1/subscriptions/{subscription_id}/pause": {
-            "post": op("pauseSubscription", "Stop deliveries until resumed.", one,
-                       parameters=[sid]),
+        f"{base}/resume": {
+            "post": doc.op("resumeSubscription", "Deliver again from where they stopped.", one,
+                           parameters=[_SID]),
         },
-        "/v1/subscriptions/{subscription_id}/resume": {
-            "post": op("resumeSubscription", "Deliver again from where they stopped.", one,
-                       parameters=[sid]),
-        },
-        "/v1/subscriptions/{subscription_id}/redeliver": {
-            "post": op(
+        f"{base}/redeliver": {
+            "post": doc.op(
                 "redeliver", "Deliver again the events decided within [from_ms, to_ms].",
-                {**ok(202, "RedeliveryOut", "Requested; the notifier picks it up."),
-                 **problems(409, 415, 422)},
-                parameters=[sid],
-                requestBody={"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/RedeliveryRequest"}}}},
+                {**_ok(202, "RedeliveryOut", "Requested; the notifier picks it up."),
+                 **doc.problems(409, 415, 422)},
+                parameters=[_SID], requestBody=_body("RedeliveryRequest"),
             ),
         },
-        "/v1/subscriptions/{subscription_id}/deliveries": {
-            "get": op(
+        f"{base}/deliveries": {
+            "get": doc.op(
                 "listDeliveries", "Deliveries given up after the retry horizon.",
-                ok(200, "DeliveryList", "Parked deliveries, oldest first."),
-                parameters=[sid, *query],
+                _ok(200, "DeliveryList", "Parked deliveries, oldest first."),
+                parameters=[_SID, *query],
             ),
         },
     }  # fmt: skip

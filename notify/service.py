@@ -23,13 +23,13 @@ import signal
 from typing import Any
 
 import aiohttp
-import msgspec
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
+from core.http import WebServer, json_response, livez
 from core.logs import setup_logging
 from core.settings import Settings
 from notify import store
@@ -98,7 +98,7 @@ class Notifier:
             auto_offset_reset="earliest",
         )
         self.consumer.subscribe([self.topic], listener=_Listener(self))
-        web_runner = await self._serve_web()
+        web_server = await self._serve_web()
         await self.consumer.start()
         log.info("notify: consuming %s in group %s", self.topic, notify_group(self.settings))
         try:
@@ -112,7 +112,7 @@ class Notifier:
             await self._commit()
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
-            await web_runner.cleanup()
+            await web_server.stop()
             await self.http.close()
             await self.pool.close()
 
@@ -187,20 +187,15 @@ class Notifier:
             with contextlib.suppress(Exception):
                 await self.consumer.commit(offsets)
 
-    async def _serve_web(self) -> web.AppRunner:
+    async def _serve_web(self) -> WebServer:
         app = web.Application()
-        app.router.add_get("/livez", self._livez, allow_head=False)
+        app.router.add_get("/livez", livez, allow_head=False)
         app.router.add_get("/readyz", self._readyz, allow_head=False)
         app.router.add_get("/metrics", self._metrics, allow_head=False)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.settings.web_host, self.settings.notify_port)
-        await site.start()
+        server = WebServer(app, self.settings.web_host, self.settings.notify_port)
+        await server.start()
         log.info("notify: web on %s:%d", self.settings.web_host, self.settings.notify_port)
-        return runner
-
-    async def _livez(self, request: web.Request) -> web.Response:
-        return _json_response({"live": True})
+        return server
 
     async def _readyz(self, request: web.Request) -> web.Response:
         try:
@@ -217,19 +212,13 @@ class Notifier:
             "partitions": sorted(self.assigned),
             "subscriptions": len(self.readers),
         }
-        return _json_response(body, 200 if ready else 503)
+        return json_response(body, 200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(self.metrics.registry),
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
-
-
-def _json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        body=msgspec.json.encode(body), status=status, content_type="application/json"
-    )
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

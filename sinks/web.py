@@ -23,6 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from core.http import WebServer, json_response, livez
 from sinks.runner import SinkRunner
 
 # A probe answers within this (Kubernetes' default probe timeout is 1 s; ours are 2 s).
@@ -100,22 +101,16 @@ class SinkWeb:
         ).labels(target)
         runner.on_write = self.write_seconds.observe
         self.app = web.Application()
-        self.app.router.add_get("/livez", self.livez, allow_head=False)
+        self.app.router.add_get("/livez", livez, allow_head=False)
         self.app.router.add_get("/readyz", self.readyz, allow_head=False)
         self.app.router.add_get("/metrics", self.metrics, allow_head=False)
-        self._runner: web.AppRunner | None = None
+        self._server = WebServer(self.app, host, port)
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        await self._server.start()
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def livez(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        await self._server.stop()
 
     async def checks(self) -> dict[str, str]:
         """Each readiness check: "ok" or why not."""
@@ -142,7 +137,7 @@ class SinkWeb:
             "checks": checks,
             "partitions": self.runner.assigned(),
         }
-        return web.json_response(body, status=200 if self.last_ready else 503)
+        return json_response(body, 200 if self.last_ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text: readiness, lag per partition, counters, write latency."""

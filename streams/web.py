@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
 
 import aiohttp
 import msgspec
@@ -25,6 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from core.http import WebServer, livez, problem_response
 from streams.client import (
     BalanceRow,
     ShardOwners,
@@ -62,33 +62,21 @@ def _page_query(request: web.Request) -> tuple[tuple[str, str] | None, int] | we
     """`after` and `limit` of a shard page request, or the 400 that refuses them."""
     raw_limit = request.query.get("limit", str(shard_page_limit_default))
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= shard_page_limit_max:
-        return _problem(400, "invalid limit", field="limit", detail=f"1-{shard_page_limit_max}")
+        return problem_response(400, "invalid limit", f"1-{shard_page_limit_max}", field="limit")
     raw_after = request.query.get("after")
     if raw_after is None:
         return None, int(raw_limit)
     account, _, asset = raw_after.partition("/")
     if not _ACCOUNT.match(account) or not _ASSET.match(asset):
-        return _problem(400, "invalid cursor", field="after", detail="<account>/<asset>")
+        return problem_response(400, "invalid cursor", "<account>/<asset>", field="after")
     return (account, asset), int(raw_limit)
 
 
-def _problem(
-    status: int, title: str, *, headers: dict[str, str] | None = None, **extra: Any
-) -> web.Response:
-    """An RFC 9457 problem; `extra` goes into the body, `headers` onto the response."""
-    return web.json_response(
-        {"type": "about:blank", "title": title, "status": status, **extra},
-        status=status,
-        content_type="application/problem+json",
-        headers=headers,
-    )
-
-
 def _not_served(shard: int) -> web.Response:
-    return _problem(
+    return problem_response(
         503,
         "shard not served right now",
-        detail=f"no worker serves shard {shard} yet (starting or rebalancing)",
+        f"no worker serves shard {shard} yet (starting or rebalancing)",
         shard_id=shard,
         headers={"Retry-After": "1"},
     )
@@ -155,28 +143,22 @@ class WorkerWeb:
         self._owners = ShardOwners(
             engine.settings.kafka_bootstrap, engine.group_id, engine.topics.commands.name
         )
-        self._runner: web.AppRunner | None = None
         self._registry = CollectorRegistry()
         self._registry.register(_EngineCollector(engine))
         self.app = web.Application()
-        self.app.router.add_get("/livez", self.livez)
+        self.app.router.add_get("/livez", livez)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/balances/{account}", self.balances)
         self.app.router.add_get("/balances/{account}/", self.balances)
         self.app.router.add_get("/shards/{shard}/balances", self.shard_balances)
         self.app.router.add_get("/metrics", self.metrics)
+        self._server = WebServer(self.app, host, port)
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        await self._server.start()
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def livez(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        await self._server.stop()
 
     async def readyz(self, request: web.Request) -> web.Response:
         engine = self.engine
@@ -203,11 +185,8 @@ class WorkerWeb:
     async def balances(self, request: web.Request) -> web.Response:
         account = request.match_info["account"]
         if not _ACCOUNT.match(account):
-            return _problem(
-                400,
-                "invalid account id",
-                field="account",
-                detail="1-64 characters of A-Z a-z 0-9 _ . : -",
+            return problem_response(
+                400, "invalid account id", "1-64 characters of A-Z a-z 0-9 _ . : -", field="account"
             )
         engine = self.engine
         shard = shard_of(account, engine.partitions)
@@ -245,8 +224,8 @@ class WorkerWeb:
         engine = self.engine
         raw_shard = request.match_info["shard"]
         if not raw_shard.isdigit() or int(raw_shard) >= engine.partitions:
-            return _problem(
-                404, "no such shard", field="shard", detail=f"0-{engine.partitions - 1}"
+            return problem_response(
+                404, "no such shard", f"0-{engine.partitions - 1}", field="shard"
             )
         shard = int(raw_shard)
         query = _page_query(request)
@@ -284,9 +263,9 @@ class WorkerWeb:
                 )
         except (aiohttp.ClientError, TimeoutError):
             self._owners.forget()
-            return _problem(
+            return problem_response(
                 503,
                 "owner unreachable",
-                detail=f"{owner} did not answer",
+                f"{owner} did not answer",
                 headers={"Retry-After": "1"},
             )

@@ -23,7 +23,7 @@ from core.settings import Settings, child_env
 from harness.procs import ROOT, EngineProcess, IngressProcess
 from ingress import signing
 from ingress.client import Client
-from sinks import service
+from tests.integration.stack_support import scratch, sinks_in_process, started
 
 PARTITIONS = 4
 KEY_ID, SECRET = "it-client", "it-secret-0123456789"
@@ -51,33 +51,16 @@ class Front:
 async def front(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Front]:
-    unique = str(time.time_ns())[-9:]
-    prefix = f"ing-{unique}"
-    tmp = tmp_path_factory.mktemp("ingress")
-    local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=PARTITIONS)
-    engine = EngineProcess(settings, prefix=prefix, data_dir=tmp / "engine", partitions=PARTITIONS)
-    ingress = IngressProcess(settings, prefix=prefix, log_path=tmp / "ingress.log",
-                             partitions=PARTITIONS, keys={KEY_ID: SECRET})  # fmt: skip
-    second = IngressProcess(settings, prefix=prefix, log_path=tmp / "second.log",
-                            partitions=PARTITIONS, keys={KEY_ID: SECRET})  # fmt: skip
-    small = IngressProcess(
-        settings, prefix=f"{prefix}-x", log_path=tmp / "small.log", partitions=PARTITIONS,
-        ingress_insecure=True, ingress_body_max_bytes=2048, ingress_rate_per_s=1,
-        ingress_rate_burst=3,
+    d = scratch(settings, tmp_path_factory, "ing", PARTITIONS)
+    keys = {KEY_ID: SECRET}
+    engine = d.engine()
+    ingress, second = d.ingress("ingress", keys=keys), d.ingress("second", keys=keys)
+    small = d.ingress(
+        "small", prefix=f"{d.prefix}-x", ingress_insecure=True, ingress_body_max_bytes=2048,
+        ingress_rate_per_s=1, ingress_rate_burst=3,
     )  # fmt: skip
-    await service.prepare(local, "postgres")
-    runners = [service.runner_for(local, "postgres"), service.runner_for(local, "redis")]
-    tasks = [asyncio.create_task(r.run()) for r in runners]
-    await engine.start()
-    await asyncio.gather(ingress.start(), second.start(), small.start())
-    try:
-        yield Front(local, engine, ingress, second, small, unique)
-    finally:
-        for runner in runners:
-            runner.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for proc in (ingress, second, small, engine):
-            await proc.stop()
+    async with sinks_in_process(d.settings), started([engine], [ingress, second, small]):
+        yield Front(d.settings, engine, ingress, second, small, d.unique)
 
 
 async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20) -> bool:

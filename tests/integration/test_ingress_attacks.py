@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from core.settings import Settings
 from harness.procs import EngineProcess, IngressProcess, free_port
 from ingress import signing
+from tests.integration.stack_support import scratch, started
 
 PARTITIONS = 2
 KEY_ID, SECRET = "attack-client", "attack-secret-0123456789"
@@ -68,30 +69,17 @@ class Stack:
 async def stack(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
-    unique = str(time.time_ns())[-9:]
-    prefix = f"atk-{unique}"
-    tmp = tmp_path_factory.mktemp("attacks")
-    local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=PARTITIONS)
-    engine = EngineProcess(settings, prefix=prefix, data_dir=tmp / "engine", partitions=PARTITIONS)
+    d = scratch(settings, tmp_path_factory, "atk", PARTITIONS)
+    engine = d.engine()
     ingress, second = (
-        IngressProcess(
-            settings,
-            prefix=prefix,
-            log_path=tmp / f"ingress-{n}.log",
-            partitions=PARTITIONS,
-            keys={KEY_ID: SECRET},
-            ingress_body_timeout_ms=BODY_TIMEOUT_MS,
+        d.ingress(
+            f"ingress-{n}", keys={KEY_ID: SECRET}, ingress_body_timeout_ms=BODY_TIMEOUT_MS,
             ingress_body_max_bytes=65536,
         )
         for n in (1, 2)
-    )
-    await engine.start()
-    await asyncio.gather(ingress.start(), second.start())
-    try:
-        yield Stack(local, engine, ingress, second, unique)
-    finally:
-        for proc in (ingress, second, engine):
-            await proc.stop()
+    )  # fmt: skip
+    async with started([engine], [ingress, second]):
+        yield Stack(d.settings, engine, ingress, second, d.unique)
 
 
 # --- writing requests byte for byte -------------------------------------------------
@@ -608,6 +596,23 @@ async def test_what_aiohttp_refuses_is_a_problem_too(
     (reply,) = await send(stack.ingress.port, data, eof=True)
     expect(reply, status, field_name)
     assert reply.closed, name
+
+
+async def test_what_aiohttp_refuses_is_counted_as_unparsed(stack: Stack) -> None:
+    """No route or method was read: counted under route="unparsed", method="other"."""
+
+    def unparsed(metrics: str) -> float:
+        found = _sample(
+            metrics, "tally_ingress_requests_total", route="unparsed", method="other", status="414"
+        )
+        return found or 0.0
+
+    before = unparsed(await _metrics(stack.second.port))
+    data = b"GET /v1/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    for _ in range(3):
+        (reply,) = await send(stack.second.port, data, eof=True)
+        expect(reply, 414, "url")
+    assert unparsed(await _metrics(stack.second.port)) == before + 3
 
 
 async def test_bad_chunked_bodies_are_400_and_produce_nothing(stack: Stack) -> None:

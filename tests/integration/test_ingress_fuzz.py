@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -49,12 +48,13 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from core.settings import Settings
-from harness.procs import EngineProcess, IngressProcess
 from ingress import signing
-from ingress.app import Ingress, prefer_wait
+from ingress.app import Ingress
 from ingress.openapi import document
+from ingress.waiting import prefer_wait
 from sinks.pg import quote
 from sinks.redis_store import assets_key, balance_key
+from tests.integration.stack_support import scratch, started
 from topics.shard import shard_of
 
 KEY_ID = "fuzz"
@@ -177,26 +177,14 @@ async def ingress_url(
 ) -> AsyncIterator[str]:
     """An ingress with one client key and an engine worker, on a prefix of their own.
     The ingress goes first: it creates the topics and the PostgreSQL schema."""
-    prefix = f"it-fz-{uuid.uuid4().hex[:10]}"
-    tmp = tmp_path_factory.mktemp("ingress-fuzz")
-    ingress = IngressProcess(
-        settings,
-        prefix=prefix,
-        log_path=tmp / "ingress.log",
-        partitions=PARTITIONS,
-        keys={KEY_ID: SECRET},
-        ingress_body_max_bytes=BODY_MAX_BYTES,
-    )
-    engine = EngineProcess(settings, prefix=prefix, data_dir=tmp / "state", partitions=PARTITIONS)
+    d = scratch(settings, tmp_path_factory, "it-fz", PARTITIONS)
+    ingress = d.ingress("ingress", keys={KEY_ID: SECRET}, ingress_body_max_bytes=BODY_MAX_BYTES)
     try:
-        await ingress.start()
-        await engine.start()
-        await _seed(settings, prefix)
-        yield ingress.url
+        async with started([ingress], [d.engine("state")]):
+            await _seed(settings, d.prefix)
+            yield ingress.url
     finally:
-        await engine.stop()
-        await ingress.stop()
-        await _unseed(settings, prefix)
+        await _unseed(settings, d.prefix)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import msgspec
 import pytest
 import yaml
 
@@ -24,6 +23,7 @@ from core.settings import Settings
 from harness.collector import Collector
 from harness.procs import EngineProcess, IngressProcess, SinkProcess, command, produce
 from sinks import service, verify
+from tests.integration.stack_support import scratch, started
 from topics.names import schema_name
 from topics.schema import Deposit, Transfer
 
@@ -58,48 +58,47 @@ class Deployment:
 async def deployment(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Deployment]:
-    tmp = tmp_path_factory.mktemp("ops")
-    prefix = f"ops-{time.time_ns()}"
-    local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=PARTITIONS)
-    engine = EngineProcess(settings, prefix=prefix, data_dir=tmp / "engine", partitions=PARTITIONS)
-    ingress = IngressProcess(settings, prefix=prefix, log_path=tmp / "ingress.log",
-                             partitions=PARTITIONS, keys={KEY_ID: SECRET})  # fmt: skip
+    d = scratch(settings, tmp_path_factory, "ops", PARTITIONS)
+    engine, ingress = d.engine(), d.ingress("ingress", keys={KEY_ID: SECRET})
     sinks = {
         target: SinkProcess(
             settings,
             target,
-            prefix=prefix,
-            log_path=tmp / f"sink-{target}.log",
+            prefix=d.prefix,
+            log_path=d.tmp / f"sink-{target}.log",
             partitions=PARTITIONS,
         )
         for target in service.TARGETS
     }
-    started: list[EngineProcess | IngressProcess | SinkProcess] = []
     collector = Collector(settings.kafka_bootstrap, engine.topics)
+    local = d.settings
     try:
-        for proc in (engine, ingress, *sinks.values()):
-            await proc.start()
-            started.append(proc)
-        await collector.start(from_end=False)
-        accounts = [f"ops-{i}" for i in range(8)]
-        commands = [
-            Deposit(command_id=f"d{i}", account=a, asset="USD", amount=100)
-            for i, a in enumerate(accounts)
-        ] + [
-            Transfer(command_id=f"t{i}", account=a, to=accounts[(i + 3) % 8], asset="USD", amount=5)
-            for i, a in enumerate(accounts)
-        ]
-        await produce(settings.kafka_bootstrap, engine.topics.commands.name,
-                      [command(c) for c in commands])  # fmt: skip
-        assert await collector.wait_for(
-            lambda r: sum(len(v) for v in r.by_id.values()) >= 16, timeout_s=60, say=print
-        )
-        yield Deployment(engine, ingress, sinks)
+        async with started(*([proc] for proc in (engine, ingress, *sinks.values()))):
+            await collector.start(from_end=False)
+            await _move_every_counter(settings, engine, collector)
+            yield Deployment(engine, ingress, sinks)
     finally:
         await collector.stop()
-        for proc in reversed(started):
-            await proc.stop()
-        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, prefix)
+        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, d.prefix)
+
+
+async def _move_every_counter(
+    settings: Settings, engine: EngineProcess, collector: Collector
+) -> None:
+    """A few deposits and transfers through the deployment, answered."""
+    accounts = [f"ops-{i}" for i in range(8)]
+    commands = [
+        Deposit(command_id=f"d{i}", account=a, asset="USD", amount=100)
+        for i, a in enumerate(accounts)
+    ] + [
+        Transfer(command_id=f"t{i}", account=a, to=accounts[(i + 3) % 8], asset="USD", amount=5)
+        for i, a in enumerate(accounts)
+    ]
+    await produce(settings.kafka_bootstrap, engine.topics.commands.name,
+                  [command(c) for c in commands])  # fmt: skip
+    assert await collector.wait_for(
+        lambda r: sum(len(v) for v in r.by_id.values()) >= 16, timeout_s=60, say=print
+    )
 
 
 async def _get(url: str) -> tuple[int, str]:

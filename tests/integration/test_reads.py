@@ -16,10 +16,10 @@ import msgspec
 import pytest
 
 from core.settings import Settings
-from harness.procs import EngineProcess, IngressProcess
+from harness.procs import IngressProcess
 from ingress.client import Client
-from sinks import service
 from sinks.pg import quote
+from tests.integration.stack_support import scratch, sinks_in_process, started
 from topics import limits
 
 PARTITIONS = 2
@@ -44,26 +44,10 @@ class Stack:
 async def stack(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
-    unique = str(time.time_ns())[-9:]
-    prefix = f"reads-{unique}"
-    tmp = tmp_path_factory.mktemp("reads")
-    local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=PARTITIONS)
-    engine = EngineProcess(settings, prefix=prefix, data_dir=tmp / "engine", partitions=PARTITIONS)
-    ingress = IngressProcess(settings, prefix=prefix, log_path=tmp / "ingress.log",
-                             partitions=PARTITIONS, keys={KEY_ID: SECRET})  # fmt: skip
-    await service.prepare(local, "postgres")
-    runners = [service.runner_for(local, "postgres"), service.runner_for(local, "redis")]
-    tasks = [asyncio.create_task(r.run()) for r in runners]
-    await engine.start()
-    await ingress.start()
-    try:
-        yield Stack(local, ingress, unique)
-    finally:
-        for runner in runners:
-            runner.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for proc in (ingress, engine):
-            await proc.stop()
+    d = scratch(settings, tmp_path_factory, "reads", PARTITIONS)
+    engine, ingress = d.engine(), d.ingress("ingress", keys={KEY_ID: SECRET})
+    async with sinks_in_process(d.settings), started([engine], [ingress]):
+        yield Stack(d.settings, ingress, d.unique)
 
 
 async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float = 30) -> bool:

@@ -20,7 +20,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ingress import signing
-from ingress.app import WAIT_MAX_S, prefer_wait
 from ingress.commands import BATCH_MAX, parse_batch, parse_command
 from ingress.problems import Problem
 from ingress.protocol import (
@@ -31,6 +30,7 @@ from ingress.protocol import (
     ProblemServer,
 )
 from ingress.ratelimit import TokenBuckets
+from ingress.waiting import WAIT_MAX_S, prefer_wait
 from streams.client import account_url
 from topics.schema import Deposit, Disburse, PublicCommand
 
