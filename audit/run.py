@@ -41,6 +41,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from core.errors import CANNOT_RUN, TallyError
 from core.progress import Progress
 from core.settings import Settings
 from sinks import pg
@@ -71,9 +72,11 @@ Triple = tuple[int, int, int]
 Found = tuple[int | None, int | None, int | None]
 
 
-class AuditError(RuntimeError):
+class AuditError(TallyError):
     """The audit could not run: a store is unreachable or not what the settings say.
     `store` names it (PostgreSQL, Redis, engine) for the one-line message."""
+
+    exit_code = CANNOT_RUN
 
     def __init__(self, store: str, message: str) -> None:
         super().__init__(f"{store}: {message}")

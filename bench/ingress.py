@@ -47,6 +47,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.engine import write_report
+from bench.errors import BenchError
 from core.settings import Settings
 from harness.procs import ROOT, IngressProcess
 from ingress import signing
@@ -74,10 +75,6 @@ warm_up_commands = 200
 accounts = 10_000
 wrk_grace_s = 60.0
 _RESULT = re.compile(r"^TALLY-RESULT (\{.*\})$", re.MULTILINE)
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run (wrk missing, the ingress refused the warm-up...)."""
 
 
 @dataclass

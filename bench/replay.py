@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from bench.engine import write_report
+from bench.errors import BenchError
 from bench.sinks import _events
 from core.settings import Settings
 from harness.procs import produce
@@ -32,10 +33,6 @@ from sinks import pg, service, verify
 from topics.admin import delete_topics
 from topics.names import schema_name
 from topics.specs import topics_for
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not measure: a replay did not finish or lost events."""
 
 
 @dataclass

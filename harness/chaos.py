@@ -52,6 +52,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from core.settings import Settings
 from harness import faults
 from harness.collector import implied_ids, read_all
+from harness.errors import HarnessError
 from harness.procs import EngineProcess
 from harness.workload import build
 from sinks import service, verify
@@ -167,7 +168,7 @@ class Run:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
 
-class ChaosError(RuntimeError):
+class ChaosError(HarnessError):
     """The run could not be carried out (not a finding: a broken setup)."""
 
 

@@ -47,6 +47,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from core.errors import CANNOT_RUN, TallyError
 from core.progress import Progress
 from core.settings import Settings
 from sinks import pg
@@ -95,9 +96,11 @@ _ASSET_RE = re.compile(limits.ASSET_PATTERN)
 _AMOUNT_DIGITS_MAX = len(str(limits.AMOUNT_MAX))
 
 
-class ImportFailed(RuntimeError):
+class ImportFailed(TallyError):
     """The import could not run: a source or service unreachable, a query that fails.
     The message is one line naming what failed."""
+
+    exit_code = CANNOT_RUN
 
 
 # ---------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import generate_latest
 
-from core.settings import Settings
+from core.settings import Settings, SettingsError
 from ingress import reads, signing, subscriptions
 from ingress.commands import IDEMPOTENCY_KEY, parse_batch, parse_command
 from ingress.openapi import document
@@ -229,7 +229,7 @@ class Ingress:
     def check(settings: Settings) -> None:
         """Refuse to start without a way to authenticate clients."""
         if not settings.client_keys() and not settings.ingress_insecure:
-            raise ValueError(
+            raise SettingsError(
                 "TALLY_INGRESS_KEYS is empty: configure client keys, or set "
                 "TALLY_INGRESS_INSECURE=1 to accept unsigned requests (never in production)"
             )

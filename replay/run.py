@@ -46,6 +46,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocol
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
+from core.errors import CANNOT_RUN, TallyError
 from core.progress import Progress
 from core.settings import Settings
 from sinks import pg, service
@@ -69,9 +70,11 @@ ON CONFLICT (topic, partition) DO UPDATE
 """
 
 
-class ReplayError(RuntimeError):
+class ReplayError(TallyError):
     """The replay cannot start: a store or Kafka unreachable, a live sink on the target,
     no events topic. The message is one line, for the operator."""
+
+    exit_code = CANNOT_RUN
 
 
 @dataclasses.dataclass(frozen=True)

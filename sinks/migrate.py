@@ -22,6 +22,7 @@ from pathlib import Path
 import asyncpg
 
 from sinks import pg
+from sinks.errors import SinkError
 from sinks.pg import quote
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
@@ -29,7 +30,7 @@ SHARDED_TABLES = ("balances", "ledger_entries", "command_results", "breakpoints"
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
-class MigrationError(RuntimeError):
+class MigrationError(SinkError):
     """The migrations folder or the schema is not in a state we can work from."""
 
 

@@ -691,13 +691,14 @@ def bench_replay(events: int, report: Path) -> None:
     EVENTS pre-produced result events (one entry each); events/s and entries/s, and
     every event checked to be in the store. Topics, schema and keys are removed after."""
     from bench import replay as job
+    from bench.errors import BenchError
     from replay.run import ReplayError
 
     settings = _settings()
     logging.basicConfig(level=logging.WARNING)
     try:
         asyncio.run(job.run(settings, count=events, report=report))
-    except (job.BenchError, ReplayError) as exc:
+    except (BenchError, ReplayError) as exc:
         click.echo(f"tally bench replay: {exc}", err=True)
         sys.exit(1)
 
@@ -815,6 +816,7 @@ def bench_http(
     deleted afterwards.
     """
     from bench import ingress as job
+    from bench.errors import BenchError
 
     settings = _settings()
     logging.basicConfig(level=logging.WARNING)
@@ -831,7 +833,7 @@ def bench_http(
                 report=report,
             )
         )
-    except job.BenchError as exc:
+    except BenchError as exc:
         click.echo(f"tally bench http: {exc}", err=True)
         sys.exit(1)
 
