@@ -47,6 +47,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from core.errors import CANNOT_RUN, TallyError
+from core.logs import setup_logging
 from core.progress import Progress
 from core.settings import Settings
 from sinks import pg, service
@@ -399,18 +400,11 @@ def run(
     *,
     force: bool,
     out: Callable[[str], None],
-    err: Callable[[str], None],
 ) -> int:
-    """The `tally replay` command: 0 when done, 2 when it must not or cannot start, 1
-    when interrupted (SIGINT, SIGTERM) or failed."""
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        summary = asyncio.run(_run(Replay(settings, target, force=force)))
-    except ReplayError as exc:
-        err(f"tally replay: {exc}")
-        return 2
+    """The `tally replay` command: 0 when done, 1 when interrupted (SIGINT, SIGTERM);
+    a ReplayError when it must not or cannot start (the CLI exits with its status, 2)."""
+    setup_logging(settings, f"replay {target}", quiet=True)
+    summary = asyncio.run(_run(Replay(settings, target, force=force)))
     for line in summary.lines():
         out(line)
     return 0 if summary.completed else 1
