@@ -2,11 +2,12 @@
 for the exit status.
 
 Every package family has one root that derives from `TallyError` and says which exit
-status its errors end a command with; a family's errors derive from its root. An
-entry point (the `tally` CLI, `python -m sinks`, `python -m ingress`) catches
-`TallyError` in one place, prints its message as one line and exits with
-`exit_status(error)`. Expected outcomes (a rejected command, a mismatch an audit finds)
-are results, not errors; a bug is neither and keeps its traceback.
+status its errors end a command with; a family's errors derive from its root. The
+`tally` CLI catches `TallyError` in one place (tally/common.py), prints `tally COMMAND:
+message` as one line and exits with `exit_status(error)`; `python -m sinks` and
+`python -m ingress` end a SettingsError the same way. Expected outcomes (a rejected
+command, a mismatch an audit finds) are results, not errors; a bug is neither and
+keeps its traceback.
 
 The families and their statuses (the "Exit status" paragraphs of the commands' --help):
 
@@ -19,6 +20,7 @@ The families and their statuses (the "Exit status" paragraphs of the commands' -
     harness.errors.HarnessError    2  a harness job cannot be carried out (chaos)
       harness.roundtrip.RoundTripError  1  the round trip ran and found a difference
     bench.errors.BenchError        1  a benchmark could not measure
+    tally.common.BadInput          2  an argument a command cannot use (`tally sign`)
 """
 
 from __future__ import annotations
