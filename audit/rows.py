@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from core.errors import CANNOT_RUN, TallyError
 from streams.client import shard_page_limit_max
 
 # Rows per PostgreSQL fetch, per engine page and per Redis script call. A page of each
@@ -32,9 +33,11 @@ Triple = tuple[int, int, int]
 Found = tuple[int | None, int | None, int | None]
 
 
-class AuditError(RuntimeError):
+class AuditError(TallyError):
     """The audit could not run: a store is unreachable or not what the settings say.
     `store` names it (PostgreSQL, Redis, engine) for the one-line message."""
+
+    exit_code = CANNOT_RUN
 
     def __init__(self, store: str, message: str) -> None:
         super().__init__(f"{store}: {message}")

@@ -45,7 +45,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.report import BenchError as BenchError  # the CLI catches job.BenchError
+from bench.errors import BenchError
 from bench.report import Column, show, table, write_report
 from core.settings import Settings
 from harness.procs import ROOT, IngressProcess

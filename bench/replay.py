@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.errors import BenchError
 from bench.events import result_events
-from bench.report import BenchError as BenchError  # the CLI catches job.BenchError
 from bench.report import Column, show, table, write_report
 from core.settings import Settings
 from harness.procs import produce

@@ -14,14 +14,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.errors import BenchError
+
+__all__ = ["BenchError", "Column", "pair", "pct", "show", "table", "write_report"]
+
 # Labelled lines: the label's width, then the value right-aligned in this many columns.
 label_width = 34
 value_width = 14
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not measure (a tool missing, a phase that did not finish, a
-    store that lost events): not a slow result, a run with no result."""
 
 
 @dataclass(frozen=True)

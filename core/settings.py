@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from core.errors import CANNOT_RUN, TallyError
+
 PREFIX = "TALLY_"
 
 # Variables with the prefix that belong to other tools of the project (the local
@@ -39,8 +41,10 @@ _TOPIC_PREFIX = r"^[A-Za-z0-9_-]{1,40}$"
 _KEYS = r"^([A-Za-z0-9_.-]{1,64}:[!-+\--~]{16,256}(,[A-Za-z0-9_.-]{1,64}:[!-+\--~]{16,256})*)?$"
 
 
-class SettingsError(ValueError):
+class SettingsError(TallyError, ValueError):
     """A setting is missing, malformed or out of range; the message names the variable."""
+
+    exit_code = CANNOT_RUN
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

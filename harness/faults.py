@@ -21,11 +21,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from harness.errors import HarnessError
 from harness.procs import ROOT
 from sinks import pg
 
 
-class FaultUnavailable(RuntimeError):
+class FaultUnavailable(HarnessError):
     """This fault cannot be injected here (the service was not started by services.sh)."""
 
 

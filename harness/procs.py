@@ -15,6 +15,7 @@ import aiohttp
 import msgspec
 
 from core.settings import Settings, child_env
+from harness.errors import HarnessError
 from streams.state import BalanceState
 from topics.codec import encode
 from topics.producer import durable_producer
@@ -30,7 +31,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class EngineError(RuntimeError):
+class EngineError(HarnessError):
     """A child process exited or did not become ready."""
 
 

@@ -20,7 +20,9 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from core.errors import FAILED
 from core.settings import Settings
+from harness.errors import HarnessError
 from sinks import pg
 from topics.codec import decode_command, encode
 from topics.producer import durable_producer
@@ -54,8 +56,10 @@ class Report:
         return self.misplaced == 0 and len(set(self.totals.values())) == 1
 
 
-class RoundTripError(RuntimeError):
+class RoundTripError(HarnessError):
     """A store did not give back what was put into it."""
+
+    exit_code = FAILED  # a finding: the round trip ran
 
 
 def _deposits(count: int, accounts: int, seed: int) -> list[Deposit]:

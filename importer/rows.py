@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
+from core.errors import CANNOT_RUN, TallyError
 from topics.schema import Deposit
 
 COLUMNS: tuple[str, ...] = ("account", "asset", "amount")
@@ -33,9 +34,11 @@ flush_timeout_s = 60.0
 poll_timeout_ms = 200
 
 
-class ImportFailed(RuntimeError):
+class ImportFailed(TallyError):
     """The import could not run: a source or service unreachable, a query that fails.
     The message is one line naming what failed."""
+
+    exit_code = CANNOT_RUN
 
 
 class Problem(enum.StrEnum):

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from core.errors import exit_status, message
 from core.settings import SettingsError, load
 from ingress import service
 
@@ -19,8 +20,8 @@ def main() -> None:
     try:
         settings = load(os.environ)
     except SettingsError as exc:
-        click.echo(f"python -m ingress: {exc}", err=True)
-        sys.exit(2)
+        click.echo(f"python -m ingress: {message(exc)}", err=True)
+        sys.exit(exit_status(exc))
     sys.exit(service.run(settings))
 
 

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.exposition import generate_latest
 
 from core.http import json_response, livez
-from core.settings import Settings
+from core.settings import Settings, SettingsError
 from ingress import subscriptions
 from ingress.admission import Admission
 from ingress.connections import Connections
@@ -85,7 +85,7 @@ class Ingress:
     def check(settings: Settings) -> None:
         """Refuse to start without a way to authenticate clients."""
         if not settings.client_keys() and not settings.ingress_insecure:
-            raise ValueError(
+            raise SettingsError(
                 "TALLY_INGRESS_KEYS is empty: configure client keys, or set "
                 "TALLY_INGRESS_INSECURE=1 to accept unsigned requests (never in production)"
             )

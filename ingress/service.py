@@ -10,9 +10,10 @@ import sys
 
 from aiohttp import web
 
+from core.errors import exit_status
 from core.http import WebServer
 from core.logs import setup_logging
-from core.settings import Settings
+from core.settings import Settings, SettingsError
 from core.supervise import supervise
 from ingress.app import Ingress
 from ingress.protocol import ProblemRunner
@@ -70,9 +71,9 @@ def run(settings: Settings, *, processes: int = 1) -> int:
             asyncio.run(supervise("ingress", [command] * processes))
         else:
             asyncio.run(serve(settings))
-    except ValueError as exc:
+    except SettingsError as exc:
         log.error("ingress: %s", exc)
-        return 2
+        return exit_status(exc)
     except Exception:
         log.exception("ingress failed")
         return 1

@@ -16,6 +16,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocol
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
+from core.errors import CANNOT_RUN, TallyError
 from core.settings import Settings
 from sinks.migrate import MigrationError, migrate
 from sinks.runner import Store
@@ -28,9 +29,11 @@ log = logging.getLogger(__name__)
 kafka_check_timeout_s = 10.0
 
 
-class ReplayError(RuntimeError):
+class ReplayError(TallyError):
     """The replay cannot start: a store or Kafka unreachable, a live sink on the target,
     no events topic. The message is one line, for the operator."""
+
+    exit_code = CANNOT_RUN
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,11 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import signal
 import time
 from collections.abc import Callable
 
+from core.logs import setup_logging
 from core.progress import Progress
 from core.settings import Settings
 from replay.checks import Plan, ReplayError, check_store, describe_store, kafka_plan
@@ -193,18 +193,11 @@ def run(
     *,
     force: bool,
     out: Callable[[str], None],
-    err: Callable[[str], None],
 ) -> int:
-    """The `tally replay` command: 0 when done, 2 when it must not or cannot start, 1
-    when interrupted (SIGINT, SIGTERM) or failed."""
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        summary = asyncio.run(_run(Replay(settings, target, force=force)))
-    except ReplayError as exc:
-        err(f"tally replay: {exc}")
-        return 2
+    """The `tally replay` command: 0 when done, 1 when interrupted (SIGINT, SIGTERM);
+    a ReplayError when it must not or cannot start (the CLI exits with its status, 2)."""
+    setup_logging(settings, f"replay {target}", quiet=True)
+    summary = asyncio.run(_run(Replay(settings, target, force=force)))
     for line in summary.lines():
         out(line)
     return 0 if summary.completed else 1

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from core.errors import exit_status, message
 from core.settings import SettingsError, load
 from sinks import service
 
@@ -45,8 +46,8 @@ def main(target: str, partitions: str, web_port: int | None) -> None:
     try:
         settings = load(os.environ)
     except SettingsError as exc:
-        click.echo(f"python -m sinks: {exc}", err=True)
-        sys.exit(2)
+        click.echo(f"python -m sinks: {message(exc)}", err=True)
+        sys.exit(exit_status(exc))
     shares = _shares(partitions, settings.partitions)
     sys.exit(service.run(settings, target, partitions=shares, web_port=web_port))
 

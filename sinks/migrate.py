@@ -21,7 +21,9 @@ from pathlib import Path
 
 import asyncpg
 
+from core.settings import Settings
 from sinks import pg
+from sinks.errors import SinkError
 from sinks.pg import quote
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
@@ -29,7 +31,7 @@ SHARDED_TABLES = ("balances", "ledger_entries", "command_results", "breakpoints"
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
-class MigrationError(RuntimeError):
+class MigrationError(SinkError):
     """The migrations folder or the schema is not in a state we can work from."""
 
 
@@ -119,3 +121,14 @@ async def _ensure_partitions(conn: asyncpg.Connection, schema: str, partitions: 
                     f"CREATE TABLE IF NOT EXISTS {ident}.{quote(f'{table}_p{shard}')}"
                     f" PARTITION OF {ident}.{table} FOR VALUES IN ({shard}){storage}"
                 )
+
+
+async def migrate_deployment(
+    settings: Settings, say: Callable[[str], None] = lambda _: None
+) -> list[str]:
+    """`tally migrate`: bring the deployment's schema up to date; a PostgreSQL that
+    cannot be reached is a MigrationError too (one line for the operator)."""
+    try:
+        return await migrate(settings.pg_dsn, settings.topic_prefix, settings.partitions, say=say)
+    except OSError as exc:
+        raise MigrationError(f"PostgreSQL unreachable ({exc})") from exc

@@ -17,7 +17,7 @@ dead-letter topic and the sink goes on.
 No event's content stops a sink either. When the store refuses a batch with an error
 its content caused (`content_error`: a value PostgreSQL cannot hold, a Redis script
 error; told apart from outages, which are retried), the batch is split in halves, and
-halves again, each part written on its own (`_isolate`), until the events the store
+halves again, each part written on its own (`sinks.isolate`), until the events the store
 refuses are found alone; they are dead-lettered with the store's error and the rest of
 the batch is in the store. Parts move no offsets (each is written with the offsets
 the batch started from); the batch's end offsets are written last, after the dead
@@ -41,74 +41,28 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
-from topics.codec import dead_letter, decode_result, encode
+from sinks import intake, isolate
+from sinks.batch import Batch, Store, StoreLost, no_content_errors, one_line
+from sinks.retry import Outages
+from topics.codec import encode
 from topics.producer import durable_producer
-from topics.schema import DeadLetter, Result
+from topics.schema import DeadLetter
 from topics.specs import Topics
+
+# What the stores and the tools import from here.
+__all__ = ["Batch", "SinkRunner", "Store", "StoreLost"]
 
 log = logging.getLogger(__name__)
 
-backoff_first_s = 0.1
-backoff_max_s = 5.0
 status_every_s = 10.0
 probe_every_s = 5.0
-
-
-class StoreLost(Exception):
-    """The store no longer holds what this sink wrote to these partitions (a Redis that
-    was flushed or restarted empty): nothing of the batch was written for them."""
-
-    def __init__(self, partitions: list[int]) -> None:
-        super().__init__(f"the store lost partitions {partitions}")
-        self.partitions = partitions
-
-
-@dataclass
-class Batch:
-    """Decoded events of one poll, in partition order, and where each partition ends."""
-
-    topic: str
-    events: list[tuple[int, Result]] = field(default_factory=list)  # (shard, result)
-    # The events topic offset of each event (same order): what a dead letter names.
-    sources: list[int] = field(default_factory=list)
-    offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset
-    # partition -> the offset the store should hold before this batch (the previous
-    # batch's end): what a store that keeps offsets checks to notice it lost its data.
-    start: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def entries(self) -> int:
-        return sum(len(r.entries) for _, r in self.events)
-
-
-class Store(Protocol):
-    name: str
-    # Exceptions that mean "the store is unreachable right now": retried.
-    unavailable: tuple[type[BaseException], ...]
-
-    async def open(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def offsets(self, topic: str) -> dict[int, int]:
-        """The store's own next offsets per partition (absent: from the beginning)."""
-        ...
-
-    async def write(self, batch: Batch) -> None: ...
-
-
-def no_content_errors(error: BaseException) -> bool:
-    return False
 
 
 class SinkRunner:
@@ -148,8 +102,6 @@ class SinkRunner:
         self.batches = 0
         self.dead_lettered = 0
         self.isolated = 0  # of them: events the store refused
-        self.down_since: float | None = None
-        self.outages = 0
         self.rebuilds = 0
         self._next_probe = 0.0
         self.consumer: AIOKafkaConsumer | None = None
@@ -158,6 +110,7 @@ class SinkRunner:
         # the sink's web server keeps the histogram.
         self.on_write: Callable[[float], None] | None = None
         self._stopping = asyncio.Event()
+        self._outages = Outages(self._stopping)
         self._reseek: set[TopicPartition] = set()
         self._next: dict[TopicPartition, int] = {}
         self._lettered: dict[int, int] = {}  # partition -> offset dead letters were sent to
@@ -168,6 +121,20 @@ class SinkRunner:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    @property
+    def down_since(self) -> float | None:
+        """Since when (monotonic) the store is unreachable; None while it answers."""
+        return self._outages.down_since
+
+    @down_since.setter
+    def down_since(self, at: float | None) -> None:
+        self._outages.down_since = at
+
+    @property
+    def outages(self) -> int:
+        """How many times the store went down."""
+        return self._outages.count
 
     async def lag(self) -> int:
         """Events on the topic not yet consumed, over the assigned partitions. (The
@@ -298,79 +265,28 @@ class SinkRunner:
             "it cannot hold",
             self.store.name,
             len(batch.events),
-            _one_line(error),
+            one_line(error),
         )
         assert len(batch.sources) == len(batch.events), "a batch names each event's offset"
-        if len(batch.events) == 1:
-            refused = [(0, _one_line(error))]
-        else:
-            refused = await self._isolate(batch, list(range(len(batch.events))))
+        refused = await isolate.refused_events(
+            self._write_retrying, self.content_error, batch, error
+        )
         letters = [
-            self._refused_letter(batch.events[i][0], batch.sources[i], batch.events[i][1], why)
+            intake.refused(
+                self.store.name, self.topic, batch.events[i][0], batch.sources[i],
+                batch.events[i][1], why,
+            )
             for i, why in refused
-        ]
+        ]  # fmt: skip
         self.isolated += len(letters)
         self.dead_lettered += len(letters)
         await self._send_letters(letters, self._isolated_to)
         # Every other event is in the store now (in the parts): only the offsets are left.
-        ends = dataclasses.replace(batch, events=[], sources=[])
-        await self._retrying(lambda: self.store.write(ends))
-        skip = {i for i, _ in refused}
-        kept = [i for i in range(len(batch.events)) if i not in skip]
-        return dataclasses.replace(
-            batch,
-            events=[batch.events[i] for i in kept],
-            sources=[batch.sources[i] for i in kept],
-        )
+        await self._write_retrying(dataclasses.replace(batch, events=[], sources=[]))
+        return isolate.without(batch, refused)
 
-    async def _isolate(self, batch: Batch, indices: list[int]) -> list[tuple[int, str]]:
-        """(index, store error) of the events of `batch[indices]` (two or more, which
-        the store has refused together) that the store refuses alone; every other one
-        is written. Halves, depth first in order: about 2 log2(n) writes per refused
-        event."""
-        refused: list[tuple[int, str]] = []
-        middle = len(indices) // 2
-        for half in (indices[:middle], indices[middle:]):
-            error = await self._write_part(batch, half)
-            if error is None:
-                continue
-            if len(half) == 1:
-                refused.append((half[0], error))
-            else:
-                refused += await self._isolate(batch, half)
-        return refused
-
-    async def _write_part(self, batch: Batch, indices: list[int]) -> str | None:
-        """Write some events of `batch` with no offset moved (each partition's offsets
-        are written as the batch's start); the store's error when their content is
-        refused, else None."""
-        events = [batch.events[i] for i in indices]
-        shards = sorted({shard for shard, _ in events})
-        start = {p: batch.start.get(p, 0) for p in shards}
-        part = dataclasses.replace(
-            batch, events=events, sources=[batch.sources[i] for i in indices], offsets=start
-        )
-        part.start = dict(start)
-        try:
-            await self._retrying(lambda: self.store.write(part))
-        except Exception as error:
-            if not self.content_error(error):
-                raise
-            return _one_line(error)
-        return None
-
-    def _refused_letter(self, partition: int, offset: int, result: Result, why: str) -> DeadLetter:
-        # Bounded like every dead letter (`topics.codec.dead_letter`): a result of a
-        # 1,000-leg disbursement re-encoded whole could pass the broker's limit.
-        return dead_letter(
-            f"sink {self.store.name}: the store refused the event: {why}",
-            topic=self.topic,
-            partition=partition,
-            offset=offset,
-            key=result.account.encode(),
-            raw=encode(result),
-            at_ms=int(time.time() * 1000),
-        )
+    async def _write_retrying(self, batch: Batch) -> None:
+        await self._retrying(lambda: self.store.write(batch))
 
     async def _finish(self) -> None:
         """Wait for the write in flight, then commit its offsets and count it."""
@@ -394,6 +310,10 @@ class SinkRunner:
                 )
         for p, o in batch.offsets.items():
             self._next[TopicPartition(self.topic, p)] = o
+        await self._status()
+
+    async def _status(self) -> None:
+        """Every status_every_s: one line with what was written and the lag."""
         now = time.monotonic()
         if now - self._last_status >= status_every_s:
             self._last_status = now
@@ -460,41 +380,12 @@ class SinkRunner:
         return polled
 
     def _decode(self, polled: dict[TopicPartition, list[Any]]) -> tuple[Batch, list[DeadLetter]]:
-        batch = Batch(topic=self.topic)
-        letters = []
-        for tp, records in sorted(polled.items(), key=lambda kv: kv[0].partition):
-            if self.until is not None:
-                end = self.until.get(tp.partition, 0)
-                records = [r for r in records if r.offset < end]
-            expected = self._next.get(tp)
-            for record in records:
-                if expected is not None and record.offset < expected:
-                    continue  # written already (redelivered after a rebalance or seek)
-                try:
-                    result = decode_result(record.value or b"")
-                except msgspec.MsgspecError as exc:
-                    letters.append(self._letter(record, f"{exc}"))
-                    continue
-                batch.events.append((tp.partition, result))
-                batch.sources.append(record.offset)
-            if records:
-                batch.offsets[tp.partition] = max(
-                    records[-1].offset + 1, batch.offsets.get(tp.partition, 0)
-                )
+        batch, letters = intake.decode(
+            polled, topic=self.topic, store_name=self.store.name, written=self._next,
+            until=self.until,
+        )  # fmt: skip
         self.dead_lettered += len(letters)
         return batch, letters
-
-    def _letter(self, record: Any, reason: str) -> DeadLetter:
-        # Bounded like the engine's (a 1 MB event of 0xff escaped would be ~5 MB).
-        return dead_letter(
-            f"sink {self.store.name}: undecodable event: {reason}",
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key,
-            raw=record.value or b"",
-            at_ms=int(time.time() * 1000),  # the sink's time: the record's is not ours
-        )
 
     async def _at_end(self) -> bool:
         """A replay: whether every partition has been read up to its end offset. (The
@@ -528,36 +419,7 @@ class SinkRunner:
 
     async def _retrying(self, call: Callable[[], Any]) -> Any:
         """Run `call` until the store answers; log the outage once, and the recovery."""
-        delay = backoff_first_s
-        while True:
-            try:
-                result = await call()
-            except self.store.unavailable as exc:
-                if self.down_since is None:
-                    self.down_since = time.monotonic()
-                    self.outages += 1
-                    log.warning("sink %s: store unavailable (%s); retrying", self.store.name, exc)
-                if self._stopping.is_set():
-                    raise
-                await asyncio.sleep(random.uniform(0, delay))
-                delay = min(backoff_max_s, delay * 2)
-                with contextlib.suppress(*self.store.unavailable):
-                    await self.store.close()
-                    await self.store.open()
-                continue
-            if self.down_since is not None:
-                log.warning(
-                    "sink %s: store back after %.1fs",
-                    self.store.name,
-                    time.monotonic() - self.down_since,
-                )
-                self.down_since = None
-            return result
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+        return await self._outages.retrying(self.store, call)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

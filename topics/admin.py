@@ -13,6 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from topics.errors import TopicError
 from topics.specs import TopicSpec
 
 # How long a freshly created topic may take to show its partitions in metadata.
@@ -26,11 +27,11 @@ enforced_configs = ("message.timestamp.type",)
 _DYNAMIC_TOPIC_CONFIG = 1
 
 
-class TopicMismatch(RuntimeError):
+class TopicMismatch(TopicError):
     """An existing topic has a different partition count than the deployment's shards."""
 
 
-class TopicConfigError(RuntimeError):
+class TopicConfigError(TopicError):
     """The broker refused to change an existing topic's enforced settings."""
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from harness.chaos.plan import Fault
 from harness.checks import Check
+from harness.errors import HarnessError
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Run:
         return not self.skipped and sorted(self.carried_out) == planned
 
 
-class ChaosError(RuntimeError):
+class ChaosError(HarnessError):
     """The run could not be carried out (not a finding: a broken setup)."""
 
 
