@@ -13,7 +13,7 @@ It also hands a chunked body's framing error to the handler reading that body (s
 `data_received`). The aiohttp internals this relies on (`AppRunner._make_server`,
 `Server._kwargs`, the signature of `RequestHandler.handle_error`, its `_messages`,
 `_current_request` and `_ErrInfo`, the parser's exception types and messages) are
-pinned by tests/unit/test_ingress_parts.py, which fails if aiohttp moves them.
+pinned by tests/unit/ingress/test_ingress_parts.py, which fails if aiohttp moves them.
 """
 
 from __future__ import annotations

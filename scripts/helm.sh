@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the Helm CLI from its Go module into the cache, once: `make test` renders the
-# chart in deploy/helm/tally with it (tests/unit/test_helm_chart.py) and validates the
+# chart in deploy/helm/tally with it (tests/unit/deploy/test_helm_chart.py) and validates the
 # output against the Kubernetes schemas shipped by the kubernetes-validate package, so
 # no cluster and no network access to schema stores is needed.
 #

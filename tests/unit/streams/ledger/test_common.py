@@ -10,7 +10,7 @@ from __future__ import annotations
 from streams.ledger import apply, reject_invalid
 from streams.memory import MemoryShard
 from streams.state import BalanceState
-from tests.unit.ledger.support import (
+from tests.unit.streams.ledger.support import (
     NOW,
     assert_applied,
     bal,

@@ -11,7 +11,7 @@ import pytest
 
 from streams.memory import MemoryShard
 from streams.state import BalanceState
-from tests.unit.ledger.support import (
+from tests.unit.streams.ledger.support import (
     NOW,
     TWO_127,
     assert_applied,

@@ -7,7 +7,7 @@ the engine does, and asserts both the result event and the state left behind.
 from __future__ import annotations
 
 from streams.memory import MemoryShard
-from tests.unit.ledger.support import (
+from tests.unit.streams.ledger.support import (
     MAX,
     assert_applied,
     assert_rejected,

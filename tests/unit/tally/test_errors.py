@@ -29,7 +29,7 @@ from tests.unit.test_layers import RANK
 from topics.admin import TopicConfigError, TopicMismatch
 from topics.errors import TopicError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 # Each family's root and the status its --help (or core/errors.py) documents.
 ROOTS: dict[type[TallyError], int] = {

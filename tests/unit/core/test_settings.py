@@ -13,7 +13,7 @@ import pytest
 
 from core.settings import Settings, SettingsError, load, to_env
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TALLY = Path(sys.executable).parent / "tally"
 
 

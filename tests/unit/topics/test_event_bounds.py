@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streams.ledger import apply
-from tests.unit.test_ledger_properties import (
+from tests.unit.streams.test_ledger_properties import (
     commands,
     edge_accounts,
     edge_amounts,

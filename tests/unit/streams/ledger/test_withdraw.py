@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from streams.memory import MemoryShard
 from streams.state import BalanceState
-from tests.unit.ledger.support import (
+from tests.unit.streams.ledger.support import (
     assert_applied,
     assert_rejected,
     bal,

@@ -12,7 +12,7 @@ import yaml
 
 from core.settings import Settings, load
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 APP = ("worker", "sink-postgres", "sink-redis", "ingress")
 
 

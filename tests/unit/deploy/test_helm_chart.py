@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "deploy" / "helm" / "tally"
 KUBERNETES = "1.30.0"
 VALUES = {"default": [], "scaled": ["-f", str(CHART / "ci" / "scaled-values.yaml")]}
