@@ -28,7 +28,6 @@ import contextlib
 import logging
 import random
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,7 +213,7 @@ class Reader:
         wanted = self._wanted(result)
         self.progress.read(partition, record.offset, pending=wanted)
         if wanted:
-            lane = lanes[zlib.crc32(result.account.encode()) % len(lanes)]
+            lane = lanes[rules.lane_of(result.account, len(lanes))]
             # Waits while this subscriber's lane is full: only this reader is held up.
             await lane.put(Item(partition, record.offset, result))
 
