@@ -6,7 +6,9 @@ consumer only holds the membership (its partitions stay paused); each running
 subscription reads the group's partitions with a reader of its own (`notify.deliver`)
 from the progress stored in PostgreSQL. After every refresh the group's offsets are
 committed as the lowest stored watermark over the subscriptions, for lag monitoring
-only: a restart resumes from each subscription's own progress.
+only: a restart resumes from each subscription's own progress. One writer
+(`notify.lanes`) stores every lane's done offset before that lane goes on, on a
+connection of its own.
 
 Subscriptions are re-read every `notify_refresh_ms`: a new or resumed one starts, a
 paused or deleted one stops (a resumed one goes on from where it stopped: nothing is
@@ -35,6 +37,7 @@ from core.logs import setup_logging
 from core.settings import Settings
 from notify import store
 from notify.deliver import Config, Reader, Redelivery
+from notify.lanes import LaneLog
 from notify.metrics import Metrics
 from notify.resolver import PublicOnly
 from sinks.migrate import migrate, quote
@@ -70,6 +73,8 @@ class Notifier:
         self.assigned: set[int] = set()
         self.joined = False
         self.pool: Any = None
+        self.lanes_pool: Any = None
+        self.lane_log = LaneLog(self._save_lanes)
         self.http: aiohttp.ClientSession | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
@@ -87,6 +92,14 @@ class Notifier:
             self.settings.pg_dsn, min_size=1, max_size=4, timeout=5,
             server_settings={"search_path": quote(self.settings.topic_prefix)},
         )  # fmt: skip
+        # The lanes' writer: one connection, asynchronous commits (notify.lanes says why
+        # that is safe), no reset query after each statement (it sets no session state).
+        self.lanes_pool = await asyncpg.create_pool(
+            self.settings.pg_dsn, min_size=1, max_size=1, timeout=5, reset=_no_reset,
+            server_settings={
+                "search_path": quote(self.settings.topic_prefix), "synchronous_commit": "off",
+            },
+        )  # fmt: skip
         # No connection pool limit per host beyond the lanes: each lane has one request.
         resolver = None if self.settings.notify_allow_private else PublicOnly()
         self.http = aiohttp.ClientSession(
@@ -102,6 +115,7 @@ class Notifier:
         web_runner = await self._serve_web()
         await self.consumer.start()
         log.info("notify: consuming %s in group %s", self.topic, notify_group(self.settings))
+        lane_writer = asyncio.create_task(self.lane_log.run(), name="notify lanes")
         try:
             while not self._stopping.is_set():
                 # Keeps the membership alive (its partitions are paused: nothing comes).
@@ -110,11 +124,16 @@ class Notifier:
         finally:
             for reader in [*self.readers.values(), *self.redeliveries.values()]:
                 await reader.stop()
+            lane_writer.cancel()
+            await asyncio.gather(lane_writer, return_exceptions=True)
+            with contextlib.suppress(Exception):  # else repeated after the restart
+                await asyncio.wait_for(self.lane_log.flush(), CHECK_TIMEOUT_S)
             await self._commit()
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
             await web_runner.cleanup()
             await self.http.close()
+            await self.lanes_pool.close()
             await self.pool.close()
 
     async def _refresh(self) -> None:
@@ -160,7 +179,7 @@ class Notifier:
             reader = Redelivery(
                 sub, r, bootstrap=self.settings.kafka_bootstrap, topic=self.topic,
                 partitions=partitions, pool=self.pool, http=self.http, metrics=self.metrics,
-                config=self.config,
+                config=self.config, lane_log=self.lane_log,
             )  # fmt: skip
             self.redeliveries[r.id] = reader
             reader.start()
@@ -170,8 +189,11 @@ class Notifier:
         return Reader(
             sub, bootstrap=self.settings.kafka_bootstrap, topic=self.topic,
             partitions=partitions, pool=self.pool, http=self.http, metrics=self.metrics,
-            config=self.config,
+            config=self.config, lane_log=self.lane_log,
         )  # fmt: skip
+
+    async def _save_lanes(self, done: dict[tuple[str, int, int], int]) -> None:
+        await store.save_lanes_done(self.lanes_pool, self.topic, self.config.concurrency, done)
 
     async def _commit(self) -> None:
         """The group's offsets: the lowest watermark over the running subscriptions."""
@@ -225,6 +247,10 @@ class Notifier:
             body=generate_latest(self.metrics.registry),
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
+
+
+async def _no_reset(connection: Any) -> None:
+    return None
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:

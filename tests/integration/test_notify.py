@@ -50,6 +50,7 @@ class Receiver:
     mode: str = "ok"
     failures: int = 0
     delay_s: float = 0.0  # before answering 200
+    slow: dict[str, float] = field(default_factory=dict)  # account -> its delay instead
     port: int = field(default_factory=free_port)
     requests: list[dict[str, Any]] = field(default_factory=list)
     acked: list[dict[str, Any]] = field(default_factory=list)  # bodies answered 2xx
@@ -85,8 +86,9 @@ class Receiver:
             await asyncio.sleep(3600)
         if self.mode == "flaky" and len(self.requests) <= self.failures:
             return web.Response(status=500)
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        delay_s = self.slow.get(body["event"]["account"], self.delay_s)
+        if delay_s:
+            await asyncio.sleep(delay_s)
         self.acked.append(body)
         return web.Response(status=200)
 
