@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,12 +55,21 @@ def repeats_and_lasts(
     return repeated, last
 
 
-@pytest.mark.parametrize("how", ["kill", "stop"])
-async def test_kill_9_of_the_notifier_repeats_only_the_deliveries_in_flight(
-    settings: Settings, tmp_path_factory: pytest.TempPathFactory, how: str
-) -> None:
+@dataclass
+class Runs:
+    ids: list[str]  # every command the receiver must have had acknowledged
+    before: list[dict[str, Any]]  # requests it got before the notifier's end
+    after: list[dict[str, Any]]  # and after the restart
+    acked: list[dict[str, Any]]
+
+
+async def crash_and_restart(
+    settings: Settings, tmp: Path, *, how: str, lanes_after: int = LANES
+) -> Runs:
+    """A notifier delivers to a receiver with one slow account (its lane holds its
+    partition's watermark far back), is killed (or stopped) mid-stream, and a second one
+    with `lanes_after` lanes delivers the rest."""
     prefix = f"ntc-{uuid.uuid4().hex[:8]}"
-    tmp = tmp_path_factory.mktemp("notify-crash")
     await migrate(settings.pg_dsn, prefix, PARTITIONS)
     engine = EngineProcess(settings, prefix=prefix, data_dir=tmp / "engine", partitions=PARTITIONS)
     ingress = IngressProcess(
@@ -69,10 +80,10 @@ async def test_kill_9_of_the_notifier_repeats_only_the_deliveries_in_flight(
         settings, prefix=prefix, log_path=tmp / "notify1.log", partitions=PARTITIONS, **CRASH
     )
     second = NotifyProcess(
-        settings, prefix=prefix, log_path=tmp / "notify2.log", partitions=PARTITIONS, **CRASH
-    )
+        settings, prefix=prefix, log_path=tmp / "notify2.log", partitions=PARTITIONS,
+        **{**CRASH, "notify_concurrency": lanes_after},
+    )  # fmt: skip
     accounts = [f"{prefix}-{i}" for i in range(20)]
-    # One slow account: its lane holds its partition's stored progress far back.
     receiver = Receiver("ok", delay_s=0.01, slow={accounts[0]: 0.15})
     await receiver.start()
     await engine.start()
@@ -96,21 +107,41 @@ async def test_kill_9_of_the_notifier_repeats_only_the_deliveries_in_flight(
     finally:
         await asyncio.gather(second.stop(), first.stop(), ingress.stop(), engine.stop())
         await receiver.stop()
+    return Runs(ids, before, receiver.requests[len(before) :], receiver.acked)
 
-    after = receiver.requests[len(before) :]
-    repeated, last = repeats_and_lasts(before, after)
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+async def test_kill_9_of_the_notifier_repeats_only_the_deliveries_in_flight(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory, how: str
+) -> None:
+    runs = await crash_and_restart(settings, tmp_path_factory.mktemp("notify-crash"), how=how)
+    repeated, last = repeats_and_lasts(runs.before, runs.after)
     in_flight = set(last.values())
     print(
-        f"{len(before)} requests before the kill, {len(after)} after the restart, "
-        f"{len(repeated)} repeated (in flight at the kill: at most {len(in_flight)}): "
-        f"{sorted(repeated)}"
+        f"{len(runs.before)} requests before the {how}, {len(runs.after)} after the restart, "
+        f"{len(repeated)} repeated (in flight: at most {len(in_flight)}): {sorted(repeated)}"
     )
     # A repeat is a delivery some lane had in flight at the kill, nothing it had done.
     assert repeated <= in_flight, sorted(repeated - in_flight)
     assert len(repeated) <= LANES
     # Each delivery once per notifier run (no retry of a receiver answering 200).
-    for run in (before, after):
+    for run in (runs.before, runs.after):
         counts = collections.Counter(b["delivery_id"] for b in run)
         assert max(counts.values()) == 1
-    assert {b["command_id"] for b in receiver.acked} == set(ids)  # nothing lost
-    assert in_order_per_account(receiver.acked)
+    assert {b["command_id"] for b in runs.acked} == set(runs.ids)  # nothing lost
+    assert in_order_per_account(runs.acked)
+
+
+async def test_a_restart_with_another_lane_count_loses_nothing(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The stored lanes' offsets are of 4 lanes; a notifier with 3 maps accounts to lanes
+    otherwise and must not skip by them (it repeats more: from the watermark)."""
+    tmp = tmp_path_factory.mktemp("notify-relane")
+    runs = await crash_and_restart(settings, tmp, how="kill", lanes_after=3)
+    repeated, _ = repeats_and_lasts(runs.before, runs.after)
+    print(f"{len(runs.before)} requests before the kill, {len(repeated)} repeated")
+    assert {b["command_id"] for b in runs.acked} == set(runs.ids)  # nothing lost
+    assert in_order_per_account(runs.acked)
+    counts = collections.Counter(b["delivery_id"] for b in runs.acked)
+    assert max(counts.values()) <= 2

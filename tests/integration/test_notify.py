@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import asyncpg
 import msgspec
 import pytest
 from aiohttp import web
 
 from core.settings import Settings
-from notify import rules
-from sinks.migrate import migrate
+from notify import rules, store
+from sinks.migrate import migrate, quote
 from tally.client import Client
 from tally.procs import EngineProcess, IngressProcess, NotifyProcess, free_port
 
@@ -360,3 +361,29 @@ async def test_the_notifier_answers_livez_readyz_and_metrics(stack: Stack) -> No
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         assert response.status == 200
     assert await metric(stack.notifier, "tally_notify_subscriptions") >= 0
+
+
+async def test_lane_offsets_only_move_forward_and_not_for_a_deleted_subscription(
+    settings: Settings, stack: Stack
+) -> None:
+    conn = await asyncpg.connect(
+        settings.pg_dsn, server_settings={"search_path": quote(stack.prefix)}
+    )
+    try:
+        sub = await subscribe(stack.client, "http://127.0.0.1:9/none", accounts=["nobody"])
+        topic = f"{stack.prefix}.events"
+        await store.save_lanes_done(conn, topic, 4, {(sub, 0, 1): 50, (sub, 2, 3): 7})
+        # A stale writer (another notifier, an older batch) cannot move an offset back.
+        await store.save_lanes_done(conn, topic, 4, {(sub, 0, 1): 20, (sub, 2, 3): 8})
+        assert await store.lanes_done(conn, sub, topic, 4) == {(0, 1): 50, (2, 3): 8}
+        assert await store.lanes_done(conn, sub, topic, 3) == {}  # of another lane count
+        gone = await stack.client.request("DELETE", f"/v1/subscriptions/{sub}", **JSON)
+        assert gone.status == 204
+        assert await store.lanes_done(conn, sub, topic, 4) == {}  # deleted with it
+        # A batch holding a deleted subscription's lanes stores the others, and no error.
+        alive = await subscribe(stack.client, "http://127.0.0.1:9/none", accounts=["nobody"])
+        await store.save_lanes_done(conn, topic, 4, {(sub, 0, 1): 60, (alive, 1, 0): 3})
+        assert await store.lanes_done(conn, sub, topic, 4) == {}
+        assert await store.lanes_done(conn, alive, topic, 4) == {(1, 0): 3}
+    finally:
+        await conn.close()
