@@ -146,13 +146,16 @@ async def save_lanes_done(
     any number of lanes of any subscriptions in one statement (never back: a stale writer
     cannot undo; a deleted subscription's rows are left out)."""
     keys = sorted(done)
+    # The subscriptions are locked as the foreign key's check locks them: a delete running
+    # meanwhile either waits or leaves its rows out, never fails the statement.
     await pool.execute(
         "INSERT INTO subscription_lanes"
         " (subscription_id, topic, partition, lanes, lane, done_offset)"
         " SELECT d.subscription_id, $1, d.partition, $2, d.lane, d.done_offset"
         " FROM unnest($3::text[], $4::integer[], $5::integer[], $6::bigint[])"
         " AS d (subscription_id, partition, lane, done_offset)"
-        " JOIN subscriptions s ON s.id = d.subscription_id"
+        " JOIN (SELECT id FROM subscriptions WHERE id = ANY($3) FOR KEY SHARE) s"
+        " ON s.id = d.subscription_id"
         " ON CONFLICT (subscription_id, topic, partition, lanes, lane) DO UPDATE"
         " SET done_offset = GREATEST(subscription_lanes.done_offset, EXCLUDED.done_offset)",
         topic, lanes,
