@@ -137,6 +137,16 @@ class Reader:
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"notify {self.sub.id}")
+        self.task.add_done_callback(self._ended)
+
+    def failed(self) -> bool:
+        """Ended by an error (the notifier starts it again)."""
+        task = self.task
+        return task is not None and task.done() and not task.cancelled() and bool(task.exception())
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("notify %s: reader failed (%r)", self.sub.id, task.exception())
 
     async def stop(self) -> None:
         """Stop reading and delivering, and store what is done (in-flight deliveries are

@@ -12,8 +12,8 @@ connection of its own.
 
 Subscriptions are re-read every `notify_refresh_ms`: a new or resumed one starts, a
 paused or deleted one stops (a resumed one goes on from where it stopped: nothing is
-skipped while paused), a changed one restarts. /livez, /readyz and /metrics answer on
-TALLY_WEB_HOST:TALLY_NOTIFY_PORT.
+skipped while paused), a changed one or one whose reader failed restarts. /livez,
+/readyz and /metrics answer on TALLY_WEB_HOST:TALLY_NOTIFY_PORT.
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ class Notifier:
         partitions = sorted(self.assigned)
         for sub_id, reader in list(self.readers.items()):
             sub = wanted.get(sub_id)
-            if sub is None or sub != reader.sub or reader.partitions != partitions:
+            stale = sub is None or sub != reader.sub or reader.partitions != partitions
+            if stale or reader.failed():  # a failed one (PostgreSQL, Kafka) starts again
                 await reader.stop()
                 del self.readers[sub_id]
         if partitions:

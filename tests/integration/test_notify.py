@@ -387,3 +387,28 @@ async def test_lane_offsets_only_move_forward_and_not_for_a_deleted_subscription
         assert await store.lanes_done(conn, alive, topic, 4) == {(1, 0): 3}
     finally:
         await conn.close()
+
+
+async def test_a_reader_that_fails_to_start_is_started_again(
+    settings: Settings, stack: Stack
+) -> None:
+    """A PostgreSQL error at a reader's start (here: the lanes' table is away for a
+    while) does not leave that subscription without deliveries until a restart."""
+    r = Receiver("ok")
+    await r.start()
+    conn = await asyncpg.connect(
+        settings.pg_dsn, server_settings={"search_path": quote(stack.prefix)}
+    )
+    try:
+        await conn.execute("ALTER TABLE subscription_lanes RENAME TO subscription_lanes_away")
+        try:
+            tag = uuid.uuid4().hex[:6]
+            await subscribe(stack.client, r.url, accounts=[f"s-{tag}"])
+            await asyncio.sleep(1.5)  # the notifier's refreshes start its reader: it fails
+        finally:
+            await conn.execute("ALTER TABLE subscription_lanes_away RENAME TO subscription_lanes")
+        ids = await deposits(stack.client, [f"s-{tag}"], 3, tag)
+        await until(lambda: {b["command_id"] for b in r.acked} == set(ids), "delivered", 30)
+    finally:
+        await conn.close()
+        await r.stop()
