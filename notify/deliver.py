@@ -11,13 +11,22 @@ account; a lane delivers one event at a time, retries included, so one account's
 deliveries reach the subscriber in the order the engine decided them, and at most
 `concurrency` requests per subscriber are in flight.
 
-Progress (at-least-once). Per partition, the stored `next_offset` is the first offset
-not yet done, where done is acknowledged (2xx), parked as failed after the horizon, or
-not matching the filter. It is written every `progress_ms` and when the reader stops;
-a notifier killed with -9 starts again from it, so what it repeats is what was in flight
-or done since the last write, and it skips nothing: the order of the commit is
-deliver (or park) -> mark done -> advance the watermark past contiguous done offsets ->
-store the watermark.
+Progress (at-least-once, repeating only what is in flight). An event is done when it
+is acknowledged (2xx), parked as failed after the horizon, or not matching the filter.
+Two records in PostgreSQL say what is done:
+- per lane and partition, the offset of the last event the lane has done
+  (`notify.lanes`, subscription_lanes), stored before the lane sends its next event,
+  the writes of the process's lanes grouped into one statement;
+- per partition, the watermark `next_offset`: the first offset not yet done (the
+  slowest lane holds it back), stored every `progress_ms` and when the reader stops.
+The order of the commit, per event: deliver (or park) -> store the lane's done offset
+-> mark done -> advance the watermark past contiguous done offsets -> (every
+`progress_ms`) store the watermark. A notifier killed with -9 reads again from the
+watermark and skips every event at or below its lane's stored done offset (a lane
+delivers its events of a partition in offset order: all of those are done), so it
+skips nothing undone and repeats at most one event per lane: the one in flight, sent
+and not yet stored as done. Lane offsets are of a lane count: after a change of
+`concurrency` only the watermark counts.
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ import contextlib
 import logging
 import random
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +46,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from notify import rules, store
+from notify.lanes import LaneLog
 from notify.metrics import Metrics
 from topics.codec import decode_result
 from topics.schema import Result
@@ -109,6 +118,7 @@ class Reader:
         http: aiohttp.ClientSession,
         metrics: Metrics,
         config: Config,
+        lane_log: LaneLog,
     ) -> None:
         self.sub = sub
         self.bootstrap = bootstrap
@@ -121,10 +131,22 @@ class Reader:
         self.secret = sub.secret.encode()
         self.rng = random.Random()
         self.progress: Progress | None = None
+        self.lanes_done: dict[tuple[int, int], int] = {}  # stored at this reader's start
+        self.lane_log = lane_log
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"notify {self.sub.id}")
+        self.task.add_done_callback(self._ended)
+
+    def failed(self) -> bool:
+        """Ended by an error (the notifier starts it again)."""
+        task = self.task
+        return task is not None and task.done() and not task.cancelled() and bool(task.exception())
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("notify %s: reader failed (%r)", self.sub.id, task.exception())
 
     async def stop(self) -> None:
         """Stop reading and delivering, and store what is done (in-flight deliveries are
@@ -149,14 +171,18 @@ class Reader:
         lanes: list[asyncio.Queue[Item]] = [
             asyncio.Queue(maxsize=self.config.queue_max) for _ in range(self.config.concurrency)
         ]
-        tasks = [asyncio.create_task(self._lane(q)) for q in lanes]
+        tasks = [asyncio.create_task(self._lane(i, q)) for i, q in enumerate(lanes)]
         await consumer.start()
         try:
             tps = [TopicPartition(self.topic, p) for p in self.partitions]
             consumer.assign(tps)
             start = await self._start_offsets(consumer, tps)
+            self.lanes_done = await self._lanes_done()
             self.progress = Progress(start)
-            log.info("notify %s: reading %s from offsets %s", self.sub.id, self.topic, start)
+            log.info(
+                "notify %s: reading %s from offsets %s (%d lane positions stored)",
+                self.sub.id, self.topic, start, len(self.lanes_done),
+            )  # fmt: skip
             for tp in tps:
                 consumer.seek(tp, start[tp.partition])
             tasks.append(asyncio.create_task(self._keep_progress()))
@@ -211,12 +237,14 @@ class Reader:
             # The sinks dead-letter it; it is no result anybody could be told about.
             self.progress.read(partition, record.offset, pending=False)
             return
-        wanted = self._wanted(result)
+        lane = rules.lane_of(result.account, len(lanes))
+        # Not wanted either when done before a crash or a stop: its lane has stored that.
+        done = record.offset <= self.lanes_done.get((partition, lane), -1)
+        wanted = not done and self._wanted(result)
         self.progress.read(partition, record.offset, pending=wanted)
         if wanted:
-            lane = lanes[zlib.crc32(result.account.encode()) % len(lanes)]
             # Waits while this subscriber's lane is full: only this reader is held up.
-            await lane.put(Item(partition, record.offset, result))
+            await lanes[lane].put(Item(partition, record.offset, result))
 
     def _wanted(self, result: Result) -> bool:
         return result.at_ms >= self.sub.created_at_ms and self.sub.filter.matches(
@@ -229,10 +257,11 @@ class Reader:
     async def _finished(self) -> None:
         return None
 
-    async def _lane(self, queue: asyncio.Queue[Item]) -> None:
+    async def _lane(self, lane: int, queue: asyncio.Queue[Item]) -> None:
         while True:
             item = await queue.get()
             await self._deliver(item)
+            await self._lane_done(item.partition, lane, item.offset)
             assert self.progress is not None
             self.progress.finish(item.partition, item.offset)
             queue.task_done()
@@ -244,6 +273,13 @@ class Reader:
                 await self._store_progress()
             except (OSError, TimeoutError, Exception) as exc:  # stored again next time
                 log.warning("notify %s: cannot store progress (%s)", self.sub.id, exc)
+
+    async def _lanes_done(self) -> dict[tuple[int, int], int]:
+        stored = await store.lanes_done(self.pool, self.sub.id, self.topic, self.config.concurrency)
+        return {k: o for k, o in stored.items() if k[0] in self.partitions}
+
+    async def _lane_done(self, partition: int, lane: int, offset: int) -> None:
+        await self.lane_log.done((self.sub.id, partition, lane), offset)
 
     async def _store_progress(self) -> None:
         if self.progress is None:
@@ -359,8 +395,9 @@ class Reader:
 class Redelivery(Reader):
     """A redelivery on request: the subscription's matching events decided within
     [from_ms, to_ms], read once from the topic and delivered again (same delivery ids:
-    the same events), then marked done. No progress is stored: a notifier that stops
-    in between starts the whole window again (at-least-once)."""
+    the same events), then marked done. No progress is stored (neither the watermark nor
+    the lanes' done offsets, which are the subscription's): a notifier that stops in
+    between starts the whole window again (at-least-once)."""
 
     def __init__(self, sub: store.Subscription, redelivery: store.Redelivery, **kw: Any) -> None:
         super().__init__(sub, **kw)
@@ -405,6 +442,12 @@ class Redelivery(Reader):
             await super()._route(lanes, partition, record)
 
     async def _store_progress(self) -> None:
+        return None
+
+    async def _lanes_done(self) -> dict[tuple[int, int], int]:
+        return {}  # everything in the window again
+
+    async def _lane_done(self, partition: int, lane: int, offset: int) -> None:
         return None
 
     async def _finished(self) -> None:

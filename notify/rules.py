@@ -36,6 +36,7 @@ import hmac
 import ipaddress
 import random
 import re
+import zlib
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -159,6 +160,12 @@ def check_filter(raw: Filter, *, account_pattern: str, kinds: Sequence[str]) -> 
 def delivery_id(subscription_id: str, topic: str, partition: int, offset: int) -> str:
     text = f"{subscription_id}\n{topic}\n{partition}\n{offset}".encode()
     return hashlib.sha256(text).digest()[:16].hex()
+
+
+def lane_of(account: str, lanes: int) -> int:
+    """The lane (0 <= lane < lanes) a subscription delivers an account's events through:
+    always the same one, so an account's deliveries keep their order."""
+    return zlib.crc32(account.encode()) % lanes
 
 
 def string_to_sign(timestamp: int, delivery: str, subscription: str, body: bytes) -> bytes:

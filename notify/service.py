@@ -6,12 +6,14 @@ consumer only holds the membership (its partitions stay paused); each running
 subscription reads the group's partitions with a reader of its own (`notify.deliver`)
 from the progress stored in PostgreSQL. After every refresh the group's offsets are
 committed as the lowest stored watermark over the subscriptions, for lag monitoring
-only: a restart resumes from each subscription's own progress.
+only: a restart resumes from each subscription's own progress. One writer
+(`notify.lanes`) stores every lane's done offset before that lane goes on, on a
+connection of its own.
 
 Subscriptions are re-read every `notify_refresh_ms`: a new or resumed one starts, a
 paused or deleted one stops (a resumed one goes on from where it stopped: nothing is
-skipped while paused), a changed one restarts. /livez, /readyz and /metrics answer on
-TALLY_WEB_HOST:TALLY_NOTIFY_PORT.
+skipped while paused), a changed one or one whose reader failed restarts. /livez,
+/readyz and /metrics answer on TALLY_WEB_HOST:TALLY_NOTIFY_PORT.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from core.logs import setup_logging
 from core.settings import Settings
 from notify import store
 from notify.deliver import Config, Reader, Redelivery
+from notify.lanes import LaneLog
 from notify.metrics import Metrics
 from notify.resolver import PublicOnly
 from sinks import pg
@@ -70,6 +73,8 @@ class Notifier:
         self.assigned: set[int] = set()
         self.joined = False
         self.pool: Any = None
+        self.lanes_pool: Any = None
+        self.lane_log = LaneLog(self._save_lanes)
         self.http: aiohttp.ClientSession | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
@@ -86,6 +91,16 @@ class Notifier:
         self.pool = await pg.create_pool(
             self.settings.pg_dsn, schema_name(self.settings), min_size=1, max_size=4
         )
+        # The lanes' writer: one connection, asynchronous commits (notify.lanes says why
+        # that is safe), no reset query after each statement (it sets no session state).
+        self.lanes_pool = await pg.create_pool(
+            self.settings.pg_dsn,
+            schema_name(self.settings),
+            min_size=1,
+            max_size=1,
+            reset=_no_reset,
+            server_settings={"synchronous_commit": "off"},
+        )
         # No connection pool limit per host beyond the lanes: each lane has one request.
         resolver = None if self.settings.notify_allow_private else PublicOnly()
         self.http = aiohttp.ClientSession(
@@ -101,6 +116,7 @@ class Notifier:
         web_server = await self._serve_web()
         await self.consumer.start()
         log.info("notify: consuming %s in group %s", self.topic, notify_group(self.settings))
+        lane_writer = asyncio.create_task(self.lane_log.run(), name="notify lanes")
         try:
             while not self._stopping.is_set():
                 # Keeps the membership alive (its partitions are paused: nothing comes).
@@ -109,11 +125,16 @@ class Notifier:
         finally:
             for reader in [*self.readers.values(), *self.redeliveries.values()]:
                 await reader.stop()
+            lane_writer.cancel()
+            await asyncio.gather(lane_writer, return_exceptions=True)
+            with contextlib.suppress(Exception):  # else repeated after the restart
+                await asyncio.wait_for(self.lane_log.flush(), CHECK_TIMEOUT_S)
             await self._commit()
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
             await web_server.stop()
             await self.http.close()
+            await self.lanes_pool.close()
             await self.pool.close()
 
     async def _refresh(self) -> None:
@@ -126,7 +147,8 @@ class Notifier:
         partitions = sorted(self.assigned)
         for sub_id, reader in list(self.readers.items()):
             sub = wanted.get(sub_id)
-            if sub is None or sub != reader.sub or reader.partitions != partitions:
+            stale = sub is None or sub != reader.sub or reader.partitions != partitions
+            if stale or reader.failed():  # a failed one (PostgreSQL, Kafka) starts again
                 await reader.stop()
                 del self.readers[sub_id]
         if partitions:
@@ -159,7 +181,7 @@ class Notifier:
             reader = Redelivery(
                 sub, r, bootstrap=self.settings.kafka_bootstrap, topic=self.topic,
                 partitions=partitions, pool=self.pool, http=self.http, metrics=self.metrics,
-                config=self.config,
+                config=self.config, lane_log=self.lane_log,
             )  # fmt: skip
             self.redeliveries[r.id] = reader
             reader.start()
@@ -169,8 +191,11 @@ class Notifier:
         return Reader(
             sub, bootstrap=self.settings.kafka_bootstrap, topic=self.topic,
             partitions=partitions, pool=self.pool, http=self.http, metrics=self.metrics,
-            config=self.config,
+            config=self.config, lane_log=self.lane_log,
         )  # fmt: skip
+
+    async def _save_lanes(self, done: dict[tuple[str, int, int], int]) -> None:
+        await store.save_lanes_done(self.lanes_pool, self.topic, self.config.concurrency, done)
 
     async def _commit(self) -> None:
         """The group's offsets: the lowest watermark over the running subscriptions."""
@@ -219,6 +244,10 @@ class Notifier:
             body=generate_latest(self.metrics.registry),
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
+
+
+async def _no_reset(connection: Any) -> None:
+    return None
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -1,5 +1,5 @@
-"""Subscriptions, their progress and their parked deliveries in PostgreSQL (migration
-0005): the SQL the subscriptions API and the notifier share."""
+"""Subscriptions, their progress and their parked deliveries in PostgreSQL (migrations
+0005 and 0006): the SQL the subscriptions API and the notifier share."""
 
 from __future__ import annotations
 
@@ -122,6 +122,46 @@ async def save_progress(
         " SET next_offset = GREATEST(subscription_progress.next_offset, EXCLUDED.next_offset)",
         [(subscription_id, topic, p, o) for p, o in offsets.items()],
     )
+
+
+async def lanes_done(
+    pool: Any, subscription_id: str, topic: str, lanes: int
+) -> dict[tuple[int, int], int]:
+    """(partition, lane) -> the offset of the last event that lane has done, for this
+    lane count."""
+    rows = await pool.fetch(
+        "SELECT partition, lane, done_offset FROM subscription_lanes"
+        " WHERE subscription_id = $1 AND topic = $2 AND lanes = $3",
+        subscription_id,
+        topic,
+        lanes,
+    )
+    return {(r["partition"], r["lane"]): r["done_offset"] for r in rows}
+
+
+async def save_lanes_done(
+    pool: Any, topic: str, lanes: int, done: dict[tuple[str, int, int], int]
+) -> None:
+    """Move lanes' done offsets forward, (subscription id, partition, lane) -> offset,
+    any number of lanes of any subscriptions in one statement (never back: a stale writer
+    cannot undo; a deleted subscription's rows are left out)."""
+    keys = sorted(done)
+    # The subscriptions are locked as the foreign key's check locks them: a delete running
+    # meanwhile either waits or leaves its rows out, never fails the statement.
+    await pool.execute(
+        "INSERT INTO subscription_lanes"
+        " (subscription_id, topic, partition, lanes, lane, done_offset)"
+        " SELECT d.subscription_id, $1, d.partition, $2, d.lane, d.done_offset"
+        " FROM unnest($3::text[], $4::integer[], $5::integer[], $6::bigint[])"
+        " AS d (subscription_id, partition, lane, done_offset)"
+        " JOIN (SELECT id FROM subscriptions WHERE id = ANY($3) FOR KEY SHARE) s"
+        " ON s.id = d.subscription_id"
+        " ON CONFLICT (subscription_id, topic, partition, lanes, lane) DO UPDATE"
+        " SET done_offset = GREATEST(subscription_lanes.done_offset, EXCLUDED.done_offset)",
+        topic, lanes,
+        [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+        [done[k] for k in keys],
+    )  # fmt: skip
 
 
 async def park(pool: Any, subscription_id: str, row: dict[str, Any]) -> None:

@@ -19,8 +19,11 @@ def quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _server_settings(schema: str | None) -> dict[str, str] | None:
-    return None if schema is None else {"search_path": quote(schema)}
+def _server_settings(
+    schema: str | None, extra: dict[str, str] | None = None
+) -> dict[str, str] | None:
+    settings = {**(extra or {}), **({} if schema is None else {"search_path": quote(schema)})}
+    return settings or None
 
 
 async def connect(
@@ -46,13 +49,17 @@ async def create_pool(
     max_size: int,
     timeout_s: float = CONNECT_TIMEOUT_S,
     exact_money: bool = False,
+    server_settings: dict[str, str] | None = None,
+    **options: Any,
 ) -> Any:
-    """A pool of such connections."""
+    """A pool of such connections. `server_settings` adds session settings (e.g.
+    `synchronous_commit`); `options` go to asyncpg's create_pool as they are."""
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         timeout=timeout_s,
-        server_settings=_server_settings(schema),
+        server_settings=_server_settings(schema, server_settings),
         init=numeric.use_int_codec if exact_money else None,
+        **options,
     )

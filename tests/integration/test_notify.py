@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import asyncpg
 import msgspec
 import pytest
 from aiohttp import web
@@ -19,8 +20,9 @@ from aiohttp import web
 from core.settings import Settings
 from harness.procs import EngineProcess, IngressProcess, NotifyProcess, free_port
 from ingress.client import Client
-from notify import rules
+from notify import rules, store
 from sinks.migrate import migrate
+from sinks.pg import quote
 
 PARTITIONS = 4
 KEY_ID = "notify-test"
@@ -50,6 +52,7 @@ class Receiver:
     mode: str = "ok"
     failures: int = 0
     delay_s: float = 0.0  # before answering 200
+    slow: dict[str, float] = field(default_factory=dict)  # account -> its delay instead
     port: int = field(default_factory=free_port)
     requests: list[dict[str, Any]] = field(default_factory=list)
     acked: list[dict[str, Any]] = field(default_factory=list)  # bodies answered 2xx
@@ -85,8 +88,9 @@ class Receiver:
             await asyncio.sleep(3600)
         if self.mode == "flaky" and len(self.requests) <= self.failures:
             return web.Response(status=500)
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        delay_s = self.slow.get(body["event"]["account"], self.delay_s)
+        if delay_s:
+            await asyncio.sleep(delay_s)
         self.acked.append(body)
         return web.Response(status=200)
 
@@ -358,3 +362,54 @@ async def test_the_notifier_answers_livez_readyz_and_metrics(stack: Stack) -> No
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         assert response.status == 200
     assert await metric(stack.notifier, "tally_notify_subscriptions") >= 0
+
+
+async def test_lane_offsets_only_move_forward_and_not_for_a_deleted_subscription(
+    settings: Settings, stack: Stack
+) -> None:
+    conn = await asyncpg.connect(
+        settings.pg_dsn, server_settings={"search_path": quote(stack.prefix)}
+    )
+    try:
+        sub = await subscribe(stack.client, "http://127.0.0.1:9/none", accounts=["nobody"])
+        topic = f"{stack.prefix}.events"
+        await store.save_lanes_done(conn, topic, 4, {(sub, 0, 1): 50, (sub, 2, 3): 7})
+        # A stale writer (another notifier, an older batch) cannot move an offset back.
+        await store.save_lanes_done(conn, topic, 4, {(sub, 0, 1): 20, (sub, 2, 3): 8})
+        assert await store.lanes_done(conn, sub, topic, 4) == {(0, 1): 50, (2, 3): 8}
+        assert await store.lanes_done(conn, sub, topic, 3) == {}  # of another lane count
+        gone = await stack.client.request("DELETE", f"/v1/subscriptions/{sub}", **JSON)
+        assert gone.status == 204
+        assert await store.lanes_done(conn, sub, topic, 4) == {}  # deleted with it
+        # A batch holding a deleted subscription's lanes stores the others, and no error.
+        alive = await subscribe(stack.client, "http://127.0.0.1:9/none", accounts=["nobody"])
+        await store.save_lanes_done(conn, topic, 4, {(sub, 0, 1): 60, (alive, 1, 0): 3})
+        assert await store.lanes_done(conn, sub, topic, 4) == {}
+        assert await store.lanes_done(conn, alive, topic, 4) == {(1, 0): 3}
+    finally:
+        await conn.close()
+
+
+async def test_a_reader_that_fails_to_start_is_started_again(
+    settings: Settings, stack: Stack
+) -> None:
+    """A PostgreSQL error at a reader's start (here: the lanes' table is away for a
+    while) does not leave that subscription without deliveries until a restart."""
+    r = Receiver("ok")
+    await r.start()
+    conn = await asyncpg.connect(
+        settings.pg_dsn, server_settings={"search_path": quote(stack.prefix)}
+    )
+    try:
+        await conn.execute("ALTER TABLE subscription_lanes RENAME TO subscription_lanes_away")
+        try:
+            tag = uuid.uuid4().hex[:6]
+            await subscribe(stack.client, r.url, accounts=[f"s-{tag}"])
+            await asyncio.sleep(1.5)  # the notifier's refreshes start its reader: it fails
+        finally:
+            await conn.execute("ALTER TABLE subscription_lanes_away RENAME TO subscription_lanes")
+        ids = await deposits(stack.client, [f"s-{tag}"], 3, tag)
+        await until(lambda: {b["command_id"] for b in r.acked} == set(ids), "delivered", 30)
+    finally:
+        await conn.close()
+        await r.stop()

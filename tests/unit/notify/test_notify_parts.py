@@ -1,8 +1,9 @@
 """The pure parts of deliveries (#17): URL checks, filters, delivery ids, signatures,
-backoff, and the progress watermark."""
+backoff, the progress watermark, and the lanes' group commit."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import random
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from notify import rules
 from notify.deliver import Progress
+from notify.lanes import LaneLog
 from notify.resolver import PublicOnly
 from topics import limits
 from topics.schema import PUBLIC_KINDS
@@ -191,3 +193,71 @@ async def test_a_name_resolving_to_loopback_is_not_connected_to() -> None:
             await resolver.resolve("localhost", 443)
     finally:
         await resolver.close()
+
+
+# The lanes' group commit (notify.lanes) -------------------------------------------------
+
+
+class _Saves:
+    """A save that records each batch, fails the first `failures` calls, and can be held."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.batches: list[dict[tuple[str, int, int], int]] = []
+        self.failures = failures
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def __call__(self, batch: dict[tuple[str, int, int], int]) -> None:
+        await self.gate.wait()
+        if self.failures:
+            self.failures -= 1
+            raise OSError("PostgreSQL away")
+        self.batches.append(dict(batch))
+
+
+async def test_lanes_finishing_during_a_write_go_together_in_the_next() -> None:
+    saves = _Saves()
+    log = LaneLog(saves)
+    writer = asyncio.create_task(log.run())
+    try:
+        saves.gate.clear()  # the first write is under way while the others finish
+        first = asyncio.create_task(log.done(("s", 0, 0), 5))
+        await asyncio.sleep(0.01)
+        rest = [asyncio.create_task(log.done(("s", p, lane), 7)) for p, lane in ((0, 1), (1, 2))]
+        rest.append(asyncio.create_task(log.done(("t", 0, 0), 9)))
+        await asyncio.sleep(0.01)
+        assert not first.done()  # a lane goes on only once its offset is stored
+        saves.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, *rest), 2)
+        assert saves.batches == [
+            {("s", 0, 0): 5},
+            {("s", 0, 1): 7, ("s", 1, 2): 7, ("t", 0, 0): 9},
+        ]
+    finally:
+        writer.cancel()
+
+
+async def test_a_failed_write_is_retried_and_the_lane_waits_for_it() -> None:
+    saves = _Saves(failures=2)
+    log = LaneLog(saves)
+    writer = asyncio.create_task(log.run())
+    try:
+        await asyncio.wait_for(log.done(("s", 3, 1), 42), 5)
+        assert saves.batches == [{("s", 3, 1): 42}]
+    finally:
+        writer.cancel()
+
+
+async def test_a_write_cut_by_the_shutdown_is_flushed_after_it() -> None:
+    saves = _Saves()
+    log = LaneLog(saves)
+    writer = asyncio.create_task(log.run())
+    saves.gate.clear()
+    lane = asyncio.create_task(log.done(("s", 0, 2), 11))
+    await asyncio.sleep(0.01)
+    for task in (lane, writer):  # the reader stops, then the writer
+        task.cancel()
+    await asyncio.gather(lane, writer, return_exceptions=True)
+    saves.gate.set()
+    await log.flush()
+    assert saves.batches == [{("s", 0, 2): 11}]
