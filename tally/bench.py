@@ -11,13 +11,17 @@ is plain aiokafka consume -> produce of the same records with no state and no
 decoding, one `send` per record: the ceiling any Python consumer on this broker and
 machine starts from, and the normaliser of the "vs pipe" column. The batched pipe, for
 information, is the same loop sending one Kafka batch per partition per poll, as the
-engine does: the best a plain aiokafka pipe reaches here.
+engine does: the best a plain aiokafka pipe reaches here. The worker's CPU seconds
+over the drain (commands per CPU second) are reported beside the rates: on a shared
+machine they move less than wall-clock rates do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import os
 import statistics
 import time
 import uuid
@@ -53,6 +57,10 @@ class EngineResult:
     latency_p50_ms: float
     latency_p99_ms: float
     latency_samples: int
+    # CPU the worker process used from ready to the last result, and commands per CPU
+    # second: steadier than wall time on a shared, noisy machine.
+    worker_cpu_s: float
+    commands_per_cpu_s: float
 
 
 def _records(records: list[Record]) -> list[tuple[str, bytes, int | None]]:
@@ -92,9 +100,11 @@ async def engine_phase(
     try:
         say(f"[{guarantee}] starting an engine worker on the backlog")
         await proc.start()
+        cpu_at_start = _cpu_s(proc)
         done = all_answered(expected)
         if not await collector.wait_for(done, timeout_s=drain_timeout_s, say=say):
             raise RuntimeError(f"engine did not drain {count} commands in {drain_timeout_s}s")
+        worker_cpu_s = _cpu_s(proc) - cpu_at_start
         results = collector.results
         client_times = [results.received_at[i] for i in expected]
         first = min(results.received_at.values())
@@ -118,7 +128,19 @@ async def engine_phase(
         latency_p50_ms=_pct(latencies, 50),
         latency_p99_ms=_pct(latencies, 99),
         latency_samples=len(latencies),
+        worker_cpu_s=worker_cpu_s,
+        commands_per_cpu_s=len(work.records) / worker_cpu_s if worker_cpu_s > 0 else math.nan,
     )
+
+
+def _cpu_s(proc: EngineProcess) -> float:
+    """User + system CPU seconds of the worker process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        assert proc.proc is not None
+        fields = Path(f"/proc/{proc.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, AssertionError, IndexError, ValueError):
+        return math.nan
 
 
 async def _latency(settings: Settings, proc: EngineProcess, collector: Collector) -> list[float]:
@@ -298,11 +320,15 @@ async def run(
     }
     await asyncio.to_thread(write_report, report, out)
     say("")
-    say(f"{'run':<22}{'commands/s':>12}{'results/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'vs pipe':>9}")
+    say(
+        f"{'run':<22}{'commands/s':>12}{'results/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'vs pipe':>9}"
+        f"{'per CPU s':>11}"
+    )
     for e in engines:
         say(
             f"{'engine ' + e.guarantee:<22}{e.applied_per_s:>12,.0f}{e.results_per_s:>12,.0f}"
             f"{e.latency_p50_ms:>9.1f}{e.latency_p99_ms:>9.1f}{e.applied_per_s / pipe:>9.1%}"
+            f"{e.commands_per_cpu_s:>11,.0f}"
         )
     say(f"{'raw pipe (no state)':<22}{pipe:>12,.0f}")
     say(f"{'batched pipe (info)':<22}{batched:>12,.0f}{'':>30}{batched / pipe:>9.1%}")
