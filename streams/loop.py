@@ -37,8 +37,7 @@ from aiokafka.structs import TopicPartition
 from streams import transaction
 from streams.ownership import Shards, fenced
 from streams.records import Output, Records, check_sizes
-from streams.store import CommandName
-from streams.timers import HoldExpiries, Pruning
+from streams.timers import HoldExpiries, Prune, Pruning
 from topics.schema import Expire
 
 log = logging.getLogger(__name__)
@@ -171,7 +170,9 @@ class BatchLoop:
             return
         outcomes = await asyncio.gather(
             *(
-                self.shard_batch(p, batches.get(p, Batch()), expiries.get(p, []), prunes.get(p, []))
+                self.shard_batch(
+                    p, batches.get(p, Batch()), expiries.get(p, []), prunes.get(p, Prune())
+                )
                 for p in shards
             ),
             return_exceptions=True,
@@ -193,12 +194,13 @@ class BatchLoop:
         p: int,
         batch: Batch,
         expiries: list[Expire],
-        prunes: list[CommandName],
+        prunes: Prune,
         now_ms: int,
         without_outputs: BaseException | None,
-    ) -> list[Output]:
-        """Decide shard p's batch into its outputs, its state changes staged in the store.
-        Raises RecordFault (with nothing staged) if anything in it fails."""
+    ) -> tuple[list[Output], list[tuple[bytes, bytes | None]]]:
+        """Decide shard p's batch into its outputs and changelog records, its state
+        changes staged in the store. Raises RecordFault (with nothing staged) if anything
+        in it fails."""
         store = self.shards.stores[p]
         out: list[Output] = []
         try:
@@ -210,21 +212,21 @@ class BatchLoop:
                     self.records.handle(p, store, record, now_ms, out)
             for expire in expiries:
                 self.records.decide(p, store, expire, now_ms, out)
-            for name in prunes:
-                store.forget_command(name)
-            check_sizes(out, store.pending.items())
+            prunes.apply(store)
+            changes = store.changelog()
+            check_sizes(out, changes)
         except Exception as exc:
             # Before any Kafka call: about the records, whatever it is.
             store.discard()
             raise RecordFault(repr(exc)) from exc
-        return out
+        return out, changes
 
     async def shard_batch(
         self,
         p: int,
         batch: Batch,
         expiries: list[Expire],
-        prunes: list[CommandName],
+        prunes: Prune,
         *,
         without_outputs: BaseException | None = None,
     ) -> None:
@@ -234,7 +236,7 @@ class BatchLoop:
         decided."""
         store = self.shards.stores[p]
         now_ms = self.time_ms(p)
-        out = self._decide(p, batch, expiries, prunes, now_ms, without_outputs)
+        out, changes = self._decide(p, batch, expiries, prunes, now_ms, without_outputs)
         try:
             written = await transaction.commit(
                 self.shards.producers[p],
@@ -242,7 +244,7 @@ class BatchLoop:
                 outputs=out,
                 changelog=self.changelog,
                 partition=p,
-                changes=store.pending.items(),
+                changes=changes,
                 offsets=batch.offsets,
                 group_id=self.group_id,
                 consumer=self.shards.consumer,
@@ -322,7 +324,7 @@ class BatchLoop:
             failed = None
             part, alone = todo.pop()
             try:
-                await self.shard_batch(p, Batch.of(part), [], [], without_outputs=alone)
+                await self.shard_batch(p, Batch.of(part), [], Prune(), without_outputs=alone)
             except Exception as exc:
                 failed = exc
                 if (

@@ -11,9 +11,10 @@ import hashlib
 import heapq
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from streams.records import Expiring
-from streams.store import CommandName, ShardStore
+from streams.store import CommandName, ShardStore, command_key
 from topics.schema import Expire
 from topics.shard import shard_of
 
@@ -22,6 +23,8 @@ from topics.shard import shard_of
 expiry_rescan_s = 30.0
 prune_every_s = 10.0
 prune_scan_per_shard = 5000
+# Groups hold a batch's idempotency records each (up to poll_max_records).
+prune_groups_per_shard = 200
 
 
 class HoldExpiries:
@@ -77,6 +80,22 @@ class HoldExpiries:
         return due
 
 
+@dataclass
+class Prune:
+    """What one shard's next batch forgets: group records with the idempotency records
+    they hold, and idempotency records kept on their own (written before groups, or
+    legacy ones)."""
+
+    groups: list[tuple[bytes, list[bytes]]] = field(default_factory=list)
+    names: list[CommandName] = field(default_factory=list)
+
+    def apply(self, store: ShardStore) -> None:
+        for key, members in self.groups:
+            store.forget_group(key, members)
+        for name in self.names:
+            store.forget_command(name)
+
+
 class Pruning:
     """Idempotency records older than the retention, found a bounded slice at a time."""
 
@@ -93,20 +112,30 @@ class Pruning:
 
     def due(
         self, now: float, now_ms: int, owned: set[int], stores: Mapping[int, ShardStore]
-    ) -> dict[int, list[CommandName]]:
-        """Idempotency records older than the retention, a bounded slice per shard."""
+    ) -> dict[int, Prune]:
+        """Idempotency records older than the retention, a bounded slice per shard: the
+        oldest groups first, then a slice of the records kept one by one (those of the
+        groups found in this pass are not named twice)."""
         if now < self._next_prune or self.retention_ms <= 0 or not self.clock_agrees(now):
             return {}
         # Short retentions (tests) are pruned sooner than every prune_every_s.
         self._next_prune = now + min(prune_every_s, max(0.5, self.retention_ms / 4000))
         # The records' times are the engine's own: no producer moves them.
         cutoff = now_ms - self.retention_ms
-        due: dict[int, list[CommandName]] = {}
+        due: dict[int, Prune] = {}
         for p in sorted(owned):
-            records, cursor = stores[p].commands_from(self._cursor.get(p), prune_scan_per_shard)
+            store = stores[p]
+            groups = store.groups_before(cutoff, prune_groups_per_shard)
+            grouped = {member for _, members in groups for member in members}
+            records, cursor = store.commands_from(self._cursor.get(p), prune_scan_per_shard)
             self._cursor[p] = cursor
-            old = [name for name, rec in records if rec.at_ms < cutoff]
-            if old:
-                due[p] = old
-                self.counts["pruned"] += len(old)
+            old = [
+                name
+                for name, rec in records
+                if rec.at_ms < cutoff
+                and (name[0] is None or command_key(name[0], name[1]) not in grouped)
+            ]
+            if groups or old:
+                due[p] = Prune(groups, old)
+                self.counts["pruned"] += len(grouped) + len(old)
         return due
