@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import msgspec
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import BlockBasedOptions, Options, Rdict, WriteBatch
 
 from streams.ledger import Outcome
 from streams.state import AccountState, BalanceState, CommandRecord, HoldState
@@ -111,9 +111,21 @@ def _command_name(key: bytes) -> CommandName:
     return (account, command_id) if bar else (None, account)
 
 
+# Bits per key of the bloom filters: most reads of a batch ask for keys that do not exist
+# (a new command's idempotency record, and its legacy key), and without a filter each
+# such miss searches the memtable and every level; 10 bits make 99% of misses cheap.
+bloom_bits_per_key = 10
+memtable_bloom_ratio = 0.1
+
+
 def _options() -> Options:
     options = Options(raw_mode=True)
     options.create_if_missing(True)
+    table = BlockBasedOptions()
+    table.set_bloom_filter(bloom_bits_per_key, False)
+    options.set_block_based_table_factory(table)
+    options.set_memtable_prefix_bloom_ratio(memtable_bloom_ratio)
+    options.set_memtable_whole_key_filtering(True)
     return options
 
 
