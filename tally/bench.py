@@ -2,8 +2,9 @@
 pipe ceiling, measured against the real broker and printed as a table plus a JSON report.
 
 Method. N commands of the seeded mixed workload are produced first. An engine worker
-process is then started on them: throughput is client commands answered per second,
-from the first result to the last (worker start-up and recovery excluded). With the
+process (or `workers` of them, in one consumer group) is then started on them:
+throughput is client commands answered per second, from the first result to the last
+(worker start-up and recovery excluded). With the
 worker still running, one untimed warm-up deposit is answered, then a paced stream of
 commands at a rate it can keep up with gives the latency from produce to the result
 being readable (read-committed). The raw pipe
@@ -50,6 +51,7 @@ raw_pipe_timeout_s = 300.0
 @dataclass
 class EngineResult:
     guarantee: str
+    workers: int
     commands: int
     produce_per_s: float
     applied_per_s: float
@@ -57,7 +59,7 @@ class EngineResult:
     latency_p50_ms: float
     latency_p99_ms: float
     latency_samples: int
-    # CPU the worker process used from ready to the last result, and commands per CPU
+    # CPU the worker processes used from ready to the last result, and commands per CPU
     # second: steadier than wall time on a shared, noisy machine.
     worker_cpu_s: float
     commands_per_cpu_s: float
@@ -68,16 +70,26 @@ def _records(records: list[Record]) -> list[tuple[str, bytes, int | None]]:
 
 
 async def engine_phase(
-    settings: Settings, *, guarantee: str, count: int, workdir: Path, say: Callable[[str], None]
+    settings: Settings,
+    *,
+    guarantee: str,
+    count: int,
+    workdir: Path,
+    say: Callable[[str], None],
+    workers: int = 1,
 ) -> EngineResult:
     prefix = f"bench-{uuid.uuid4().hex[:6]}"
-    proc = EngineProcess(
-        settings,
-        prefix=prefix,
-        data_dir=workdir / prefix,
-        guarantee=guarantee,
-        partitions=settings.partitions,
-    )
+    procs = [
+        EngineProcess(
+            settings,
+            prefix=prefix,
+            data_dir=workdir / prefix / f"worker-{n}",
+            guarantee=guarantee,
+            partitions=settings.partitions,
+        )
+        for n in range(workers)
+    ]
+    proc = procs[0]
     bench_settings = _with(settings, prefix)
     await ensure_topics(
         settings.kafka_bootstrap,
@@ -98,13 +110,13 @@ async def engine_phase(
     collector = Collector(settings.kafka_bootstrap, proc.topics)
     await collector.start(from_end=False)
     try:
-        say(f"[{guarantee}] starting an engine worker on the backlog")
-        await proc.start()
-        cpu_at_start = _cpu_s(proc)
+        say(f"[{guarantee}] starting {workers} engine worker(s) in one group on the backlog")
+        await asyncio.gather(*(p.start() for p in procs))
+        cpu_at_start = sum(_cpu_s(p) for p in procs)
         done = all_answered(expected)
         if not await collector.wait_for(done, timeout_s=drain_timeout_s, say=say):
             raise RuntimeError(f"engine did not drain {count} commands in {drain_timeout_s}s")
-        worker_cpu_s = _cpu_s(proc) - cpu_at_start
+        worker_cpu_s = sum(_cpu_s(p) for p in procs) - cpu_at_start
         results = collector.results
         client_times = [results.received_at[i] for i in expected]
         first = min(results.received_at.values())
@@ -114,13 +126,14 @@ async def engine_phase(
         latencies = await _latency(settings, proc, collector)
     finally:
         await collector.stop()
-        await proc.stop()
+        await asyncio.gather(*(p.stop() for p in procs))
         await delete_topics(
             settings.kafka_bootstrap,
             [t.name for t in engine_topic_specs(bench_settings, engine_group(bench_settings))],
         )
     return EngineResult(
         guarantee=guarantee,
+        workers=workers,
         commands=len(work.records),
         produce_per_s=produce_rate,
         applied_per_s=applied_rate,
@@ -303,10 +316,13 @@ async def run(
     guarantees: list[str],
     report: Path,
     say: Callable[[str], None] = print,
+    workers: int = 1,
 ) -> dict[str, object]:
     workdir = Path(settings.data_dir) / "bench"
     engines = [
-        await engine_phase(settings, guarantee=g, count=count, workdir=workdir, say=say)
+        await engine_phase(
+            settings, guarantee=g, count=count, workdir=workdir, say=say, workers=workers
+        )
         for g in guarantees
     ]
     pipe = await raw_pipe(settings, count=count, say=say)
@@ -314,6 +330,7 @@ async def run(
     out: dict[str, object] = {
         "commands": count,
         "partitions": settings.partitions,
+        "workers": workers,
         "raw_pipe_per_s": pipe,
         "batched_pipe_per_s": batched,
         "engine": [asdict(e) for e in engines],
@@ -325,8 +342,9 @@ async def run(
         f"{'per CPU s':>11}"
     )
     for e in engines:
+        name = f"engine {e.guarantee}" + (f" x{e.workers}" if e.workers > 1 else "")
         say(
-            f"{'engine ' + e.guarantee:<22}{e.applied_per_s:>12,.0f}{e.results_per_s:>12,.0f}"
+            f"{name:<22}{e.applied_per_s:>12,.0f}{e.results_per_s:>12,.0f}"
             f"{e.latency_p50_ms:>9.1f}{e.latency_p99_ms:>9.1f}{e.applied_per_s / pipe:>9.1%}"
             f"{e.commands_per_cpu_s:>11,.0f}"
         )
