@@ -93,8 +93,27 @@ def group_key(at_ms: int, token: str) -> bytes:
     return b"g|%016d|%s" % (at_ms, token.encode())
 
 
-def _group_time(key: bytes) -> int:
-    return int(key[2:18])
+def _group_time(key: bytes) -> int | None:
+    digits = key[2:18]
+    return int(digits) if len(digits) == 16 and digits.isdigit() else None
+
+
+def _group_entries(value: bytes) -> list[tuple[str, msgspec.Raw]]:
+    """A group record's (key, value) entries; none for a value that is not a group (a
+    record the engine did not write stops neither recovery nor pruning)."""
+    try:
+        return _group.decode(value)
+    except msgspec.DecodeError:
+        log.warning("a group record that is not one (%d bytes) is kept as it is", len(value))
+        return []
+
+
+def _record_time(raw: bytes) -> int:
+    """An idempotency record's time; never old for one that does not decode."""
+    try:
+        return _record.decode(raw).at_ms
+    except msgspec.DecodeError:
+        return 2**63
 
 
 def legacy_command_key(command_id: str) -> bytes:
@@ -291,7 +310,7 @@ class ShardStore:
         self, staged: dict[bytes, bytes | None], key: bytes, value: bytes | None
     ) -> None:
         if value is not None:
-            for name, raw in _group.decode(value):
+            for name, raw in _group_entries(value):
                 staged[COMMAND + name.encode()] = bytes(raw)
             return
         held = staged[key] if key in staged else self.db.get(key)
@@ -306,11 +325,13 @@ class ShardStore:
         pruned on its own (an older worker's way) and written again later by a new
         command with the same id is younger than the group, and is not the group's."""
         at_ms = _group_time(key)
-        members = []
-        for name, _ in _group.decode(value):
+        members: list[bytes] = []
+        if at_ms is None:
+            return members
+        for name, _ in _group_entries(value):
             member = COMMAND + name.encode()
             held = staged[member] if staged is not None and member in staged else self._get(member)
-            if held is not None and _record.decode(held).at_ms <= at_ms:
+            if held is not None and _record_time(held) <= at_ms:
                 members.append(member)
         return members
 
@@ -371,9 +392,11 @@ class ShardStore:
         each with the keys of the idempotency records it still holds."""
         out: list[tuple[bytes, list[bytes]]] = []
         for key, value in self._scan(GROUP):
-            if len(out) == limit or _group_time(key) >= cutoff_ms:
+            at_ms = _group_time(key)
+            if len(out) == limit or (at_ms is not None and at_ms >= cutoff_ms):
                 break
-            out.append((key, self._members(key, value)))
+            if at_ms is not None:
+                out.append((key, self._members(key, value)))
         return out
 
     def commands_from(

@@ -337,3 +337,24 @@ def test_a_record_written_again_after_its_own_prune_is_not_its_old_group_s(
     target.restore([*old, (key, None), (key, newer), (group, None)], 3)
     again = target.command("acc0", "d0")
     assert again is not None and again.at_ms == 900_000
+
+
+def test_a_malformed_group_record_stops_neither_recovery_nor_pruning(tmp_path: Path) -> None:
+    """A group record that is not the engine's (garbage bytes, a key without a time) is
+    kept as an opaque key, like any other record: recovery goes on with the records
+    around it, and pruning passes it by."""
+    source = _store(tmp_path)
+    _deposits(source, ["d0"], 1_000)
+    good = source.changelog()
+    target = ShardStore(tmp_path / "target", "cl")
+    junk = [
+        (b"g|0000000000000500|x", b"\xff not json"),
+        (b"g|0000000000000600|y", b'[["acc9|z", {"not": "a record"}], 7]'),
+        (b"g|not-a-time|z", b"[]"),
+    ]
+    target.restore([*junk, *good, (b"g|0000000000000500|x", None)], 5)
+    assert target.command("acc0", "d0") is not None
+    assert target.changelog_offset() == 5
+    found = target.groups_before(10_000, 10)
+    assert [key for key, _ in found][-1].startswith(b"g|%016d|" % 1_000)
+    assert all(members == [] for key, members in found if not key.startswith(b"g|%016d" % 1_000))
