@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 # share is one transaction. Bigger batches amortise the transaction's round trips, which
 # is where a worker waits most (`tally bench engine`, 200,000 commands, 8 partitions: at
 # 5,000 the worker used 40-60% of a core and reached 16-18% of the raw pipe; at 20,000,
-# 28-29%). A worker that keeps up polls far fewer records than this, so the bound does
+# 27-34%). A worker that keeps up polls far fewer records than this, so the bound does
 # not lengthen the paced produce->result latency.
 poll_max_records = 20_000
 poll_timeout_ms = 100
