@@ -2,26 +2,35 @@
 pipe ceiling, measured against the real broker and printed as a table plus a JSON report.
 
 Method. N commands of the seeded mixed workload are produced first. An engine worker
-process is then started on them: throughput is client commands answered per second,
-from the first result to the last (worker start-up and recovery excluded). With the
+process (or `workers` of them, in one consumer group) is then started on them:
+throughput is client commands answered per second, from the first result to the last
+(worker start-up and recovery excluded). With the
 worker still running, one untimed warm-up deposit is answered, then a paced stream of
 commands at a rate it can keep up with gives the latency from produce to the result
 being readable (read-committed). The raw pipe
 is plain aiokafka consume -> produce of the same records with no state and no
-decoding: the ceiling any Python consumer on this broker and machine starts from.
+decoding, one `send` per record: the ceiling any Python consumer on this broker and
+machine starts from, and the normaliser of the "vs pipe" column. The batched pipe, for
+information, is the same loop sending one Kafka batch per partition per poll, as the
+engine does: the best a plain aiokafka pipe reaches here. The worker's CPU seconds
+over the drain (commands per CPU second) are reported beside the rates: on a shared
+machine they move less than wall-clock rates do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.report import BenchError, Column, pct, show, table, write_report
 from core.settings import Settings
@@ -43,12 +52,14 @@ ENGINE_COLUMNS = (
     Column("p50 ms", 9, ".1f"),
     Column("p99 ms", 9, ".1f"),
     Column("vs pipe", 9, ".1%"),
+    Column("per CPU s", 11, ",.0f"),
 )
 
 
 @dataclass
 class EngineResult:
     guarantee: str
+    workers: int
     commands: int
     produce_per_s: float
     applied_per_s: float
@@ -56,6 +67,10 @@ class EngineResult:
     latency_p50_ms: float
     latency_p99_ms: float
     latency_samples: int
+    # CPU the worker processes used from ready to the last result, and commands per CPU
+    # second: steadier than wall time on a shared, noisy machine.
+    worker_cpu_s: float
+    commands_per_cpu_s: float
 
 
 def _records(records: list[Record]) -> list[tuple[str, bytes, int | None]]:
@@ -63,17 +78,27 @@ def _records(records: list[Record]) -> list[tuple[str, bytes, int | None]]:
 
 
 async def engine_phase(
-    settings: Settings, *, guarantee: str, count: int, workdir: Path, say: Callable[[str], None]
+    settings: Settings,
+    *,
+    guarantee: str,
+    count: int,
+    workdir: Path,
+    say: Callable[[str], None],
+    workers: int = 1,
 ) -> EngineResult:
     prefix = unique_prefix("bench")
-    proc = EngineProcess(
-        settings,
-        prefix=prefix,
-        data_dir=workdir / prefix,
-        guarantee=guarantee,
-        partitions=settings.partitions,
-    )
-    scratch = deployment(settings, prefix, topics="engine", data_dir=proc.data_dir)
+    procs = [
+        EngineProcess(
+            settings,
+            prefix=prefix,
+            data_dir=workdir / prefix / f"worker-{n}",
+            guarantee=guarantee,
+            partitions=settings.partitions,
+        )
+        for n in range(workers)
+    ]
+    proc = procs[0]
+    scratch = deployment(settings, prefix, topics="engine", data_dir=workdir / prefix)
     await scratch.create()
     work = build(
         count=count,
@@ -90,11 +115,13 @@ async def engine_phase(
     collector = Collector(settings.kafka_bootstrap, proc.topics)
     await collector.start(from_end=False)
     try:
-        say(f"[{guarantee}] starting an engine worker on the backlog")
-        await proc.start()
+        say(f"[{guarantee}] starting {workers} engine worker(s) in one group on the backlog")
+        await asyncio.gather(*(p.start() for p in procs))
+        cpu_at_start = sum(_cpu_s(p) for p in procs)
         done = all_answered(expected)
         if not await collector.wait_for(done, timeout_s=drain_timeout_s, say=say):
             raise BenchError(f"engine did not drain {count} commands in {drain_timeout_s}s")
+        worker_cpu_s = sum(_cpu_s(p) for p in procs) - cpu_at_start
         results = collector.results
         client_times = [results.received_at[i] for i in expected]
         first = min(results.received_at.values())
@@ -104,10 +131,11 @@ async def engine_phase(
         latencies = await _latency(settings, proc, collector)
     finally:
         await collector.stop()
-        await proc.stop()
+        await asyncio.gather(*(p.stop() for p in procs))
         await scratch.drop()
     return EngineResult(
         guarantee=guarantee,
+        workers=workers,
         commands=len(work.records),
         produce_per_s=produce_rate,
         applied_per_s=applied_rate,
@@ -115,7 +143,19 @@ async def engine_phase(
         latency_p50_ms=pct(latencies, 50),
         latency_p99_ms=pct(latencies, 99),
         latency_samples=len(latencies),
+        worker_cpu_s=worker_cpu_s,
+        commands_per_cpu_s=len(work.records) / worker_cpu_s if worker_cpu_s > 0 else math.nan,
     )
+
+
+def _cpu_s(proc: EngineProcess) -> float:
+    """User + system CPU seconds of the worker process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        assert proc.proc is not None
+        fields = Path(f"/proc/{proc.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, AssertionError, IndexError, ValueError):
+        return math.nan
 
 
 async def _latency(settings: Settings, proc: EngineProcess, collector: Collector) -> list[float]:
@@ -164,7 +204,56 @@ async def _latency(settings: Settings, proc: EngineProcess, collector: Collector
 
 
 async def raw_pipe(settings: Settings, *, count: int, say: Callable[[str], None]) -> float:
-    """records/s of a stateless aiokafka consume -> produce loop over `count` records."""
+    """records/s of a stateless aiokafka consume -> produce loop over `count` records, one
+    `producer.send` per record: the normaliser every engine figure is compared with."""
+
+    async def move(producer: AIOKafkaProducer, sink: str, batches: Polled) -> int:
+        futures = []
+        for tp, records in batches.items():
+            for r in records:
+                futures.append(
+                    await producer.send(sink, key=r.key, value=r.value, partition=tp.partition)
+                )
+        await asyncio.gather(*futures)
+        return len(futures)
+
+    return await _pipe(settings, count=count, say=say, name="raw pipe", move=move)
+
+
+async def batched_pipe(settings: Settings, *, count: int, say: Callable[[str], None]) -> float:
+    """records/s of the same loop building one Kafka batch per partition per poll
+    (`create_batch`/`send_batch`, a full batch sent and a new one started), as the engine
+    sends its outputs: the best plain aiokafka pipe, for information."""
+
+    async def move(producer: AIOKafkaProducer, sink: str, batches: Polled) -> int:
+        futures = []
+        for tp, records in batches.items():
+            builder = producer.create_batch()
+            for r in records:
+                if builder.append(key=r.key, value=r.value, timestamp=None) is None:
+                    futures.append(await producer.send_batch(builder, sink, partition=tp.partition))
+                    builder = producer.create_batch()
+                    builder.append(key=r.key, value=r.value, timestamp=None)
+            futures.append(await producer.send_batch(builder, sink, partition=tp.partition))
+        await asyncio.gather(*futures)
+        return sum(len(records) for records in batches.values())
+
+    return await _pipe(settings, count=count, say=say, name="batched pipe", move=move)
+
+
+Polled = dict[TopicPartition, list[Any]]
+
+
+async def _pipe(
+    settings: Settings,
+    *,
+    count: int,
+    say: Callable[[str], None],
+    name: str,
+    move: Callable[[AIOKafkaProducer, str, Polled], Awaitable[int]],
+) -> float:
+    """records/s of consume -> `move` (which produces a poll's records to the sink and
+    waits for them) over `count` records of the workload, on topics of its own."""
     prefix = unique_prefix("bench-pipe")
     n = settings.partitions
     source = TopicSpec(name=f"{prefix}.in", partitions=n, cleanup_policy="delete", retention_ms=-1)
@@ -173,7 +262,7 @@ async def raw_pipe(settings: Settings, *, count: int, say: Callable[[str], None]
     await scratch.create()
     work = build(count=count, accounts=max(100, count // 20), seed=1, now_ms=0)
     await produce(settings.kafka_bootstrap, source.name, _records(work.records))
-    say(f"[raw pipe] consume -> produce of {count:,} records")
+    say(f"[{name}] consume -> produce of {count:,} records")
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         enable_auto_commit=False,
@@ -195,16 +284,7 @@ async def raw_pipe(settings: Settings, *, count: int, say: Callable[[str], None]
         deadline = time.monotonic() + raw_pipe_timeout_s
         while moved < len(work.records) and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
-            futures = []
-            for tp, records in batches.items():
-                for r in records:
-                    futures.append(
-                        await producer.send(
-                            sink.name, key=r.key, value=r.value, partition=tp.partition
-                        )
-                    )
-            await asyncio.gather(*futures)
-            moved += len(futures)
+            moved += await move(producer, sink.name, batches)
         return moved / (time.perf_counter() - started)
     finally:
         await consumer.stop()
@@ -219,24 +299,35 @@ async def run(
     guarantees: list[str],
     report: Path,
     say: Callable[[str], None] = print,
+    workers: int = 1,
 ) -> dict[str, object]:
     workdir = Path(settings.data_dir) / "bench"
     engines = [
-        await engine_phase(settings, guarantee=g, count=count, workdir=workdir, say=say)
+        await engine_phase(
+            settings, guarantee=g, count=count, workdir=workdir, say=say, workers=workers
+        )
         for g in guarantees
     ]
     pipe = await raw_pipe(settings, count=count, say=say)
+    batched = await batched_pipe(settings, count=count, say=say)
     out: dict[str, object] = {
         "commands": count,
         "partitions": settings.partitions,
+        "workers": workers,
         "raw_pipe_per_s": pipe,
+        "batched_pipe_per_s": batched,
         "engine": [asdict(e) for e in engines],
     }
     await asyncio.to_thread(write_report, report, out)
     rows: list[tuple[object, ...]] = [
-        (f"engine {e.guarantee}", e.applied_per_s, e.results_per_s, e.latency_p50_ms,
-         e.latency_p99_ms, e.applied_per_s / pipe)
+        (f"engine {e.guarantee}" + (f" x{e.workers}" if e.workers > 1 else ""),
+         e.applied_per_s, e.results_per_s, e.latency_p50_ms, e.latency_p99_ms,
+         e.applied_per_s / pipe, e.commands_per_cpu_s)
         for e in engines
     ]  # fmt: skip
-    show(say, table(ENGINE_COLUMNS, [*rows, ("raw pipe (no state)", pipe)]), report)
+    rows += [
+        ("raw pipe (no state)", pipe),
+        ("batched pipe (info)", batched, "", "", "", batched / pipe),
+    ]
+    show(say, table(ENGINE_COLUMNS, rows), report)
     return out

@@ -40,6 +40,7 @@ from aiokafka.coordinator.protocol import (
 )
 
 from core.settings import Settings, env_name
+from streams.store import CHANGELOG_FORMAT
 from topics import limits
 from topics.schema import SCHEMA_VERSION
 
@@ -72,6 +73,9 @@ def terms(settings: Settings) -> dict[str, str]:
         "DISBURSE_LEGS_MAX": str(limits.DISBURSE_LEGS_MAX),
         "ACCOUNT_ASSETS_MAX": str(limits.ACCOUNT_ASSETS_MAX),
         "COMMAND_BYTES_MAX": str(limits.COMMAND_BYTES_MAX),
+        # How a shard's changelog is laid out: a worker reading another layout would
+        # lose idempotency records (see `streams.store`).
+        "CHANGELOG_FORMAT": str(CHANGELOG_FORMAT),
     }
 
 

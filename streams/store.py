@@ -10,8 +10,15 @@ reads the changelog from the stored offset to catch up. An aborted batch is `dis
 
 Keys carry their table as a prefix: `b|account|asset` balances, `a|account` account
 settings, `h|account|hold_id` open holds, `c|account|command_id` idempotency records. The
-same keys and values go to the changelog, so recovery is a plain copy. Values are the
-msgspec array encodings of `streams.state`.
+same keys and values go to the changelog, so recovery is a plain copy, with one
+exception: the idempotency records. Every command leaves one, so one changelog record
+each would be half the changelog; instead a batch's records travel as one group record,
+`g|<at_ms>|<token>` (more than one if they pass `group_bytes_max`), whose value lists
+the `c|` keys and values (`changelog`). The store keeps the group beside the records it
+holds; recovery expands a group into its records (`restore`). A batch's records share
+its time, and retention ages them out together: pruning deletes the group (one
+tombstone in the changelog) and its records with it (local deletions only,
+`forget_group`). Values are the msgspec array encodings of `streams.state`.
 
 Idempotency is scoped by (account, command_id): the same id on two accounts is two
 commands, whichever shards the accounts hash to. Stores and changelogs written before
@@ -28,11 +35,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import msgspec
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import BlockBasedOptions, Options, Rdict, WriteBatch
 
 from streams.ledger import Outcome
 from streams.state import AccountState, BalanceState, CommandRecord, HoldState
@@ -43,12 +51,21 @@ _balance = msgspec.json.Decoder(BalanceState)
 _account = msgspec.json.Decoder(AccountState)
 _hold = msgspec.json.Decoder(HoldState)
 _record = msgspec.json.Decoder(CommandRecord)
+_group = msgspec.json.Decoder(list[tuple[str, msgspec.Raw]])
 _encode = msgspec.json.Encoder().encode
 
 BALANCE = b"b|"
 ACCOUNT = b"a|"
 HOLD = b"h|"
 COMMAND = b"c|"
+GROUP = b"g|"
+# The changelog's layout, agreed by every worker of a group (streams.agreement): a worker
+# that does not know group records would take a shard's idempotency records for unknown
+# keys and forget them. 2: a batch's idempotency records travel as group records.
+CHANGELOG_FORMAT = 2
+# A group record's value stays far below limits.OUTPUT_BYTES_MAX (a batch of 5,000
+# commands with long ids makes several groups, each well inside one Kafka batch).
+group_bytes_max = 256 * 1024
 # Not a table row: where in the changelog partition this copy of the shard has got to.
 # '\x00' sorts before every table prefix and never occurs in ids.
 _OFFSET = b"\x00changelog-offset|"
@@ -70,6 +87,35 @@ def command_key(account: str, command_id: str) -> bytes:
     return b"c|%s|%s" % (account.encode(), command_id.encode())
 
 
+def group_key(at_ms: int, token: str) -> bytes:
+    """A group of idempotency records written at `at_ms` (zero-padded: groups sort by
+    time, so pruning reads the oldest first and stops at the first one too young)."""
+    return b"g|%016d|%s" % (at_ms, token.encode())
+
+
+def _group_time(key: bytes) -> int | None:
+    digits = key[2:18]
+    return int(digits) if len(digits) == 16 and digits.isdigit() else None
+
+
+def _group_entries(value: bytes) -> list[tuple[str, msgspec.Raw]]:
+    """A group record's (key, value) entries; none for a value that is not a group (a
+    record the engine did not write stops neither recovery nor pruning)."""
+    try:
+        return _group.decode(value)
+    except msgspec.DecodeError:
+        log.warning("a group record that is not one (%d bytes) is kept as it is", len(value))
+        return []
+
+
+def _record_time(raw: bytes) -> int:
+    """An idempotency record's time; never old for one that does not decode."""
+    try:
+        return _record.decode(raw).at_ms
+    except msgspec.DecodeError:
+        return 2**63
+
+
 def legacy_command_key(command_id: str) -> bytes:
     """The shard-scoped key of an idempotency record written before (account, id) scope."""
     return b"c|" + command_id.encode()
@@ -84,9 +130,21 @@ def _command_name(key: bytes) -> CommandName:
     return (account, command_id) if bar else (None, account)
 
 
+# Bits per key of the bloom filters: most reads of a batch ask for keys that do not exist
+# (a new command's idempotency record, and its legacy key), and without a filter each
+# such miss searches the memtable and every level; 10 bits make 99% of misses cheap.
+bloom_bits_per_key = 10
+memtable_bloom_ratio = 0.1
+
+
 def _options() -> Options:
     options = Options(raw_mode=True)
     options.create_if_missing(True)
+    table = BlockBasedOptions()
+    table.set_bloom_filter(bloom_bits_per_key, False)
+    options.set_block_based_table_factory(table)
+    options.set_memtable_prefix_bloom_ratio(memtable_bloom_ratio)
+    options.set_memtable_whole_key_filtering(True)
     return options
 
 
@@ -111,6 +169,10 @@ class ShardStore:
             self.db = Rdict(str(path), _options())
             self.rebuilt = True
         self.pending: dict[bytes, bytes | None] = {}
+        # Keys in `pending` the changelog carries inside group records, not on their own,
+        # and those of them not in a group yet (see the module's docstring).
+        self._unlogged: set[bytes] = set()
+        self._ungrouped: list[bytes] = []
 
     # Reads (the ledger's StateView) -------------------------------------------------------
 
@@ -151,7 +213,10 @@ class ShardStore:
             pending[hold_key(account, hold_id)] = None if held is None else _encode(held)
         if outcome.record is not None:
             result = outcome.result
-            pending[command_key(result.account, result.command_id)] = _encode(outcome.record)
+            key = command_key(result.account, result.command_id)
+            pending[key] = _encode(outcome.record)
+            self._unlogged.add(key)
+            self._ungrouped.append(key)
 
     def forget_command(self, name: CommandName) -> None:
         """Stage the removal of an idempotency record whose retention has passed."""
@@ -161,6 +226,38 @@ class ShardStore:
         else:
             key = command_key(account, command_id)
         self.pending[key] = None
+
+    def forget_group(self, key: bytes, members: Iterable[bytes]) -> None:
+        """Stage the removal of a group record and of the idempotency records it holds
+        (see `groups_before`): one deletion in the changelog, the others local only."""
+        self.pending[key] = None
+        for member in members:
+            self.pending[member] = None
+            self._unlogged.add(member)
+
+    def changelog(self) -> list[tuple[bytes, bytes | None]]:
+        """What the staged batch writes to the changelog: every key it changed, once, with
+        its last value, except the new idempotency records, which go inside group
+        records (staged here too, so that the store keeps them)."""
+        ungrouped, self._ungrouped = self._ungrouped, []
+        group: list[tuple[str, msgspec.Raw]] = []
+        size = 0
+        for key in ungrouped:
+            value = self.pending[key]
+            assert value is not None  # a record staged by `commit` this batch
+            group.append((key[2:].decode(), msgspec.Raw(value)))
+            size += len(key) + len(value) + 8
+            if size >= group_bytes_max:
+                self._stage_group(group)
+                group, size = [], 0
+        if group:
+            self._stage_group(group)
+        unlogged = self._unlogged
+        return [(k, v) for k, v in self.pending.items() if k not in unlogged]
+
+    def _stage_group(self, group: list[tuple[str, msgspec.Raw]]) -> None:
+        at_ms = max(_record.decode(raw).at_ms for _, raw in group)
+        self.pending[group_key(at_ms, uuid.uuid4().hex)] = _encode(group)
 
     def flush(self, changelog_next_offset: int | None) -> None:
         """Write the staged batch, and how far the changelog now is, atomically."""
@@ -173,10 +270,12 @@ class ShardStore:
         if changelog_next_offset is not None:
             batch.put(self._offset_key, b"%d" % changelog_next_offset)
         self.db.write(batch)
-        self.pending.clear()
+        self.discard()
 
     def discard(self) -> None:
         self.pending.clear()
+        self._unlogged.clear()
+        self._ungrouped.clear()
 
     # Recovery ----------------------------------------------------------------------------
 
@@ -190,15 +289,51 @@ class ShardStore:
         return 0 if raw is None else int(raw)
 
     def restore(self, records: list[tuple[bytes, bytes | None]], next_offset: int) -> None:
-        """Apply changelog records read during recovery, in one write batch."""
-        batch = WriteBatch(raw_mode=True)
+        """Apply changelog records read during recovery, in one write batch: each as it
+        is, a group record also expanded into its idempotency records (and a deleted
+        group's records deleted with it)."""
+        staged: dict[bytes, bytes | None] = {}
         for key, value in records:
+            if key.startswith(GROUP):
+                self._restore_group(staged, key, value)
+            staged[key] = value
+        batch = WriteBatch(raw_mode=True)
+        for key, value in staged.items():
             if value is None:
                 batch.delete(key)
             else:
                 batch.put(key, value)
         batch.put(self._offset_key, b"%d" % next_offset)
         self.db.write(batch)
+
+    def _restore_group(
+        self, staged: dict[bytes, bytes | None], key: bytes, value: bytes | None
+    ) -> None:
+        if value is not None:
+            for name, raw in _group_entries(value):
+                staged[COMMAND + name.encode()] = bytes(raw)
+            return
+        held = staged[key] if key in staged else self.db.get(key)
+        if held is not None:
+            for member in self._members(key, held, staged):
+                staged[member] = None
+
+    def _members(
+        self, key: bytes, value: bytes, staged: dict[bytes, bytes | None] | None = None
+    ) -> list[bytes]:
+        """The idempotency records of a group that are still the ones it wrote: a record
+        pruned on its own (an older worker's way) and written again later by a new
+        command with the same id is younger than the group, and is not the group's."""
+        at_ms = _group_time(key)
+        members: list[bytes] = []
+        if at_ms is None:
+            return members
+        for name, _ in _group_entries(value):
+            member = COMMAND + name.encode()
+            held = staged[member] if staged is not None and member in staged else self._get(member)
+            if held is not None and _record_time(held) <= at_ms:
+                members.append(member)
+        return members
 
     def wipe(self) -> None:
         """Drop every key: the changelog no longer matches (a recreated topic)."""
@@ -251,6 +386,18 @@ class ShardStore:
         for key, raw in self._scan(HOLD):
             account, _, hold_id = key[2:].decode().partition("|")
             yield account, hold_id, _hold.decode(raw)
+
+    def groups_before(self, cutoff_ms: int, limit: int) -> list[tuple[bytes, list[bytes]]]:
+        """Up to `limit` committed group records older than `cutoff_ms`, oldest first,
+        each with the keys of the idempotency records it still holds."""
+        out: list[tuple[bytes, list[bytes]]] = []
+        for key, value in self._scan(GROUP):
+            at_ms = _group_time(key)
+            if len(out) == limit or (at_ms is not None and at_ms >= cutoff_ms):
+                break
+            if at_ms is not None:
+                out.append((key, self._members(key, value)))
+        return out
 
     def commands_from(
         self, start: bytes | None, limit: int

@@ -37,7 +37,7 @@ def advertised_host(settings: Settings) -> str:
 class VerificationRetries(logging.Filter):
     """Fold aiokafka's per-partition warning for a retried NOT_ENOUGH_REPLICAS into one
     line a minute with a count. Kafka >= 3.8 answers it while the previous transaction's
-    markers are being written (see `streams.engine`); the retry lands, but one warning
+    markers are being written (see `streams.ownership`); the retry lands, but one warning
     per partition per batch would bury every other log line."""
 
     every_s = 60.0

@@ -174,7 +174,14 @@ def bench() -> None:
     show_default=True,
     type=click.Path(dir_okay=False, path_type=Path),
 )
-def bench_engine(count: int, guarantee: str, report: Path) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Engine worker processes in one group on the backlog (the scale-out curve).",
+)
+def bench_engine(count: int, guarantee: str, report: Path, workers: int) -> None:
     """Engine throughput on a backlog of COUNT mixed commands, produce->result latency,
     and the raw aiokafka consume->produce ceiling."""
     from bench import engine as bench_job
@@ -182,7 +189,9 @@ def bench_engine(count: int, guarantee: str, report: Path) -> None:
     settings = read_settings()
     setup_logging(settings, "bench engine", quiet=True)
     guarantees = ["exactly_once", "at_least_once"] if guarantee == "both" else [guarantee]
-    asyncio.run(bench_job.run(settings, count=count, guarantees=guarantees, report=report))
+    asyncio.run(
+        bench_job.run(settings, count=count, guarantees=guarantees, report=report, workers=workers)
+    )
 
 
 @bench.command(name="sinks")

@@ -7,7 +7,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from core.settings import Settings
-from streams.engine import Engine, Output
+from streams.engine import Engine
+from streams.records import Output
 from streams.store import ShardStore
 from topics.codec import decode_result, encode
 from topics.schema import Deposit, Hold
@@ -59,7 +60,7 @@ def test_records_are_decided_at_the_engine_time_not_their_timestamp(tmp_path: Pa
                 timestamp=stamp,
                 headers=(),
             )
-            engine._handle(0, store, record, engine._time_ms(0), out)
+            engine.records.handle(0, store, record, engine._time_ms(0), out)
         results = [decode_result(value) for topic, _, value, _, _ in out if value is not None]
         assert [r.at_ms for r in results] == [1_700_000_000_000, 1_700_000_000_000]
         assert [(r.status.value, r.reason) for r in results][1][1] == "hold_expired"
@@ -111,7 +112,7 @@ def test_a_forwarded_copy_names_the_record_it_copies_not_a_header_it_carried(
             headers=[("tally-source", b"%d:5" % forged)],
         )
         out: list[Output] = []
-        engine._handle(wrong, store, record, engine._time_ms(wrong), out)
+        engine.records.handle(wrong, store, record, engine._time_ms(wrong), out)
         ((topic, _, _, partition, headers),) = out
         assert (topic, partition) == (engine.topics.commands.name, owner)
         assert headers == [("tally-source", b"%d:17" % wrong)]

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from streams.engine import _fenced
+from streams.ownership import fenced as _fenced
 
 
 def _producer(sender_error: BaseException | None) -> SimpleNamespace:
@@ -42,27 +42,3 @@ def test_an_outage_is_not_fencing() -> None:
     assert not _fenced(outage, _producer(outage))  # type: ignore[arg-type]
     assert not _fenced(outage, _producer(None))  # type: ignore[arg-type]
     assert not _fenced(outage, None)
-
-
-async def test_the_aiokafka_internals_the_engine_reads_are_where_it_looks() -> None:
-    """The watchdog's position, the fencing check and the rejoin request read aiokafka
-    internals (no public call exists); they fall back quietly when those are missing,
-    so an aiokafka upgrade that moves them must fail here instead."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-    from aiokafka.consumer.group_coordinator import GroupCoordinator
-    from aiokafka.producer.sender import Sender
-
-    from streams.engine import _position_now
-
-    consumer = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1")
-    tp = TopicPartition("t", 0)
-    consumer.assign([tp])
-    assert _position_now(consumer, tp) is None  # assigned, no position yet
-    consumer._subscription.subscription.assignment.state_value(tp).seek(42)
-    assert _position_now(consumer, tp) == 42
-    assert callable(GroupCoordinator.request_rejoin)
-    assert isinstance(Sender.sender_task, property)
-    producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
-    assert isinstance(producer._sender, Sender)
-    await producer.stop()
-    await consumer.stop()

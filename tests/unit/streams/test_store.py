@@ -10,7 +10,15 @@ import pytest
 
 from streams import ledger
 from streams.state import BalanceState, CommandRecord, HoldState
-from streams.store import ShardStore, balance_key, command_key, hold_key, legacy_command_key
+from streams.store import (
+    GROUP,
+    ShardStore,
+    balance_key,
+    command_key,
+    group_bytes_max,
+    hold_key,
+    legacy_command_key,
+)
 from topics.schema import Deposit, Hold, Reason, Release, Status
 
 
@@ -222,3 +230,131 @@ def test_a_legacy_record_decodes_as_the_old_engine_wrote_it(tmp_path: Path) -> N
     store.restore([(b"c|x-1", old_value)], 1)
     record = store.command("anyone", "x-1")
     assert record is not None and (record.status, record.at_ms) == (Status.APPLIED, 5)
+
+
+# Idempotency records travel as one group record per batch (issue 21) -------------------
+
+
+def _deposits(store: ShardStore, ids: list[str], at_ms: int) -> None:
+    for n, command_id in enumerate(ids):
+        deposit = Deposit(command_id=command_id, account=f"acc{n}", asset="USD", amount=1)
+        store.commit(ledger.apply(store, deposit, at_ms))
+
+
+def test_a_batch_writes_its_idempotency_records_as_one_group_record(tmp_path: Path) -> None:
+    """Three commands: their balances and accounts go to the changelog key by key, their
+    three idempotency records as one group record; the store keeps both the records (for
+    lookups) and the group (for pruning)."""
+    store = _store(tmp_path)
+    _deposits(store, ["d0", "d1", "d2"], 1_000)
+    changes = store.changelog()
+    prefixes = sorted({key[:2] for key, _ in changes})
+    assert prefixes == [b"a|", b"b|", b"g|"]
+    ((group, value),) = [(k, v) for k, v in changes if k.startswith(GROUP)]
+    assert group.startswith(b"g|%016d|" % 1_000) and value is not None
+    assert not any(key.startswith(b"c|") for key, _ in changes)
+    assert len(changes) == 3 + 3 + 1
+    store.flush(7)
+    assert store.command("acc1", "d1") is not None
+    assert store.db.get(group) == value
+
+
+def test_a_big_batch_makes_several_groups_each_under_the_bound(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    ids = [f"{n:04d}-" + "x" * 120 for n in range(3000)]
+    _deposits(store, ids, 5)
+    groups = [v for k, v in store.changelog() if k.startswith(GROUP)]
+    assert len(groups) >= 2
+    assert all(v is not None and len(v) <= group_bytes_max + 1024 for v in groups)
+    target = ShardStore(tmp_path / "target", "cl")
+    target.restore([(k, v) for k, v in store.changelog()], 1)
+    assert all(target.command(f"acc{n}", i) is not None for n, i in enumerate(ids))
+
+
+def test_restore_expands_a_group_and_its_deletion_takes_its_records(tmp_path: Path) -> None:
+    source = _store(tmp_path)
+    _deposits(source, ["d0", "d1"], 1_000)
+    changelog = source.changelog()
+    target = ShardStore(tmp_path / "target", "cl")
+    target.restore(changelog, 10)
+    record = target.command("acc0", "d0")
+    assert record is not None and record.at_ms == 1_000
+    assert target.command("acc1", "d1") is not None
+    ((group, _),) = [(k, v) for k, v in changelog if k.startswith(GROUP)]
+    target.restore([(group, None)], 11)
+    assert target.command("acc0", "d0") is None and target.command("acc1", "d1") is None
+    assert target.balance("acc0", "USD") is not None
+    # A group written and deleted within one read of the changelog leaves nothing.
+    fresh = ShardStore(tmp_path / "fresh", "cl")
+    fresh.restore([*changelog, (group, None)], 12)
+    assert fresh.command("acc0", "d0") is None and fresh.db.get(group) is None
+
+
+def test_an_old_group_is_pruned_whole_with_one_tombstone(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    _deposits(store, ["d0", "d1"], 1_000)
+    store.changelog()
+    store.flush(None)
+    _deposits(store, ["d2"], 9_000)
+    store.changelog()
+    store.flush(None)
+    assert store.groups_before(1_000, 10) == []  # not older than the cutoff
+    ((group, members),) = store.groups_before(5_000, 10)
+    assert sorted(members) == [command_key("acc0", "d0"), command_key("acc1", "d1")]
+    store.forget_group(group, members)
+    assert store.changelog() == [(group, None)]  # the records' deletions are local only
+    store.flush(None)
+    assert store.command("acc0", "d0") is None and store.command("acc1", "d1") is None
+    assert store.command("acc0", "d2") is not None
+    assert store.groups_before(5_000, 10) == []
+
+
+def test_a_record_written_again_after_its_own_prune_is_not_its_old_group_s(
+    tmp_path: Path,
+) -> None:
+    """A record pruned on its own (as an engine before groups did, or the per-record pass)
+    and written again by a later command with the same id belongs to the later group:
+    pruning or deleting the old group leaves it alone."""
+    store = _store(tmp_path)
+    _deposits(store, ["d0"], 1_000)
+    old = store.changelog()
+    store.flush(None)
+    store.forget_command(("acc0", "d0"))
+    store.flush(None)
+    _deposits(store, ["d0"], 900_000)
+    store.changelog()
+    store.flush(None)
+    ((group, members),) = store.groups_before(5_000, 10)
+    assert members == []
+    store.forget_group(group, members)
+    store.flush(None)
+    record = store.command("acc0", "d0")
+    assert record is not None and record.at_ms == 900_000
+    # The same in recovery: the old group's deletion read after the new record.
+    target = ShardStore(tmp_path / "target", "cl")
+    newer = msgspec.json.encode(CommandRecord("f" * 32, Status.APPLIED, None, 900_000))
+    key = command_key("acc0", "d0")
+    target.restore([*old, (key, None), (key, newer), (group, None)], 3)
+    again = target.command("acc0", "d0")
+    assert again is not None and again.at_ms == 900_000
+
+
+def test_a_malformed_group_record_stops_neither_recovery_nor_pruning(tmp_path: Path) -> None:
+    """A group record that is not the engine's (garbage bytes, a key without a time) is
+    kept as an opaque key, like any other record: recovery goes on with the records
+    around it, and pruning passes it by."""
+    source = _store(tmp_path)
+    _deposits(source, ["d0"], 1_000)
+    good = source.changelog()
+    target = ShardStore(tmp_path / "target", "cl")
+    junk = [
+        (b"g|0000000000000500|x", b"\xff not json"),
+        (b"g|0000000000000600|y", b'[["acc9|z", {"not": "a record"}], 7]'),
+        (b"g|not-a-time|z", b"[]"),
+    ]
+    target.restore([*junk, *good, (b"g|0000000000000500|x", None)], 5)
+    assert target.command("acc0", "d0") is not None
+    assert target.changelog_offset() == 5
+    found = target.groups_before(10_000, 10)
+    assert [key for key, _ in found][-1].startswith(b"g|%016d|" % 1_000)
+    assert all(members == [] for key, members in found if not key.startswith(b"g|%016d" % 1_000))

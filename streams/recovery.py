@@ -1,0 +1,158 @@
+"""Recovery and standby: bringing a shard's local RocksDB up to the end of its changelog
+partition before the shard is served (`recover`), and keeping the shards this worker does
+not own warm by tailing their changelogs (`standby`, TALLY_TABLE_STANDBY_REPLICAS).
+
+Both copy changelog records into the store as they are (the changelog carries the
+store's own keys and values) with the offset they reached, in one RocksDB write. Both
+read with read_committed: a batch whose transaction aborted never reaches a store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from core.progress import Progress
+from streams.store import ShardStore
+
+log = logging.getLogger(__name__)
+
+recovery_log_every_s = 2.0
+# One fetch of a changelog partition: records copied per RocksDB write.
+restore_poll_records_max = 20_000
+restore_poll_timeout_ms = 500
+standby_idle_s = 0.5
+
+
+def _changelog_reader(bootstrap: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+
+
+async def recover(
+    bootstrap: str,
+    changelog: str,
+    shards: list[int],
+    *,
+    store: Callable[[int], ShardStore],
+    counts: Counter[str],
+) -> None:
+    """Bring each shard's RocksDB up to the end of its changelog partition. `store(p)`
+    opens (or returns the open) store of shard p."""
+    if not shards:
+        return
+    restore = _changelog_reader(bootstrap)
+    await restore.start()
+    try:
+        tps = {p: TopicPartition(changelog, p) for p in shards}
+        restore.assign(list(tps.values()))
+        ends = await restore.end_offsets(list(tps.values()))
+        todo: dict[TopicPartition, int] = {}
+        total = 0
+        for p, tp in tps.items():
+            start = _start_of(p, store(p), ends[tp], counts)
+            if start < ends[tp]:
+                restore.seek(tp, start)
+                todo[tp] = ends[tp]
+                total += ends[tp] - start
+        if not todo:
+            return
+        progress = Progress(
+            f"recovering shards {shards}",
+            total,
+            unit="changelog records",
+            say=log.info,
+            every_s=recovery_log_every_s,
+        )
+        while todo:
+            polled = await restore.getmany(
+                *todo, timeout_ms=restore_poll_timeout_ms, max_records=restore_poll_records_max
+            )
+            for tp, records in polled.items():
+                store(tp.partition).restore(
+                    [(r.key, r.value) for r in records], records[-1].offset + 1
+                )
+                progress.add(len(records))
+            for tp in list(todo):
+                position = await restore.position(tp)
+                if position >= todo[tp]:
+                    store(tp.partition).restore([], position)
+                    del todo[tp]
+        counts["recovered_records"] += progress.done
+        progress.close()
+    finally:
+        await restore.stop()
+
+
+def _start_of(p: int, store: ShardStore, end: int, counts: Counter[str]) -> int:
+    """Where shard p's changelog is read from: the offset its store reached, or 0 for a
+    store ahead of its changelog (a changelog recreated under it), which is wiped."""
+    start = store.changelog_offset()
+    if store.rebuilt:
+        counts["rebuilt_shards"] += 1
+        store.rebuilt = False  # counted once, not at every later take-over
+    if start > end:
+        log.warning("shard %d: local state is ahead of its changelog; wiped", p)
+        store.wipe()
+        start = 0
+    return start
+
+
+async def standby(
+    bootstrap: str,
+    changelog: str,
+    partitions: int,
+    *,
+    lock: asyncio.Lock,
+    stopping: asyncio.Event,
+    busy: Callable[[], set[int]],
+    store: Callable[[int], ShardStore],
+    counts: Counter[str],
+) -> None:
+    """Keep every shard this worker does not own warm: tail its changelog partition into
+    its local store, so that when the shard is assigned here `recover` only reads what
+    the standby had not seen yet. Records are applied under the engine's `lock` and only
+    to shards not `busy()` (owned or being taken over); a shard being taken over is left
+    alone (its recovery starts from the offset the standby copy reached, stored with the
+    records in one write). Runs until `stopping` is set."""
+    consumer = _changelog_reader(bootstrap)
+    await consumer.start()
+    tailing: set[int] = set()
+    try:
+        while not stopping.is_set():
+            async with lock:
+                want = set(range(partitions)) - busy()
+                if want != tailing:
+                    tps = [TopicPartition(changelog, p) for p in sorted(want)]
+                    consumer.assign(tps)
+                    for tp in tps:
+                        consumer.seek(tp, store(tp.partition).changelog_offset())
+                    tailing = want
+            if not tailing:
+                await asyncio.sleep(standby_idle_s)
+                continue
+            polled = await consumer.getmany(
+                timeout_ms=restore_poll_timeout_ms, max_records=restore_poll_records_max
+            )
+            async with lock:
+                busy_now = busy()
+                for tp, records in polled.items():
+                    p = tp.partition
+                    if not records or p in busy_now:
+                        continue
+                    shard = store(p)
+                    start = shard.changelog_offset()
+                    fresh = [(r.key, r.value) for r in records if r.offset >= start]
+                    if fresh:
+                        shard.restore(fresh, records[-1].offset + 1)
+                        counts["standby_records"] += len(fresh)
+    finally:
+        await consumer.stop()

@@ -1,0 +1,134 @@
+"""A shard batch's transaction (`streams.transaction`) against the real broker: its outputs
+and changelog leave as Kafka batches, one per partition (and more when one fills), and
+every record arrives once, in its order within its partition, with the consumed offsets
+committed in the same transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from core.settings import Settings
+from streams import transaction
+from streams.records import Output
+from topics.admin import delete_topics, ensure_topics
+from topics.specs import TopicSpec
+
+PARTITIONS = 3
+
+
+class CountingProducer(AIOKafkaProducer):  # type: ignore[misc]
+    """The real producer, counting the batches it is handed per (topic, partition)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.batches: dict[tuple[str, int], int] = {}
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
+        key = (topic, partition)
+        self.batches[key] = self.batches.get(key, 0) + 1
+        return await super().send_batch(batch, topic, partition=partition)
+
+
+async def _read(bootstrap: str, topic: str) -> dict[int, list[tuple[bytes | None, bytes | None]]]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        got: dict[int, list[tuple[bytes | None, bytes | None]]] = {p: [] for p in range(PARTITIONS)}
+        for _ in range(100):
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(at >= ends[tp] for at, tp in zip(positions, tps, strict=True)):
+                break
+            for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                got[tp.partition] += [(r.key, r.value) for r in records]
+        return got
+    finally:
+        await consumer.stop()
+
+
+async def test_outputs_and_changelog_leave_as_batches_that_fill_and_arrive_in_order(
+    settings: Settings, unique: str
+) -> None:
+    """With a small max_batch_size, every partition's records fill several batches: each
+    full one is sent and a new one started, no record is lost or repeated, the order
+    within a partition holds, and the changelog's end is where the next batch of the
+    shard's changelog will start."""
+    out_topic, changelog, source = (f"tx-{unique}.{n}" for n in ("out", "changelog", "in"))
+    specs = [
+        TopicSpec(name=name, partitions=PARTITIONS, cleanup_policy="delete", retention_ms=-1)
+        for name in (out_topic, changelog, source)
+    ]
+    await ensure_topics(settings.kafka_bootstrap, specs)
+    producer = CountingProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        transactional_id=f"tx-{unique}",
+        max_batch_size=2048,
+    )
+    await producer.start()
+    try:
+        outputs: list[Output] = [
+            (out_topic, b"k%d" % i, b"v%d-" % i + b"x" * 200, i % PARTITIONS,
+             [("tally-source", b"0:%d" % i)] if i % 2 else None)
+            for i in range(120)
+        ]  # fmt: skip
+        changes = [(b"c|%d" % i, None if i % 7 == 0 else b"state-%d" % i) for i in range(50)]
+        offsets = {TopicPartition(source, 1): 17}
+        written = await transaction.commit(
+            producer,
+            exactly_once=True,
+            outputs=outputs,
+            changelog=changelog,
+            partition=1,
+            changes=changes,
+            offsets=offsets,
+            group_id=f"tx-{unique}",
+            consumer=None,
+        )
+        # 40 records of ~220 bytes per partition fill a 2 KiB batch several times over.
+        filled = {p: producer.batches[(out_topic, p)] for p in range(PARTITIONS)}
+        assert all(n >= 3 for n in filled.values()), filled
+        assert producer.batches[(changelog, 1)] >= 1
+        # The same shard's next transaction: its changelog continues where this one ended.
+        again = await transaction.commit(
+            producer,
+            exactly_once=True,
+            outputs=[],
+            changelog=changelog,
+            partition=1,
+            changes=[(b"c|again", b"1")],
+            offsets={},
+            group_id=f"tx-{unique}",
+            consumer=None,
+        )
+    finally:
+        await producer.stop()
+    try:
+        got = await _read(settings.kafka_bootstrap, out_topic)
+        for p in range(PARTITIONS):
+            assert got[p] == [(k, v) for _, k, v, q, _ in outputs if q == p]
+        logged = await _read(settings.kafka_bootstrap, changelog)
+        assert logged[1] == [*changes, (b"c|again", b"1")]
+        assert logged[0] == logged[2] == []
+        # 50 records then a commit marker: the next transaction's first record is at 51.
+        assert written.changelog_next_offset == 50
+        assert again.changelog_next_offset == 52
+        assert written.last is not None and written.last.topic == changelog
+        committed = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap, group_id=f"tx-{unique}"
+        )
+        await committed.start()
+        try:
+            assert await committed.committed(TopicPartition(source, 1)) == 17
+        finally:
+            await committed.stop()
+    finally:
+        await delete_topics(settings.kafka_bootstrap, [s.name for s in specs])

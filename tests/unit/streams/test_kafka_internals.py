@@ -1,0 +1,84 @@
+"""The aiokafka internals the engine reads (`streams.kafka_internals`) are where it looks,
+in the installed aiokafka. Each reader falls back quietly when its internal is missing
+(a worker must not break on it), so an aiokafka upgrade that moves one must fail here,
+loudly, instead."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.consumer.group_coordinator import GroupCoordinator
+from aiokafka.errors import ProducerFenced
+from aiokafka.producer.sender import Sender
+
+from streams import kafka_internals
+from streams.kafka_internals import position_now as _position_now
+
+# Nothing listens here: none of these tests talks to a broker.
+NOWHERE = "127.0.0.1:1"
+
+
+async def test_the_aiokafka_internals_the_engine_reads_are_where_it_looks() -> None:
+    """The watchdog's position, the fencing check and the rejoin request read aiokafka
+    internals (no public call exists); they fall back quietly when those are missing,
+    so an aiokafka upgrade that moves them must fail here instead."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=NOWHERE)
+    tp = TopicPartition("t", 0)
+    consumer.assign([tp])
+    assert _position_now(consumer, tp) is None  # assigned, no position yet
+    consumer._subscription.subscription.assignment.state_value(tp).seek(42)
+    assert _position_now(consumer, tp) == 42
+    assert callable(GroupCoordinator.request_rejoin)
+    assert isinstance(Sender.sender_task, property)
+    producer = AIOKafkaProducer(bootstrap_servers=NOWHERE)
+    assert isinstance(producer._sender, Sender)
+    await producer.stop()
+    await consumer.stop()
+
+
+async def test_a_sender_stopped_by_fencing_is_read_from_a_real_producer() -> None:
+    """`sender_error` reads `producer._sender.sender_task`: on a real producer whose
+    sender stopped with ProducerFenced it returns that error (not the fallback's None)."""
+    producer = AIOKafkaProducer(bootstrap_servers=NOWHERE)
+    assert kafka_internals.sender_error(producer) is None  # never started: no task
+    stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    stopped.set_exception(ProducerFenced())
+    stopped.exception()
+    assert producer._sender.sender_task is None
+    producer._sender._sender_task = stopped  # what Sender.start sets
+    assert isinstance(kafka_internals.sender_error(producer), ProducerFenced)
+    producer._sender._sender_task = None
+    await producer.stop()
+
+
+async def test_the_rejoin_request_reaches_the_group_coordinator() -> None:
+    """`request_rejoin` finds the consumer's `_coordinator` and calls its
+    `request_rejoin`, which takes no argument."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=NOWHERE, group_id="g")
+    assert "_coordinator" in vars(consumer)  # set (to None) before start
+    assert list(inspect.signature(GroupCoordinator.request_rejoin).parameters) == ["self"]
+
+    class Coordinator:
+        asked = 0
+
+        def request_rejoin(self) -> None:
+            self.asked += 1
+
+    coordinator = Coordinator()
+    consumer._coordinator = coordinator
+    kafka_internals.request_rejoin(consumer)
+    assert coordinator.asked == 1
+    consumer._coordinator = None
+    kafka_internals.request_rejoin(consumer)  # not started: nothing to ask, no error
+    await consumer.stop()
+
+
+def test_the_position_reader_reads_the_state_position_reads() -> None:
+    """`position_now` reads what `AIOKafkaConsumer.position` reads (the subscription's
+    assignment state): the public call's source must still name it."""
+    source = inspect.getsource(AIOKafkaConsumer.position)
+    assert "self._subscription.subscription.assignment" in source
+    assert ".state_value(partition)" in source
+    assert "tp_state.has_valid_position" in source and "tp_state.position" in source
