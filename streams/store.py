@@ -172,7 +172,7 @@ class ShardStore:
         # Keys in `pending` the changelog carries inside group records, not on their own,
         # and those of them not in a group yet (see the module's docstring).
         self._unlogged: set[bytes] = set()
-        self._ungrouped: list[bytes] = []
+        self._ungrouped: list[tuple[bytes, int]] = []  # (key, the record's at_ms)
 
     # Reads (the ledger's StateView) -------------------------------------------------------
 
@@ -216,7 +216,7 @@ class ShardStore:
             key = command_key(result.account, result.command_id)
             pending[key] = _encode(outcome.record)
             self._unlogged.add(key)
-            self._ungrouped.append(key)
+            self._ungrouped.append((key, outcome.record.at_ms))
 
     def forget_command(self, name: CommandName) -> None:
         """Stage the removal of an idempotency record whose retention has passed."""
@@ -241,22 +241,24 @@ class ShardStore:
         records (staged here too, so that the store keeps them)."""
         ungrouped, self._ungrouped = self._ungrouped, []
         group: list[tuple[str, msgspec.Raw]] = []
-        size = 0
-        for key in ungrouped:
+        size = at_ms = 0
+        for key, record_at_ms in ungrouped:
             value = self.pending[key]
             assert value is not None  # a record staged by `commit` this batch
             group.append((key[2:].decode(), msgspec.Raw(value)))
             size += len(key) + len(value) + 8
+            at_ms = max(at_ms, record_at_ms)
             if size >= group_bytes_max:
-                self._stage_group(group)
-                group, size = [], 0
+                self._stage_group(group, at_ms)
+                group, size, at_ms = [], 0, 0
         if group:
-            self._stage_group(group)
+            self._stage_group(group, at_ms)
         unlogged = self._unlogged
         return [(k, v) for k, v in self.pending.items() if k not in unlogged]
 
-    def _stage_group(self, group: list[tuple[str, msgspec.Raw]]) -> None:
-        at_ms = max(_record.decode(raw).at_ms for _, raw in group)
+    def _stage_group(self, group: list[tuple[str, msgspec.Raw]], at_ms: int) -> None:
+        """Stage one group record, named by its newest record's time (`at_ms`, carried
+        from `commit` rather than decoded again from the values)."""
         self.pending[group_key(at_ms, uuid.uuid4().hex)] = _encode(group)
 
     def flush(self, changelog_next_offset: int | None) -> None:

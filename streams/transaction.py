@@ -68,7 +68,7 @@ async def commit(
     """Write one shard batch (steps 1-6 of the module's docstring) and say what it wrote."""
     if exactly_once:
         await producer.begin_transaction()
-    sent = await _send(producer, ((t, k, v, p, h) for t, k, v, p, h in outputs))
+    sent = await _send(producer, outputs)
     logged = await _send(producer, ((changelog, k, v, partition, None) for k, v in changes))
     if exactly_once:
         if offsets:
