@@ -2,10 +2,10 @@
 for the exit status.
 
 Every package family has one root that derives from `TallyError` and says which exit
-status its errors end a command with; a family's errors derive from its root. The
-`tally` CLI catches `TallyError` in one place (tally/common.py), prints `tally COMMAND:
-message` as one line and exits with `exit_status(error)`; `python -m sinks` and
-`python -m ingress` end a SettingsError the same way. Expected outcomes (a rejected
+status its errors end a command with; a family's errors derive from its root. Every
+program catches `TallyError` in one place (`core.cli.Command`: the `tally` CLI and the
+`python -m sinks` / `python -m ingress` entry points), prints `PROGRAM COMMAND: message`
+as one line and exits with `exit_status(error)`. Expected outcomes (a rejected
 command, a mismatch an audit finds) are results, not errors; a bug is neither and
 keeps its traceback.
 
@@ -14,9 +14,9 @@ The families and their statuses (the "Exit status" paragraphs of the commands' -
     core.settings.SettingsError    2  a setting is missing, malformed or out of range
     topics.errors.TopicError       2  the deployment's topics are not what it needs
     sinks.errors.SinkError         1  a sink's store cannot be brought up (migrations)
-    audit.run.AuditError           2  the audit cannot run (a store unreachable)
-    importer.run.ImportFailed      2  the import cannot run (a source or service down)
-    replay.run.ReplayError         2  the replay must not or cannot start
+    audit.rows.AuditError          2  the audit cannot run (a store unreachable)
+    importer.rows.ImportFailed     2  the import cannot run (a source or service down)
+    replay.checks.ReplayError      2  the replay must not or cannot start
     harness.errors.HarnessError    2  a harness job cannot be carried out (chaos)
       harness.roundtrip.RoundTripError  1  the round trip ran and found a difference
     bench.errors.BenchError        1  a benchmark could not measure

@@ -8,20 +8,16 @@ import sys
 
 import click
 
-from core.errors import exit_status, message
-from core.settings import SettingsError, load
+from core.cli import Command
+from core.settings import load
 from ingress import service
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Serve the HTTP ingress on TALLY_INGRESS_HOST:TALLY_INGRESS_PORT (see `tally ingress
     --help`)."""
-    try:
-        settings = load(os.environ)
-    except SettingsError as exc:
-        click.echo(f"python -m ingress: {message(exc)}", err=True)
-        sys.exit(exit_status(exc))
+    settings = load(os.environ)  # a SettingsError ends it (core.cli.Command)
     sys.exit(service.run(settings))
 
 

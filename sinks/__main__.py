@@ -11,8 +11,8 @@ import sys
 
 import click
 
-from core.errors import exit_status, message
-from core.settings import SettingsError, load
+from core.cli import Command
+from core.settings import load
 from sinks import service
 
 
@@ -26,7 +26,7 @@ def _shares(raw: str, partitions: int) -> list[int]:
     return shares
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("target", type=click.Choice(list(service.TARGETS)))
 @click.option(
     "--partitions",
@@ -43,11 +43,7 @@ def _shares(raw: str, partitions: int) -> list[int]:
 )
 def main(target: str, partitions: str, web_port: int | None) -> None:
     """Project the events of PARTITIONS into TARGET (postgres or redis)."""
-    try:
-        settings = load(os.environ)
-    except SettingsError as exc:
-        click.echo(f"python -m sinks: {message(exc)}", err=True)
-        sys.exit(exit_status(exc))
+    settings = load(os.environ)  # a SettingsError ends it (core.cli.Command)
     shares = _shares(partitions, settings.partitions)
     sys.exit(service.run(settings, target, partitions=shares, web_port=web_port))
 
