@@ -73,8 +73,10 @@ test-fault: $(STAMP) services ## Only the fault tests (kills and restarts)
 demo: $(STAMP) services ## Run the main job against the local services and print its summary
 	$(VENV)/bin/tally demo
 
-bench: $(STAMP) services ## Run the benchmarks (engine, sinks, HTTP, recovery, replay, audit, reads, notify) and print their numbers
+bench: $(STAMP) services ## Run the benchmarks (engine, failover, sinks, HTTP, recovery, replay, audit, reads, notify) and print their numbers
 	$(VENV)/bin/tally bench engine --count $(BENCH_COUNT)
+	$(VENV)/bin/tally bench failover --fault kill --report reports/bench-failover-kill.json
+	$(VENV)/bin/tally bench failover --fault term --report reports/bench-failover-term.json
 	$(VENV)/bin/tally bench sinks --events $(BENCH_COUNT)
 	$(VENV)/bin/tally bench http --duration $(BENCH_SECONDS)
 	$(VENV)/bin/tally bench recovery --balances 1000000

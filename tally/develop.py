@@ -194,6 +194,93 @@ def bench_engine(count: int, guarantee: str, report: Path, workers: int) -> None
     )
 
 
+@bench.command(name="failover")
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(2, 8),
+    help="Engine worker processes in one group; one of them is failed.",
+)
+@click.option("--partitions", default=8, show_default=True, type=click.IntRange(2, 64))
+@click.option(
+    "--rate",
+    default=400,
+    show_default=True,
+    type=click.IntRange(10, 5000),
+    help="Commands/s, steady, spread evenly over every shard.",
+)
+@click.option(
+    "--fault",
+    type=click.Choice(["kill", "term"]),
+    default="kill",
+    show_default=True,
+    help="kill: SIGKILL (no leave, no commit); term: SIGTERM (a clean stop).",
+)
+@click.option(
+    "--restart-after",
+    "restart_after_s",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 60.0),
+    help="Seconds from the fault to the restart.",
+)
+@click.option(
+    "--duration",
+    "duration_s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(5.0, 600.0),
+    help="Seconds of load in all (warm-up, a few steady seconds, the fault, watching);"
+    " then at most 60 s more for every command to be answered.",
+)
+@click.option(
+    "--steady",
+    "steady_s",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 60.0),
+    help="Seconds of load between every shard answering and the fault.",
+)
+@click.option(
+    "--report",
+    default="reports/bench-failover.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
+def bench_failover(
+    workers: int,
+    partitions: int,
+    rate: int,
+    fault: str,
+    restart_after_s: float,
+    duration_s: float,
+    steady_s: float,
+    report: Path,
+) -> None:  # fmt: skip
+    """How long shards stop answering when one engine worker fails and restarts.
+
+    \b
+    A steady load of RATE deposits/s over every shard; once every shard answers and
+    STEADY seconds passed, one worker is killed (or stopped cleanly) and restarted
+    RESTART-AFTER seconds later. Prints, per shard and for the shards of the surviving
+    and of the failed worker (owners read from /readyz at the fault), the longest wait
+    for a result and the longest silence, and checks that every command was answered
+    exactly once (exit status 1 if not).
+    """
+    from bench import failover as job
+
+    settings = read_settings()
+    setup_logging(settings, "bench failover", quiet=True)
+    sys.exit(
+        job.main(
+            settings, workers=workers, partitions=partitions, rate=rate, fault=fault,
+            restart_after_s=restart_after_s, duration_s=duration_s, steady_s=steady_s,
+            report=report,
+        )
+    )  # fmt: skip
+
+
 @bench.command(name="sinks")
 @click.option("--events", default=200_000, show_default=True, type=click.IntRange(1000, 5_000_000))
 @click.option(
