@@ -16,14 +16,16 @@ from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from topics.codec import decode_dead_letter, decode_result
 from topics.ids import credit_id, refund_id
-from topics.schema import DeadLetter, Result, Status
+from topics.schema import DeadLetter, Result, Status, source_in
 from topics.specs import Topics
 
 poll_timeout_ms = 200
 poll_records_max = 10_000
+outage_pause_s = 0.5
 
 
 @dataclass
@@ -33,14 +35,21 @@ class Results:
     by_id: dict[str, list[Result]] = field(default_factory=lambda: defaultdict(list))
     dead_letters: list[DeadLetter] = field(default_factory=list)
     received_at: dict[str, float] = field(default_factory=dict)
+    # When a result naming each commands record (its `tally-source` header) was first
+    # read: the per-record clock of harness.waits when command ids repeat.
+    heard_at: dict[bytes, float] = field(default_factory=dict)
     last_at: float = 0.0
     count: int = 0
     foreign: int = 0
 
-    def add(self, result: Result) -> None:
+    def add(self, result: Result, found: bytes | None = None) -> None:
+        """A result read, with the commands record its `tally-source` header names."""
+        now = time.monotonic()
         self.by_id[result.command_id].append(result)
-        self.received_at.setdefault(result.command_id, time.monotonic())
-        self.last_at = time.monotonic()
+        self.received_at.setdefault(result.command_id, now)
+        if found is not None:
+            self.heard_at.setdefault(found, now)
+        self.last_at = now
         self.count += 1
 
     def statuses(self) -> Counter[str]:
@@ -75,11 +84,17 @@ def implied_ids(result: Result) -> list[str]:
 
 
 class Collector:
-    """Consumes the events and dead-letter topics from given offsets into `Results`."""
+    """Consumes the events and dead-letter topics from given offsets into `Results`.
 
-    def __init__(self, bootstrap: str, topics: Topics) -> None:
+    With `outlast_outages`, a Kafka error of the reader (the broker restarted under it,
+    as the chaos run does) is waited out and the reading goes on; without, it ends the
+    reader and `wait_for` raises it."""
+
+    def __init__(self, bootstrap: str, topics: Topics, *, outlast_outages: bool = False) -> None:
         self.bootstrap = bootstrap
         self.topics = topics
+        self.outlast_outages = outlast_outages
+        self.outages = 0
         self.results = Results()
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -112,14 +127,22 @@ class Collector:
         assert self._consumer is not None
         events = self.topics.events.name
         while True:
-            batches = await self._consumer.getmany(
-                timeout_ms=poll_timeout_ms, max_records=poll_records_max
-            )
+            try:
+                batches = await self._consumer.getmany(
+                    timeout_ms=poll_timeout_ms, max_records=poll_records_max
+                )
+            except KafkaError:
+                if not self.outlast_outages:
+                    raise
+                self.outages += 1
+                await asyncio.sleep(outage_pause_s)
+                continue
             for tp, records in batches.items():
                 for record in records:
                     try:
                         if tp.topic == events:
-                            self.results.add(decode_result(record.value or b""))
+                            result = decode_result(record.value or b"")
+                            self.results.add(result, source_in(record.headers))
                         else:
                             letter = decode_dead_letter(record.value or b"")
                             self.results.dead_letters.append(letter)

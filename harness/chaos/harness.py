@@ -31,16 +31,21 @@ from harness.chaos.inject import Injector
 from harness.chaos.load import produce_load
 from harness.chaos.plan import DRAIN_TIMEOUT_S, KINDS, MAX_WORKERS, PARTITIONS, plan
 from harness.chaos.record import ChaosError, Run, Timeline
+from harness.chaos.waits import fault_waits
 from harness.chaos.workers import Workers
 from harness.checks import Check
-from harness.collector import read_all
+from harness.collector import Collector, read_all
 from harness.scratch import Scratch
+from harness.waits import owners
 from sinks import service, verify
 from sinks.runner import SinkRunner
 from topics.codec import decode_dead_letter, decode_result
 from topics.names import schema_name
 from topics.schema import Result
 from topics.specs import topics_for
+
+# After the drain, how long the result reader may take to have seen every answer.
+WAITS_CATCH_UP_S = 15.0
 
 
 def chaos_settings(settings: Settings, prefix: str, redis_db: int) -> Settings:
@@ -82,11 +87,17 @@ class Harness:
         self.topics = topics_for(prefix, PARTITIONS)
         self.scratch = Scratch(self.settings, topics="engine", schema=True)
         self.sinks: list[SinkRunner] = []
+        # The per-fault waits: when each answerable record was sent (by its place on
+        # the commands topic), and a reader noting when each one's result was seen.
+        self.sent: dict[bytes, tuple[int, float]] = {}
+        self.collector = Collector(self.settings.kafka_bootstrap, self.topics, outlast_outages=True)
+        self.injector = Injector(self.settings, self.run, self.workers, self.timeline)
 
     async def execute(self) -> Run:
         began = time.monotonic()
         await faults.flush_redis(self.settings.redis_url)
         await self.scratch.create()
+        await self.collector.start(from_end=False)
         try:
             for _ in range(self.start_workers):
                 await self.workers.add()
@@ -95,6 +106,7 @@ class Harness:
         finally:
             self.run.workers = [await self.workers.summary(w) for w in self.workers.all]
             await self.workers.stop()
+            await self.collector.stop()
             self.run.seconds = time.monotonic() - began
         return self.run
 
@@ -114,6 +126,7 @@ class Harness:
             await self._load_and_faults()
             await self.workers.heal()
             await self._drain()
+            await self._measure_waits()
             for sink in self.sinks:
                 sink.stop()
             await asyncio.gather(*sink_tasks)
@@ -133,11 +146,12 @@ class Harness:
     async def _load_and_faults(self) -> None:
         """The load and the faults at once, with the workers supervised meanwhile."""
         self.timeline.start()
-        injector = Injector(self.settings, self.run, self.workers, self.timeline)
         load = asyncio.create_task(
-            produce_load(self.settings, self.run, self.timeline, accounts=self.accounts)
+            produce_load(
+                self.settings, self.run, self.timeline, accounts=self.accounts, sent=self.sent
+            )
         )
-        chaos = asyncio.create_task(injector.run_plan())
+        chaos = asyncio.create_task(self.injector.run_plan())
         watch = asyncio.create_task(self.workers.supervise())
         try:
             await asyncio.gather(load, chaos)
@@ -179,6 +193,30 @@ class Harness:
         if not await verify.wait_drained(self.sinks, timeout_s=DRAIN_TIMEOUT_S, quiet_s=2.0):
             raise ChaosError(f"the sinks did not drain in {DRAIN_TIMEOUT_S:.0f}s")
         self.timeline.note("sinks drained")
+
+    async def _measure_waits(self) -> None:
+        """Per fault, the longest waits on the shards kept and moved (harness.chaos.waits),
+        once the engine drained: every answer that will come has come by then (the
+        reader is given a moment to catch up with the last ones)."""
+        sent = self.sent
+        try:
+            await self.collector.wait_for(
+                lambda r: all(s in r.heard_at for s in sent),
+                timeout_s=WAITS_CATCH_UP_S,
+                say=lambda _: None,
+            )
+        except Exception as exc:  # the reader died: no waits, but the checks still run
+            self.timeline.note(f"waits not measured: the result reader failed ({exc!r})")
+            return
+        heard = self.collector.results.heard_at
+        final = await owners(self.workers.all)
+        self.run.waits = fault_waits(
+            self.injector.marks, final, self.sent, heard, until=time.monotonic()
+        )
+        if self.collector.outages:
+            self.timeline.note(
+                f"waits: the result reader outlasted {self.collector.outages} Kafka errors"
+            )
 
     # Checks ------------------------------------------------------------------------------
 

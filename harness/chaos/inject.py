@@ -16,8 +16,10 @@ from core.settings import Settings
 from harness import faults
 from harness.chaos.plan import MAX_WORKERS, STOP_MORE_S, STOP_S, Fault
 from harness.chaos.record import Run, Timeline, Zombie
+from harness.chaos.waits import Mark
 from harness.chaos.workers import Workers
 from harness.procs import EngineProcess
+from harness.waits import owners
 
 
 class Injector:
@@ -26,13 +28,19 @@ class Injector:
         self.run = run
         self.workers = workers
         self.timeline = timeline
+        # Each fault as it was injected, with the shards' owners just before it: the
+        # per-fault waits (harness.chaos.waits) are measured from these.
+        self.marks: list[Mark] = []
 
     async def run_plan(self) -> None:
-        """Inject the plan's faults at their times after the start of the load."""
+        """Inject the plan's faults at their times after the start of the load, each
+        after reading who serves which shard."""
         for fault in self.run.plan:
             wait = self.timeline.started + fault.at_s - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+            before = await owners(self.workers.all)
+            self.marks.append(Mark(fault, time.monotonic(), self.timeline.elapsed(), before))
             await self.inject(fault)
 
     async def inject(self, fault: Fault) -> None:

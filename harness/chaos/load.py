@@ -18,6 +18,7 @@ from harness.chaos.record import ChaosError, Run, Timeline
 from harness.workload import build
 from topics.names import deployment_topics
 from topics.producer import durable_producer
+from topics.schema import source
 
 
 async def produce_load(
@@ -26,12 +27,17 @@ async def produce_load(
     timeline: Timeline,
     *,
     accounts: int,
+    sent: dict[bytes, tuple[int, float]] | None = None,
     deadline_grace_s: float = 120.0,
 ) -> None:
     """Produce the seeded workload at `run.rate` records/s for `run.duration_s`, with
     acks=all; a send that fails is sent again (counted in `run.resent`), as a client
     would. Bounded: what is still unacknowledged after the duration and a grace for
-    outages is reported (ChaosError), not waited for for ever."""
+    outages is reported (ChaosError), not waited for for ever.
+
+    `sent` gets, for every acknowledged record that will be answered (it has a command
+    id), its place on the commands topic (`tally-source`) -> (shard, when it was last
+    sent): the produce side of the per-fault waits (harness.waits)."""
     total = int(run.rate * run.duration_s)
     work = build(count=total, accounts=accounts, seed=run.seed, now_ms=int(time.time() * 1000))
     topic = deployment_topics(settings).commands.name
@@ -39,7 +45,7 @@ async def produce_load(
     await producer.start()
     tick = 0.1
     per_tick = max(1, int(run.rate * tick))
-    pending: list[tuple[Any, Any]] = []
+    pending: list[tuple[Any, Any, float]] = []
     retry: list[Any] = []
     records = collections.deque(work.records)
     next_at = time.monotonic()
@@ -52,21 +58,25 @@ async def produce_load(
             while records and len(batch) < per_tick:
                 batch.append(records.popleft())
             for record in batch:
+                at = time.monotonic()
                 try:
                     future = await producer.send(topic, record.value, key=record.key.encode())
                 except KafkaError:
                     retry.append(record)
                     continue
-                pending.append((record, future))
+                pending.append((record, future, at))
             still = []
-            for record, future in pending:
+            for record, future, at in pending:
                 if not future.done():
-                    still.append((record, future))
+                    still.append((record, future, at))
                 elif future.exception() is not None:
                     retry.append(record)
                     run.resent += 1
                 else:
                     run.produced += 1
+                    if sent is not None and record.command_id is not None:
+                        placed = future.result()
+                        sent[source(placed.partition, placed.offset)] = (placed.partition, at)
             pending = still
             next_at += tick
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))

@@ -12,6 +12,7 @@ from typing import Any
 from harness.chaos.plan import Fault
 from harness.checks import Check
 from harness.errors import HarnessError
+from harness.waits import GroupWait
 
 
 @dataclass
@@ -29,6 +30,30 @@ class Zombie:
 
 
 @dataclass
+class FaultWaits:
+    """How long results waited around one fault (harness.chaos.waits): on the shards
+    whose owner did not change (kept) and on those that moved."""
+
+    at_s: float
+    kind: str
+    owners_before: dict[int, int]
+    owners_after: dict[int, int]
+    kept: GroupWait
+    moved: GroupWait
+
+    def line(self) -> str:
+        def part(g: GroupWait) -> str:
+            if not g.shards:
+                return f"{g.name} none"
+            lost = f", {g.unanswered} unanswered" if g.unanswered else ""
+            return (
+                f"{g.name} {g.shards} wait {g.max_wait_s:.1f}s silence {g.max_silence_s:.1f}s{lost}"
+            )
+
+        return f"t+{self.at_s:5.1f}s  {self.kind:<15} {part(self.kept)}; {part(self.moved)}"
+
+
+@dataclass
 class Run:
     seed: int
     duration_s: float
@@ -41,6 +66,7 @@ class Run:
     carried_out: list[str] = field(default_factory=list)  # the kind of each fault injected
     skipped: list[str] = field(default_factory=list)  # faults of the plan not injected, why
     zombies: list[Zombie] = field(default_factory=list)
+    waits: list[FaultWaits] = field(default_factory=list)  # per fault injected, in order
     checks: list[Check] = field(default_factory=list)
     workers: list[dict[str, Any]] = field(default_factory=list)
     sinks: list[str] = field(default_factory=list)
@@ -96,6 +122,8 @@ def render(run: Run) -> str:
         f"  injected: {', '.join(run.carried_out) or 'nothing'}"
         + (f"; NOT injected: {'; '.join(run.skipped)}" if run.skipped else "")
         + ("" if run.faults_injected else " (the run fails: not every planned fault)"),
+        "  longest wait / silence for a result per fault, shards kept vs moved:",
+        *([f"    {w.line()}" for w in run.waits] or ["    none measured"]),
         "  checks:",
     ]
     width = max((len(c.name) for c in run.checks), default=10)

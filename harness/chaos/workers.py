@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from core.settings import Settings
+from harness import waits
 from harness.chaos.plan import PARTITIONS, Fault
 from harness.chaos.record import ChaosError, Timeline
 from harness.procs import EngineProcess
@@ -76,11 +75,7 @@ class Workers:
 
     async def serving(self, worker: EngineProcess) -> list[int]:
         """The shards a live worker serves, by its /readyz; none if it does not answer."""
-        try:
-            body = await asyncio.wait_for(worker.readyz(), 5)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return []
-        return [int(p) for p in body.get("serving", [])]
+        return await waits.serving(worker)
 
     async def pick_serving(
         self, fault: Fault, *, wait_s: float = SERVING_WAIT_S
