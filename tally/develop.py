@@ -79,11 +79,10 @@ def _roundtrip(settings: Settings, *, count: int, accounts: int, seed: int) -> N
 )
 @click.option(
     "--kinds",
-    default=",".join(
-        ("kill9", "sigstop", "add_worker", "broker_restart", "pg_restart", "redis_flush")
-    ),
-    show_default=True,
-    help="Comma-separated fault kinds to draw from; each comes once before any repeats.",
+    help="Comma-separated fault kinds to draw from; each comes once before any repeats"
+    " [default: kill9, sigstop, add_worker, broker_restart, pg_restart, redis_flush, and"
+    " on the local clusters broker_kill9, broker_sigstop (Kafka), redis_master_kill9"
+    " (Redis)].",
 )
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(2, 3))
 @click.option(
@@ -102,7 +101,7 @@ def chaos(
     duration_s: int,
     seed: int,
     faults_count: int | None,
-    kinds: str,
+    kinds: str | None,
     workers: int,
     rate: int,
     accounts: int,
@@ -118,7 +117,11 @@ def chaos(
     injects the planned faults: kill9 (a worker killed with SIGKILL and restarted,
     sometimes without its state directory), sigstop (a worker paused past its session
     timeout, then continued: a zombie that must be fenced), add_worker (at 3 workers
-    the newest leaves with SIGTERM instead), broker_restart, pg_restart, redis_flush.
+    the newest leaves with SIGTERM instead), broker_restart, pg_restart, redis_flush;
+    on the local three-broker Kafka cluster broker_kill9 and broker_sigstop (one broker
+    killed, or paused a few seconds), and broker_restart stops one of its brokers; on
+    the Redis Cluster redis_master_kill9. Per fault it reports the longest wait for a
+    result on the shards that kept their owner and on those that moved.
     Then it waits for everything to drain and checks: one
     result per command record, one decision per (account, command id), one result per internal
     command, seq 1..n per balance, conservation per asset, dead letters = the garbage
@@ -134,7 +137,7 @@ def chaos(
 
     settings = read_settings()
     try:
-        picked = chaos_job.kinds_of(kinds)
+        picked = chaos_job.kinds_of(kinds, settings)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--kinds") from exc
     run = chaos_job.run(

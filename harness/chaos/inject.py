@@ -13,8 +13,8 @@ import signal
 import time
 
 from core.settings import Settings
-from harness import faults
-from harness.chaos.plan import MAX_WORKERS, STOP_MORE_S, STOP_S, Fault
+from harness import cluster, faults
+from harness.chaos.plan import CLUSTER_KINDS, MAX_WORKERS, STOP_MORE_S, STOP_S, Fault
 from harness.chaos.record import Run, Timeline, Zombie
 from harness.chaos.waits import Mark
 from harness.chaos.workers import Workers
@@ -48,8 +48,12 @@ class Injector:
             await self._scale()
         elif fault.kind in ("kill9", "sigstop"):
             await self._worker_fault(fault)
+        elif fault.kind == "broker_restart" and cluster.kafka_cluster_in_use(self.settings):
+            await self._cluster_fault(fault)
         elif fault.kind in ("broker_restart", "pg_restart", "redis_flush"):
             await self._service_fault(fault)
+        elif fault.kind in CLUSTER_KINDS:
+            await self._cluster_fault(fault)
         else:
             raise ValueError(f"unknown fault {fault.kind!r}")
 
@@ -118,6 +122,32 @@ class Injector:
             keys = await faults.flush_redis(self.settings.redis_url)
             note(f"redis_flush: FLUSHDB dropped {keys} keys")
         self.run.carried_out.append(fault.kind)
+
+    async def _cluster_fault(self, fault: Fault) -> None:
+        """One broker of the three-broker cluster killed (broker_kill9), stopped cleanly
+        (broker_restart on the cluster) or paused (broker_sigstop), or one Redis Cluster
+        master killed; each brought back as its script does (harness.cluster). Which
+        broker or master: the plan's `pick` among those there are when it strikes."""
+        note = self.timeline.note
+        kind = fault.kind
+        if kind == "redis_master_kill9":
+            masters = await cluster.redis_masters()
+            port = cluster.pick(masters, fault.pick)
+            note(f"redis_master_kill9: killing the master on {port} (SIGKILL) of {masters}")
+            took = await cluster.kill_redis_master(port, down_s=fault.pause_s)
+            note(f"redis_master_kill9: the cluster is whole again, {took:.1f}s after the kill")
+        else:
+            n = cluster.pick(sorted(cluster.KAFKA_BROKERS.values()), fault.pick)
+            if kind == "broker_sigstop":
+                note(f"broker_sigstop: broker-{n} stopped (SIGSTOP) for {fault.pause_s:.1f}s")
+                await cluster.pause_broker(n, stopped_s=fault.pause_s)
+                note(f"broker_sigstop: broker-{n} continued (SIGCONT)")
+            else:
+                sig = signal.SIGKILL if kind == "broker_kill9" else signal.SIGTERM
+                note(f"{kind}: stopping cluster broker-{n} ({signal.Signals(sig).name})")
+                took = await cluster.kill_broker(n, down_s=fault.pause_s, sig=sig)
+                note(f"{kind}: the cluster is whole again, {took:.1f}s after the stop")
+        self.run.carried_out.append(kind)
 
     async def _zombie(self, n: int, worker: EngineProcess) -> None:
         """SIGSTOP `worker` past its session timeout, and keep it stopped until every

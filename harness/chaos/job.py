@@ -10,7 +10,9 @@ from pathlib import Path
 
 from core.logs import setup_logging
 from core.settings import Settings
+from harness import cluster
 from harness.chaos import KINDS, ChaosError, Harness, Run, render
+from harness.chaos.plan import CLUSTER_KINDS
 from harness.faults import FaultUnavailable
 
 # Without a count given: one fault per this many seconds of load, and at least
@@ -19,12 +21,23 @@ seconds_per_fault = 25
 faults_min = 3
 
 
-def kinds_of(text: str) -> list[str]:
-    """The comma-separated fault kinds; ValueError names unknown ones."""
+def kinds_of(text: str | None, settings: Settings) -> list[str]:
+    """The comma-separated fault kinds, or without any given every kind these settings
+    can take (the cluster kinds when the run is on a cluster); ValueError names unknown
+    ones, and cluster kinds asked for without their cluster."""
+    usable = [*KINDS, *cluster.usable_kinds(settings)]
+    if text is None:
+        return usable
     picked = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = sorted(set(picked) - set(KINDS))
+    unknown = sorted(set(picked) - set(KINDS) - set(CLUSTER_KINDS))
     if unknown or not picked:
-        raise ValueError(f"unknown {unknown}; choose from {', '.join(KINDS)}")
+        raise ValueError(f"unknown {unknown}; choose from {', '.join(KINDS + CLUSTER_KINDS)}")
+    off = sorted(set(picked) - set(usable))
+    if off:
+        raise ValueError(
+            f"{', '.join(off)} need the local cluster they break (the three-broker Kafka"
+            " cluster in TALLY_KAFKA_BOOTSTRAP, the Redis Cluster with TALLY_REDIS_CLUSTER)"
+        )
     return picked
 
 

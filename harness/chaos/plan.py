@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from streams.engine import session_timeout_ms
 
 KINDS = ("kill9", "sigstop", "add_worker", "broker_restart", "pg_restart", "redis_flush")
+# Faults only a cluster has (harness.cluster), offered when the run uses the three-broker
+# Kafka cluster (the broker kinds) or the Redis Cluster (the master kill).
+CLUSTER_KINDS = ("broker_kill9", "broker_sigstop", "redis_master_kill9")
 # The short form run by `make test`: the faults that move shards between workers
 # (a crash, a zombie) and the one that takes everything away at once (the broker).
 SHORT_KINDS = ("kill9", "sigstop", "broker_restart")
@@ -27,8 +30,10 @@ DRAIN_TIMEOUT_S = 240.0
 class Fault:
     at_s: float  # seconds after the load starts
     kind: str
-    pick: float  # which worker, as a fraction of the live ones (the plan cannot know them)
-    pause_s: float  # how long the thing stays down (kill9, broker, postgres)
+    # Which worker (or cluster broker, or Redis master), as a fraction of those there are
+    # when it strikes (the plan cannot know them).
+    pick: float
+    pause_s: float  # how long the thing stays down (kill9, broker, postgres, a cluster node)
     lose_disk: bool = False  # kill9: restart without the worker's state directory
 
     def line(self) -> str:
@@ -38,6 +43,9 @@ class Fault:
             "sigstop": f"SIGCONT after {STOP_S:.0f}s",
             "broker_restart": f"down {self.pause_s:.1f}s",
             "pg_restart": f"down {self.pause_s:.1f}s",
+            "broker_kill9": f"one cluster broker, restarted after {self.pause_s:.1f}s",
+            "broker_sigstop": f"one cluster broker, SIGCONT after {self.pause_s:.1f}s",
+            "redis_master_kill9": f"one Redis master, restarted after {self.pause_s:.1f}s",
         }.get(self.kind, "")
         return f"t+{self.at_s:5.1f}s  {self.kind:<15} {extra}"
 
