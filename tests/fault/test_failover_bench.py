@@ -36,12 +36,15 @@ async def test_a_killed_worker_leaves_every_command_answered_once(
     assert result.exit_code == -9
     assert result.produced > 0 and result.results == result.produced
     assert not result.unanswered and not result.doubled
-    # Every shard was served at the fault, by one of the two workers, and is in one group.
-    assert sorted(result.owners_before) == list(range(PARTITIONS))
+    # The shards served at the fault (all of them, unless a rebalance was still under
+    # way: a note says so) fall in one group each: the killed worker's and the others'.
     survivors, failed = result.groups
     assert failed.name == f"killed worker-{result.victim}"
-    assert sorted(survivors.shards + failed.shards) == list(range(PARTITIONS))
-    assert failed.shards == [s for s, n in result.owners_before.items() if n == result.victim]
+    assert failed.shards, "the killed worker served nothing"
+    assert not set(survivors.shards) & set(failed.shards)
+    assert sorted(survivors.shards + failed.shards) == sorted(result.owners_before)
+    assert set(result.owners_before) <= set(range(PARTITIONS))
+    assert failed.shards == sorted(s for s, n in result.owners_before.items() if n == result.victim)
     assert survivors.unanswered == failed.unanswered == 0
     # One line per shard, each with commands that were all answered and waits measured.
     assert [w.shard for w in result.shards] == list(range(PARTITIONS))
