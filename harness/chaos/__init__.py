@@ -15,7 +15,8 @@ One run:
    (restarted after a moment, sometimes without its state directory), SIGSTOP of a
    worker past its session timeout then SIGCONT (a zombie: its shards have moved on and
    it must not publish anything for them), a worker added, the Kafka broker restarted,
-   PostgreSQL restarted, Redis flushed.
+   PostgreSQL restarted, Redis flushed; on the local clusters also one broker killed or
+   paused and a Redis master killed (harness.cluster).
 4. Heal (every worker running), wait until the workers' watchdogs show no lag and the
    sinks have drained, read every topic back from offset 0 and check (`Check`): one
    result per command record, one decision per (account, command id), one result per
@@ -29,8 +30,9 @@ in which a planned fault was not injected fails too.
 
 The modules, in the order of a run: `plan` (the seeded schedule), `harness` (one run,
 start to end), `workers` (the engine processes), `load` (the seeded records), `inject`
-(the faults), `checks` (what the topics read back must show), `record` (what the run
-did and found, and its printed report).
+(the faults), `waits` (how long results waited around each fault, on the shards kept
+and moved), `checks` (what the topics read back must show), `record` (what the run did
+and found, and its printed report).
 """
 
 from __future__ import annotations
