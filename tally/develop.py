@@ -94,7 +94,8 @@ def _roundtrip(settings: Settings, *, count: int, accounts: int, seed: int) -> N
     default=9,
     show_default=True,
     type=click.IntRange(0, 15),
-    help="The Redis database of the run, which it FLUSHes (at the start and as a fault).",
+    help="The Redis database of the run, which it FLUSHes (at the start and as a fault);"
+    " on a Redis Cluster database 0, the only one.",
 )
 @click.option("--keep", is_flag=True, help="Keep the run's topics, schema and Redis keys.")
 def chaos(

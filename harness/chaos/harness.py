@@ -20,7 +20,7 @@ import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.settings import Settings
-from harness import faults
+from harness import cluster, faults
 from harness.chaos.checks import (
     _check_conservation,
     _check_dead_letters,
@@ -50,9 +50,11 @@ WAITS_CATCH_UP_S = 15.0
 
 def chaos_settings(settings: Settings, prefix: str, redis_db: int) -> Settings:
     """The run's deployment: its prefix, 4 shards, and a Redis database of its own (the
-    run flushes it whole)."""
+    run flushes it whole). A Redis Cluster has database 0 only: the run then uses (and
+    flushes) that one."""
     url = urlsplit(settings.redis_url)
-    redis_url = urlunsplit((url.scheme, url.netloc, f"/{redis_db}", url.query, url.fragment))
+    db = 0 if cluster.redis_cluster_in_use(settings) else redis_db
+    redis_url = urlunsplit((url.scheme, url.netloc, f"/{db}", url.query, url.fragment))
     return msgspec.structs.replace(
         settings, topic_prefix=prefix, partitions=PARTITIONS, redis_url=redis_url
     )

@@ -14,7 +14,7 @@ import pytest
 
 from core.settings import Settings
 from harness import cluster
-from harness.chaos import job
+from harness.chaos import chaos_settings, job
 from harness.chaos.inject import Injector
 from harness.chaos.plan import CLUSTER_KINDS, KINDS, Fault, plan
 from harness.chaos.record import Run, Timeline
@@ -142,3 +142,9 @@ async def test_each_cluster_kind_goes_to_its_fault(monkeypatch: pytest.MonkeyPat
     assert injector.run.carried_out == [
         "broker_kill9", "broker_sigstop", "broker_restart", "redis_master_kill9",
     ]  # fmt: skip
+
+
+def test_on_the_redis_cluster_the_run_uses_database_0_the_only_one_there_is() -> None:
+    assert chaos_settings(_on(), "c", 9).redis_url == "redis://127.0.0.1:6379/9"
+    clustered = msgspec.structs.replace(_on(redis=True), redis_url="redis://127.0.0.1:17001/0")
+    assert chaos_settings(clustered, "c", 9).redis_url == "redis://127.0.0.1:17001/0"
