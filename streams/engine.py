@@ -55,7 +55,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from core.settings import Settings
-from streams import agreement, kafka_internals
+from streams import agreement, kafka_internals, ownership
 from streams.loop import BatchLoop
 from streams.ownership import Listener, Shards
 from streams.placement import Claim
@@ -83,7 +83,7 @@ poll_timeout_ms = 100
 # (`instance_id`), so one that restarts within the session timeout gets its shards back
 # with no rebalance at all, and the other workers never stop; a worker that does not
 # come back within it has its shards moved. A clean stop leaves the group at once, to
-# hand its shards over (see `kafka_internals.leave_when_stopped`).
+# hand its shards over (see `kafka_internals.become_dynamic`).
 session_timeout_ms = 10_000
 # How soon a worker hears of a rebalance (a heartbeat's answer says one is under way):
 # the kept shards stop from then until the new assignment, so this bounds their pause.
@@ -151,6 +151,7 @@ class Engine:
             counts=self.counts,
             watchdog=self.watchdog,
             expiries=self.expiries,
+            on_duplicate=self._duplicate,
         )
         self.loop = BatchLoop(
             shards=self.shards,
@@ -269,7 +270,7 @@ class Engine:
     async def _shutdown(self) -> None:
         async with self.lock:
             if self.consumer is not None:
-                kafka_internals.leave_when_stopped(self.consumer)
+                kafka_internals.become_dynamic(self.consumer)
                 with contextlib.suppress(Exception):
                     await self.consumer.stop()
             await self.shards.close()
@@ -284,6 +285,21 @@ class Engine:
         once, and stop (the run then ends with `agreement.Disagreement`)."""
         if self.refused is None:
             self.refused = agreement.refusal(verdict, self.group_id)
+            log.error("%s", self.refused)
+        self.stop()
+
+    def _duplicate(self) -> None:
+        """Expelled from the group again and again: another worker runs under this
+        worker's instance id. Stop, saying so (the run ends with `Disagreement`), so
+        that the other keeps the shards instead of both taking them from each other."""
+        if self.refused is None:
+            self.refused = (
+                f"this worker stops: it was expelled from the group {self.group_id} "
+                f"{ownership.expelled_max} times within {ownership.expelled_window_s:.0f} s, "
+                f"so another worker runs under its instance id {self.instance_id!r}; give "
+                "each worker its own TALLY_ENGINE_INSTANCE_ID (or leave it empty: host "
+                "name and data directory)"
+            )
             log.error("%s", self.refused)
         self.stop()
 

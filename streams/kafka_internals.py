@@ -57,14 +57,16 @@ def generation(consumer: AIOKafkaConsumer | None) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def leave_when_stopped(consumer: AIOKafkaConsumer | None) -> bool:
-    """Make the consumer's `stop()` send LeaveGroup even though it is a static member.
-    aiokafka never sends it for a member with a `group_instance_id` (the point of static
-    membership is that a restart within the session timeout gets the same shards back
-    with no rebalance), but a worker stopped on purpose should hand its shards over at
-    once rather than leave them unserved for a session timeout. A LeaveGroup by member
-    id removes a static member too (Kafka's coordinator drops its instance id with it).
-    Clears `consumer._coordinator._group_instance_id`; False when it is missing."""
+def become_dynamic(consumer: AIOKafkaConsumer | None) -> bool:
+    """Make the consumer a dynamic member from its next request on: its `stop()` then
+    sends LeaveGroup, and its next join takes no instance id. aiokafka never sends
+    LeaveGroup for a member with a `group_instance_id` (the point of static membership
+    is that a restart within the session timeout gets the same shards back with no
+    rebalance), but a worker stopped on purpose should hand its shards over at once, and
+    one that found another process under its instance id must stop expelling it. A
+    LeaveGroup by member id removes a static member too (Kafka's coordinator drops its
+    instance id with it). Clears `consumer._coordinator._group_instance_id`; False when
+    it is missing."""
     coordinator = getattr(consumer, "_coordinator", None)
     if coordinator is None or not hasattr(coordinator, "_group_instance_id"):
         return False

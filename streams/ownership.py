@@ -43,6 +43,12 @@ from topics.producer import durable_producer
 log = logging.getLogger(__name__)
 
 producer_stop_timeout_s = 5.0
+# Expelled from the group (its member id no longer known) this many times within
+# expelled_window_s: another process joins under this worker's instance id, and each
+# join of one expels the other. Kafka's fencing keeps both from committing for one
+# shard, but they would take the shards from each other forever; one of them stops.
+expelled_max = 3
+expelled_window_s = 60.0
 reclaim_backoff_first_s = 0.5
 reclaim_backoff_max_s = 5.0
 
@@ -76,6 +82,7 @@ class Shards:
         counts: Counter[str],
         watchdog: Watchdog,
         expiries: HoldExpiries,
+        on_duplicate: Callable[[], None] = lambda: None,
     ) -> None:
         self.bootstrap = bootstrap
         self.group_id = group_id
@@ -88,6 +95,8 @@ class Shards:
         self.counts = counts
         self.watchdog = watchdog
         self.expiries = expiries
+        self.on_duplicate = on_duplicate
+        self.expelled: list[float] = []
         self.consumer: AIOKafkaConsumer | None = None  # set by the engine's run
         self.stores: dict[int, ShardStore] = {}
         self.producers: dict[int, AIOKafkaProducer] = {}
@@ -126,7 +135,19 @@ class Shards:
             self.held |= self.owned & gone
             self.owned -= gone
             self.held_generation = kafka_internals.generation(self.consumer)
+            if self.held_generation is None and gone:
+                self._expelled(time.monotonic())
             self.forget_unowned()
+
+    def _expelled(self, now: float) -> None:
+        """A revocation with no generation: the group forgot this member (a missed
+        session, or another process under the same instance id took its place)."""
+        self.expelled = [t for t in self.expelled if now - t < expelled_window_s] + [now]
+        if len(self.expelled) >= expelled_max:
+            # Rejoin (aiokafka does so right after this callback) without the instance
+            # id, so as not to expel the other process once more, and stop.
+            kafka_internals.become_dynamic(self.consumer)
+            self.on_duplicate()
 
     def holdings(self) -> set[int]:
         """The shards this worker serves or holds through a rebalance (what it claims

@@ -250,3 +250,48 @@ async def test_a_rebalance_keeps_the_shards_that_stay_and_a_restart_moves_nothin
         await collector.stop()
         await b.stop()
         await a.stop()
+
+
+async def test_two_workers_under_one_instance_id_one_stops_and_says_why(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    """Two workers misconfigured with one TALLY_ENGINE_INSTANCE_ID expel each other at
+    every join (Kafka takes the newest for the member): one of them must stop with a
+    line naming the setting, and the other keep every shard and answer."""
+    prefix = f"dup-{unique}"
+    env = {"TALLY_ENGINE_INSTANCE_ID": f"same-{unique}"}
+    a, b = (
+        EngineProcess(
+            settings, prefix=prefix, data_dir=tmp_path / n, partitions=PARTITIONS, extra_env=env
+        )
+        for n in ("a", "b")
+    )
+    collector = Collector(settings.kafka_bootstrap, a.topics)
+    try:
+        await a.start()
+        await b.start(wait=False)
+        for _ in range(600):
+            if any(w.proc is not None and w.proc.returncode is not None for w in (a, b)):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"both still run:\n{a.tail()}\n{b.tail()}")
+        stopped, survivor = (a, b) if a.proc and a.proc.returncode is not None else (b, a)
+        assert stopped.proc is not None and stopped.proc.returncode == 1
+        assert "TALLY_ENGINE_INSTANCE_ID" in stopped.log_since_start()
+        await survivor.wait_ready()
+        for _ in range(300):
+            if await _serving(survivor) == set(range(PARTITIONS)):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"the survivor does not serve every shard:\n{survivor.tail()}")
+        d = Deposit(command_id=f"dup-{unique}", account=f"dup-{unique}", asset="USD", amount=5)
+        await collector.start(from_end=False)
+        await produce(settings.kafka_bootstrap, a.topics.commands.name, [command(d)])
+        assert await _statuses(collector, d.command_id, 1) == ["applied"]
+        assert survivor.proc is not None and survivor.proc.returncode is None
+    finally:
+        await collector.stop()
+        await a.stop()
+        await b.stop()
