@@ -72,10 +72,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # How long a command_id is remembered: a repeat within this window is answered as a
     # duplicate; after it the record is pruned and the id may apply again. 0 keeps all.
     idempotency_retention_s: Annotated[int, msgspec.Meta(ge=0)] = 7 * 24 * 3600
-    # 1: every engine worker also keeps a warm copy of each shard it does not own, by
-    # tailing that shard's changelog, so that taking a shard over replays only the tail.
-    # (With W workers, each shard then has W-1 standby copies.) 0: none.
-    table_standby_replicas: Annotated[int, msgspec.Meta(ge=0, le=1)] = 0
+    # N: each shard has N warm copies (at most one per other worker), each kept by
+    # tailing the shard's changelog, so that a shard moved to a holder of a copy replays
+    # only the tail. The group's leader picks the holders (`streams.placement`), spread
+    # over the workers. Each copy costs its holder a changelog consumer's share and the
+    # shard's disk; 0: none.
+    table_standby_replicas: Annotated[int, msgspec.Meta(ge=0, le=8)] = 0
+    # The worker's static member name in the engine's group; empty: derived from the
+    # host name and the data directory (see `topics.names.engine_instance`).
+    engine_instance_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{0,200}$")] = ""
     # Sinks: a batch is this many events, or what arrived within the linger.
     sink_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000
     sink_linger_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 200

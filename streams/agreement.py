@@ -33,13 +33,13 @@ from typing import Any
 
 import msgspec
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberAssignment,
     ConsumerProtocolMemberMetadata,
 )
 
 from core.settings import Settings, env_name
+from streams.placement import Claim, place
 from streams.store import CHANGELOG_FORMAT
 from topics import limits
 from topics.schema import SCHEMA_VERSION
@@ -81,11 +81,17 @@ def terms(settings: Settings) -> dict[str, str]:
 
 class Proposal(msgspec.Struct, frozen=True, kw_only=True):
     """What a member publishes when it joins: its terms, when it started (epoch ms),
-    and whether a previous assignment accepted it."""
+    whether a previous assignment accepted it, and what the sticky placement needs (see
+    `streams.placement`): its stable name (the group instance id), the shards it owns
+    and those it holds warm copies of. (A worker of a version before the placement
+    publishes none of the last three: it is placed by member id and claims nothing.)"""
 
     terms: dict[str, str]
     started_ms: int
     accepted: bool = False
+    instance: str = ""
+    owned: list[int] = []
+    warm: list[int] = []
 
 
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,6 +101,8 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     setting: str | None = None
     mine: str | None = None
     group: str | None = None
+    # The shards this member keeps warm standby copies of (TALLY_TABLE_STANDBY_REPLICAS).
+    standby: list[int] = []
 
 
 def read_proposal(user_data: bytes) -> Proposal | None:
@@ -152,25 +160,49 @@ def _frozen(t: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 class AgreeingAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
-    """Range assignment (partition p of every topic to one member: p is one shard) over
-    the members that agree with the group's terms; an empty one, with the reason, to
-    every other member. `on_refused` is called in a refused member with its verdict."""
+    """Sticky shard placement (`streams.placement`: partition p of every topic to one
+    member, since p is one shard) over the members that agree with the group's terms;
+    an empty assignment, with the reason, to every other member. Each agreeing member's
+    assignment also carries its standby shards. `on_refused` is called in a refused
+    member with its verdict; `holdings` says, at each join, what this worker owns and
+    keeps warm."""
 
-    # The protocol name stays "range", so that workers of the version before the
-    # agreement can still join the group (and are refused: they publish no terms).
+    # The protocol name stays "range", the one of the version before the agreement, so
+    # that those workers can still join the group (and are refused: they publish no
+    # terms). The placement is no longer Kafka's range placement.
     name = "range"
     version = 0
 
     def __init__(
-        self, mine: Mapping[str, str], *, started_ms: int, on_refused: Callable[[Verdict], None]
+        self,
+        mine: Mapping[str, str],
+        *,
+        started_ms: int,
+        on_refused: Callable[[Verdict], None],
+        instance: str = "",
+        holdings: Callable[[], Claim] = Claim,
+        replicas: int = 0,
     ) -> None:
         self.mine = dict(mine)
         self.started_ms = started_ms
         self.accepted = False
         self.on_refused = on_refused
+        self.instance = instance
+        self.holdings = holdings
+        self.replicas = replicas
+        # This member's standby shards, from its last assignment.
+        self.standby: frozenset[int] = frozenset()
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
-        proposal = Proposal(terms=self.mine, started_ms=self.started_ms, accepted=self.accepted)
+        held = self.holdings()
+        proposal = Proposal(
+            terms=self.mine,
+            started_ms=self.started_ms,
+            accepted=self.accepted,
+            instance=self.instance,
+            owned=sorted(held.owned),
+            warm=sorted(held.warm),
+        )
         return ConsumerProtocolMemberMetadata(
             self.version, list(topics), msgspec.json.encode(proposal)
         )
@@ -182,13 +214,33 @@ class AgreeingAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         known = {m: p for m, p in proposals.items() if p is not None}
         group = group_terms(known) or {}
         verdicts = {m: verdict(proposals[m], group) for m in members}
-        agreeing = {m: md for m, md in members.items() if verdicts[m].setting is None}
-        assigned = RangePartitionAssignor.assign(cluster, agreeing) if agreeing else {}
+        agreeing = [m for m in members if verdicts[m].setting is None]
+        topics = sorted({t for m in agreeing for t in members[m].subscription})
+        counts = {t: len(cluster.partitions_for_topic(t) or ()) for t in topics}
+        # A member is placed by its instance id (stable across restarts) when it has
+        # one, else by its member id; two members can never share one instance id (the
+        # coordinator fences the older), but the member id breaks any tie anyway.
+        names = {m: f"{known[m].instance or m}\0{m}" for m in agreeing}
+        placement = place(
+            max(counts.values(), default=0),
+            {
+                names[m]: Claim(owned=frozenset(known[m].owned), warm=frozenset(known[m].warm))
+                for m in agreeing
+            },
+            replicas=self.replicas,
+        )
         out = {}
         for m in members:
-            partitions = assigned[m].assignment if m in assigned else []
+            shards = placement.owners.get(names.get(m, ""), [])
+            v = verdicts[m]
+            if m in names:
+                v = msgspec.structs.replace(v, standby=placement.standbys[names[m]])
             out[m] = ConsumerProtocolMemberAssignment(
-                self.version, partitions, msgspec.json.encode(verdicts[m])
+                self.version,
+                [(t, [p for p in shards if p < counts[t]]) for t in members[m].subscription]
+                if shards
+                else [],
+                msgspec.json.encode(v),
             )
         return out
 
@@ -201,5 +253,7 @@ class AgreeingAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
             v = Verdict()
         if v.setting is None:
             self.accepted = True
+            self.standby = frozenset(v.standby)
         else:
+            self.standby = frozenset()
             self.on_refused(v)

@@ -55,16 +55,17 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from core.settings import Settings
-from streams import agreement, kafka_internals
+from streams import agreement, kafka_internals, ownership
 from streams.loop import BatchLoop
 from streams.ownership import Listener, Shards
+from streams.placement import Claim
 from streams.records import Records
 from streams.recovery import standby
 from streams.state import BalanceState
 from streams.store import ShardStore
 from streams.timers import HoldExpiries, Pruning
 from streams.watchdog import Watchdog
-from topics.names import changelog_name, deployment_topics, engine_group
+from topics.names import changelog_name, deployment_topics, engine_group, engine_instance
 from topics.shard import shard_of
 from topics.specs import Topics
 
@@ -78,11 +79,26 @@ log = logging.getLogger(__name__)
 # not lengthen the paced produce->result latency.
 poll_max_records = 20_000
 poll_timeout_ms = 100
+# Group membership is static (KIP-345): each worker joins under its instance id
+# (`instance_id`), so one that restarts within the session timeout gets its shards back
+# with no rebalance at all, and the other workers never stop; a worker that does not
+# come back within it has its shards moved. A clean stop leaves the group at once, to
+# hand its shards over (see `kafka_internals.become_dynamic`).
 session_timeout_ms = 10_000
-heartbeat_interval_ms = 2_000
+# How soon a worker hears of a rebalance (a heartbeat's answer says one is under way):
+# the kept shards stop from then until the new assignment, so this bounds their pause.
+heartbeat_interval_ms = 500
 max_poll_interval_ms = 300_000
-# Counted by recovery, the standby replica and a rebuilt local store (see `counts`).
-recovery_counters = ("recovered_records", "rebuilt_shards", "standby_records")
+# Counted by recovery, the standby replica, a rebuilt local store and the group's
+# assignments (see `counts` and `streams.ownership`).
+recovery_counters = (
+    "recovered_records",
+    "rebuilt_shards",
+    "standby_records",
+    "assignments",
+    "kept_shards",
+    "taken_shards",
+)
 # Pruning needs the engine's clock to agree with the broker's within this, as seen by a
 # commit no older than clock_check_fresh_s (see the module's docstring).
 clock_skew_max_ms = 60_000
@@ -135,6 +151,7 @@ class Engine:
             counts=self.counts,
             watchdog=self.watchdog,
             expiries=self.expiries,
+            on_duplicate=self._duplicate,
         )
         self.loop = BatchLoop(
             shards=self.shards,
@@ -151,6 +168,15 @@ class Engine:
         )
         # Set when the group refused this worker's settings (see `streams.agreement`).
         self.refused: str | None = None
+        self.instance_id = engine_instance(settings)
+        self.assignor = agreement.AgreeingAssignor(
+            agreement.terms(settings),
+            started_ms=self._now_ms(),
+            on_refused=self._refuse,
+            instance=self.instance_id,
+            holdings=self._holdings,
+            replicas=settings.table_standby_replicas,
+        )
 
     # What the worker's web endpoints and the tests look at, owned by `self.shards`.
 
@@ -193,7 +219,8 @@ class Engine:
             isolation_level="read_committed",
             # Range keeps partition p of both topics on one worker: they are one shard;
             # and only workers that agree with the group's settings get any.
-            partition_assignment_strategy=(self._assignor(),),
+            partition_assignment_strategy=(self.assignor,),
+            group_instance_id=self.instance_id,
             session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=heartbeat_interval_ms,
             max_poll_interval_ms=max_poll_interval_ms,
@@ -227,10 +254,10 @@ class Engine:
             standby(
                 self.settings.kafka_bootstrap,
                 self.changelog,
-                self.partitions,
                 lock=self.lock,
                 stopping=self._stopping,
                 busy=self.shards.busy,
+                placed=lambda: self.assignor.standby,
                 store=self.shards.store,
                 counts=self.counts,
             ),
@@ -243,20 +270,36 @@ class Engine:
     async def _shutdown(self) -> None:
         async with self.lock:
             if self.consumer is not None:
+                kafka_internals.become_dynamic(self.consumer)
                 with contextlib.suppress(Exception):
                     await self.consumer.stop()
             await self.shards.close()
 
-    def _assignor(self) -> agreement.AgreeingAssignor:
-        return agreement.AgreeingAssignor(
-            agreement.terms(self.settings), started_ms=self._now_ms(), on_refused=self._refuse
-        )
+    def _holdings(self) -> Claim:
+        """What this worker claims when it joins: the shards it serves (or holds through
+        the rebalance) and those its standby keeps warm."""
+        return Claim(owned=frozenset(self.shards.holdings()), warm=self.assignor.standby)
 
     def _refuse(self, verdict: agreement.Verdict) -> None:
         """The group gave this worker no shard because a setting differs: say which,
         once, and stop (the run then ends with `agreement.Disagreement`)."""
         if self.refused is None:
             self.refused = agreement.refusal(verdict, self.group_id)
+            log.error("%s", self.refused)
+        self.stop()
+
+    def _duplicate(self) -> None:
+        """Expelled from the group again and again: another worker runs under this
+        worker's instance id. Stop, saying so (the run ends with `Disagreement`), so
+        that the other keeps the shards instead of both taking them from each other."""
+        if self.refused is None:
+            self.refused = (
+                f"this worker stops: it was expelled from the group {self.group_id} "
+                f"{ownership.expelled_max} times within {ownership.expelled_window_s:.0f} s, "
+                f"so another worker runs under its instance id {self.instance_id!r}; give "
+                "each worker its own TALLY_ENGINE_INSTANCE_ID (or leave it empty: host "
+                "name and data directory)"
+            )
             log.error("%s", self.refused)
         self.stop()
 

@@ -45,3 +45,30 @@ def position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
         return int(state.position) if state.has_valid_position else None
     except (AttributeError, KeyError, TypeError):
         return None
+
+
+def generation(consumer: AIOKafkaConsumer | None) -> int | None:
+    """The group generation this consumer last joined, or None before it joined (or
+    when the attribute is missing). Kafka's classic group protocol adds exactly one per
+    rebalance, which is what tells a shard kept across one rebalance from a shard that
+    could have been another worker's in between (`streams.ownership`). Reads
+    `consumer._coordinator.generation`."""
+    value = getattr(getattr(consumer, "_coordinator", None), "generation", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def become_dynamic(consumer: AIOKafkaConsumer | None) -> bool:
+    """Make the consumer a dynamic member from its next request on: its `stop()` then
+    sends LeaveGroup, and its next join takes no instance id. aiokafka never sends
+    LeaveGroup for a member with a `group_instance_id` (the point of static membership
+    is that a restart within the session timeout gets the same shards back with no
+    rebalance), but a worker stopped on purpose should hand its shards over at once, and
+    one that found another process under its instance id must stop expelling it. A
+    LeaveGroup by member id removes a static member too (Kafka's coordinator drops its
+    instance id with it). Clears `consumer._coordinator._group_instance_id`; False when
+    it is missing."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or not hasattr(coordinator, "_group_instance_id"):
+        return False
+    coordinator._group_instance_id = None
+    return True

@@ -8,6 +8,15 @@ from its changelog (`streams.recovery`) and its committed offsets read. The same
 steps, in the same order, take a shard on when the group assigns it (`assigned`) and
 take it over again after a batch whose outcome is unknown (`reclaim`). A shard whose
 transactional id was taken by another worker is given up (`give_up`).
+
+Kept across a rebalance. The group's rebalances are eager: every member gives up every
+partition before the new assignment, even those it gets back. A shard this worker owned
+in generation G and is given again in generation G + 1 was nobody else's in between
+(the classic protocol's generations count rebalances one by one, and each assigns a
+partition to one member), so it is kept as it is: same producer, same store, same next
+offsets, no fence and no catch-up. Only when the new generation is not G + 1 (this
+worker missed one, for example it was expelled for a missed heartbeat and rejoined) is
+every shard taken over afresh, because another worker may have owned it meanwhile.
 """
 
 from __future__ import annotations
@@ -34,6 +43,12 @@ from topics.producer import durable_producer
 log = logging.getLogger(__name__)
 
 producer_stop_timeout_s = 5.0
+# Expelled from the group (its member id no longer known) this many times within
+# expelled_window_s: another process joins under this worker's instance id, and each
+# join of one expels the other. Kafka's fencing keeps both from committing for one
+# shard, but they would take the shards from each other forever; one of them stops.
+expelled_max = 3
+expelled_window_s = 60.0
 reclaim_backoff_first_s = 0.5
 reclaim_backoff_max_s = 5.0
 
@@ -67,6 +82,7 @@ class Shards:
         counts: Counter[str],
         watchdog: Watchdog,
         expiries: HoldExpiries,
+        on_duplicate: Callable[[], None] = lambda: None,
     ) -> None:
         self.bootstrap = bootstrap
         self.group_id = group_id
@@ -79,10 +95,15 @@ class Shards:
         self.counts = counts
         self.watchdog = watchdog
         self.expiries = expiries
+        self.on_duplicate = on_duplicate
+        self.expelled: list[float] = []
         self.consumer: AIOKafkaConsumer | None = None  # set by the engine's run
         self.stores: dict[int, ShardStore] = {}
         self.producers: dict[int, AIOKafkaProducer] = {}
         self.owned: set[int] = set()
+        # Owned until the rebalance under way, and the generation they were owned in.
+        self.held: set[int] = set()
+        self.held_generation: int | None = None
         self.recovering: set[int] = set()
         self.assigned_once = asyncio.Event()
         # The next offset to apply per source partition: the committed offset after a
@@ -106,21 +127,56 @@ class Shards:
     # Rebalancing -------------------------------------------------------------------------
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
+        """The group is rebalancing: stop serving the revoked shards, but keep their
+        producers, stores and next offsets until the assignment says whether they come
+        back (see the module's docstring)."""
         async with self.lock:
-            for p in {tp.partition for tp in revoked}:
-                self.owned.discard(p)
-                await self.drop_producer(p)
-            for tp in revoked:
-                self.next.pop(tp, None)
+            gone = {tp.partition for tp in revoked}
+            self.held |= self.owned & gone
+            self.owned -= gone
+            self.held_generation = kafka_internals.generation(self.consumer)
+            if self.held_generation is None and gone:
+                self._expelled(time.monotonic())
             self.forget_unowned()
+
+    def _expelled(self, now: float) -> None:
+        """A revocation with no generation: the group forgot this member (a missed
+        session, or another process under the same instance id took its place)."""
+        self.expelled = [t for t in self.expelled if now - t < expelled_window_s] + [now]
+        if len(self.expelled) >= expelled_max:
+            # Rejoin (aiokafka does so right after this callback) without the instance
+            # id, so as not to expel the other process once more, and stop.
+            kafka_internals.become_dynamic(self.consumer)
+            self.on_duplicate()
+
+    def holdings(self) -> set[int]:
+        """The shards this worker serves or holds through a rebalance (what it claims
+        in the group's placement)."""
+        return self.owned | self.held
 
     async def assigned(self, assigned: set[TopicPartition]) -> None:
         async with self.lock:
             shards = {tp.partition for tp in assigned}
-            for p in set(self.producers) - shards:
-                self.owned.discard(p)
+            generation = kafka_internals.generation(self.consumer)
+            consecutive = (
+                self.held_generation is not None
+                and generation is not None
+                and generation == self.held_generation + 1
+            )
+            kept = self.held & shards if consecutive else set()
+            self.held = set()
+            for p in set(self.producers) - kept - self.owned:
                 await self.drop_producer(p)
+            for tp in list(self.next):
+                if tp.partition not in kept | self.owned:
+                    self.next.pop(tp, None)
+            self.owned |= kept
+            # Counted for /readyz: assignments received, shards kept through one, and
+            # shards taken over (fenced and caught up).
+            self.counts["assignments"] += 1
+            self.counts["kept_shards"] += len(kept)
             new = sorted(shards - self.owned)
+            self.counts["taken_shards"] += len(new)
             self.recovering |= set(new)
             try:
                 # Fence the shard's previous owner before reading what it left behind.
@@ -136,7 +192,7 @@ class Shards:
                 time.monotonic(),
             )
             self.assigned_once.set()
-            log.info("serving shards %s", sorted(self.owned))
+            log.info("serving shards %s (kept %s)", sorted(self.owned), sorted(kept))
 
     async def _resume(self, tps: list[TopicPartition]) -> None:
         """Apply each of a new shard's partitions from its committed offset, read after the
@@ -262,6 +318,7 @@ class Shards:
             store.close()
         self.stores.clear()
         self.owned.clear()
+        self.held.clear()
 
 
 class Listener(ConsumerRebalanceListener):  # type: ignore[misc]

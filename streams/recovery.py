@@ -1,6 +1,7 @@
 """Recovery and standby: bringing a shard's local RocksDB up to the end of its changelog
 partition before the shard is served (`recover`), and keeping the shards this worker does
-not own warm by tailing their changelogs (`standby`, TALLY_TABLE_STANDBY_REPLICAS).
+not own but were placed here as standby copies warm by tailing their changelogs
+(`standby`, TALLY_TABLE_STANDBY_REPLICAS).
 
 Both copy changelog records into the store as they are (the changelog carries the
 store's own keys and values) with the offset they reached, in one RocksDB write. Both
@@ -109,27 +110,28 @@ def _start_of(p: int, store: ShardStore, end: int, counts: Counter[str]) -> int:
 async def standby(
     bootstrap: str,
     changelog: str,
-    partitions: int,
     *,
     lock: asyncio.Lock,
     stopping: asyncio.Event,
     busy: Callable[[], set[int]],
+    placed: Callable[[], frozenset[int]],
     store: Callable[[int], ShardStore],
     counts: Counter[str],
 ) -> None:
-    """Keep every shard this worker does not own warm: tail its changelog partition into
-    its local store, so that when the shard is assigned here `recover` only reads what
-    the standby had not seen yet. Records are applied under the engine's `lock` and only
-    to shards not `busy()` (owned or being taken over); a shard being taken over is left
-    alone (its recovery starts from the offset the standby copy reached, stored with the
-    records in one write). Runs until `stopping` is set."""
+    """Keep the shards the group placed here as standby copies (`placed()`, from the
+    last assignment) warm: tail each one's changelog partition into its local store, so
+    that when the shard is assigned here `recover` only reads what the standby had not
+    seen yet. Records are applied under the engine's `lock` and only to shards not
+    `busy()` (owned or being taken over); a shard being taken over is left alone (its
+    recovery starts from the offset the standby copy reached, stored with the records
+    in one write). Runs until `stopping` is set."""
     consumer = _changelog_reader(bootstrap)
     await consumer.start()
     tailing: set[int] = set()
     try:
         while not stopping.is_set():
             async with lock:
-                want = set(range(partitions)) - busy()
+                want = set(placed()) - busy()
                 if want != tailing:
                     tps = [TopicPartition(changelog, p) for p in sorted(want)]
                     consumer.assign(tps)

@@ -22,7 +22,16 @@ from topics.shard import shard_of
 # shards taken over from another worker), and old idempotency records looked for.
 expiry_rescan_s = 30.0
 prune_every_s = 10.0
-prune_scan_per_shard = 5000
+# A pass reads a slice of each owned shard's idempotency records kept one by one: in all
+# prune_scan_per_pass records (at least prune_slice_min a shard), at most
+# prune_scan_per_poll of them in one poll. So pruning's work per pass and per poll does
+# not grow with the shard count: reading 5,000 records of each of 64 shards in one poll
+# held that poll ~1 s (py-spy, `tally bench engine` at 64 partitions: 7.6% of the
+# worker in Pruning.due). (Most records belong to a group and go with it; the slices
+# find the records written before groups, or kept one by one.)
+prune_scan_per_pass = 40_000
+prune_slice_min = 200
+prune_scan_per_poll = 2000
 # Groups hold a batch's idempotency records each (up to poll_max_records).
 prune_groups_per_shard = 200
 
@@ -97,7 +106,9 @@ class Prune:
 
 
 class Pruning:
-    """Idempotency records older than the retention, found a bounded slice at a time."""
+    """Idempotency records older than the retention, found a bounded slice at a time: a
+    pass over the owned shards every `prune_every_s`, spread over as many polls as its
+    reading budget needs (`prune_scan_per_poll`)."""
 
     def __init__(
         self, retention_ms: int, counts: Counter[str], clock_agrees: Callable[[float], bool]
@@ -108,27 +119,50 @@ class Pruning:
         # (see `streams.engine`): a clock ahead would forget other workers' records early.
         self.clock_agrees = clock_agrees
         self._next_prune = 0.0
+        # The shards this pass has still to visit, in order; each one's slice, and how
+        # much of the first one's slice is read.
+        self._pass: list[int] = []
+        self._slice = prune_slice_min
+        self._read = 0
         self._cursor: dict[int, bytes | None] = {}
 
     def due(
         self, now: float, now_ms: int, owned: set[int], stores: Mapping[int, ShardStore]
     ) -> dict[int, Prune]:
-        """Idempotency records older than the retention, a bounded slice per shard: the
-        oldest groups first, then a slice of the records kept one by one (those of the
-        groups found in this pass are not named twice)."""
-        if now < self._next_prune or self.retention_ms <= 0 or not self.clock_agrees(now):
+        """Idempotency records older than the retention in the next shards of the pass:
+        the oldest groups first, then a slice of the records kept one by one (those of
+        the groups found here are not named twice)."""
+        if self.retention_ms <= 0 or not self.clock_agrees(now):
             return {}
-        # Short retentions (tests) are pruned sooner than every prune_every_s.
-        self._next_prune = now + min(prune_every_s, max(0.5, self.retention_ms / 4000))
+        if not self._pass:
+            if now < self._next_prune:
+                return {}
+            # Short retentions (tests) are pruned sooner than every prune_every_s.
+            self._next_prune = now + min(prune_every_s, max(0.5, self.retention_ms / 4000))
+            self._pass = sorted(owned)
+            self._slice = max(prune_slice_min, prune_scan_per_pass // max(1, len(owned)))
+            self._read = 0
         # The records' times are the engine's own: no producer moves them.
         cutoff = now_ms - self.retention_ms
         due: dict[int, Prune] = {}
-        for p in sorted(owned):
+        budget = prune_scan_per_poll
+        while self._pass and budget > 0:
+            p = self._pass[0]
+            if p not in owned:  # given up since the pass began
+                self._pass.pop(0)
+                self._read = 0
+                continue
             store = stores[p]
-            groups = store.groups_before(cutoff, prune_groups_per_shard)
+            groups = store.groups_before(cutoff, prune_groups_per_shard) if not self._read else []
             grouped = {member for _, members in groups for member in members}
-            records, cursor = store.commands_from(self._cursor.get(p), prune_scan_per_shard)
+            want = min(budget, self._slice - self._read)
+            records, cursor = store.commands_from(self._cursor.get(p), want)
             self._cursor[p] = cursor
+            budget -= len(records)
+            self._read += len(records)
+            if cursor is None or self._read >= self._slice:
+                self._pass.pop(0)  # this shard's slice is read (or its records' end)
+                self._read = 0
             old = [
                 name
                 for name, rec in records
@@ -136,6 +170,8 @@ class Pruning:
                 and (name[0] is None or command_key(name[0], name[1]) not in grouped)
             ]
             if groups or old:
-                due[p] = Prune(groups, old)
+                mine = due.setdefault(p, Prune())
+                mine.groups.extend(groups)
+                mine.names.extend(old)
                 self.counts["pruned"] += len(grouped) + len(old)
         return due

@@ -7,6 +7,11 @@ name below starts with it, so nothing of one can be read or written by the other
 
 from __future__ import annotations
 
+import hashlib
+import re
+import socket
+from pathlib import Path
+
 from core.settings import Settings
 from topics.specs import Topics, TopicSpec, changelog_spec, topics_for
 
@@ -20,6 +25,19 @@ def engine_group(settings: Settings) -> str:
     """The engine's consumer group, which is also its application id: the prefix of its
     changelog and of its transactional ids."""
     return f"{settings.topic_prefix}-engine"
+
+
+def engine_instance(settings: Settings) -> str:
+    """The worker's static member name in the engine's group (`group.instance.id`):
+    TALLY_ENGINE_INSTANCE_ID when set, else this host's name and a digest of the
+    worker's absolute data directory. The default is stable across restarts of one
+    worker (same host, same directory: a StatefulSet pod keeps both) and differs between
+    two workers of one host, which cannot share a data directory anyway."""
+    if settings.engine_instance_id:
+        return settings.engine_instance_id
+    where = str(Path(settings.data_dir).resolve()).encode()
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:200] or "host"
+    return f"{host}-{hashlib.sha256(where).hexdigest()[:12]}"
 
 
 def changelog_name(app_id: str) -> str:

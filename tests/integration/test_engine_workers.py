@@ -172,3 +172,126 @@ async def test_metrics_show_every_served_partition_caught_up_and_no_stall(
     finally:
         await collector.stop()
         await engine.stop()
+
+
+async def _serving(worker: EngineProcess) -> set[int]:
+    return set((await worker.readyz())["serving"])
+
+
+async def _settled(a: EngineProcess, b: EngineProcess) -> tuple[set[int], set[int]]:
+    for _ in range(300):
+        served = await _serving(a), await _serving(b)
+        if all(served) and served[0] | served[1] == set(range(PARTITIONS)):
+            return served
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"shards not split: {served}\n{a.tail()}\n{b.tail()}")
+
+
+async def test_a_rebalance_keeps_the_shards_that_stay_and_a_restart_moves_nothing(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    """Static membership and the sticky placement, seen from outside: a second worker
+    joining takes half the shards and the first keeps the other half as they were (no
+    fence, no catch-up); the second killed with SIGKILL and restarted from its data
+    directory gets its own shards back with no rebalance at all (the first never hears
+    of it); a clean stop hands its shards over; every command answered once."""
+    prefix = f"keep-{unique}"
+    a, b = (
+        EngineProcess(settings, prefix=prefix, data_dir=tmp_path / n, partitions=PARTITIONS)
+        for n in ("a", "b")
+    )
+    accounts = [f"keep-{unique}-{i}" for i in range(16)]
+    collector = Collector(settings.kafka_bootstrap, a.topics)
+
+    async def deposit(round_: int) -> None:
+        ds = [
+            Deposit(command_id=f"k{round_}-{x}", account=x, asset="USD", amount=1) for x in accounts
+        ]
+        await produce(settings.kafka_bootstrap, a.topics.commands.name, [command(d) for d in ds])
+        assert await collector.wait_for(
+            lambda r: all(d.command_id in r.by_id for d in ds), timeout_s=60, say=lambda _: None
+        ), a.tail() + b.tail()
+
+    try:
+        await a.start()
+        await collector.start(from_end=False)
+        await deposit(0)
+        first = (await a.readyz())["counts"]
+        assert (first["assignments"], first["taken_shards"]) == (1, PARTITIONS)
+        await b.start()
+        served_a, served_b = await _settled(a, b)
+        await deposit(1)
+        joined = (await a.readyz())["counts"]
+        # The first worker kept what it still serves and took nothing over again.
+        assert joined["kept_shards"] == len(served_a) == PARTITIONS // 2
+        assert joined["taken_shards"] == PARTITIONS
+        # SIGKILL, and back within the session timeout under the same instance id.
+        await b.kill()
+        await b.start()
+        assert await _serving(b) == served_b
+        await deposit(2)
+        after = (await a.readyz())["counts"]
+        assert after["assignments"] == joined["assignments"], a.log_since_start()
+        assert await _serving(a) == served_a
+        # A clean stop leaves the group: the first worker takes every shard.
+        assert await b.stop() == 0
+        for _ in range(300):
+            if await _serving(a) == set(range(PARTITIONS)):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"shards not taken over:\n{a.tail()}")
+        await deposit(3)
+        for account in accounts:
+            assert (await a.balances(account))["USD"].available == 4
+        statuses = [r.status.value for rs in collector.results.by_id.values() for r in rs]
+        assert statuses.count("applied") == 4 * len(accounts) == len(statuses)
+    finally:
+        await collector.stop()
+        await b.stop()
+        await a.stop()
+
+
+async def test_two_workers_under_one_instance_id_one_stops_and_says_why(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    """Two workers misconfigured with one TALLY_ENGINE_INSTANCE_ID expel each other at
+    every join (Kafka takes the newest for the member): one of them must stop with a
+    line naming the setting, and the other keep every shard and answer."""
+    prefix = f"dup-{unique}"
+    env = {"TALLY_ENGINE_INSTANCE_ID": f"same-{unique}"}
+    a, b = (
+        EngineProcess(
+            settings, prefix=prefix, data_dir=tmp_path / n, partitions=PARTITIONS, extra_env=env
+        )
+        for n in ("a", "b")
+    )
+    collector = Collector(settings.kafka_bootstrap, a.topics)
+    try:
+        await a.start()
+        await b.start(wait=False)
+        for _ in range(600):
+            if any(w.proc is not None and w.proc.returncode is not None for w in (a, b)):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"both still run:\n{a.tail()}\n{b.tail()}")
+        stopped, survivor = (a, b) if a.proc and a.proc.returncode is not None else (b, a)
+        assert stopped.proc is not None and stopped.proc.returncode == 1
+        assert "TALLY_ENGINE_INSTANCE_ID" in stopped.log_since_start()
+        await survivor.wait_ready()
+        for _ in range(300):
+            if await _serving(survivor) == set(range(PARTITIONS)):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"the survivor does not serve every shard:\n{survivor.tail()}")
+        d = Deposit(command_id=f"dup-{unique}", account=f"dup-{unique}", asset="USD", amount=5)
+        await collector.start(from_end=False)
+        await produce(settings.kafka_bootstrap, a.topics.commands.name, [command(d)])
+        assert await _statuses(collector, d.command_id, 1) == ["applied"]
+        assert survivor.proc is not None and survivor.proc.returncode is None
+    finally:
+        await collector.stop()
+        await a.stop()
+        await b.stop()
