@@ -39,13 +39,17 @@ from harness.collector import Collector
 from harness.procs import EngineProcess
 from harness.scratch import scratch, unique_prefix
 from harness.waits import GroupWait, ShardWait, exactly_once, group, owners, shard_waits
+from topics.codec import encode
 from topics.producer import durable_producer
+from topics.schema import Deposit, Transfer
 from topics.shard import shard_of
 
 Fault = Literal["kill", "term"]
 FAILED_AS = {"kill": "killed", "term": "stopped"}
 # Accounts per shard that the load cycles over (the shard's commands are spread on them).
 accounts_per_shard = 4
+# What each account's first deposit brings: enough for every transfer of a run.
+funding_amount = 10**12
 # Bounds: every shard answering after the workers are ready, and every command answered
 # after the load has ended.
 warmup_timeout_s = 60.0
@@ -81,6 +85,7 @@ class FailoverResult:
     rate: int
     restart_after_s: float
     duration_s: float
+    transfer_share: float  # of the commands, transfers to another shard (the rest deposits)
     victim: int  # the index of the worker failed
     exit_code: int  # of the failed worker (-9 after a kill, 0 after a clean stop)
     # Seconds after the start of the load.
@@ -105,13 +110,22 @@ class FailoverResult:
 
 
 class PacedLoad:
-    """Deposits at a steady `rate`, the shards in turn (each shard gets rate/N a second),
-    each record's send time noted under its command id, which is used once."""
+    """Commands at a steady `rate`, the shards in turn (each shard gets rate/N a second),
+    each record's send time noted under its command id, which is used once.
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int, rate: int) -> None:
+    Deposits, or with `transfer_share` > 0 that share of transfers to an account of the
+    next shard (after one funding deposit per account): a transfer's credit travels to
+    the payee's shard through the internal topic, in the payer's transaction, so a
+    worker killed mid-transaction leaves records there that other shards wait behind
+    (read_committed) until the transaction is aborted."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, partitions: int, rate: int, transfer_share: float = 0.0
+    ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.rate = rate
+        self.transfer_share = transfer_share
         self.run_id = uuid.uuid4().hex[:6]
         self.accounts = _accounts(self.run_id, partitions)
         self.sent: dict[str, tuple[int, float]] = {}  # command id -> (shard, sent at)
@@ -119,6 +133,23 @@ class PacedLoad:
 
     def shard_of_account(self) -> dict[str, int]:
         return {a: s for s, accounts in self.accounts.items() for a in accounts}
+
+    def command(self, i: int, account: str) -> Deposit | Transfer:
+        """The `i`th command, on `account`: the first one of each account funds it."""
+        command_id = f"fo-{self.run_id}-{i}"
+        funded = i >= len(self.shard_of_account())
+        share = self.transfer_share
+        if funded and int((i + 1) * share) > int(i * share):
+            shard, n = next(
+                (s, accounts.index(account))
+                for s, accounts in self.accounts.items()
+                if account in accounts
+            )
+            payee = self.accounts[(shard + 1) % len(self.accounts)][n]
+            return Transfer(command_id=command_id, account=account, to=payee, asset="USD",
+                            amount=1)  # fmt: skip
+        amount = 1 if funded else funding_amount
+        return Deposit(command_id=command_id, account=account, asset="USD", amount=amount)
 
     async def run(self, until: float) -> None:
         """Send until the monotonic time `until`, then wait for every acknowledgement."""
@@ -141,15 +172,10 @@ class PacedLoad:
             if (delay := due - time.monotonic()) > 0:
                 await asyncio.sleep(delay)
             account = next(order)
-            command_id = f"fo-{self.run_id}-{i}"
-            value = (
-                b'{"kind":"deposit","command_id":"%s","account":"%s","asset":"USD","amount":1}'
-                % (command_id.encode(), account.encode())
-            )
-            self.sent[command_id] = (shards[account], time.monotonic())
-            futures.append(
-                (command_id, await producer.send(self.topic, key=account.encode(), value=value))
-            )
+            command = self.command(i, account)
+            self.sent[command.command_id] = (shards[account], time.monotonic())
+            future = await producer.send(self.topic, key=account.encode(), value=encode(command))
+            futures.append((command.command_id, future))
         done = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
         self.failed = [
             i for (i, _), d in zip(futures, done, strict=True) if isinstance(d, Exception)
@@ -219,6 +245,7 @@ async def run(
     restart_after_s: float = 2.0,
     duration_s: float = 30.0,
     steady_s: float = 5.0,
+    transfer_share: float = 0.0,
     report: Path | None = None,
     work_root: Path,
     say: Callable[[str], None] = print,
@@ -236,7 +263,9 @@ async def run(
         ]
         topics = procs[0].topics
         collector = Collector(settings.kafka_bootstrap, topics)
-        load = PacedLoad(settings.kafka_bootstrap, topics.commands.name, partitions, rate)
+        load = PacedLoad(
+            settings.kafka_bootstrap, topics.commands.name, partitions, rate, transfer_share
+        )
         load_task: asyncio.Task[None] | None = None
         await collector.start(from_end=False)
         progress = Progress(
@@ -312,6 +341,7 @@ async def run(
             rate=rate,
             restart_after_s=restart_after_s,
             duration_s=duration_s,
+            transfer_share=transfer_share,
             victim=victim,
             exit_code=code,
             warm_s=warm - began,
@@ -374,7 +404,8 @@ def render(result: FailoverResult) -> list[str]:
     failed = set(s for s, n in r.owners_before.items() if n == r.victim)
     out = [
         f"failover: {r.fault} of worker-{r.victim} of {r.workers} (exit {r.exit_code}),"
-        f" restart after {r.restart_after_s:.1f}s; {r.partitions} shards, {r.rate}/s",
+        f" restart after {r.restart_after_s:.1f}s; {r.partitions} shards, {r.rate}/s"
+        + (f", {r.transfer_share:.0%} transfers to another shard" if r.transfer_share else ""),
         f"  t+{r.warm_s:.1f}s every shard answering, t+{r.fault_s:.1f}s fault,"
         f" t+{r.restart_s:.1f}s restart, t+{r.load_end_s:.1f}s load ended,"
         f" t+{r.answered_s:.1f}s all answered",

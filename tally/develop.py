@@ -247,6 +247,15 @@ def bench_engine(count: int, guarantee: str, report: Path, workers: int) -> None
     help="Seconds of load between every shard answering and the fault.",
 )
 @click.option(
+    "--transfers",
+    "transfer_share",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="The share of commands that are transfers to an account of another shard (their"
+    " credits cross shards through the internal topic); the rest are deposits.",
+)
+@click.option(
     "--report",
     default="reports/bench-failover.json",
     show_default=True,
@@ -260,6 +269,7 @@ def bench_failover(
     restart_after_s: float,
     duration_s: float,
     steady_s: float,
+    transfer_share: float,
     report: Path,
 ) -> None:  # fmt: skip
     """How long shards stop answering when one engine worker fails and restarts.
@@ -280,7 +290,7 @@ def bench_failover(
         job.main(
             settings, workers=workers, partitions=partitions, rate=rate, fault=fault,
             restart_after_s=restart_after_s, duration_s=duration_s, steady_s=steady_s,
-            report=report,
+            transfer_share=transfer_share, report=report,
         )
     )  # fmt: skip
 

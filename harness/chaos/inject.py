@@ -57,11 +57,17 @@ class Injector:
         else:
             raise ValueError(f"unknown fault {fault.kind!r}")
 
+    def _struck(self, n: int) -> None:
+        """Note that the fault being injected struck worker `n` (for its waits)."""
+        if self.marks:
+            self.marks[-1].struck = n
+
     async def _scale(self) -> None:
         """A worker joins the group; at the most workers, the newest leaves instead, so
         that the group changes either way (a clean leave: SIGTERM, it flushes and goes)."""
         if len(self.workers.live()) >= MAX_WORKERS:
             n = max(i for i, w in enumerate(self.workers.all) if w in self.workers.live())
+            self._struck(n)
             self.workers.retired.add(n)
             code = await self.workers.all[n].stop()
             self.timeline.note(
@@ -83,6 +89,7 @@ class Injector:
             self.run.skipped.append(f"t+{fault.at_s:.1f}s {kind}: {why}")
             return
         n, worker = picked
+        self._struck(n)
         if kind == "kill9":
             await self._kill9(fault, n, worker)
         else:

@@ -32,7 +32,8 @@ class Zombie:
 @dataclass
 class FaultWaits:
     """How long results waited around one fault (harness.chaos.waits): on the shards
-    whose owner did not change (kept) and on those that moved."""
+    whose owner did not change (kept), on those that moved, and on those of the worker
+    the fault struck, if it struck one (then not in kept or moved)."""
 
     at_s: float
     kind: str
@@ -40,6 +41,8 @@ class FaultWaits:
     owners_after: dict[int, int]
     kept: GroupWait
     moved: GroupWait
+    struck_worker: int | None = None
+    struck: GroupWait | None = None
 
     def line(self) -> str:
         def part(g: GroupWait) -> str:
@@ -50,7 +53,10 @@ class FaultWaits:
                 f"{g.name} {g.shards} wait {g.max_wait_s:.1f}s silence {g.max_silence_s:.1f}s{lost}"
             )
 
-        return f"t+{self.at_s:5.1f}s  {self.kind:<15} {part(self.kept)}; {part(self.moved)}"
+        parts = [part(self.kept), part(self.moved)]
+        if self.struck_worker is not None and self.struck is not None:
+            parts.append(part(self.struck))
+        return f"t+{self.at_s:5.1f}s  {self.kind:<15} " + "; ".join(parts)
 
 
 @dataclass
@@ -122,7 +128,8 @@ def render(run: Run) -> str:
         f"  injected: {', '.join(run.carried_out) or 'nothing'}"
         + (f"; NOT injected: {'; '.join(run.skipped)}" if run.skipped else "")
         + ("" if run.faults_injected else " (the run fails: not every planned fault)"),
-        "  longest wait / silence for a result per fault, shards kept vs moved:",
+        "  longest wait / silence for a result per fault: shards kept, moved, and the struck"
+        " worker's:",
         *([f"    {w.line()}" for w in run.waits] or ["    none measured"]),
         "  checks:",
     ]

@@ -1,6 +1,10 @@
 """The chaos run's waits per fault: for the commands produced from a fault until the
 next one, the longest wait for a result and the longest silence, on the shards that did
 not move (the same owner before and after the fault) and on those that did (issue #15).
+A fault that strikes one worker (kill9, sigstop, a worker leaving) puts that worker's
+shards in a group of their own, "struck", whether they moved or came back to it (a
+killed worker restarted within the session timeout gets its shards back: they did not
+move, but they waited for it); kept and moved are then the other workers' shards.
 
 The measure is harness.waits, the one `tally bench failover` uses. The owners before a
 fault are read from every worker's /readyz just before it is injected; the owners after
@@ -22,15 +26,17 @@ from harness.waits import group, moved, shard_waits
 lead_s = 0.5
 
 
-@dataclass(frozen=True)
+@dataclass
 class Mark:
-    """A fault as injected: when (monotonic, and seconds into the load), and the owners
-    of the shards just before it (shard -> worker index)."""
+    """A fault as injected: when (monotonic, and seconds into the load), the owners of
+    the shards just before it (shard -> worker index), and the worker it struck (None:
+    a fault of a service, or a worker joining)."""
 
     fault: Fault
     at: float
     at_s: float
     owners: dict[int, int]
+    struck: int | None = None
 
 
 def fault_waits(
@@ -48,14 +54,17 @@ def fault_waits(
         end = marks[i + 1].at - lead_s if i + 1 < len(marks) else float("inf")
         waits = shard_waits(sent, heard, until=until, start=mark.at - lead_s, end=end)
         kept, gone = moved(mark.owners, after)
+        struck = [s for s, n in mark.owners.items() if n == mark.struck]
         out.append(
             FaultWaits(
                 at_s=round(mark.at_s, 1),
                 kind=mark.fault.kind,
                 owners_before=dict(mark.owners),
                 owners_after=after,
-                kept=group("kept", waits, kept),
-                moved=group("moved", waits, gone),
+                kept=group("kept", waits, [s for s in kept if s not in struck]),
+                moved=group("moved", waits, [s for s in gone if s not in struck]),
+                struck_worker=mark.struck,
+                struck=group(f"worker-{mark.struck}'s", waits, struck),
             )
         )
     return out

@@ -18,8 +18,8 @@ from harness.waits import GroupWait, ShardWait
 def _result(**changes: Any) -> failover.FailoverResult:
     fields: dict[str, Any] = {
         "fault": "kill", "workers": 2, "partitions": 2, "rate": 100, "restart_after_s": 2.0,
-        "duration_s": 30.0, "victim": 0, "exit_code": -9, "warm_s": 0.5, "fault_s": 5.5,
-        "restart_s": 7.5, "load_end_s": 30.0, "answered_s": 30.2,
+        "duration_s": 30.0, "transfer_share": 0.0, "victim": 0, "exit_code": -9,
+        "warm_s": 0.5, "fault_s": 5.5, "restart_s": 7.5, "load_end_s": 30.0, "answered_s": 30.2,
         "owners_before": {0: 0, 1: 1}, "owners_after": {0: 0, 1: 1},
         "produced": 10, "results": 10, "unanswered": [], "doubled": [],
         "groups": [GroupWait("surviving worker(s) worker-1", [1], 5, 0, 1.5, 1.25),

@@ -48,3 +48,19 @@ def test_the_report_has_a_line_per_fault() -> None:
     text = render(run)
     assert "t+  5.0s  kill9           kept [0] wait 2.2s silence 2.2s; moved [1] wait" in text
     assert "none measured" in render(Run(seed=1, duration_s=10, rate=1, plan=[]))
+
+
+def test_the_struck_workers_shards_are_a_group_of_their_own_even_when_they_come_back() -> None:
+    # Worker 0 killed and restarted within the session timeout: its shards come back to
+    # it (they did not move) but waited for it; worker 1's kept theirs and did not wait.
+    owners = {0: 0, 1: 0, 2: 1, 3: 1}
+    marks = [Mark(_fault("kill9", 5.0), at=5.0, at_s=5.0, owners=owners, struck=0)]
+    sent = {b"0:0": (0, 6.0), b"2:0": (2, 6.0)}
+    heard = {b"0:0": 13.0, b"2:0": 6.2}
+    (kill,) = fault_waits(marks, owners, sent, heard, until=20.0)
+    assert kill.struck is not None and kill.struck_worker == 0
+    assert (kill.struck.name, kill.struck.shards) == ("worker-0's", [0, 1])
+    assert kill.struck.max_wait_s == pytest.approx(7.0)
+    assert kill.kept.shards == [2, 3] and kill.kept.max_wait_s == pytest.approx(0.2)
+    assert kill.moved.shards == []
+    assert kill.line().endswith("moved none; worker-0's [0, 1] wait 7.0s silence 7.0s")
