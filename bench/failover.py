@@ -68,7 +68,7 @@ SHARD_COLUMNS = (
     Column("max silence s", 15, ".2f"),
 )
 GROUP_COLUMNS = (
-    Column("shards of", 28),
+    Column("shards of", 30),
     Column("shards", 8, "d"),
     Column("commands", 10, ",d"),
     Column("unanswered", 12, ",d"),
@@ -357,7 +357,7 @@ async def run(
             doubled=doubled,
             groups=[
                 group(
-                    f"surviving worker(s) {_names(survivors)}",
+                    f"survivors {_names(survivors)}",
                     waits,
                     [s for s, n in before.items() if n != victim],
                 ),

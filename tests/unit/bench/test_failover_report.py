@@ -22,7 +22,7 @@ def _result(**changes: Any) -> failover.FailoverResult:
         "warm_s": 0.5, "fault_s": 5.5, "restart_s": 7.5, "load_end_s": 30.0, "answered_s": 30.2,
         "owners_before": {0: 0, 1: 1}, "owners_after": {0: 0, 1: 1},
         "produced": 10, "results": 10, "unanswered": [], "doubled": [],
-        "groups": [GroupWait("surviving worker(s) worker-1", [1], 5, 0, 1.5, 1.25),
+        "groups": [GroupWait("survivors worker-1", [1], 5, 0, 1.5, 1.25),
                    GroupWait("killed worker-0", [0], 5, 0, 9.0, 8.75)],
         "shards": [ShardWait(0, 5, 5, 9.0, 8.75), ShardWait(1, 5, 5, 1.5, 1.25)],
     }  # fmt: skip
