@@ -37,9 +37,8 @@ class Broker:
 
 
 def broker() -> Broker:
-    """The single Kafka broker's JVM (the one java process running kafka.Kafka that is
-    not a broker of the three-broker cluster) and the state directory of the services
-    script that started it."""
+    """The Kafka broker's JVM (the one java process running kafka.Kafka) and the state
+    directory of the services script that started it."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -48,8 +47,7 @@ def broker() -> Broker:
             argv = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
         except (OSError, UnicodeDecodeError):
             continue
-        # The brokers of scripts/kafka-cluster.sh run beside it: not this broker.
-        if "kafka.Kafka" in argv and not any("/kafka-cluster/" in a for a in argv):
+        if "kafka.Kafka" in argv:
             found.append((int(entry.name), argv))
     if len(found) != 1:
         raise FaultUnavailable(f"needs exactly one local Kafka broker process, found {len(found)}")
