@@ -4,9 +4,9 @@ Each balance is one hash, `<prefix>:{<shard_id>}:balance:<account>:<asset>` with
 `available`, `held`, `seq`; `<prefix>:{<shard_id>}:assets:<account>` is the set of an
 account's assets, so a reader can list them. The `{shard_id}` hash tag puts one shard's
 keys in one Redis Cluster slot, which is what lets one script call write a whole shard's
-share of a batch: per batch, one `EVALSHA` per shard, pipelined. The script writes a
-balance only when its `seq` is newer than the stored one, so replays, repeats and
-out-of-order writers can never move a balance backwards.
+share of a batch: per batch, one `EVALSHA` per shard (`EVAL` on a cluster), pipelined.
+The script writes a balance only when its `seq` is newer than the stored one, so replays,
+repeats and out-of-order writers can never move a balance backwards.
 
 Redis is a cache that can lose everything (FLUSHALL, a restart without persistence, a
 failover to an empty or older replica). So the sink keeps its progress in Redis, not in
