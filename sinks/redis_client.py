@@ -65,8 +65,11 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 # when no node answers or a call cannot be routed.
 ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, RedisClusterException)
 
-# What RedisClusterException says when the cluster, not the call, is the problem.
+# What RedisClusterException says when the cluster, not the call, is the problem; and what
+# it adds when a node answered but is no cluster node (TALLY_REDIS_CLUSTER=true against a
+# single Redis): a mistake in the settings, raised as it is rather than waited out.
 _UNREACHABLE = ("Redis Cluster cannot be connected", "All slots are not covered")
+_NOT_A_CLUSTER = "Cluster mode is not enabled"
 
 
 def connect(
@@ -115,11 +118,12 @@ def on_every_master(client: Any) -> dict[str, Any]:
 def outages() -> Iterator[None]:
     """Turn the cluster client's "no node answers" (a RedisClusterException) into the
     connection error a single Redis raises for the same outage, so that callers wait it
-    out alike; any other RedisClusterException (a call that cannot be routed) stays."""
+    out alike; any other RedisClusterException (a call that cannot be routed, a URL that
+    is no cluster node) stays."""
     try:
         yield
     except RedisClusterException as exc:
-        if str(exc).startswith(_UNREACHABLE):
+        if str(exc).startswith(_UNREACHABLE) and _NOT_A_CLUSTER not in str(exc):
             raise RedisConnectionError(str(exc)) from exc
         raise
 

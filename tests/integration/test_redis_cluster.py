@@ -2,7 +2,8 @@
 127.0.0.1:17001..17006; skipped, with the reason, when it is not up): the Redis sink writes a
 scratch deployment's events into it, spread over every master by the `{shard}` hash tags;
 what the ingress serves from it, the audit and the checks read back agree with the engine;
-a replay over the full cluster changes nothing; the replay check claims a signature once."""
+a replay over the full cluster changes nothing; the replay check claims a signature once.
+(The last two tests need no cluster: a URL where none answers, or a single Redis.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from redis.exceptions import RedisClusterException
 
 from audit.run import Audit, render
 from core.settings import Settings
@@ -89,9 +91,7 @@ async def test_the_sink_and_every_reader_agree_on_a_cluster(
         assert await verify.redis_dump(s.redis_url, s.topic_prefix, cluster=True) == dump
 
 
-async def test_a_cluster_that_does_not_answer_is_an_outage_to_the_sink(
-    on_cluster: Settings,
-) -> None:
+async def test_a_cluster_that_does_not_answer_is_an_outage_to_the_sink() -> None:
     """No node answers at the URL: the sink's store raises what it waits out (a connection
     error), not the cluster client's own exception, which would stop the sink."""
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", "x", 4, cluster=True)
@@ -99,4 +99,15 @@ async def test_a_cluster_that_does_not_answer_is_an_outage_to_the_sink(
         await store.open()
     with pytest.raises(store.unavailable):
         await store.ping(1.0)
+    await store.close()
+
+
+async def test_the_cluster_setting_against_a_single_redis_is_refused_not_waited_out(
+    settings: Settings,
+) -> None:
+    """TALLY_REDIS_CLUSTER=true with TALLY_REDIS_URL at a single Redis: a settings mistake,
+    raised at once (the sink would otherwise wait for a cluster that never comes)."""
+    store = RedisStore(settings.redis_url, "x", 4, cluster=True)
+    with pytest.raises(RedisClusterException, match="Cluster mode is not enabled"):
+        await store.open()
     await store.close()

@@ -138,4 +138,9 @@ def test_a_cluster_that_cannot_be_reached_is_an_outage() -> None:
         raise RedisClusterException("Redis Cluster cannot be connected. Please provide ...")
     with pytest.raises(RedisClusterException), redis_client.outages():
         raise RedisClusterException("EVALSHA - all keys must map to the same key slot")
+    with pytest.raises(RedisClusterException), redis_client.outages():
+        raise RedisClusterException(
+            "Redis Cluster cannot be connected. Please provide at least one reachable node:"
+            " Cluster mode is not enabled on this node"
+        )
     assert issubclass(RedisConnectionError, redis_client.UNAVAILABLE)
