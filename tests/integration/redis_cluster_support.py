@@ -12,7 +12,9 @@ from pathlib import Path
 import msgspec
 import pytest
 import redis
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.retry import Retry
 
 from core.settings import Settings
 from harness.procs import ROOT
@@ -28,7 +30,11 @@ def cluster_settings(settings: Settings) -> Settings:
 
 
 def _node(port: int) -> redis.Redis:
-    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
+    # No retries: a node that is down says so at once (redis-py's default backs off ~4 s).
+    return redis.Redis(
+        host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2,
+        retry=Retry(NoBackoff(), 0),
+    )  # fmt: skip
 
 
 def state(port: int = FIRST_PORT) -> str | None:
