@@ -7,6 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SERVICES := scripts/services.sh
+REDIS_CLUSTER_SH := scripts/redis-cluster.sh
+# REDIS_CLUSTER=1: `make services` / `services-down` also start / stop the Redis Cluster
+# (3 masters + 3 replicas on 127.0.0.1:17001..17006) beside the single Redis.
+REDIS_CLUSTER ?= 0
 PYTEST_ARGS ?=
 BENCH_COUNT ?= 200000
 BENCH_SECONDS ?= 10
@@ -16,7 +20,7 @@ FUZZ_EXAMPLES ?= 200
 FUZZ_HTTP_EXAMPLES ?= 500
 
 .PHONY: help venv services services-down services-status lint fmt test test-unit \
-        test-integration test-fault demo bench chaos fuzz clean helm
+        test-integration test-fault test-redis-cluster demo bench chaos fuzz clean helm
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -30,14 +34,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create .venv and install the package with its dev tools
 
-services: ## Start Kafka (KRaft), PostgreSQL and Redis on loopback (reuses running ones)
+services: ## Start Kafka (KRaft), PostgreSQL and Redis on loopback (reuses running ones); REDIS_CLUSTER=1 adds the Redis Cluster
 	@$(SERVICES) up
+	@if [ "$(REDIS_CLUSTER)" = 1 ]; then $(REDIS_CLUSTER_SH) up; fi
 
-services-down: ## Stop the local services started by `make services`
+services-down: ## Stop the local services started by `make services` (REDIS_CLUSTER=1: the Redis Cluster too)
+	@if [ "$(REDIS_CLUSTER)" = 1 ]; then $(REDIS_CLUSTER_SH) down; fi
 	@$(SERVICES) down
 
-services-status: ## Say which local services are up
-	@$(SERVICES) status
+services-status: ## Say which local services are up (REDIS_CLUSTER=1: the Redis Cluster too)
+	@rc=0; $(SERVICES) status || rc=1; \
+	if [ "$(REDIS_CLUSTER)" = 1 ]; then $(REDIS_CLUSTER_SH) status || rc=1; fi; exit $$rc
 
 helm: ## Build the Helm CLI from its Go module into .cache/bin, once (the chart tests render with it)
 	@scripts/helm.sh >/dev/null
@@ -69,6 +76,10 @@ test-integration: $(STAMP) services ## Only the integration tests (real services
 
 test-fault: $(STAMP) services ## Only the fault tests (kills and restarts)
 	$(call run_pytest,-m fault tests/fault)
+
+test-redis-cluster: $(STAMP) ## Start the Redis Cluster (and the services), run its tests: the sink and reads on it, a master's failover
+	@$(MAKE) --no-print-directory services REDIS_CLUSTER=1
+	$(call run_pytest,tests/integration/test_redis_cluster.py tests/fault/test_redis_failover.py)
 
 demo: $(STAMP) services ## Run the main job against the local services and print its summary
 	$(VENV)/bin/tally demo

@@ -1,5 +1,6 @@
 """The audit's Redis side: a page of balance hashes and asset-set memberships per script
-call, and the shards' keys counted and scanned."""
+call (one shard's keys: one slot of a Redis Cluster), and the shards' keys counted and
+scanned (on a cluster, SCAN runs on every master: redis-py's cluster scan_iter)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from audit.rows import AuditError, Found, connect_timeout_s, redis_scan_count, sort_key
+from sinks import redis_client
+from sinks.redis_client import ERRORS as REDIS_ERRORS
 from sinks.redis_store import assets_key, balance_key
 
 # KEYS: a page's balance keys, then their accounts' asset-set keys (one hash slot: the
@@ -39,20 +39,24 @@ def _int(raw: bytes | None) -> int | None:
 
 
 class Redis:
-    def __init__(self, url: str, prefix: str, shown_url: str) -> None:
+    def __init__(self, url: str, prefix: str, shown_url: str, *, cluster: bool = False) -> None:
         self.url = url
+        self.cluster = cluster
         self.prefix = prefix
         self.shown_url = shown_url
         self.client: Any = None
         self.script: Any = None
 
     async def open(self) -> None:
-        self.client = aioredis.from_url(
-            self.url, socket_timeout=30, socket_connect_timeout=connect_timeout_s
+        self.client = redis_client.connect(
+            self.url,
+            cluster=self.cluster,
+            socket_timeout=30,
+            socket_connect_timeout=connect_timeout_s,
         )
         try:
             await self.client.ping()
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise AuditError("Redis", f"unreachable at {self.shown_url} ({exc})") from None
         self.script = self.client.register_script(READ_SCRIPT)
 
@@ -71,7 +75,7 @@ class Redis:
         names += [assets_key(self.prefix, shard, a) for a, _, _ in split]
         try:
             values = await self.script(keys=names)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise AuditError("Redis", str(exc)) from None
         out: list[tuple[Found | None, bool]] = []
         for i in range(0, len(values), 4):
@@ -98,7 +102,7 @@ class Redis:
                 shard = self._shard_of_key(key)
                 if shard is not None:
                     counts[shard] += 1
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise AuditError("Redis", str(exc)) from None
         return counts
 
@@ -113,7 +117,7 @@ class Redis:
                 if len(page) >= size:
                     yield page
                     page = []
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise AuditError("Redis", str(exc)) from None
         if page:
             yield page

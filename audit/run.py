@@ -121,7 +121,12 @@ class Audit:
         self.partitions = settings.partitions
         self.pg = Postgres(settings.pg_dsn, self.schema, shown["pg_dsn"])
         self.redis = (
-            Redis(settings.redis_url, settings.topic_prefix, shown["redis_url"])
+            Redis(
+                settings.redis_url,
+                settings.topic_prefix,
+                shown["redis_url"],
+                cluster=settings.redis_cluster,
+            )
             if with_redis
             else None
         )

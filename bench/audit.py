@@ -33,14 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from bench.report import pair, show
 from core.settings import Settings, child_env
 from harness.procs import ROOT, EngineProcess
 from harness.scratch import Topics, scratch, unique_prefix
-from sinks import pg
+from sinks import pg, redis_client
 from sinks.redis_store import LWW_SCRIPT, add_balance, script_call
 from streams.state import AccountState, BalanceState
 from streams.store import account_key
@@ -130,7 +129,7 @@ class Writer:
         s = self.settings
         # Money columns are numeric: written with the sink's own codec, as the sink does.
         self.conn = await pg.connect(s.pg_dsn, s.topic_prefix, exact_money=True)
-        self.redis = aioredis.from_url(s.redis_url)
+        self.redis = redis_client.connect_to(s)
         self.script = self.redis.register_script(LWW_SCRIPT)
         if self.with_engine:
             self.producer = durable_producer(
@@ -161,18 +160,16 @@ class Writer:
             await copy("balances", records=c.balances, columns=_BALANCE_COLUMNS)
 
     async def _redis(self, c: Chunk) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for shard, (keys, args) in c.redis.items():
-                step = redis_keys_per_call
-                for i in range(0, len(args), step):
-                    # Seeded straight into Redis, not by a sink: no progress to check.
-                    head_keys, head_args = script_call(self.settings.topic_prefix, shard, 0, 0)
-                    await self.script(
-                        keys=head_keys + keys[2 * i : 2 * (i + step)],
-                        args=head_args + args[i : i + step],
-                        client=pipe,
-                    )
-            await pipe.execute()
+        calls = []
+        step = redis_keys_per_call
+        for shard, (keys, args) in c.redis.items():
+            for i in range(0, len(args), step):
+                # Seeded straight into Redis, not by a sink: no progress to check.
+                head_keys, head_args = script_call(self.settings.topic_prefix, shard, 0, 0)
+                calls.append(
+                    (head_keys + keys[2 * i : 2 * (i + step)], head_args + args[i : i + step])
+                )
+        await redis_client.run_script(self.redis, self.script, calls)
 
     async def _changelog(self, c: Chunk) -> None:
         if self.producer is None:

@@ -56,7 +56,9 @@ async def _stored(settings: Settings, target: str) -> int:
             return int(await conn.fetchval("SELECT count(*) FROM ledger_entries"))
         finally:
             await conn.close()
-    balances = await verify.redis_balances(settings.redis_url, settings.topic_prefix)
+    balances = await verify.redis_balances(
+        settings.redis_url, settings.topic_prefix, cluster=settings.redis_cluster
+    )
     return sum(seq for _, _, seq in balances.values())
 
 

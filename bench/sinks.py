@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from bench.events import result_events
@@ -33,7 +32,7 @@ from bench.report import BenchError, Column, pct, show, table, write_report
 from core.settings import Settings, child_env
 from harness.procs import produce
 from harness.scratch import scratch, unique_prefix
-from sinks import pg, service, verify
+from sinks import pg, redis_client, service, verify
 from sinks.redis_store import balance_key
 from sinks.runner import Batch, SinkRunner
 from topics.codec import encode
@@ -95,7 +94,7 @@ class _Watch:
         if self.target == "postgres":
             self.conn = await pg.connect(self.settings.pg_dsn, schema_name(self.settings))
         else:
-            self.client = aioredis.from_url(self.settings.redis_url)
+            self.client = redis_client.connect_to(self.settings)
 
     async def close(self) -> None:
         if self.conn is not None:

@@ -30,6 +30,8 @@ _FOREIGN = frozenset(
         "TALLY_KAFKA_CONTROLLER_PORT",
         "TALLY_PG_PORT",
         "TALLY_REDIS_PORT",
+        "TALLY_REDIS_CLUSTER_PORT",
+        "TALLY_REDIS_CLUSTER_NODE_TIMEOUT_MS",
         "TALLY_SERVICES_MODE",
         "TALLY_TEST_KEEP_TOPICS",
     }
@@ -57,6 +59,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     redis_url: Annotated[str, msgspec.Meta(pattern=r"^(redis|rediss|unix)://")] = (
         "redis://127.0.0.1:6379/0"
     )
+    # redis_url is a node of a Redis Cluster: every Redis user (sink, reads, audit, tools)
+    # then connects with the cluster client (sinks.redis_client). Database 0 only.
+    redis_cluster: bool = False
     # Shards = partitions of every topic. Fixed for a deployment: changing it moves
     # accounts between shards, which is a migration (replay into new topics).
     partitions: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8

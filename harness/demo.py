@@ -278,6 +278,7 @@ class DemoJob:
             settings.redis_url,
             settings.topic_prefix,
             engine,
+            cluster=settings.redis_cluster,
         )
         self.say("")
         written = ", ".join(

@@ -19,11 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from harness.errors import HarnessError
 from harness.procs import ROOT
-from sinks import pg
+from sinks import pg, redis_client
 
 
 class FaultUnavailable(HarnessError):
@@ -155,12 +153,14 @@ async def restart_postgres(dsn: str, *, down_s: float = 0.0) -> float:
     return time.monotonic() - started
 
 
-async def flush_redis(url: str) -> int:
-    """FLUSHDB on the database of `url`: everything in it is gone. The key count before."""
-    client: Any = aioredis.from_url(url)
+async def flush_redis(url: str, *, cluster: bool = False) -> int:
+    """FLUSHDB on the database of `url` (on a cluster: on every master): everything in it
+    is gone. The key count before."""
+    client: Any = redis_client.connect(url, cluster=cluster)
     try:
-        keys = int(await client.dbsize())
-        await client.flushdb()
+        everywhere = redis_client.on_every_master(client)
+        keys = int(await client.dbsize(**everywhere))
+        await client.flushdb(**everywhere)
         return keys
     finally:
         await client.aclose()

@@ -16,14 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from core.errors import FAILED
 from core.settings import Settings
 from harness.errors import HarnessError
-from sinks import pg
+from sinks import pg, redis_client
 from topics.codec import decode_command, encode
 from topics.producer import durable_producer
 from topics.schema import Deposit
@@ -184,7 +183,7 @@ async def _postgres(settings: Settings, deposits: list[Deposit]) -> tuple[int, S
 
 
 async def _redis(settings: Settings, topic: str, deposits: list[Deposit]) -> tuple[int, Stage]:
-    client = aioredis.from_url(settings.redis_url)
+    client = redis_client.connect_to(settings)
     started = time.perf_counter()
     key = f"{topic}:{{0}}:amounts"
     try:

@@ -85,7 +85,9 @@ class Scratch:
         except Exception as exc:
             failed.append(f"topics: {exc!r}")
         try:
-            await verify.drop(s.pg_dsn, schema_name(s), s.redis_url, s.topic_prefix)
+            await verify.drop(
+                s.pg_dsn, schema_name(s), s.redis_url, s.topic_prefix, cluster=s.redis_cluster
+            )
         except Exception as exc:
             failed.append(f"schema and Redis keys: {exc!r}")
         if self.data_dir is not None:

@@ -8,12 +8,11 @@ import contextlib
 from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
 
 from core.settings import Settings
 from ingress.replay import SeenSignatures
 from ingress.results import ResultWaiter
-from sinks import pg
+from sinks import pg, redis_client
 from topics.names import deployment_topics, schema_name
 from topics.producer import durable_producer
 
@@ -46,9 +45,7 @@ class Connections:
         settings = self.settings
         await self.producer.start()
         await self.waiter.start()
-        self.redis = aioredis.from_url(
-            settings.redis_url, socket_timeout=5, socket_connect_timeout=2
-        )
+        self.redis = redis_client.connect_to(settings, socket_timeout=5, socket_connect_timeout=2)
         self.seen = SeenSignatures(self.redis, settings.topic_prefix)
         self.pg = await pg.create_pool(
             settings.pg_dsn,

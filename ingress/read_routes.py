@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from core.http import json_response
@@ -18,6 +17,7 @@ from ingress.checks import check_account, no_query, postgres, query_once
 from ingress.connections import Connections
 from ingress.engine_view import EngineView
 from ingress.problems import Problem
+from sinks import redis_client
 from sinks.redis_store import assets_key, balance_key
 from topics import limits
 from topics.shard import shard_of
@@ -123,7 +123,7 @@ class Reads:
                     key = balance_key(self.prefix, shard, account, asset)
                     pipe.hmget(key, "available", "held", "seq")
                 rows = await pipe.execute()
-        except (aioredis.RedisError, OSError) as exc:
+        except redis_client.ERRORS as exc:
             raise Problem(
                 503, "Redis unavailable", type(exc).__name__, field="redis",
                 headers={"Retry-After": "2"},

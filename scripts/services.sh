@@ -138,11 +138,8 @@ pg_bindir() {
 redis_installed() { command -v redis-server >/dev/null && command -v redis-cli >/dev/null; }
 
 # Install PostgreSQL / Redis / kcat / wrk (and Java / Maven, if even those are missing) from apt.
-# Debian's postinst scripts would start a system postgres on 5432 and a system redis on 6379,
-# which would then occupy our ports; a policy-rc.d that exits 101 tells invoke-rc.d (and
-# deb-systemd-invoke) not to start anything during the install.
 ensure_packages() {
-    local missing=() sudo=() policy=/usr/sbin/policy-rc.d created_policy=0
+    local missing=()
     [ -n "$(pg_bindir)" ] || missing+=(postgresql)
     redis_installed || missing+=(redis-server)
     command -v java >/dev/null || missing+=(default-jre-headless)
@@ -151,6 +148,15 @@ ensure_packages() {
     command -v kcat >/dev/null || missing+=(kcat)
     # wrk: the load generator of `tally bench http` (make bench).
     command -v wrk >/dev/null || missing+=(wrk)
+    apt_install "${missing[@]}"
+}
+
+# apt-get install the packages named (none: nothing to do); also what scripts/redis-cluster.sh
+# calls, having sourced this file. Debian's postinst scripts would start a system postgres on
+# 5432 and a system redis on 6379, which would then occupy our ports; a policy-rc.d that exits
+# 101 tells invoke-rc.d (and deb-systemd-invoke) not to start anything during the install.
+apt_install() {
+    local missing=("$@") sudo=() policy=/usr/sbin/policy-rc.d created_policy=0
     [ "${#missing[@]}" -gt 0 ] || return 0
 
     if ! is_root; then
@@ -735,4 +741,7 @@ main() {
     esac
 }
 
-main "$@"
+# Sourced (by scripts/redis-cluster.sh, for the helpers above): define, do not run.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    main "$@"
+fi

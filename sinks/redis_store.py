@@ -4,9 +4,9 @@ Each balance is one hash, `<prefix>:{<shard_id>}:balance:<account>:<asset>` with
 `available`, `held`, `seq`; `<prefix>:{<shard_id>}:assets:<account>` is the set of an
 account's assets, so a reader can list them. The `{shard_id}` hash tag puts one shard's
 keys in one Redis Cluster slot, which is what lets one script call write a whole shard's
-share of a batch: per batch, one `EVALSHA` per shard, pipelined. The script writes a
-balance only when its `seq` is newer than the stored one, so replays, repeats and
-out-of-order writers can never move a balance backwards.
+share of a batch: per batch, one `EVALSHA` per shard (`EVAL` on a cluster), pipelined.
+The script writes a balance only when its `seq` is newer than the stored one, so replays,
+repeats and out-of-order writers can never move a balance backwards.
 
 Redis is a cache that can lose everything (FLUSHALL, a restart without persistence, a
 failover to an empty or older replica). So the sink keeps its progress in Redis, not in
@@ -15,16 +15,20 @@ set by the same script call as the partition's balances (one atomic step) and on
 moved forward. A call that finds that progress gone, or behind what the sink had written
 there, writes nothing; the sink (`StoreLost`) then reads the events topic again from
 the offsets Redis still has, rebuilding it without an operator.
+
+On a Redis Cluster (`TALLY_REDIS_CLUSTER`) nothing changes but the client: each call's
+keys are one shard's, so one slot's, and the pipeline goes to every master at once, each
+with its shards' calls. A master's failover is an outage like any other (waited out, then
+the batch written again: the script is idempotent); a write the dead master acknowledged
+but never passed to its replica is progress gone, which the next call or probe notices
+(`StoreLost`), and the partitions are read again from what the new master holds.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
+from sinks import redis_client
 from sinks.runner import Batch, StoreLost
 
 # KEYS: the partition's progress key, then balance key, assets key, balance key, ...
@@ -91,32 +95,42 @@ def add_balance(
 
 class RedisStore:
     name = "redis"
-    unavailable: tuple[type[BaseException], ...] = (
-        RedisConnectionError,
-        RedisTimeoutError,
-        OSError,
-    )
+    unavailable: tuple[type[BaseException], ...] = redis_client.UNAVAILABLE
 
-    def __init__(self, url: str, prefix: str, partitions: int) -> None:
+    def __init__(self, url: str, prefix: str, partitions: int, *, cluster: bool = False) -> None:
         self.url = url
+        self.cluster = cluster
         self.prefix = prefix
         self.partitions = partitions
         self.client: Any = None
         self.script: Any = None
         self.written = 0
 
+    def _connect(self, timeout_s: float = 10.0) -> Any:
+        return redis_client.connect(
+            self.url,
+            cluster=self.cluster,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=min(timeout_s, 5.0),
+        )
+
     async def open(self) -> None:
-        self.client = aioredis.from_url(self.url, socket_timeout=10, socket_connect_timeout=5)
-        await self.client.ping()
-        self.script = self.client.register_script(LWW_SCRIPT)
+        client = self._connect()
+        try:
+            with redis_client.outages():
+                await client.ping()
+        except BaseException:
+            await client.aclose()
+            raise
+        self.client = client
+        self.script = client.register_script(LWW_SCRIPT)
 
     async def ping(self, timeout_s: float) -> None:
         """Whether Redis answers now, on a connection of its own (for readiness)."""
-        client = aioredis.from_url(
-            self.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        client = self._connect(timeout_s)
         try:
-            await client.ping()
+            with redis_client.outages():
+                await client.ping()
         finally:
             await client.aclose()
 
@@ -130,10 +144,11 @@ class RedisStore:
         absent (the runner reads it from the beginning). `topic` is implied by the prefix."""
         if self.client is None:
             await self.open()
-        async with self.client.pipeline(transaction=False) as pipe:
-            for p in range(self.partitions):
-                pipe.get(offset_key(self.prefix, p))
-            values = await pipe.execute()
+        with redis_client.outages():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for p in range(self.partitions):
+                    pipe.get(offset_key(self.prefix, p))
+                values = await pipe.execute()
         return {p: int(v) for p, v in enumerate(values) if v is not None}
 
     async def write(self, batch: Batch) -> None:
@@ -156,10 +171,10 @@ class RedisStore:
             add_balance(by_shard[shard], self.prefix, shard, account, asset, available, held, seq)
         if not by_shard:
             return
-        async with self.client.pipeline(transaction=False) as pipe:
-            for keys, args in by_shard.values():
-                await self.script(keys=keys, args=args, client=pipe)
-            written = await pipe.execute()
+        with redis_client.outages():
+            written = await redis_client.run_script(
+                self.client, self.script, list(by_shard.values())
+            )
         lost = [p for p, n in zip(by_shard, written, strict=True) if int(n) < 0]
         self.written += sum(int(n) for n in written if int(n) > 0)
         if lost:

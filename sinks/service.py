@@ -33,7 +33,12 @@ def store_for(settings: Settings, target: str) -> Store:
     if target == "postgres":
         return PostgresStore(settings.pg_dsn, schema_name(settings))
     if target == "redis":
-        return RedisStore(settings.redis_url, redis_prefix(settings), settings.partitions)
+        return RedisStore(
+            settings.redis_url,
+            redis_prefix(settings),
+            settings.partitions,
+            cluster=settings.redis_cluster,
+        )
     raise ValueError(f"unknown sink target {target!r}")
 
 

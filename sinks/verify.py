@@ -9,9 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from sinks import pg
+from sinks import pg, redis_client
 from sinks.pg import quote
 
 # (account, asset) -> (available, held, seq)
@@ -75,8 +73,9 @@ async def breakpoint_balances(dsn: str, schema: str) -> Balances:
     return {(r["account"], r["asset"]): (int(r["a"]), int(r["h"]), r["s"]) for r in rows}
 
 
-async def redis_balances(url: str, prefix: str) -> Balances:
-    client: Any = aioredis.from_url(url)
+async def redis_balances(url: str, prefix: str, *, cluster: bool = False) -> Balances:
+    """Every balance hash of the deployment (on a cluster, SCAN covers every master)."""
+    client: Any = redis_client.connect(url, cluster=cluster)
     out: Balances = {}
     try:
         keys = [k async for k in client.scan_iter(match=f"{prefix}:*:balance:*", count=1000)]
@@ -146,7 +145,7 @@ async def wait_drained(runners: list[Any], *, timeout_s: float, quiet_s: float =
 
 
 async def agreement(
-    dsn: str, schema: str, redis_url: str, prefix: str, engine: Balances
+    dsn: str, schema: str, redis_url: str, prefix: str, engine: Balances, *, cluster: bool = False
 ) -> list[Comparison]:
     """PostgreSQL, Redis, the ledger and the breakpoints, each against the engine's
     tables. Engine balances that never changed (an overdraft limit set on an empty
@@ -154,7 +153,11 @@ async def agreement(
     reference = {k: v for k, v in engine.items() if v[2] > 0}
     return [
         compare("PostgreSQL balances = engine tables", reference, await pg_balances(dsn, schema)),
-        compare("Redis = engine tables", reference, await redis_balances(redis_url, prefix)),
+        compare(
+            "Redis = engine tables",
+            reference,
+            await redis_balances(redis_url, prefix, cluster=cluster),
+        ),
         compare(
             "ledger_entries sums = engine tables", reference, await ledger_balances(dsn, schema)
         ),
@@ -166,14 +169,17 @@ async def agreement(
     ]
 
 
-async def drop(dsn: str, schema: str, redis_url: str, prefix: str) -> None:
-    """Remove a deployment's PostgreSQL schema and Redis keys (the demo's clean-up)."""
+async def drop(
+    dsn: str, schema: str, redis_url: str, prefix: str, *, cluster: bool = False
+) -> None:
+    """Remove a deployment's PostgreSQL schema and Redis keys (the demo's clean-up). (On a
+    cluster, the multi-key DEL is split by slot by the client.)"""
     conn = await pg.connect(dsn, None)
     try:
         await conn.execute(f"DROP SCHEMA IF EXISTS {quote(schema)} CASCADE")
     finally:
         await conn.close()
-    client: Any = aioredis.from_url(redis_url)
+    client: Any = redis_client.connect(redis_url, cluster=cluster)
     try:
         batch = []
         async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
@@ -218,8 +224,8 @@ async def pg_dump(dsn: str, schema: str) -> dict[str, list[tuple[Any, ...]]]:
     }
 
 
-async def redis_dump(url: str, prefix: str) -> dict[bytes, Any]:
-    client: Any = aioredis.from_url(url)
+async def redis_dump(url: str, prefix: str, *, cluster: bool = False) -> dict[bytes, Any]:
+    client: Any = redis_client.connect(url, cluster=cluster)
     try:
         out: dict[bytes, Any] = {}
         async for key in client.scan_iter(match=f"{prefix}:*", count=1000):

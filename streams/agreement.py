@@ -82,9 +82,10 @@ def terms(settings: Settings) -> dict[str, str]:
 class Proposal(msgspec.Struct, frozen=True, kw_only=True):
     """What a member publishes when it joins: its terms, when it started (epoch ms),
     whether a previous assignment accepted it, and what the sticky placement needs (see
-    `streams.placement`): its stable name (the group instance id), the shards it owns
-    and those it holds warm copies of. (A worker of a version before the placement
-    publishes none of the last three: it is placed by member id and claims nothing.)"""
+    `streams.placement`): its stable name (the group instance id), the shards it owns,
+    those it holds warm copies of and those it has local state of. (A worker of a
+    version before the placement publishes none of these: it is placed by member id and
+    claims nothing.)"""
 
     terms: dict[str, str]
     started_ms: int
@@ -92,6 +93,7 @@ class Proposal(msgspec.Struct, frozen=True, kw_only=True):
     instance: str = ""
     owned: list[int] = []
     warm: list[int] = []
+    stored: list[int] = []
 
 
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):
@@ -202,6 +204,7 @@ class AgreeingAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
             instance=self.instance,
             owned=sorted(held.owned),
             warm=sorted(held.warm),
+            stored=sorted(held.stored),
         )
         return ConsumerProtocolMemberMetadata(
             self.version, list(topics), msgspec.json.encode(proposal)
@@ -224,7 +227,11 @@ class AgreeingAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         placement = place(
             max(counts.values(), default=0),
             {
-                names[m]: Claim(owned=frozenset(known[m].owned), warm=frozenset(known[m].warm))
+                names[m]: Claim(
+                    owned=frozenset(known[m].owned),
+                    warm=frozenset(known[m].warm),
+                    stored=frozenset(known[m].stored),
+                )
                 for m in agreeing
             },
             replicas=self.replicas,

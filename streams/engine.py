@@ -277,8 +277,15 @@ class Engine:
 
     def _holdings(self) -> Claim:
         """What this worker claims when it joins: the shards it serves (or holds through
-        the rebalance) and those its standby keeps warm."""
-        return Claim(owned=frozenset(self.shards.holdings()), warm=self.assignor.standby)
+        the rebalance), those its standby keeps warm, and those it has a local store of (a
+        worker restarted after a clean stop still holds its old shards' state, so
+        catching them up reads only what it missed)."""
+        local = {int(d.name[6:]) for d in self.data_dir.glob("shard-*") if d.name[6:].isdigit()}
+        return Claim(
+            owned=frozenset(self.shards.holdings()),
+            warm=self.assignor.standby,
+            stored=frozenset(local),
+        )
 
     def _refuse(self, verdict: agreement.Verdict) -> None:
         """The group gave this worker no shard because a setting differs: say which,

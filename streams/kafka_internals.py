@@ -1,11 +1,12 @@
 """Every read of aiokafka's private internals the engine makes, in one place.
 
-aiokafka has no public call for these three things the engine needs: why a producer's
-sender stopped, asking the group for a rebalance, and a partition's position without
-waiting for an offset reset. Each reads an internal attribute and falls back quietly
-when it is missing, so that a worker never breaks on it; `tests/unit/test_kafka_internals.py`
-pins every one of them against the installed aiokafka, so an upgrade that moves them
-fails there, loudly, instead of degrading in production.
+aiokafka has no public call for these things the engine needs: why a producer's sender
+stopped, asking the group for a rebalance, a partition's position without waiting for an
+offset reset, the group generation it joined, and leaving the group as a static member.
+Each reads (or sets) an internal attribute and falls back quietly when it is missing, so
+that a worker never breaks on it; `tests/unit/streams/test_kafka_internals.py` pins every
+one of them against the installed aiokafka, so an upgrade that moves them fails there,
+loudly, instead of degrading in production.
 """
 
 from __future__ import annotations

@@ -121,8 +121,9 @@ class Shards:
         return store
 
     def busy(self) -> set[int]:
-        """The shards owned or being taken over (the standby leaves them alone)."""
-        return self.owned | self.recovering
+        """The shards owned, held through a rebalance or being taken over (the standby
+        leaves them alone)."""
+        return self.owned | self.held | self.recovering
 
     # Rebalancing -------------------------------------------------------------------------
 

@@ -32,10 +32,17 @@ import msgspec
 
 class Claim(msgspec.Struct, frozen=True, kw_only=True):
     """What a member brings to a rebalance: the shards it owned until now (and still
-    serves, if the placement lets it keep them) and those it holds warm copies of."""
+    serves, if the placement lets it keep them), those it holds warm standby copies of,
+    and those it has some local state of (older, say from before a restart: cheaper to
+    catch up than nothing, dearer than a warm copy)."""
 
     owned: frozenset[int] = frozenset()
     warm: frozenset[int] = frozenset()
+    stored: frozenset[int] = frozenset()
+
+    def cost(self, p: int) -> int:
+        """How much taking shard p over would read here: 0 warm, 1 stored, 2 all."""
+        return 0 if p in self.warm else 1 if p in self.stored else 2
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,20 +77,25 @@ def _owners(shards: int, members: list[str], claims: Mapping[str, Claim]) -> dic
     quota = {m: base + (1 if i < extra else 0) for i, m in enumerate(by_holdings)}
     owner: dict[int, str] = {}
     load = dict.fromkeys(members, 0)
-    # Keep: each member its own shards, up to its share. Two members claiming one shard
-    # (one of them missed a generation) is settled by name, the same on every leader.
+    # Keep: each member its own shards, up to its share, first those the others would
+    # find dearest to take over (a member above its share sheds the shards another
+    # holds a copy or local state of). Two members claiming one shard (one of them
+    # missed a generation) is settled by name, the same on every leader.
     for m in members:
-        for p in valid(m):
+        others = [claims[n] for n in members if n != m]
+        cheapest = {p: min((c.cost(p) for c in others), default=2) for p in valid(m)}
+        for p in sorted(cheapest, key=lambda p: (-cheapest[p], p)):
             if p not in owner and load[m] < quota[m]:
                 owner[p] = m
                 load[m] += 1
-    # Move: the rest to members with room, a warm holder first, then by name (so a fresh
-    # group gets contiguous ranges, as Kafka's range assignor gives).
+    # Move: the rest to members with room, the cheapest to take it over first (a warm
+    # copy, then local state), then by name (so a fresh group gets contiguous ranges,
+    # as Kafka's range assignor gives).
     for p in range(shards):
         if p in owner:
             continue
         room = [m for m in members if load[m] < quota[m]]
-        chosen = min(room, key=lambda m: (p not in claims[m].warm, m))
+        chosen = min(room, key=lambda m: (claims[m].cost(p), m))
         owner[p] = chosen
         load[chosen] += 1
     return owner

@@ -97,7 +97,7 @@ class Harness:
 
     async def execute(self) -> Run:
         began = time.monotonic()
-        await faults.flush_redis(self.settings.redis_url)
+        await faults.flush_redis(self.settings.redis_url, cluster=self.settings.redis_cluster)
         await self.scratch.create()
         await self.collector.start(from_end=False)
         try:
@@ -117,7 +117,7 @@ class Harness:
         with contextlib.suppress(Exception):
             await self.scratch.drop()
         with contextlib.suppress(Exception):
-            await faults.flush_redis(self.settings.redis_url)
+            await faults.flush_redis(self.settings.redis_url, cluster=self.settings.redis_cluster)
 
     async def _with_sinks(self) -> None:
         """The sinks run from before the load until they drained after it; then check."""
@@ -253,7 +253,9 @@ class Harness:
         stores = [
             verify.compare("PostgreSQL", final, await verify.pg_balances(s.pg_dsn, schema_name(s))),
             verify.compare(
-                "Redis", final, await verify.redis_balances(s.redis_url, s.topic_prefix)
+                "Redis",
+                final,
+                await verify.redis_balances(s.redis_url, s.topic_prefix, cluster=s.redis_cluster),
             ),
         ]
         return Check(

@@ -126,7 +126,9 @@ class Injector:
             took = await faults.restart_postgres(self.settings.pg_dsn, down_s=fault.pause_s)
             note(f"pg_restart: PostgreSQL back after {took:.1f}s")
         else:
-            keys = await faults.flush_redis(self.settings.redis_url)
+            keys = await faults.flush_redis(
+                self.settings.redis_url, cluster=self.settings.redis_cluster
+            )
             note(f"redis_flush: FLUSHDB dropped {keys} keys")
         self.run.carried_out.append(fault.kind)
 

@@ -97,7 +97,9 @@ async def deployment(
     finally:
         await collector.stop()
         await engine.stop()
-        await verify.drop(local.pg_dsn, schema_name(local), local.redis_url, prefix)
+        await verify.drop(
+            local.pg_dsn, schema_name(local), local.redis_url, prefix, cluster=local.redis_cluster
+        )
 
 
 @contextlib.asynccontextmanager

@@ -33,7 +33,8 @@ def test_second_up_reuses_every_service() -> None:
     # Exactly one of each on the machine, whichever checkout started it.
     assert _count(r"java .*kafka\.Kafka ") == 1
     assert _count(r"postgres -D ") == 1
-    assert _count(r"redis-server 127\.0\.0\.1:") == 1
+    # (Not the Redis Cluster's nodes, titled "redis-server 127.0.0.1:<port> [cluster]".)
+    assert _count(r"redis-server 127\.0\.0\.1:[0-9]+$") == 1
 
 
 async def test_status_reports_all_three_up_and_each_answers(settings: Settings) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.consumer.group_coordinator import GroupCoordinator
@@ -82,3 +83,33 @@ def test_the_position_reader_reads_the_state_position_reads() -> None:
     assert "self._subscription.subscription.assignment" in source
     assert ".state_value(partition)" in source
     assert "tp_state.has_valid_position" in source and "tp_state.position" in source
+
+
+def test_the_group_generation_and_the_static_leave_are_where_the_engine_looks() -> None:
+    """`generation` reads the coordinator's `generation` (what the shards kept through a
+    rebalance are judged by), and `become_dynamic` clears `_group_instance_id`, which
+    is what stops aiokafka's leave from being skipped and its next join from naming
+    the instance: both must still be there, used that way."""
+    init = inspect.getsource(GroupCoordinator.__init__)
+    assert "self._group_instance_id = group_instance_id" in init
+    assert "self.generation = " in init
+    leave = inspect.getsource(GroupCoordinator._maybe_leave_group)
+    assert "self._group_instance_id is None" in leave
+    join = inspect.getsource(GroupCoordinator.__init__.__globals__["CoordinatorGroupRebalance"])
+    assert "self._coordinator._group_instance_id" in join
+
+    class Coordinator:
+        generation = 7
+        _group_instance_id = "w-1"
+
+    class Consumer:
+        _coordinator = Coordinator()
+
+    consumer: Any = Consumer()
+    assert kafka_internals.generation(consumer) == 7
+    Coordinator.generation = -1  # aiokafka's "no generation" after an expulsion
+    assert kafka_internals.generation(consumer) is None
+    assert kafka_internals.become_dynamic(consumer) is True
+    assert consumer._coordinator._group_instance_id is None
+    assert kafka_internals.generation(None) is None
+    assert kafka_internals.become_dynamic(None) is False

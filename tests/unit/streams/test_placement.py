@@ -161,3 +161,14 @@ def test_the_assignor_places_by_instance_keeps_claims_and_sends_standbys() -> No
     # Member ids change at every restart; the instance keeps the placement.
     renamed: dict[str, Any] = {"m-9": members["m-1"], "m-2": members["m-2"]}
     assert a.assign(_Cluster(), renamed)["m-9"].assignment == out["m-1"].assignment
+
+
+def test_a_worker_back_from_a_clean_stop_gets_the_shards_it_has_state_of() -> None:
+    """b stopped cleanly, a took everything; b back with its old stores: the shards a
+    sheds are b's old ones (cheap to catch up), not those b never held."""
+    claims = {"a": Claim(owned=frozenset(range(8))), "b": Claim(stored=frozenset({0, 1, 2, 3}))}
+    p = place(8, claims)
+    assert p.owners == {"a": [4, 5, 6, 7], "b": [0, 1, 2, 3]}
+    # A warm copy beats local state, which beats nothing.
+    claims["c"] = Claim(warm=frozenset({4}))
+    assert place(9, claims).owner_of()[4] == "c"
