@@ -53,8 +53,8 @@ def kafka_cluster_in_use(settings: Settings) -> bool:
 
 
 def redis_cluster_in_use(settings: Settings) -> bool:
-    """TALLY_REDIS_CLUSTER (the setting exists once the Redis Cluster support is in)."""
-    return bool(getattr(settings, "redis_cluster", False))
+    """TALLY_REDIS_CLUSTER: every Redis user talks to a Redis Cluster."""
+    return settings.redis_cluster
 
 
 def usable_kinds(settings: Settings) -> list[str]:

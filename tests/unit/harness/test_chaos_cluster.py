@@ -24,16 +24,8 @@ from harness.faults import FaultUnavailable
 CLUSTER = "127.0.0.1:29092,127.0.0.1:29093,127.0.0.1:29094"
 
 
-class _RedisClustered(Settings, frozen=True, kw_only=True):
-    """Settings with the Redis Cluster switch (until that setting is part of Settings)."""
-
-    redis_cluster: bool = True
-
-
 def _on(bootstrap: str = "127.0.0.1:9092", *, redis: bool = False) -> Settings:
-    if redis:
-        return _RedisClustered(kafka_bootstrap=bootstrap)
-    return msgspec.structs.replace(Settings(), kafka_bootstrap=bootstrap)
+    return msgspec.structs.replace(Settings(), kafka_bootstrap=bootstrap, redis_cluster=redis)
 
 
 def test_the_kafka_cluster_is_in_use_when_the_bootstrap_names_one_of_its_brokers() -> None:
