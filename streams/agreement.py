@@ -83,7 +83,8 @@ class Proposal(msgspec.Struct, frozen=True, kw_only=True):
     """What a member publishes when it joins: its terms, when it started (epoch ms),
     whether a previous assignment accepted it, and what the sticky placement needs (see
     `streams.placement`): its stable name (the group instance id), the shards it owns,
-    those it holds warm copies of and those it has local state of. (A worker of a
+    those it holds warm copies of, those it owned when its last run stopped, and those
+    it has local state of. (A worker of a
     version before the placement publishes none of these: it is placed by member id and
     claims nothing.)"""
 
@@ -93,6 +94,7 @@ class Proposal(msgspec.Struct, frozen=True, kw_only=True):
     instance: str = ""
     owned: list[int] = []
     warm: list[int] = []
+    recent: list[int] = []
     stored: list[int] = []
 
 
@@ -204,6 +206,7 @@ class AgreeingAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
             instance=self.instance,
             owned=sorted(held.owned),
             warm=sorted(held.warm),
+            recent=sorted(held.recent),
             stored=sorted(held.stored),
         )
         return ConsumerProtocolMemberMetadata(
@@ -230,6 +233,7 @@ class AgreeingAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
                 names[m]: Claim(
                     owned=frozenset(known[m].owned),
                     warm=frozenset(known[m].warm),
+                    recent=frozenset(known[m].recent),
                     stored=frozenset(known[m].stored),
                 )
                 for m in agreeing

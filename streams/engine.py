@@ -277,13 +277,14 @@ class Engine:
 
     def _holdings(self) -> Claim:
         """What this worker claims when it joins: the shards it serves (or holds through
-        the rebalance), those its standby keeps warm, and those it has a local store of (a
-        worker restarted after a clean stop still holds its old shards' state, so
-        catching them up reads only what it missed)."""
+        the rebalance), those its standby keeps warm, those it served at its last
+        assignment (after a restart: before it stopped, so their state is fresh), and
+        those it has any local store of."""
         local = {int(d.name[6:]) for d in self.data_dir.glob("shard-*") if d.name[6:].isdigit()}
         return Claim(
             owned=frozenset(self.shards.holdings()),
             warm=self.assignor.standby,
+            recent=frozenset(self.shards.last_owned()),
             stored=frozenset(local),
         )
 

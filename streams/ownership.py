@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import Counter
@@ -43,6 +44,8 @@ from topics.producer import durable_producer
 log = logging.getLogger(__name__)
 
 producer_stop_timeout_s = 5.0
+# In the data directory: the shards served at the last assignment (see `last_owned`).
+owned_file = "owned.json"
 # Expelled from the group (its member id no longer known) this many times within
 # expelled_window_s: another process joins under this worker's instance id, and each
 # join of one expels the other. Kafka's fencing keeps both from committing for one
@@ -193,7 +196,26 @@ class Shards:
                 time.monotonic(),
             )
             self.assigned_once.set()
+            self._note_owned()
             log.info("serving shards %s (kept %s)", sorted(self.owned), sorted(kept))
+
+    def _note_owned(self) -> None:
+        """Write down which shards this worker serves, for the group's placement after a
+        restart (`last_owned`): they are the shards whose local state is freshest."""
+        path = self.data_dir / owned_file
+        with contextlib.suppress(OSError):
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".tmp").write_text(json.dumps(sorted(self.owned)))
+            path.with_suffix(".tmp").replace(path)
+
+    def last_owned(self) -> set[int]:
+        """The shards this worker served at its last assignment, in this run or the
+        previous one; none when that was never written down, or cannot be read."""
+        try:
+            shards = json.loads((self.data_dir / owned_file).read_text())
+            return {p for p in shards if isinstance(p, int)}
+        except (OSError, ValueError, TypeError):
+            return set()
 
     async def _resume(self, tps: list[TopicPartition]) -> None:
         """Apply each of a new shard's partitions from its committed offset, read after the

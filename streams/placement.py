@@ -33,16 +33,21 @@ import msgspec
 class Claim(msgspec.Struct, frozen=True, kw_only=True):
     """What a member brings to a rebalance: the shards it owned until now (and still
     serves, if the placement lets it keep them), those it holds warm standby copies of,
-    and those it has some local state of (older, say from before a restart: cheaper to
-    catch up than nothing, dearer than a warm copy)."""
+    those it owned when its previous run stopped (its state of them is as fresh as a
+    stop a moment ago), and those it has any local state of (older, say from a run
+    long ago: cheaper to catch up than nothing)."""
 
     owned: frozenset[int] = frozenset()
     warm: frozenset[int] = frozenset()
+    recent: frozenset[int] = frozenset()
     stored: frozenset[int] = frozenset()
 
     def cost(self, p: int) -> int:
-        """How much taking shard p over would read here: 0 warm, 1 stored, 2 all."""
-        return 0 if p in self.warm else 1 if p in self.stored else 2
+        """How much taking shard p over would read here, in ranks: 0 a warm copy's tail,
+        1 what happened since a recent stop, 2 since some older run, 3 all of it."""
+        if p in self.warm:
+            return 0
+        return 1 if p in self.recent else 2 if p in self.stored else 3
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,14 +88,14 @@ def _owners(shards: int, members: list[str], claims: Mapping[str, Claim]) -> dic
     # missed a generation) is settled by name, the same on every leader.
     for m in members:
         others = [claims[n] for n in members if n != m]
-        cheapest = {p: min((c.cost(p) for c in others), default=2) for p in valid(m)}
+        cheapest = {p: min((c.cost(p) for c in others), default=3) for p in valid(m)}
         for p in sorted(cheapest, key=lambda p: (-cheapest[p], p)):
             if p not in owner and load[m] < quota[m]:
                 owner[p] = m
                 load[m] += 1
     # Move: the rest to members with room, the cheapest to take it over first (a warm
-    # copy, then local state), then by name (so a fresh group gets contiguous ranges,
-    # as Kafka's range assignor gives).
+    # copy, then the state of a recent run, then older state), then by name (so a fresh
+    # group gets contiguous ranges, as Kafka's range assignor gives).
     for p in range(shards):
         if p in owner:
             continue

@@ -165,8 +165,14 @@ def test_the_assignor_places_by_instance_keeps_claims_and_sends_standbys() -> No
 
 def test_a_worker_back_from_a_clean_stop_gets_the_shards_it_has_state_of() -> None:
     """b stopped cleanly, a took everything; b back with its old stores: the shards a
-    sheds are b's old ones (cheap to catch up), not those b never held."""
-    claims = {"a": Claim(owned=frozenset(range(8))), "b": Claim(stored=frozenset({0, 1, 2, 3}))}
+    sheds are b's old ones (cheap to catch up), not those b never held, nor those b
+    holds only older state of (it served every shard alone for a moment at its start)."""
+    claims = {
+        "a": Claim(owned=frozenset(range(8))),
+        "b": Claim(recent=frozenset({4, 5, 6, 7}), stored=frozenset(range(8))),
+    }
+    assert place(8, claims).owners == {"a": [0, 1, 2, 3], "b": [4, 5, 6, 7]}
+    claims["b"] = Claim(stored=frozenset({0, 1, 2, 3}))
     p = place(8, claims)
     assert p.owners == {"a": [4, 5, 6, 7], "b": [0, 1, 2, 3]}
     # A warm copy beats local state, which beats nothing.
