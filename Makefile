@@ -7,6 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SERVICES := scripts/services.sh
+KAFKA_CLUSTER := scripts/kafka-cluster.sh
+# BROKERS=3: the services targets also start/stop/report the three-broker Kafka cluster
+# (127.0.0.1:29092-29094, beside the single broker on 9092).
+BROKERS ?= 1
+CLUSTER_BOOTSTRAP := 127.0.0.1:29092,127.0.0.1:29093,127.0.0.1:29094
 PYTEST_ARGS ?=
 BENCH_COUNT ?= 200000
 BENCH_SECONDS ?= 10
@@ -16,7 +21,7 @@ FUZZ_EXAMPLES ?= 200
 FUZZ_HTTP_EXAMPLES ?= 500
 
 .PHONY: help venv services services-down services-status lint fmt test test-unit \
-        test-integration test-fault demo bench chaos fuzz clean helm
+        test-integration test-fault test-cluster demo bench chaos fuzz clean helm
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -30,14 +35,24 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create .venv and install the package with its dev tools
 
-services: ## Start Kafka (KRaft), PostgreSQL and Redis on loopback (reuses running ones)
-	@$(SERVICES) up
+# Which Kafka the services targets drive besides PostgreSQL and Redis: 1 = the single broker
+# only, 3 = the cluster too. Anything else is a typo, not a silent single broker.
+define with_brokers
+	@case "$(BROKERS)" in 1) ;; 3) $(KAFKA_CLUSTER) $(1) ;; \
+	*) echo "make: BROKERS must be 1 or 3 (got '$(BROKERS)')" >&2; exit 2 ;; esac
+endef
 
-services-down: ## Stop the local services started by `make services`
+services: ## Start Kafka (KRaft), PostgreSQL and Redis on loopback (reuses running ones); BROKERS=3 adds the 3-broker cluster
+	@$(SERVICES) up
+	$(call with_brokers,up)
+
+services-down: ## Stop the local services started by `make services` (BROKERS=3: the cluster too)
+	$(call with_brokers,down)
 	@$(SERVICES) down
 
-services-status: ## Say which local services are up
-	@$(SERVICES) status
+services-status: ## Say which local services are up (BROKERS=3: the cluster's brokers too)
+	@rc=0; $(SERVICES) status || rc=1; \
+	if [ "$(BROKERS)" = 3 ]; then $(KAFKA_CLUSTER) status || rc=1; fi; exit $$rc
 
 helm: ## Build the Helm CLI from its Go module into .cache/bin, once (the chart tests render with it)
 	@scripts/helm.sh >/dev/null
@@ -69,6 +84,17 @@ test-integration: $(STAMP) services ## Only the integration tests (real services
 
 test-fault: $(STAMP) services ## Only the fault tests (kills and restarts)
 	$(call run_pytest,-m fault tests/fault)
+
+# The cluster tests (marked `cluster`) and, against the cluster too, the engine and
+# transaction integration tests: every process of the run bootstraps from the three brokers.
+CLUSTER_TESTS ?= tests/integration/test_engine.py tests/integration/test_transaction.py
+
+test-cluster: export TALLY_KAFKA_BOOTSTRAP = $(CLUSTER_BOOTSTRAP)
+test-cluster: $(STAMP) ## Start the 3-broker Kafka cluster (+ PostgreSQL, Redis) and run the cluster tests against it
+	@$(SERVICES) up
+	@$(KAFKA_CLUSTER) up
+	$(call run_pytest,-m cluster tests/integration)
+	$(call run_pytest,-m integration $(CLUSTER_TESTS))
 
 demo: $(STAMP) services ## Run the main job against the local services and print its summary
 	$(VENV)/bin/tally demo

@@ -31,7 +31,7 @@ def test_second_up_reuses_every_service() -> None:
             line.startswith(f"{service}:") and "already running" in line for line in lines
         ), done.stdout
     # Exactly one of each on the machine, whichever checkout started it.
-    assert _count(r"java .*kafka\.Kafka ") == 1
+    assert _count(r"java .*kafka\.Kafka \S*/kafka/server\.properties") == 1
     assert _count(r"postgres -D ") == 1
     assert _count(r"redis-server 127\.0\.0\.1:") == 1
 
