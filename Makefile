@@ -37,9 +37,11 @@ venv: $(STAMP) ## Create .venv and install the package with its dev tools
 
 # Which Kafka the services targets drive besides PostgreSQL and Redis: 1 = the single broker
 # only, 3 = the cluster too. Anything else is a typo, not a silent single broker.
+ifeq ($(filter $(BROKERS),1 3),)
+$(error BROKERS must be 1 or 3 (got '$(BROKERS)'))
+endif
 define with_brokers
-	@case "$(BROKERS)" in 1) ;; 3) $(KAFKA_CLUSTER) $(1) ;; \
-	*) echo "make: BROKERS must be 1 or 3 (got '$(BROKERS)')" >&2; exit 2 ;; esac
+	@if [ "$(BROKERS)" = 3 ]; then $(KAFKA_CLUSTER) $(1); fi
 endef
 
 services: ## Start Kafka (KRaft), PostgreSQL and Redis on loopback (reuses running ones); BROKERS=3 adds the 3-broker cluster
@@ -85,11 +87,14 @@ test-integration: $(STAMP) services ## Only the integration tests (real services
 test-fault: $(STAMP) services ## Only the fault tests (kills and restarts)
 	$(call run_pytest,-m fault tests/fault)
 
-# The cluster tests (marked `cluster`) and, against the cluster too, the engine and
-# transaction integration tests: every process of the run bootstraps from the three brokers.
+# The cluster tests (marked `cluster`), then, against the cluster too, the engine and
+# transaction integration tests: every process of the run bootstraps from the three brokers
+# and makes its topics with three replicas, min.insync.replicas 2.
 CLUSTER_TESTS ?= tests/integration/test_engine.py tests/integration/test_transaction.py
 
 test-cluster: export TALLY_KAFKA_BOOTSTRAP = $(CLUSTER_BOOTSTRAP)
+test-cluster: export TALLY_TOPIC_REPLICATION = 3
+test-cluster: export TALLY_TOPIC_MIN_INSYNC_REPLICAS = 2
 test-cluster: $(STAMP) ## Start the 3-broker Kafka cluster (+ PostgreSQL, Redis) and run the cluster tests against it
 	@$(SERVICES) up
 	@$(KAFKA_CLUSTER) up

@@ -124,11 +124,10 @@ not_ready_reason() {
 }
 
 cmd_up() {
-    local n pid dir t0=$EPOCHREALTIME started=() reason
+    local n pid dir t0=$EPOCHREALTIME launch=()
     declare -gA OFFSET=()
     take_lock
-    fetch_lib
-    t0=$EPOCHREALTIME # time the cluster start, not a one-off download
+    # First what runs and what is in the way, so a conflict fails before anything starts.
     for n in "${NODES[@]}"; do
         dir=$(node_dir "$n")
         if pid=$(node_pid "$n"); then
@@ -139,11 +138,21 @@ cmd_up() {
         fi
         # A pidfile whose process is gone (kill -9, reboot) is just stale.
         rm -f "$dir/kafka.pid"
+        # Started from another checkout's TALLY_CACHE_DIR, say: use it, as services.sh does.
         if kafka_probe "$(broker_port "$n")"; then
-            die "kafka-$n: a broker that is not ours answers on 127.0.0.1:$(broker_port "$n")"
+            say "kafka-$n: already running (not ours: a broker answers on 127.0.0.1:$(broker_port "$n"))"
+            continue
         fi
         port_open "$(broker_port "$n")" && die "kafka-$n: port $(broker_port "$n") is taken by something that is not Kafka"
         port_open "$(controller_port "$n")" && die "kafka-$n: controller port $(controller_port "$n") is taken"
+        launch+=("$n")
+    done
+    if [ "${#launch[@]}" -gt 0 ]; then
+        fetch_lib
+        t0=$EPOCHREALTIME # time the cluster start, not a one-off download
+    fi
+    for n in "${launch[@]}"; do
+        dir=$(node_dir "$n")
         render_config "$n"
         kafka_format_storage "kafka-$n" "$dir/data" "$dir/server.properties" "$dir/kafka.log" "$CLUSTER_ID"
         OFFSET[$n]=$(kafka_log_start "$dir/kafka.log" "$PROG")
@@ -152,10 +161,9 @@ cmd_up() {
             show_log "kafka-$n" "$dir/kafka.log"
             die "kafka-$n: the broker did not come up (no live pid in $dir/kafka.pid)"
         }
-        started+=("$n")
     done
     wait_ready
-    for n in "${started[@]}"; do
+    for n in "${launch[@]}"; do
         say "kafka-$n: started (pid $(node_pid "$n"), 127.0.0.1:$(broker_port "$n"))"
     done
     say "kafka-cluster: ${#NODES[@]} brokers registered, bootstrap $(bootstrap) ($(since "$t0"))"
@@ -164,10 +172,11 @@ cmd_up() {
 wait_ready() {
     local n pid reason deadline=$((SECONDS + TIMEOUT))
     while :; do
-        for n in "${NODES[@]}"; do
+        # The ones launched now; one that was running already is checked by its port.
+        for n in "${!OFFSET[@]}"; do
             if ! pid=$(node_pid "$n"); then
                 kafka_show_failure "kafka-$n" "$(node_dir "$n")/kafka.log" "${OFFSET[$n]:-0}"
-                die "kafka-$n: the broker exited during startup (log above)"
+                die "kafka-$n: the broker exited during startup (log above; '$0 down' stops the others)"
             fi
         done
         reason=$(not_ready_reason)
@@ -176,7 +185,7 @@ wait_ready() {
             for n in "${NODES[@]}"; do
                 kafka_show_failure "kafka-$n" "$(node_dir "$n")/kafka.log" "${OFFSET[$n]:-0}"
             done
-            die "not ready after ${TIMEOUT}s: $reason (logs above)"
+            die "not ready after ${TIMEOUT}s: $reason (logs above; '$0 down' stops the brokers)"
         fi
         sleep 0.5
     done
@@ -222,6 +231,8 @@ cmd_status() {
         elif [ -n "${pid:-}" ]; then
             say "kafka-$n: starting or stuck (pid $pid, port $(broker_port "$n") not answering)"
             rc=1
+        elif kafka_probe "$(broker_port "$n")"; then
+            say "kafka-$n: up (not ours, 127.0.0.1:$(broker_port "$n"))"
         else
             say "kafka-$n: down"
             rc=1
