@@ -90,7 +90,9 @@ test-fault: $(STAMP) services ## Only the fault tests (kills and restarts)
 # The cluster tests (marked `cluster`), then, against the cluster too, the engine and
 # transaction integration tests: every process of the run bootstraps from the three brokers
 # and makes its topics with three replicas, min.insync.replicas 2.
-CLUSTER_TESTS ?= tests/integration/test_engine.py tests/integration/test_transaction.py
+CLUSTER_TESTS ?= tests/integration/test_engine.py tests/integration/test_transaction.py \
+  tests/integration/test_engine_workers.py tests/integration/test_sinks.py \
+  tests/integration/test_ingress.py tests/integration/test_stack_smoke.py
 
 test-cluster: export TALLY_KAFKA_BOOTSTRAP = $(CLUSTER_BOOTSTRAP)
 test-cluster: export TALLY_TOPIC_REPLICATION = 3
