@@ -26,12 +26,13 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=180)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def cluster_up() -> None:
     if _run("status").returncode != 0:
         pytest.skip(NOT_RUNNING)
 
 
+@pytest.mark.usefixtures("cluster_up")
 def test_second_up_reuses_all_three_brokers() -> None:
     done = _run("up")
     assert done.returncode == 0, done.stderr
@@ -45,6 +46,7 @@ def test_second_up_reuses_all_three_brokers() -> None:
     assert _count(r"java .*kafka\.Kafka \S*/kafka/server\.properties") <= 1
 
 
+@pytest.mark.usefixtures("cluster_up")
 def test_status_names_each_broker_and_the_registered_count() -> None:
     done = _run("status")
     assert done.returncode == 0, done.stdout + done.stderr
