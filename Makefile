@@ -92,7 +92,8 @@ test-fault: $(STAMP) services ## Only the fault tests (kills and restarts)
 # and makes its topics with three replicas, min.insync.replicas 2.
 CLUSTER_TESTS ?= tests/integration/test_engine.py tests/integration/test_transaction.py \
   tests/integration/test_engine_workers.py tests/integration/test_sinks.py \
-  tests/integration/test_ingress.py tests/integration/test_stack_smoke.py
+  tests/integration/test_ingress.py tests/integration/test_stack_smoke.py \
+  tests/integration/test_scratch.py
 
 test-cluster: export TALLY_KAFKA_BOOTSTRAP = $(CLUSTER_BOOTSTRAP)
 test-cluster: export TALLY_TOPIC_REPLICATION = 3
