@@ -123,6 +123,23 @@ not_ready_reason() {
         echo "the metadata lists ${count:-no} of ${#NODES[@]} brokers"
 }
 
+# Render the configs of nodes $@ and format the data dirs that need it, the formatter JVMs
+# side by side (each takes a few seconds to boot, most of a first start).
+format_all() {
+    local n dir pids=() failed=0
+    for n in "$@"; do
+        dir=$(node_dir "$n")
+        render_config "$n"
+        [ -f "$dir/data/meta.properties" ] && continue
+        kafka_format_storage "kafka-$n" "$dir/data" "$dir/server.properties" "$dir/kafka.log" "$CLUSTER_ID" &
+        pids+=($!)
+    done
+    for n in "${pids[@]}"; do
+        wait "$n" || failed=1
+    done
+    [ "$failed" -eq 0 ] || die "formatting the brokers' data directories failed (log above)"
+}
+
 cmd_up() {
     local n pid dir t0=$EPOCHREALTIME launch=()
     declare -gA OFFSET=()
@@ -151,10 +168,9 @@ cmd_up() {
         fetch_lib
         t0=$EPOCHREALTIME # time the cluster start, not a one-off download
     fi
+    format_all "${launch[@]}"
     for n in "${launch[@]}"; do
         dir=$(node_dir "$n")
-        render_config "$n"
-        kafka_format_storage "kafka-$n" "$dir/data" "$dir/server.properties" "$dir/kafka.log" "$CLUSTER_ID"
         OFFSET[$n]=$(kafka_log_start "$dir/kafka.log" "$PROG")
         kafka_launch_jvm "$dir/kafka.pid" "$dir/kafka.log" "$dir/server.properties" "$dir" "${JVM_OPTS[@]}"
         node_pid "$n" >/dev/null || {
