@@ -120,7 +120,7 @@ not_ready_reason() {
     done
     count=$(registered)
     [ "${count:-0}" -ge "${#NODES[@]}" ] ||
-        echo "the metadata lists ${count:-no} of ${#NODES[@]} brokers"
+        echo "the metadata lists ${count:-none} of ${#NODES[@]} brokers"
 }
 
 # Render the configs of nodes $@ and format the data dirs that need it, the formatter JVMs
@@ -259,7 +259,7 @@ cmd_status() {
     if [ "${count:-0}" -ge "${#NODES[@]}" ]; then
         say "kafka-cluster: up ($count brokers registered, bootstrap $(bootstrap))"
     else
-        say "kafka-cluster: down (${count:-no} of ${#NODES[@]} brokers registered)"
+        say "kafka-cluster: down (${count:-none} of ${#NODES[@]} brokers registered)"
         rc=1
     fi
     return "$rc"
