@@ -38,6 +38,7 @@ from harness.collector import Collector, all_answered, expected_counts
 from harness.procs import EngineProcess, produce
 from harness.scratch import deployment, unique_prefix
 from harness.workload import Record, build
+from topics.names import replicas
 from topics.producer import durable_producer
 from topics.specs import TopicSpec
 
@@ -256,8 +257,12 @@ async def _pipe(
     waits for them) over `count` records of the workload, on topics of its own."""
     prefix = unique_prefix("bench-pipe")
     n = settings.partitions
-    source = TopicSpec(name=f"{prefix}.in", partitions=n, cleanup_policy="delete", retention_ms=-1)
-    sink = TopicSpec(name=f"{prefix}.out", partitions=n, cleanup_policy="delete", retention_ms=-1)
+    copies = replicas(settings)
+    source, sink = (
+        TopicSpec(name=f"{prefix}.{end}", partitions=n, cleanup_policy="delete",
+                  retention_ms=-1, replicas=copies)
+        for end in ("in", "out")
+    )  # fmt: skip
     scratch = deployment(settings, prefix, extra=[source, sink])
     await scratch.create()
     work = build(count=count, accounts=max(100, count // 20), seed=1, now_ms=0)

@@ -66,6 +66,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # accounts between shards, which is a migration (replay into new topics).
     partitions: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
     topic_prefix: Annotated[str, msgspec.Meta(pattern=_TOPIC_PREFIX)] = "tally"
+    # Every topic Tally creates gets this many replicas, and needs this many of them in
+    # sync to acknowledge a write (min.insync.replicas; every producer uses acks=all).
+    # 1/1 fits one broker; three brokers want 3/2 (one may fail, nothing acknowledged is
+    # lost). Applied at creation only: an existing topic keeps its replicas (a warning
+    # names one with fewer), since moving them is a reassignment for an operator.
+    topic_replication: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    topic_min_insync_replicas: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
     data_dir: Annotated[str, msgspec.Meta(min_length=1)] = ".cache/engine"
     web_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 6066
     # Where an engine worker's web server listens, and the host other workers use to
@@ -136,6 +143,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     notify_refresh_ms: Annotated[int, msgspec.Meta(ge=50, le=60_000)] = 1000
     notify_progress_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def __post_init__(self) -> None:
+        # Checks across fields (msgspec checks each field alone). Raised here, so that a
+        # Settings built in code or by `msgspec.structs.replace` is checked too; `load`
+        # reports it as it does the per-field errors.
+        if self.topic_min_insync_replicas > self.topic_replication:
+            raise SettingsError(
+                f"{env_name('topic_min_insync_replicas')}={self.topic_min_insync_replicas} "
+                f"is more than {env_name('topic_replication')}={self.topic_replication}: "
+                "a topic cannot have more in-sync replicas than replicas, and every write "
+                "to it would be refused"
+            )
 
     def client_keys(self) -> dict[str, bytes]:
         """key id -> secret, from `ingress_keys`."""

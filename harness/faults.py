@@ -35,8 +35,9 @@ class Broker:
 
 
 def broker() -> Broker:
-    """The Kafka broker's JVM (the one java process running kafka.Kafka) and the state
-    directory of the services script that started it."""
+    """The single Kafka broker's JVM (the one java process running kafka.Kafka that is
+    not a node of scripts/kafka-cluster.sh's cluster) and the state directory of the
+    services script that started it."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -45,7 +46,7 @@ def broker() -> Broker:
             argv = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
         except (OSError, UnicodeDecodeError):
             continue
-        if "kafka.Kafka" in argv:
+        if "kafka.Kafka" in argv and not _cluster_node(argv):
             found.append((int(entry.name), argv))
     if len(found) != 1:
         raise FaultUnavailable(f"needs exactly one local Kafka broker process, found {len(found)}")
@@ -54,6 +55,15 @@ def broker() -> Broker:
     if config is None:
         raise FaultUnavailable("the Kafka broker was not started by scripts/services.sh")
     return Broker(pid, Path(config).parent.parent)
+
+
+def _cluster_node(argv: list[str]) -> bool:
+    """Whether a kafka.Kafka command line is one of the three-broker cluster's
+    (`$TALLY_CACHE_DIR/kafka-cluster/broker-N/server.properties`), which runs beside
+    the single broker and is not the one the single-broker faults stop."""
+    return any(
+        Path(a).parent.parent.name == "kafka-cluster" for a in argv if a.endswith(".properties")
+    )
 
 
 async def stop_broker(found: Broker, *, timeout_s: float = 60.0) -> None:

@@ -17,16 +17,19 @@ from dataclasses import dataclass, field
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
 from core.errors import FAILED
 from core.settings import Settings
 from harness.errors import HarnessError
 from sinks import pg, redis_client
+from topics.admin import ensure_topics
 from topics.codec import decode_command, encode
+from topics.names import replicas
 from topics.producer import durable_producer
 from topics.schema import Deposit
 from topics.shard import shard_of
+from topics.specs import DAY_MS, TopicSpec
 
 consume_timeout_s = 60.0
 produce_linger_ms = 5
@@ -90,8 +93,19 @@ async def run(
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        await admin.create_topics(
-            [NewTopic(topic, num_partitions=settings.partitions, replication_factor=1)]
+        # Through ensure_topics, as every topic of Tally: the configured replication,
+        # checked against the cluster.
+        await ensure_topics(
+            settings.kafka_bootstrap,
+            [
+                TopicSpec(
+                    name=topic,
+                    partitions=settings.partitions,
+                    cleanup_policy="delete",
+                    retention_ms=DAY_MS,
+                    replicas=replicas(settings),
+                )
+            ],
         )
         say(f"kafka: created topic {topic} with {settings.partitions} partitions")
         report.stages.append(await _produce(settings, topic, deposits))

@@ -10,10 +10,10 @@ import sys
 
 from aiohttp import web
 
-from core.errors import exit_status
+from core.errors import TallyError, exit_status, message
 from core.http import WebServer
 from core.logs import setup_logging
-from core.settings import Settings, SettingsError
+from core.settings import Settings
 from core.supervise import supervise
 from ingress.app import Ingress
 from ingress.protocol import ProblemRunner
@@ -71,8 +71,10 @@ def run(settings: Settings, *, processes: int = 1) -> int:
             asyncio.run(supervise("ingress", [command] * processes))
         else:
             asyncio.run(serve(settings))
-    except SettingsError as exc:
-        log.error("ingress: %s", exc)
+    except TallyError as exc:
+        # Settings, or topics that cannot be made as configured (replication the
+        # cluster cannot hold): one line and the family's status, no traceback.
+        log.error("ingress: %s", message(exc))
         return exit_status(exc)
     except Exception:
         log.exception("ingress failed")

@@ -62,68 +62,20 @@ REDIS_TIMEOUT=10
 
 LOG_TAIL_LINES=40
 
+PROG=services.sh
+# shellcheck source=lib/common.sh
+. "$SCRIPT_DIR/lib/common.sh"
+# shellcheck source=lib/kafka.sh
+. "$SCRIPT_DIR/lib/kafka.sh"
+
 # --------------------------------------------------------------------------------------------
-# Small helpers
+# Small helpers (the shared ones are in lib/common.sh and lib/kafka.sh)
 # --------------------------------------------------------------------------------------------
-
-say() { printf '%s\n' "$*"; }
-warn() { printf '%s\n' "$*" >&2; }
-die() { warn "services.sh: $*"; exit 1; }
-
-is_root() { [ "$(id -u)" -eq 0 ]; }
-
-# Seconds since $1 (an $EPOCHREALTIME value), one decimal.
-since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1fs", b - a }'; }
-
-# Does anything accept TCP connections on 127.0.0.1:$1? (bash's /dev/tcp; no nc needed)
-port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
-
-# Is pid $1 a running process? A zombie is not: our daemons are re-parented to pid 1, and an
-# init that reaps lazily (as in some VMs/containers) leaves them as zombies for seconds, which
-# `kill -0` still reports as alive.
-alive() {
-    local state
-    state=$(sed -E 's/^.*\) (.).*$/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
-    [ -n "$state" ] && [ "$state" != Z ]
-}
-
-# Does the command line of pid $1 contain the fixed string $2?
-cmdline_has() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$2"; }
-
-# Print the pid in pidfile $1 if that process is alive and its command line contains $2.
-# The command-line check stops a recycled pid (after a reboot or kill -9) from passing as ours.
-live_pid() {
-    local pidfile=$1 pattern=$2 pid
-    [ -s "$pidfile" ] || return 1
-    pid=$(head -n 1 "$pidfile" | tr -dc '0-9')
-    [ -n "$pid" ] && alive "$pid" && cmdline_has "$pid" "$pattern" || return 1
-    printf '%s\n' "$pid"
-}
 
 # Our server is running but on another port than the one asked for now: waiting for it to
 # answer would only time out.
 wrong_port() {
     die "$1: ours is running (pid $2) but not on port $3; run 'scripts/services.sh down' first, or unset the TALLY_*_PORT change"
-}
-
-# Wait up to $2 seconds for pid $1 to exit.
-wait_exit() {
-    local pid=$1 deadline=$((SECONDS + $2))
-    while alive "$pid"; do
-        [ "$SECONDS" -lt "$deadline" ] || return 1
-        sleep 0.2
-    done
-}
-
-show_log() {
-    local name=$1 file=$2
-    if [ -s "$file" ]; then
-        warn "---- last $LOG_TAIL_LINES lines of $file ----"
-        tail -n "$LOG_TAIL_LINES" "$file" >&2
-        warn "---- end of $name log ----"
-    else
-        warn "($name wrote no log at $file)"
-    fi
 }
 
 # --------------------------------------------------------------------------------------------
@@ -196,40 +148,6 @@ apt_install() {
 
 kafka_pid() { live_pid "$KAFKA_PIDFILE" "kafka.Kafka $KAFKA_PROPS"; }
 
-# Is a Kafka broker answering on port $1? Sends an ApiVersions v0 request (api key 18,
-# correlation id 42, client id "tally") and checks the response echoes the correlation id.
-# Tells a Kafka listener apart from whatever else might hold the port.
-kafka_probe() {
-    local reply
-    reply=$(timeout 3 bash -c '
-        exec 3<>/dev/tcp/127.0.0.1/'"$1"'
-        printf "\x00\x00\x00\x0f\x00\x12\x00\x00\x00\x00\x00\x2a\x00\x05tally" >&3
-        head -c 8 <&3 | od -An -tx1' 2>/dev/null | tr -d ' \n') || return 1
-    [ "${reply:8:8}" = 0000002a ]
-}
-
-# The classpath: resolved by Maven from scripts/kafka/pom.xml. Refreshed when the pom is
-# newer than the lib dir; fetched into a temp dir first so a failed download never leaves a
-# half-filled lib that would look current next time.
-kafka_fetch_lib() {
-    if [ -d "$KAFKA_LIB" ] && [ ! "$KAFKA_POM" -nt "$KAFKA_LIB" ]; then
-        return 0
-    fi
-    local t0=$EPOCHREALTIME tmp=$KAFKA_DIR/lib.tmp
-    say "kafka: fetching jars from Maven Central into $KAFKA_LIB"
-    rm -rf "$tmp"
-    # Output to a file: -q still prints colour escapes, and the full text only matters on failure.
-    mvn -q -B -f "$KAFKA_POM" dependency:copy-dependencies \
-        -DincludeScope=runtime -DoutputDirectory="$tmp" >"$KAFKA_DIR/mvn.log" 2>&1 || {
-        show_log mvn "$KAFKA_DIR/mvn.log"
-        die "kafka: mvn could not resolve $KAFKA_POM (is Maven Central reachable?)"
-    }
-    rm -rf "$KAFKA_LIB"
-    mv "$tmp" "$KAFKA_LIB"
-    touch "$KAFKA_LIB"
-    say "kafka: fetched $(find "$KAFKA_LIB" -name '*.jar' | wc -l) jars ($(since "$t0"))"
-}
-
 # Rendered on every start so port changes apply; data dir and cluster id never change.
 kafka_render_config() {
     sed -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" \
@@ -239,51 +157,16 @@ kafka_render_config() {
     mv "$KAFKA_PROPS.tmp" "$KAFKA_PROPS"
 }
 
-# KRaft refuses to start on an unformatted log dir. Only the first start formats;
-# --ignore-formatted makes a repeat harmless anyway.
-kafka_format_storage() {
-    [ -f "$KAFKA_DATA/meta.properties" ] && return 0
-    mkdir -p "$KAFKA_DATA"
-    java -Dlog4j.configuration="file:$KAFKA_LOG4J" -cp "$KAFKA_LIB/*" kafka.tools.StorageTool \
-        format -t "$KAFKA_CLUSTER_ID" -c "$KAFKA_PROPS" --ignore-formatted >>"$KAFKA_LOG" 2>&1 || {
-        show_log kafka "$KAFKA_LOG"
-        die "kafka: formatting $KAFKA_DATA failed"
-    }
-    say "kafka: formatted $KAFKA_DATA (cluster id $KAFKA_CLUSTER_ID)"
-}
+kafka_format() { kafka_format_storage kafka "$KAFKA_DATA" "$KAFKA_PROPS" "$KAFKA_LOG" "$KAFKA_CLUSTER_ID"; }
 
-# Launch the broker in its own session (setsid) so it outlives this shell and its terminal.
-# The inner shell writes its own pid and then execs java, so the pidfile holds the JVM's pid.
 # Sets KAFKA_LOG_OFFSET: readiness only looks at log lines written after this point.
 kafka_launch() {
-    # One old log is kept; the broker logs every partition at start, so it grows fast.
-    if [ "$(stat -c %s "$KAFKA_LOG" 2>/dev/null || echo 0)" -gt $((64 * 1024 * 1024)) ]; then
-        mv -f "$KAFKA_LOG" "$KAFKA_LOG.1"
-    fi
-    KAFKA_LOG_OFFSET=$(stat -c %s "$KAFKA_LOG" 2>/dev/null || echo 0)
-    printf '\n==== services.sh: starting kafka %s ====\n' "$(date -Is)" >>"$KAFKA_LOG"
-    # shellcheck disable=SC2016 # $$ and $@ belong to the inner shell
-    setsid nohup bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$KAFKA_PIDFILE" \
-        java -Xms512m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
-        -Dlog4j.configuration="file:$KAFKA_LOG4J" -Dkafka.logs.dir="$KAFKA_DIR" \
-        -cp "$KAFKA_LIB/*" kafka.Kafka "$KAFKA_PROPS" \
-        >>"$KAFKA_LOG" 2>&1 </dev/null 9>&- &
-    # Wait for the pidfile (written by the child a few ms from now).
-    for _ in $(seq 50); do
-        [ -s "$KAFKA_PIDFILE" ] && break
-        sleep 0.1
-    done
+    KAFKA_LOG_OFFSET=$(kafka_log_start "$KAFKA_LOG" services.sh)
+    kafka_launch_jvm "$KAFKA_PIDFILE" "$KAFKA_LOG" "$KAFKA_PROPS" "$KAFKA_DIR" \
+        -Xms512m -Xmx512m -XX:+UseG1GC
 }
 
-# The last lines of a failed broker are mostly its orderly shutdown; the cause is the first
-# ERROR of this run (with the exception line under it), so print those after the tail.
-kafka_show_failure() {
-    show_log kafka "$KAFKA_LOG"
-    local errors
-    errors=$(tail -c +"$((${KAFKA_LOG_OFFSET:-0} + 1))" "$KAFKA_LOG" 2>/dev/null |
-        grep -A1 -m3 -E '^\[[^]]*\] (ERROR|FATAL)' | cut -c1-400) || true
-    [ -z "$errors" ] || warn "---- first errors of this start ----"$'\n'"$errors"
-}
+kafka_show_failure_here() { kafka_show_failure kafka "$KAFKA_LOG" "${KAFKA_LOG_OFFSET:-0}"; }
 
 # Ready = the client port speaks Kafka AND this run's log says the server finished starting
 # (the port opens a moment before the broker has caught up with the metadata log).
@@ -291,18 +174,14 @@ kafka_wait_ready() {
     local pid=$1 deadline=$((SECONDS + KAFKA_TIMEOUT))
     while :; do
         if ! alive "$pid"; then
-            kafka_show_failure
+            kafka_show_failure_here
             die "kafka: the broker (pid $pid) exited during startup"
         fi
-        # grep reads a file, not a pipe from tail: grep -q stops at the first match, and
-        # under pipefail the SIGPIPE that kills tail (once this run's log outgrows the pipe
-        # buffer, as it does with many partitions) would read as "not started" forever.
-        if kafka_probe "$KAFKA_PORT" &&
-            grep -q 'Kafka Server started' <(tail -c +"$((KAFKA_LOG_OFFSET + 1))" "$KAFKA_LOG"); then
+        if kafka_probe "$KAFKA_PORT" && kafka_log_says_started "$KAFKA_LOG" "$KAFKA_LOG_OFFSET"; then
             return 0
         fi
         if [ "$SECONDS" -ge "$deadline" ]; then
-            kafka_show_failure
+            kafka_show_failure_here
             die "kafka: not ready on 127.0.0.1:$KAFKA_PORT after ${KAFKA_TIMEOUT}s (pid $pid still running; log above)"
         fi
         sleep 0.5
@@ -336,7 +215,7 @@ kafka_up_begin() {
 
     kafka_fetch_lib
     kafka_render_config
-    kafka_format_storage
+    kafka_format
     KAFKA_T0=$EPOCHREALTIME # time the broker start itself, not the one-off download
     kafka_launch
     KAFKA_STARTED_PID=$(kafka_pid) || {

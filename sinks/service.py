@@ -13,6 +13,7 @@ import asyncpg
 from redis.exceptions import DataError as RedisDataError
 from redis.exceptions import ResponseError
 
+from core.errors import TallyError, exit_status, message
 from core.logs import setup_logging
 from core.settings import Settings
 from core.supervise import supervise as supervise_children
@@ -191,6 +192,11 @@ def run(
             asyncio.run(supervise(settings, target, processes))
         else:
             asyncio.run(serve(settings, target, partitions, web_port=web_port))
+    except TallyError as exc:
+        # Topics that cannot be made as configured, a schema that cannot be migrated:
+        # one line and the family's status, no traceback.
+        log.error("sink %s: %s", target, message(exc))
+        return exit_status(exc)
     except Exception:
         log.exception("sink %s failed", target)
         return 1

@@ -1,20 +1,30 @@
 """Create the deployment's topics from their specs, move existing ones to the settings
-every start-up must enforce, and refuse a partition-count mismatch."""
+every start-up must enforce, and refuse a partition-count mismatch. Replication is checked
+against the cluster (`topics.replication`): refused when it cannot be met, warned about
+when it is 1 on several brokers or an existing topic has fewer replicas than asked."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable
-from contextlib import suppress
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
 from topics.errors import TopicError
+from topics.replication import (
+    check_creatable,
+    replica_counts,
+    single_copy_warning,
+    under_replicated,
+)
 from topics.specs import TopicSpec
+
+log = logging.getLogger(__name__)
 
 # How long a freshly created topic may take to show its partitions in metadata.
 metadata_wait_s = 15.0
@@ -35,32 +45,45 @@ class TopicConfigError(TopicError):
     """The broker refused to change an existing topic's enforced settings."""
 
 
-async def ensure_topics(
-    bootstrap: str, specs: Iterable[TopicSpec], *, replication: int = 1
-) -> list[str]:
-    """Create the missing topics; return the names created. Existing topics must have the
-    configured partition count: shards are fixed, so a mismatch is a migration, not an edit."""
+class TopicCreateError(TopicError):
+    """The broker refused to create a topic (the message is the broker's reason)."""
+
+
+async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec]) -> list[str]:
+    """Create the missing topics, with the replication of their specs; return the names
+    created. Existing topics must have the configured partition count: shards are fixed,
+    so a mismatch is a migration, not an edit."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         wanted = list(specs)
+        brokers = len((await admin.describe_cluster())["brokers"])
+        if warning := single_copy_warning(wanted, brokers):
+            log.warning("%s", warning)
         existing = set(await admin.list_topics())
         missing = [spec for spec in wanted if spec.name not in existing]
         if missing:
-            # Another process may create them between our list and create: that is fine.
-            with suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
-                    [
-                        NewTopic(
-                            spec.name,
-                            num_partitions=spec.partitions,
-                            replication_factor=replication,
-                            topic_configs=spec.config(),
-                        )
-                        for spec in missing
-                    ]
-                )
-        counts = await _partition_counts(admin, [spec.name for spec in wanted])
+            check_creatable(missing, brokers)
+            response = await admin.create_topics(
+                [
+                    NewTopic(
+                        spec.name,
+                        num_partitions=spec.partitions,
+                        replication_factor=spec.replicas.factor,
+                        topic_configs=spec.config(),
+                    )
+                    for spec in missing
+                ]
+            )
+            created = _created(response.topic_errors)
+        else:
+            created = []
+        described = await _describe_led(admin, [spec.name for spec in wanted])
+        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        for line in under_replicated(
+            [spec for spec in wanted if spec.name not in created], replica_counts(described)
+        ):
+            log.warning("%s", line)
         # All of them: a topic listed as missing may have been created meanwhile by an
         # older version of Tally, with other settings.
         await _enforce_configs(admin, wanted)
@@ -71,15 +94,52 @@ async def ensure_topics(
                     f"TALLY_PARTITIONS is {spec.partitions}; changing the shard count "
                     "needs a replay into new topics"
                 )
-        return [spec.name for spec in missing]
+        return created
     finally:
         await admin.close()
 
 
-async def topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
-    """Topic name -> the settings set on the topic itself (its overrides)."""
+def _created(topic_errors: Iterable[tuple[Any, ...]]) -> list[str]:
+    """The topics the create request made; TopicCreateError for the first one the broker
+    refused. The admin client returns the refusals instead of raising them. One that
+    exists already is fine: another process created it between our list and create, or
+    the broker that answered the list had not caught up with the metadata yet."""
+    created = []
+    for name, error_code, *rest in topic_errors:
+        if not error_code:
+            created.append(name)
+        elif for_code(error_code) is not TopicAlreadyExistsError:
+            reason = rest[0] if rest and rest[0] else ""
+            raise TopicCreateError(
+                f"the broker refused to create topic {name}: "
+                f"{for_code(error_code).__name__} {reason}".rstrip()
+            )
+    return created
+
+
+async def topic_configs(
+    admin: AIOKafkaAdminClient, names: list[str], *, settle_s: float = 0.0
+) -> dict[str, dict[str, str]]:
+    """Topic name -> the settings set on the topic itself (its overrides). With
+    `settle_s`, a topic the answering broker does not know yet is asked again for up to
+    that long: on a cluster, the broker that answers may not have caught up with the
+    metadata of a topic another broker just described (each follows the controller's
+    log at its own pace)."""
     if not names:
         return {}
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            return await _topic_configs_once(admin, names)
+        except UnknownTopicOrPartitionError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def _topic_configs_once(
+    admin: AIOKafkaAdminClient, names: list[str]
+) -> dict[str, dict[str, str]]:
     described = await admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     )
@@ -100,7 +160,9 @@ async def _enforce_configs(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -
     """Alter existing topics whose enforced settings differ from their spec. The admin
     API's AlterConfigs replaces a topic's whole set of overrides, so the ones it has
     are sent back with the change: an operator's retention survives the migration."""
-    changes = _config_changes(specs, await topic_configs(admin, [spec.name for spec in specs]))
+    changes = _config_changes(
+        specs, await topic_configs(admin, [spec.name for spec in specs], settle_s=metadata_wait_s)
+    )
     if not changes:
         return
     for response in await admin.alter_configs(changes):
@@ -113,7 +175,9 @@ async def _enforce_configs(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -
     # The brokers apply a change a moment after the controller took it: wait for it, so
     # that a start-up is done with the migration when it returns.
     deadline = time.monotonic() + metadata_wait_s
-    while _config_changes(specs, await topic_configs(admin, [spec.name for spec in specs])):
+    while _config_changes(
+        specs, await topic_configs(admin, [spec.name for spec in specs], settle_s=metadata_wait_s)
+    ):
         if time.monotonic() > deadline:
             raise TopicConfigError(
                 f"the brokers did not apply {', '.join(enforced_configs)} to "
@@ -135,17 +199,18 @@ def _config_changes(
     return changes
 
 
-async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
-    """Partition counts by topic, waiting out the moment after a create when the broker
-    still describes a new topic with no partitions, or partitions without a leader."""
+async def _describe_led(admin: AIOKafkaAdminClient, names: list[str]) -> list[dict[str, Any]]:
+    """The topics as described once they show their partitions, each with a leader:
+    waits out the moment after a create when the broker still describes a new topic
+    with no partitions, or partitions without a leader (after the wait, as they are)."""
     deadline = time.monotonic() + metadata_wait_s
     while True:
-        described = await admin.describe_topics(names)
+        described: list[dict[str, Any]] = await admin.describe_topics(names)
         counts = {d["topic"]: len(d["partitions"]) for d in described}
         if all(counts.get(n, 0) > 0 for n in names) and _all_led(described):
-            return counts
+            return described
         if time.monotonic() > deadline:
-            return counts
+            return described
         await asyncio.sleep(0.2)
 
 
@@ -161,14 +226,21 @@ def _all_led(described: list[dict[str, Any]]) -> bool:
 
 
 async def delete_topics(bootstrap: str, names: list[str]) -> None:
-    """Delete the named topics that exist (benchmarks and demos clean up after
-    themselves: thousands of leftover partitions make a dev broker slow to restart)."""
+    """Delete the named topics; those that do not exist are skipped (benchmarks and demos
+    clean up after themselves: thousands of leftover partitions make a dev broker slow to
+    restart). The names are not checked against a listing first: on a cluster, the
+    broker that answers a listing may not know yet of a topic created a moment ago, and
+    the delete would miss it for good, while the delete itself goes to the controller,
+    which knows every topic."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
-        doomed = [n for n in names if n in existing]
-        for start in range(0, len(doomed), 100):
-            await admin.delete_topics(doomed[start : start + 100])
+        for start in range(0, len(names), 100):
+            response = await admin.delete_topics(names[start : start + 100])
+            for name, error_code in response.topic_error_codes:
+                if error_code and for_code(error_code) is not UnknownTopicOrPartitionError:
+                    log.warning(
+                        "could not delete topic %s: %s", name, for_code(error_code).__name__
+                    )
     finally:
         await admin.close()

@@ -13,12 +13,19 @@ import socket
 from pathlib import Path
 
 from core.settings import Settings
-from topics.specs import Topics, TopicSpec, changelog_spec, topics_for
+from topics.specs import Replicas, Topics, TopicSpec, changelog_spec, topics_for
+
+
+def replicas(settings: Settings) -> Replicas:
+    """The replication every topic of the deployment is created with."""
+    return Replicas(
+        factor=settings.topic_replication, min_insync=settings.topic_min_insync_replicas
+    )
 
 
 def deployment_topics(settings: Settings) -> Topics:
     """The command, internal, event and dead-letter topics of the deployment."""
-    return topics_for(settings.topic_prefix, settings.partitions)
+    return topics_for(settings.topic_prefix, settings.partitions, replicas(settings))
 
 
 def engine_group(settings: Settings) -> str:
@@ -50,7 +57,7 @@ def engine_topic_specs(settings: Settings, app_id: str | None = None) -> list[To
     app = app_id or engine_group(settings)
     return [
         *deployment_topics(settings).all(),
-        changelog_spec(changelog_name(app), settings.partitions),
+        changelog_spec(changelog_name(app), settings.partitions, replicas(settings)),
     ]
 
 

@@ -53,6 +53,17 @@ async def _after_drop(s: Settings) -> dict[str, Any]:
     return left
 
 
+async def _after_create(s: Settings, topics: int) -> dict[str, Any]:
+    """What exists once the listing shows `topics` topics (bounded): on a cluster, the
+    broker that answers may not have caught up with the creates yet (each follows the
+    controller's metadata log at its own pace)."""
+    for _ in range(50):
+        if len((made := await _left(s))["topics"]) >= topics:
+            break
+        await asyncio.sleep(0.2)
+    return made
+
+
 async def _use(found: Scratch) -> None:
     """What a run leaves beyond what the helper made: a Redis key, a state directory."""
     s = found.settings
@@ -74,7 +85,7 @@ async def test_a_scratch_deployment_is_made_and_leaves_nothing(
     ) as found:
         s = found.settings
         assert (s.topic_prefix, s.partitions) == (f"scr-{unique}", 2)
-        made = await _left(s)
+        made = await _after_create(s, 5)
         assert changelog_name(engine_group(s)) in made["topics"]
         assert len(made["topics"]) == 5 and made["schema"] == 1, made
         await _use(found)
@@ -97,7 +108,7 @@ async def test_a_failed_run_is_dropped_too_and_keep_keeps_it(
     ) as kept:
         await _use(kept)
     try:
-        left = await _left(kept.settings)
+        left = await _after_create(kept.settings, 4)
         assert len(left["topics"]) == 4 and left["keys"] == 1, left
         assert (tmp_path / "b" / "shard-0").is_dir()
     finally:

@@ -30,10 +30,12 @@ def test_second_up_reuses_every_service() -> None:
         assert any(
             line.startswith(f"{service}:") and "already running" in line for line in lines
         ), done.stdout
-    # Exactly one of each on the machine, whichever checkout started it.
-    assert _count(r"java .*kafka\.Kafka ") == 1
+    # Exactly one of each on the machine, whichever checkout started it. (Not counting
+    # the clusters beside them: scripts/kafka-cluster.sh's brokers run from
+    # kafka-cluster/broker-N/server.properties, a Redis Cluster node's title ends in
+    # "[cluster]".)
+    assert _count(r"java .*kafka\.Kafka \S*/kafka/server\.properties") == 1
     assert _count(r"postgres -D ") == 1
-    # (Not the Redis Cluster's nodes, titled "redis-server 127.0.0.1:<port> [cluster]".)
     assert _count(r"redis-server 127\.0\.0\.1:[0-9]+$") == 1
 
 

@@ -13,6 +13,7 @@ from core.settings import Settings
 from streams import transaction
 from streams.records import Output
 from topics.admin import delete_topics, ensure_topics
+from topics.names import replicas
 from topics.specs import TopicSpec
 
 PARTITIONS = 3
@@ -62,7 +63,13 @@ async def test_outputs_and_changelog_leave_as_batches_that_fill_and_arrive_in_or
     shard's changelog will start."""
     out_topic, changelog, source = (f"tx-{unique}.{n}" for n in ("out", "changelog", "in"))
     specs = [
-        TopicSpec(name=name, partitions=PARTITIONS, cleanup_policy="delete", retention_ms=-1)
+        TopicSpec(
+            name=name,
+            partitions=PARTITIONS,
+            cleanup_policy="delete",
+            retention_ms=-1,
+            replicas=replicas(settings),
+        )
         for name in (out_topic, changelog, source)
     ]
     await ensure_topics(settings.kafka_bootstrap, specs)
