@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
+from core.errors import TallyError, exit_status, message
 from core.logs import setup_logging
 from core.settings import Settings
 from streams.agreement import Disagreement
@@ -112,6 +113,11 @@ def run(settings: Settings) -> int:
         asyncio.run(serve(settings))
     except Disagreement:
         return 1  # said in one line when the group refused it
+    except TallyError as exc:
+        # Topics that cannot be made as configured (a replication the cluster cannot
+        # hold, a partition count that differs): one line and the family's status.
+        log.error("engine worker: %s", message(exc))
+        return exit_status(exc)
     except Exception:
         log.exception("engine worker failed")
         return 1

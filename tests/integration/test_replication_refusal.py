@@ -1,6 +1,7 @@
 """A start-up that asks for more replicas than the cluster has brokers ends with one line
 naming the setting and the topics family's status, before anything is created: here on
-the single broker, with TALLY_TOPIC_REPLICATION=3."""
+the single broker, with TALLY_TOPIC_REPLICATION=3, for the sinks, the ingress and the engine
+worker alike."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ async def _brokers(bootstrap: str) -> int:
         await admin.close()
 
 
-@pytest.mark.parametrize("args", [("sink", "redis"), ("ingress",)], ids=["sink", "ingress"])
+@pytest.mark.parametrize(
+    "args", [("sink", "redis"), ("ingress",), ("engine",)], ids=["sink", "ingress", "engine"]
+)
 async def test_more_replicas_than_brokers_ends_the_start_in_one_line(
     settings: Settings, unique: str, args: tuple[str, ...]
 ) -> None:
