@@ -169,6 +169,9 @@ class Shards:
             )
             kept = self.held & shards if consecutive else set()
             self.held = set()
+            # (Empty after a revocation. Never a shard not given, nor, after a gap in
+            # generations, one not taken over afresh.)
+            self.owned = self.owned & shards if consecutive else set()
             for p in set(self.producers) - kept - self.owned:
                 await self.drop_producer(p)
             for tp in list(self.next):
