@@ -9,6 +9,8 @@ work is done in rooms of their own:
 - `streams.records`: what one consumed record becomes (decided, forwarded, rejected,
   dead-lettered);
 - `streams.ownership`: shard ownership (assign, revoke, fence, reclaim);
+- `streams.placement`: where each shard and its standby copies go, decided by the group
+  leader's assignor (`streams.agreement`) at every rebalance, sticky and deterministic;
 - `streams.recovery`: catching a shard's store up from its changelog, and standby;
 - `streams.timers`: hold expiry and idempotency pruning;
 - `streams.kafka_internals`: the aiokafka internals the engine reads, pinned by a test.
