@@ -82,20 +82,16 @@ def terms(settings: Settings) -> dict[str, str]:
 class Proposal(msgspec.Struct, frozen=True, kw_only=True):
     """What a member publishes when it joins: its terms, when it started (epoch ms),
     whether a previous assignment accepted it, and what the sticky placement needs (see
-    `streams.placement`): its stable name (the group instance id), the shards it owns,
-    those it holds warm copies of, those it owned when its last run stopped, and those
-    it has local state of. (A worker of a
-    version before the placement publishes none of these: it is placed by member id and
-    claims nothing.)"""
+    `streams.placement`): its stable name (the group instance id) and its claim (the
+    shards it owns, holds warm copies of, owned when its last run stopped, has local
+    state of). A worker of a version before the placement publishes neither: it is
+    placed by member id and claims nothing."""
 
     terms: dict[str, str]
     started_ms: int
     accepted: bool = False
     instance: str = ""
-    owned: list[int] = []
-    warm: list[int] = []
-    recent: list[int] = []
-    stored: list[int] = []
+    claim: Claim = Claim()
 
 
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):
@@ -198,16 +194,12 @@ class AgreeingAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         self.standby: frozenset[int] = frozenset()
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
-        held = self.holdings()
         proposal = Proposal(
             terms=self.mine,
             started_ms=self.started_ms,
             accepted=self.accepted,
             instance=self.instance,
-            owned=sorted(held.owned),
-            warm=sorted(held.warm),
-            recent=sorted(held.recent),
-            stored=sorted(held.stored),
+            claim=self.holdings(),
         )
         return ConsumerProtocolMemberMetadata(
             self.version, list(topics), msgspec.json.encode(proposal)
@@ -229,15 +221,7 @@ class AgreeingAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         names = {m: f"{known[m].instance or m}\0{m}" for m in agreeing}
         placement = place(
             max(counts.values(), default=0),
-            {
-                names[m]: Claim(
-                    owned=frozenset(known[m].owned),
-                    warm=frozenset(known[m].warm),
-                    recent=frozenset(known[m].recent),
-                    stored=frozenset(known[m].stored),
-                )
-                for m in agreeing
-            },
+            {names[m]: known[m].claim for m in agreeing},
             replicas=self.replicas,
         )
         out = {}

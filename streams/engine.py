@@ -92,8 +92,8 @@ session_timeout_ms = 10_000
 heartbeat_interval_ms = 500
 max_poll_interval_ms = 300_000
 # Counted by recovery, the standby replica, a rebuilt local store and the group's
-# assignments (see `counts` and `streams.ownership`).
-recovery_counters = (
+# assignments (see `counts` and `streams.ownership`), at 0 from the start.
+startup_counters = (
     "recovered_records",
     "rebuilt_shards",
     "standby_records",
@@ -134,7 +134,7 @@ class Engine:
         self.retention_ms = settings.idempotency_retention_s * 1000
         # The recovery counters exist from the start, at 0, so that /readyz tells "none
         # read" from "no such counter" (the recovery tests read them by name).
-        self.counts: Counter[str] = Counter(dict.fromkeys(recovery_counters, 0))
+        self.counts: Counter[str] = Counter(dict.fromkeys(startup_counters, 0))
         # Batches, rebalances, the standby and the table views' reads take turns.
         self.lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -219,8 +219,9 @@ class Engine:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
-            # Range keeps partition p of both topics on one worker: they are one shard;
-            # and only workers that agree with the group's settings get any.
+            # The placement keeps partition p of both topics on one worker (they are one
+            # shard), moves as few as it can, and gives shards only to the workers that
+            # agree with the group's settings (`streams.agreement`, `streams.placement`).
             partition_assignment_strategy=(self.assignor,),
             group_instance_id=self.instance_id,
             session_timeout_ms=session_timeout_ms,
@@ -282,35 +283,35 @@ class Engine:
         the rebalance), those its standby keeps warm, those it served at its last
         assignment (after a restart: before it stopped, so their state is fresh), and
         those it has any local store of."""
-        local = {int(d.name[6:]) for d in self.data_dir.glob("shard-*") if d.name[6:].isdigit()}
         return Claim(
             owned=frozenset(self.shards.holdings()),
             warm=self.assignor.standby,
             recent=frozenset(self.shards.last_owned()),
-            stored=frozenset(local),
+            stored=frozenset(self.shards.stored()),
         )
 
     def _refuse(self, verdict: agreement.Verdict) -> None:
-        """The group gave this worker no shard because a setting differs: say which,
-        once, and stop (the run then ends with `agreement.Disagreement`)."""
-        if self.refused is None:
-            self.refused = agreement.refusal(verdict, self.group_id)
-            log.error("%s", self.refused)
-        self.stop()
+        """The group gave this worker no shard because a setting differs: say which."""
+        self._stop_refused(agreement.refusal(verdict, self.group_id))
 
     def _duplicate(self) -> None:
         """Expelled from the group again and again: another worker runs under this
-        worker's instance id. Stop, saying so (the run ends with `Disagreement`), so
-        that the other keeps the shards instead of both taking them from each other."""
+        worker's instance id. Stop, saying so, so that the other keeps the shards
+        instead of both taking them from each other."""
+        self._stop_refused(
+            f"this worker stops: it was expelled from the group {self.group_id} "
+            f"{ownership.expelled_max} times within {ownership.expelled_window_s:.0f} s, "
+            f"so another worker runs under its instance id {self.instance_id!r}; give "
+            "each worker its own TALLY_ENGINE_INSTANCE_ID (or leave it empty: host "
+            "name and data directory)"
+        )
+
+    def _stop_refused(self, why: str) -> None:
+        """Say why this worker takes no part in the group, once, and stop (the run then
+        ends with `agreement.Disagreement`)."""
         if self.refused is None:
-            self.refused = (
-                f"this worker stops: it was expelled from the group {self.group_id} "
-                f"{ownership.expelled_max} times within {ownership.expelled_window_s:.0f} s, "
-                f"so another worker runs under its instance id {self.instance_id!r}; give "
-                "each worker its own TALLY_ENGINE_INSTANCE_ID (or leave it empty: host "
-                "name and data directory)"
-            )
-            log.error("%s", self.refused)
+            self.refused = why
+            log.error("%s", why)
         self.stop()
 
     # The engine's clock ------------------------------------------------------------------

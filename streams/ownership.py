@@ -44,7 +44,9 @@ from topics.producer import durable_producer
 log = logging.getLogger(__name__)
 
 producer_stop_timeout_s = 5.0
-# In the data directory: the shards served at the last assignment (see `last_owned`).
+# In the data directory: each shard's store (shard-<p>), and the shards served at the
+# last assignment (see `last_owned`).
+store_prefix = "shard-"
 owned_file = "owned.json"
 # Expelled from the group (its member id no longer known) this many times within
 # expelled_window_s: another process joins under this worker's instance id, and each
@@ -119,9 +121,17 @@ class Shards:
     def store(self, p: int) -> ShardStore:
         store = self.stores.get(p)
         if store is None:
-            store = ShardStore(self.data_dir / f"shard-{p}", self.changelog)
+            store = ShardStore(self.data_dir / f"{store_prefix}{p}", self.changelog)
             self.stores[p] = store
         return store
+
+    def stored(self) -> set[int]:
+        """The shards this worker has a local store of (opened or not), from the data
+        directory."""
+        n = len(store_prefix)
+        return {
+            int(d.name[n:]) for d in self.data_dir.glob(f"{store_prefix}*") if d.name[n:].isdigit()
+        }
 
     def busy(self) -> set[int]:
         """The shards owned, held through a rebalance or being taken over (the standby

@@ -25,6 +25,7 @@ shard, and an owner's shards have their copies on several members.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 
 import msgspec
@@ -70,7 +71,7 @@ def place(shards: int, claims: Mapping[str, Claim], *, replicas: int = 0) -> Pla
     owners: dict[str, list[int]] = {m: [] for m in members}
     for p in range(shards):
         owners[owner[p]].append(p)
-    return Placement(owners=owners, standbys=_standbys(shards, members, claims, owner, replicas))
+    return Placement(owners=owners, standbys=_standbys(members, claims, owners, owner, replicas))
 
 
 def _owners(shards: int, members: list[str], claims: Mapping[str, Claim]) -> dict[int, str]:
@@ -107,9 +108,9 @@ def _owners(shards: int, members: list[str], claims: Mapping[str, Claim]) -> dic
 
 
 def _standbys(
-    shards: int,
     members: list[str],
     claims: Mapping[str, Claim],
+    owners: Mapping[str, list[int]],
     owner: Mapping[int, str],
     replicas: int,
 ) -> dict[str, list[int]]:
@@ -117,30 +118,28 @@ def _standbys(
     standbys: dict[str, list[int]] = {m: [] for m in members}
     if copies == 0:
         return standbys
+    n = len(members)
     index = {m: i for i, m in enumerate(members)}
-    rank = {p: i for m in members for i, p in enumerate(sorted(q for q in owner if owner[q] == m))}
+    rank = {p: i for shards in owners.values() for i, p in enumerate(shards)}
     # How many of each owner's shards a member copies: spread too, so that when an
     # owner leaves, its shards' copies (and so its shards) are over several members.
-    per_owner: dict[tuple[str, str], int] = {}
+    per_owner: Counter[tuple[str, str]] = Counter()
     # Shards taken one of each owner in turn, so that no member ends up the only one
     # with room left when its own shards come.
-    for p in sorted(range(shards), key=lambda p: (rank[p], index[owner[p]])):
+    for p in sorted(owner, key=lambda p: (rank[p], index[owner[p]])):
         mine = owner[p]
-        others = [m for m in members if m != mine]
-        held = {m for m in others if p in claims[m].warm or p in claims[m].owned}
-
-        n = len(members)
         ranked = sorted(
             (
-                m not in held,
+                p not in claims[m].warm and p not in claims[m].owned,  # holds it already
                 len(standbys[m]),
-                per_owner.get((mine, m), 0),
+                per_owner[mine, m],
                 (index[m] - index[mine] - rank[p]) % n,  # the next after the owner in turn
                 m,
             )
-            for m in others
+            for m in members
+            if m != mine
         )
         for *_, m in ranked[:copies]:
             standbys[m].append(p)
-            per_owner[mine, m] = per_owner.get((mine, m), 0) + 1
+            per_owner[mine, m] += 1
     return {m: sorted(v) for m, v in standbys.items()}
