@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from core.settings import Settings
+from harness import faults
 from harness.faults import FaultUnavailable
 from harness.procs import ROOT
+from sinks import redis_client
 
 # The cluster's broker client ports and their node numbers (kafka-cluster.sh).
 KAFKA_BROKERS = {29092: 1, 29093: 2, 29094: 3}
@@ -106,22 +106,7 @@ async def _gone(pid: int) -> None:
 async def script_up(script: str) -> None:
     """`scripts/<script> up` on the services' state directory: starts what is down and
     waits until the cluster is whole."""
-    path = ROOT / "scripts" / script
-    if not path.exists():
-        raise FaultUnavailable(f"{path} is missing: cannot bring the cluster back")
-    proc = await asyncio.create_subprocess_exec(
-        str(path), "up",
-        env={**os.environ, "TALLY_CACHE_DIR": str(cache_dir())},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), script_timeout_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"{script} up failed ({proc.returncode}):\n{out.decode()[-2000:]}")
+    await faults.script_up(script, cache_dir(), timeout_s=script_timeout_s)
 
 
 async def kill_broker(n: int, *, down_s: float, sig: int = signal.SIGKILL) -> float:
@@ -168,16 +153,17 @@ def masters_in(nodes: str) -> list[int]:
 async def redis_masters(ports: Sequence[int] = REDIS_PORTS) -> list[int]:
     """The Redis Cluster's masters, by CLUSTER NODES from the first node that answers."""
     for port in ports:
-        client: Any = aioredis.Redis(
-            host="127.0.0.1", port=port, decode_responses=True, socket_timeout=3
+        # One node as it is (not the cluster client): its own view of the cluster.
+        client = redis_client.connect(
+            f"redis://127.0.0.1:{port}/0", cluster=False, socket_timeout=3
         )
         try:
             text = await client.execute_command("CLUSTER", "NODES")
-        except (OSError, aioredis.RedisError):
+        except redis_client.ERRORS:
             continue
         finally:
             await client.aclose()
-        return masters_in(str(text))
+        return masters_in(text.decode() if isinstance(text, bytes) else str(text))
     raise FaultUnavailable(f"no Redis Cluster node answered on {ports[0]}-{ports[-1]}")
 
 

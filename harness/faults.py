@@ -81,8 +81,18 @@ async def stop_broker(found: Broker, *, timeout_s: float = 60.0) -> None:
 
 async def start_services(cache_dir: Path, *, timeout_s: float = 180.0) -> None:
     """`scripts/services.sh up` on that state directory: starts what is down, waits ready."""
+    await script_up("services.sh", cache_dir, timeout_s=timeout_s)
+
+
+async def script_up(script: str, cache_dir: Path, *, timeout_s: float) -> None:
+    """`scripts/<script> up` on the state directory `cache_dir` (services.sh and the two
+    cluster scripts alike: each starts what is down and waits until it is whole); the
+    tail of its output in the error when it fails."""
+    path = ROOT / "scripts" / script
+    if not path.exists():
+        raise FaultUnavailable(f"{path} is missing: cannot start what it starts")
     proc = await asyncio.create_subprocess_exec(
-        str(ROOT / "scripts" / "services.sh"), "up",
+        str(path), "up",
         env={**os.environ, "TALLY_CACHE_DIR": str(cache_dir)},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
@@ -93,7 +103,7 @@ async def start_services(cache_dir: Path, *, timeout_s: float = 180.0) -> None:
         await proc.wait()
         raise
     if proc.returncode != 0:
-        raise RuntimeError(f"services.sh up failed ({proc.returncode}):\n{out.decode()}")
+        raise RuntimeError(f"{script} up failed ({proc.returncode}):\n{out.decode()[-2000:]}")
 
 
 async def restart_broker(*, down_s: float = 0.0) -> float:
