@@ -7,30 +7,33 @@
 #   KAFKA_POM    scripts/kafka/pom.xml
 #   KAFKA_LOG4J  scripts/kafka/log4j.properties
 
-# Is a Kafka broker answering on port $1? Sends an ApiVersions v0 request (api key 18,
-# correlation id 42, client id "tally") and checks the response echoes the correlation id.
-# Tells a Kafka listener apart from whatever else might hold the port.
-kafka_probe() {
+# Send the Kafka request $2 (printf escapes, size prefix included) to 127.0.0.1:$1 and print
+# the first $3 bytes of the reply as hex, after checking it echoes correlation id 42 (which
+# every request here carries): a Kafka listener, not whatever else might hold the port.
+kafka_request() {
     local reply
     reply=$(timeout 3 bash -c '
         exec 3<>/dev/tcp/127.0.0.1/'"$1"'
-        printf "\x00\x00\x00\x0f\x00\x12\x00\x00\x00\x00\x00\x2a\x00\x05tally" >&3
-        head -c 8 <&3 | od -An -tx1' 2>/dev/null | tr -d ' \n') || return 1
-    [ "${reply:8:8}" = 0000002a ]
+        printf "'"$2"'" >&3
+        head -c '"$3"' <&3 | od -An -tx1' 2>/dev/null | tr -d ' \n') || return 1
+    [ "${reply:8:8}" = 0000002a ] || return 1
+    printf '%s\n' "$reply"
+}
+
+# Is a Kafka broker answering on port $1? An ApiVersions v0 request (api key 18, client id
+# "tally").
+kafka_probe() {
+    kafka_request "$1" '\x00\x00\x00\x0f\x00\x12\x00\x00\x00\x00\x00\x2a\x00\x05tally' 8 >/dev/null
 }
 
 # Print how many brokers the metadata of the broker on port $1 lists (fails if it does not
 # answer). A Metadata v1 request (api key 3) for no topics at all: the reply is its size,
-# the correlation id (42) and then the broker array's length. In KRaft the metadata lists
-# only brokers that registered with the controller quorum and are not fenced, which is
-# what "the cluster is ready" means to a client.
+# the correlation id and then the broker array's length. In KRaft the metadata lists only
+# brokers that registered with the controller quorum and are not fenced, which is what
+# "the cluster is ready" means to a client.
 kafka_broker_count() {
     local reply
-    reply=$(timeout 3 bash -c '
-        exec 3<>/dev/tcp/127.0.0.1/'"$1"'
-        printf "\x00\x00\x00\x13\x00\x03\x00\x01\x00\x00\x00\x2a\x00\x05tally\x00\x00\x00\x00" >&3
-        head -c 12 <&3 | od -An -tx1' 2>/dev/null | tr -d ' \n') || return 1
-    [ "${reply:8:8}" = 0000002a ] || return 1
+    reply=$(kafka_request "$1" '\x00\x00\x00\x13\x00\x03\x00\x01\x00\x00\x00\x2a\x00\x05tally\x00\x00\x00\x00' 12) || return 1
     printf '%d\n' "0x${reply:16:8}"
 }
 
