@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,16 +34,10 @@ from sinks import redis_client, verify
 from sinks.redis_store import offset_key
 from tests.integration import redis_cluster_support as cluster
 from tests.integration.sink_support import PARTITIONS, deployment, running
+from tests.waiting import until
 from topics.shard import shard_of
 
 PROMOTION_TIMEOUT_S = 30.0
-
-
-async def _until(check: Callable[[], bool], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"not within {timeout_s}s"
-        await asyncio.sleep(0.05)
 
 
 def _restart_cluster() -> str:
@@ -99,7 +92,9 @@ async def test_a_master_killed_while_the_sink_writes_fails_over_and_nothing_is_l
                     trickle(s.kafka_bootstrap, topic, records, chunks=80, pause_s=0.15)
                 )
                 try:
-                    await _until(lambda: rd.written_events > 0, 60)
+                    await until(
+                        lambda: rd.written_events > 0, timeout_s=60, what="the sink wrote nothing"
+                    )
                     await asyncio.sleep(1.0)
                     on, off = _on_and_off(accounts, victim, s.topic_prefix)
                     killed_at = time.monotonic()

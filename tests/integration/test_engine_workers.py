@@ -11,6 +11,7 @@ import aiohttp
 from core.settings import Settings
 from harness.collector import Collector
 from harness.procs import EngineProcess, command, produce
+from tests.waiting import until
 from topics.schema import Deposit, Transfer
 
 PARTITIONS = 4
@@ -178,13 +179,17 @@ async def _serving(worker: EngineProcess) -> set[int]:
     return set((await worker.readyz())["serving"])
 
 
+async def _serves_all(worker: EngineProcess) -> bool:
+    return await _serving(worker) == set(range(PARTITIONS))
+
+
 async def _settled(a: EngineProcess, b: EngineProcess) -> tuple[set[int], set[int]]:
-    for _ in range(300):
+    async def split() -> bool:
         served = await _serving(a), await _serving(b)
-        if all(served) and served[0] | served[1] == set(range(PARTITIONS)):
-            return served
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"shards not split: {served}\n{a.tail()}\n{b.tail()}")
+        return all(served) and served[0] | served[1] == set(range(PARTITIONS))
+
+    await until(split, timeout_s=30, what=lambda: f"shards not split:\n{a.tail()}\n{b.tail()}")
+    return await _serving(a), await _serving(b)
 
 
 async def test_a_rebalance_keeps_the_shards_that_stay_and_a_restart_moves_nothing(
@@ -235,12 +240,9 @@ async def test_a_rebalance_keeps_the_shards_that_stay_and_a_restart_moves_nothin
         assert await _serving(a) == served_a
         # A clean stop leaves the group: the first worker takes every shard.
         assert await b.stop() == 0
-        for _ in range(300):
-            if await _serving(a) == set(range(PARTITIONS)):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError(f"shards not taken over:\n{a.tail()}")
+        await until(
+            lambda: _serves_all(a), timeout_s=30, what=lambda: f"not taken over:\n{a.tail()}"
+        )
         await deposit(3)
         for account in accounts:
             assert (await a.balances(account))["USD"].available == 4
@@ -270,22 +272,20 @@ async def test_two_workers_under_one_instance_id_one_stops_and_says_why(
     try:
         await a.start()
         await b.start(wait=False)
-        for _ in range(600):
-            if any(w.proc is not None and w.proc.returncode is not None for w in (a, b)):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError(f"both still run:\n{a.tail()}\n{b.tail()}")
+        await until(
+            lambda: any(w.proc is not None and w.proc.returncode is not None for w in (a, b)),
+            timeout_s=60,
+            what=lambda: f"both still run:\n{a.tail()}\n{b.tail()}",
+        )
         stopped, survivor = (a, b) if a.proc and a.proc.returncode is not None else (b, a)
         assert stopped.proc is not None and stopped.proc.returncode == 1
         assert "TALLY_ENGINE_INSTANCE_ID" in stopped.log_since_start()
         await survivor.wait_ready()
-        for _ in range(300):
-            if await _serving(survivor) == set(range(PARTITIONS)):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError(f"the survivor does not serve every shard:\n{survivor.tail()}")
+        await until(
+            lambda: _serves_all(survivor),
+            timeout_s=30,
+            what=lambda: f"the survivor does not serve every shard:\n{survivor.tail()}",
+        )
         d = Deposit(command_id=f"dup-{unique}", account=f"dup-{unique}", asset="USD", amount=5)
         await collector.start(from_end=False)
         await produce(settings.kafka_bootstrap, a.topics.commands.name, [command(d)])
