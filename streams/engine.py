@@ -168,6 +168,7 @@ class Engine:
             time_ms=self._time_ms,
             check_clock=self._check_clock,
         )
+        self.shards.drain = self.loop.drain
         # Set when the group refused this worker's settings (see `streams.agreement`).
         self.refused: str | None = None
         self.instance_id = engine_instance(settings)
@@ -272,6 +273,7 @@ class Engine:
 
     async def _shutdown(self) -> None:
         async with self.lock:
+            await self.loop.drain()
             if self.consumer is not None:
                 kafka_internals.become_dynamic(self.consumer)
                 with contextlib.suppress(Exception):

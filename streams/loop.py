@@ -2,6 +2,14 @@
 committed as one Kafka transaction (`streams.transaction`), and what to do when a
 shard's batch fails.
 
+Shards do not wait for each other. A shard's batch is committed in the background
+(`BatchLoop.in_flight`) while the next poll goes on: its other shards are decided and
+committed at once, and only shard p's own next batch waits until p's batch in flight has
+committed (one transaction at a time per shard, and a batch is decided on the state its
+predecessor committed). So the worker decides while the broker commits, and one slow
+transaction no longer holds up every shard's results. A rebalance and a stop first wait
+for every batch in flight (`drain`).
+
 Per batch of shard p: every record is decided (`streams.records`) against the shard's
 `ShardStore`, with the hold expiries and prunes that are due (`streams.timers`); the
 transaction writes the outputs, the changelog and the consumed offsets together; only
@@ -135,6 +143,8 @@ class BatchLoop:
         self.time_ms = time_ms
         self.check_clock = check_clock
         self._failures: dict[int, int] = {}  # shard -> batches failed in a row
+        # Per shard, its batch being committed in the background, and that batch.
+        self.in_flight: dict[int, tuple[asyncio.Task[None], Batch]] = {}
 
     def _batches(self, polled: dict[TopicPartition, list[Any]]) -> dict[int, Batch]:
         """The polled records of the owned shards, by shard, without those already
@@ -158,36 +168,85 @@ class BatchLoop:
         return batches
 
     async def process(self, polled: dict[TopicPartition, list[Any]]) -> None:
-        """One poll: every shard's batch (with what its timers have due) committed
-        concurrently, each in its own transaction; a failed one isolated or retried."""
-        batches = self._batches(polled)
+        """One poll: every shard's batch (with what its timers have due) started in the
+        background, each in its own transaction, once that shard's previous batch has
+        committed; a failed one isolated or retried."""
+        await self._settle([p for p, (task, _) in self.in_flight.items() if task.done()])
         now = time.monotonic()
         owned, stores = self.shards.owned, self.shards.stores
         expiries = self.expiries.due(now, self.now_ms(), owned, stores)
         prunes = self.pruning.due(now, self.now_ms(), owned, stores)
-        shards = sorted(set(batches) | set(expiries) | set(prunes))
-        if not shards:
-            return
-        outcomes = await asyncio.gather(
-            *(
-                self.shard_batch(
-                    p, batches.get(p, Batch()), expiries.get(p, []), prunes.get(p, Prune())
-                )
-                for p in shards
-            ),
-            return_exceptions=True,
+        named = {tp.partition for tp, records in polled.items() if records}
+        # Shard p's batch in flight first: it moves p's next offsets (which the records
+        # polled are checked against), or, failed, puts p's consumer back.
+        rewound = await self._settle(
+            sorted((named | set(expiries) | set(prunes)) & set(self.in_flight))
         )
-        for p, outcome in zip(shards, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                batch = batches.get(p, Batch())
-                if (
-                    batch.records
-                    and not fenced(outcome, self.shards.producers.get(p))
-                    and (_about_a_record(outcome))
-                ):
-                    await self.isolate(p, batch, outcome)
-                else:
-                    await self.failed(p, batch, outcome)
+        if rewound & set(expiries):
+            self.expiries.rescan_soon()
+        batches = self._batches(polled)
+        for p in sorted((set(batches) | set(expiries) | set(prunes)) - rewound):
+            if p not in self.shards.owned:
+                continue  # given up while a batch in flight was settled
+            batch = batches.get(p, Batch())
+            task = asyncio.create_task(
+                self.shard_batch(p, batch, expiries.get(p, []), prunes.get(p, Prune())),
+                name=f"shard-{p}-batch",
+            )
+            self.in_flight[p] = (task, batch)
+
+    async def _settle(self, shards: list[int]) -> set[int]:
+        """Wait for these shards' batches in flight, and handle those that failed
+        (isolated or retried, as a failed batch always is). Returns the shards whose batch
+        failed: each is then put back at the next offset it is to apply from, so the
+        records of it polled meanwhile are stale and read again."""
+        settling = [(p, *self.in_flight.pop(p)) for p in shards if p in self.in_flight]
+        if not settling:
+            return set()
+        await asyncio.wait([task for _, task, _ in settling])
+        failed: set[int] = set()
+        for p, task, batch in settling:
+            outcome = task.exception() if not task.cancelled() else asyncio.CancelledError()
+            if outcome is None:
+                continue
+            failed.add(p)
+            if (
+                batch.records
+                and not fenced(outcome, self.shards.producers.get(p))
+                and (_about_a_record(outcome))
+            ):
+                await self.isolate(p, batch, outcome)
+            else:
+                await self.failed(p, batch, outcome)
+            self._resume_at_next(p)
+        return failed
+
+    def _resume_at_next(self, p: int) -> None:
+        """Point shard p's consumer at the offsets it is to apply next (after its failed
+        batch was handled: retried, isolated or taken over), dropping what was fetched
+        beyond them."""
+        consumer = self.shards.consumer
+        if consumer is None or p not in self.shards.owned:
+            return
+        for tp in consumer.assignment():
+            if tp.partition == p and tp in self.shards.next:
+                consumer.seek(tp, self.shards.next[tp])
+
+    async def drain(self) -> set[int]:
+        """Wait for every batch in flight, before a rebalance or a stop. A failed one is
+        not handled here (no retry while the group is changing): the shards returned are
+        to be taken over afresh, from what Kafka committed, if they stay this worker's."""
+        settling, self.in_flight = self.in_flight, {}
+        if settling:
+            await asyncio.wait([task for task, _ in settling.values()])
+        failed: set[int] = set()
+        for p, (task, _) in settling.items():
+            error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+            if error is not None:
+                failed.add(p)
+                self.counts["batches_failed"] += 1
+                log.warning("shard %d: batch failed (%r) as the group changed", p, error)
+        return failed
 
     def _decide(
         self,

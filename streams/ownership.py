@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -102,6 +102,9 @@ class Shards:
         self.expiries = expiries
         self.on_duplicate = on_duplicate
         self.expelled: list[float] = []
+        # Waits for the batches in flight and names the shards whose batch failed (set by
+        # the engine to its batch loop's `drain`).
+        self.drain: Callable[[], Awaitable[set[int]]] = _nothing_in_flight
         self.consumer: AIOKafkaConsumer | None = None  # set by the engine's run
         self.stores: dict[int, ShardStore] = {}
         self.producers: dict[int, AIOKafkaProducer] = {}
@@ -145,6 +148,11 @@ class Shards:
         producers, stores and next offsets until the assignment says whether they come
         back (see the module's docstring)."""
         async with self.lock:
+            # A shard whose batch failed as the group changed is not kept: it is taken
+            # over afresh if it comes back.
+            for p in await self.drain():
+                self.owned.discard(p)
+                await self.drop_producer(p)
             gone = {tp.partition for tp in revoked}
             self.held |= self.owned & gone
             self.owned -= gone
@@ -355,6 +363,10 @@ class Shards:
         self.stores.clear()
         self.owned.clear()
         self.held.clear()
+
+
+async def _nothing_in_flight() -> set[int]:
+    return set()
 
 
 class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
