@@ -3,8 +3,10 @@ pipe ceiling, measured against the real broker and printed as a table plus a JSO
 
 Method. N commands of the seeded mixed workload are produced first. An engine worker
 process (or `workers` of them, in one consumer group) is then started on them:
-throughput is client commands answered per second, from the first result to the last
-(worker start-up and recovery excluded). With the
+throughput is client commands answered per second, from the moment every worker is
+ready (or the first result, if that came sooner) to the last result: worker start-up and
+recovery excluded, but not the first batch (a big poll's first results come only after
+its whole batch is decided and committed, seconds in). With the
 worker still running, one untimed warm-up deposit is answered and the paced stream runs
 untimed for a few seconds (the broker's tail of the backlog, see latency_settle_seconds);
 then the same paced stream, at a rate the worker keeps up with, gives the latency from
@@ -125,6 +127,7 @@ async def engine_phase(
     try:
         say(f"[{guarantee}] starting {workers} engine worker(s) in one group on the backlog")
         await asyncio.gather(*(p.start() for p in procs))
+        ready_at = time.monotonic()
         cpu_at_start = sum(_cpu_s(p) for p in procs)
         done = all_answered(expected)
         if not await collector.wait_for(done, timeout_s=drain_timeout_s, say=say):
@@ -132,7 +135,7 @@ async def engine_phase(
         worker_cpu_s = sum(_cpu_s(p) for p in procs) - cpu_at_start
         results = collector.results
         client_times = [results.received_at[i] for i in expected]
-        first = min(results.received_at.values())
+        first = min(ready_at, *results.received_at.values())
         applied_rate = len(client_times) / max(max(client_times) - first, 1e-9)
         results_rate = results.count / max(results.last_at - first, 1e-9)
         say(
