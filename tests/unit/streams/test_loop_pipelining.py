@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka.structs import TopicPartition
 
 from streams.loop import Batch, BatchLoop
 from streams.timers import Prune
@@ -29,15 +30,11 @@ def _record(partition: int, offset: int) -> SimpleNamespace:
 
 
 def _poll(partition: int, *offsets: int) -> dict[Any, list[Any]]:
-    from aiokafka.structs import TopicPartition
-
     return {TopicPartition(T, partition): [_record(partition, o) for o in offsets]}
 
 
 class FakeConsumer:
     def __init__(self, partitions: list[int]) -> None:
-        from aiokafka.structs import TopicPartition
-
         self.tps = {TopicPartition(T, p) for p in partitions}
         self.seeks: list[tuple[int, int]] = []
 
