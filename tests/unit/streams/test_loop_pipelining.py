@@ -1,7 +1,7 @@
 """The batch loop's scheduling (`streams.loop.BatchLoop.process`): a shard's batch commits
 in the background, the other shards do not wait for it, the shard's own next batch does,
 and a batch that failed in the background puts its shard back before anything polled
-for it since is applied.
+for it since is applied; a rebalance does not keep a shard whose batch failed in flight.
 
 Only the scheduling is under test: `shard_batch` (decide + commit) is replaced by one
 whose commits the test releases by hand, and `failed` by one that rewinds like the real
@@ -184,3 +184,49 @@ async def test_a_failure_that_ends_the_worker_still_ends_it_from_the_background(
     await _spin()
     with pytest.raises(RuntimeError, match="disk broken"):
         await loop.process({})
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.stopped = False
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_a_rebalance_does_not_keep_a_shard_whose_batch_failed_in_flight(
+    tmp_path: Any,
+) -> None:
+    """`Shards.revoked` drains the batches in flight first; a shard whose batch failed is
+    neither kept through the rebalance nor served, and its producer is gone, so a new
+    assignment takes it over afresh (fenced, recovered, from the committed offsets)."""
+    from streams.ownership import Shards
+
+    watchdog = SimpleNamespace(assigned=lambda *a: None, partitions=[])
+    shards = Shards(
+        bootstrap="127.0.0.1:1",
+        group_id="g",
+        changelog="c.changelog",
+        data_dir=tmp_path,
+        exactly_once=True,
+        lock=asyncio.Lock(),
+        stopping=asyncio.Event(),
+        counts=Counter(),
+        watchdog=watchdog,  # type: ignore[arg-type]
+        expiries=None,  # type: ignore[arg-type]
+    )
+    shards.consumer = SimpleNamespace(_coordinator=SimpleNamespace(generation=7))  # type: ignore[assignment]
+    producers = {p: FakeProducer() for p in (0, 1, 2)}
+    shards.producers = dict(producers)  # type: ignore[arg-type]
+    shards.owned = {0, 1, 2}
+
+    async def drain() -> set[int]:
+        return {1}
+
+    shards.drain = drain
+    await shards.revoked({TopicPartition(T, p) for p in (0, 1, 2)})
+    assert shards.held == {0, 2}
+    assert shards.held_generation == 7
+    assert shards.owned == set()
+    assert 1 not in shards.producers and producers[1].stopped
+    assert not producers[0].stopped and not producers[2].stopped
