@@ -50,9 +50,9 @@ latency_rate_per_s = 200
 latency_seconds = 10
 # Paced but not timed, before the timed window: right after a backlog the broker is still
 # busy with its tail (transaction markers, the last internal credits), and the first
-# commands after it waited 0.5-2 s on the broker's append alone (measured at 64
-# partitions, from the records' append times). That is the end of the drain, not the
-# paced latency.
+# commands after it took 1-2 s to be answered, up to 0.5 s of it in the broker's append
+# alone (64 partitions, from the records' append times). That is the end of the drain, not
+# the paced latency.
 latency_settle_seconds = 3
 raw_pipe_timeout_s = 300.0
 ENGINE_COLUMNS = (
