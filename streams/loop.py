@@ -102,6 +102,11 @@ def _split(
     todo += [(records[half:], None), (records[:half], None)]
 
 
+def _failure(task: asyncio.Task[None]) -> BaseException | None:
+    """Why a finished batch task failed (cancelled counts), or None if it committed."""
+    return asyncio.CancelledError() if task.cancelled() else task.exception()
+
+
 def _about_a_record(error: BaseException) -> bool:
     seen: BaseException | None = error
     while seen is not None:
@@ -206,7 +211,7 @@ class BatchLoop:
         await asyncio.wait([task for _, task, _ in settling])
         failed: set[int] = set()
         for p, task, batch in settling:
-            outcome = task.exception() if not task.cancelled() else asyncio.CancelledError()
+            outcome = _failure(task)
             if outcome is None:
                 continue
             failed.add(p)
@@ -241,7 +246,7 @@ class BatchLoop:
             await asyncio.wait([task for task, _ in settling.values()])
         failed: set[int] = set()
         for p, (task, _) in settling.items():
-            error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+            error = _failure(task)
             if error is not None:
                 failed.add(p)
                 self.counts["batches_failed"] += 1
