@@ -2,7 +2,10 @@
 
 aiokafka has no public call for these things the engine needs: why a producer's sender
 stopped, asking the group for a rebalance, a partition's position without waiting for an
-offset reset, the group generation it joined, and leaving the group as a static member.
+offset reset, the group generation and member id it joined as, leaving the group as a
+static member, the group's coordinator and the consumer's client (to send it requests
+aiokafka has not got, `streams.group_commit`), sending a transaction's offsets with
+another handler, and failing a transaction so that its abort reaches the broker.
 Each reads (or sets) an internal attribute and falls back quietly when it is missing, so
 that a worker never breaks on it; `tests/unit/streams/test_kafka_internals.py` pins every
 one of them against the installed aiokafka, so an upgrade that moves them fails there,
@@ -11,8 +14,24 @@ loudly, instead of degrading in production.
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.client import CoordinationType
+from aiokafka.errors import GroupAuthorizationFailedError
+from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.structs import TopicPartition
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """Who commits a transaction's offsets: the member and generation it joined as."""
+
+    generation: int
+    member_id: str
+    instance_id: str | None
 
 
 def sender_error(producer: AIOKafkaProducer | None) -> BaseException | None:
@@ -73,3 +92,84 @@ def become_dynamic(consumer: AIOKafkaConsumer | None) -> bool:
         return False
     coordinator._group_instance_id = None
     return True
+
+
+def member(consumer: AIOKafkaConsumer | None) -> GroupMember | None:
+    """Who this consumer is in its group now: its generation, member id and instance id
+    (for the generation-checked offsets of a transaction, `streams.group_commit`), or None
+    before it joined. Reads `consumer._coordinator.generation`, `.member_id` and
+    `._group_instance_id`."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    member_id = getattr(coordinator, "member_id", None)
+    instance_id = getattr(coordinator, "_group_instance_id", None)
+    number = generation(consumer)
+    if number is None or not isinstance(member_id, str) or not member_id:
+        return None
+    return GroupMember(number, member_id, instance_id if isinstance(instance_id, str) else None)
+
+
+def client(consumer: AIOKafkaConsumer) -> AIOKafkaClient:
+    """The consumer's own client (its connections to the brokers). Reads `consumer._client`."""
+    found: AIOKafkaClient = consumer._client
+    return found
+
+
+async def group_coordinator(consumer: AIOKafkaConsumer) -> int:
+    """The broker that coordinates the consumer's group, found first if unknown. Calls
+    `consumer._coordinator.ensure_coordinator_known()` and reads `.coordinator_id`."""
+    coordinator = consumer._coordinator
+    await coordinator.ensure_coordinator_known()
+    node_id: int = coordinator.coordinator_id
+    return node_id
+
+
+def coordinator_dead(consumer: AIOKafkaConsumer) -> None:
+    """Forget the group's coordinator (it answered NOT_COORDINATOR, say): the next request
+    finds it again. Calls `consumer._coordinator.coordinator_dead()`."""
+    consumer._coordinator.coordinator_dead()
+
+
+def commit_offsets_with(
+    producer: AIOKafkaProducer, handler: Callable[[Any, Any, str], Any]
+) -> None:
+    """Make the producer send a transaction's offsets with `handler(sender, offsets,
+    group_id)`, a TxnOffsetCommit handler (`streams.group_commit`), instead of aiokafka's
+    v0 one. Replaces `producer._sender._do_txn_offset_commit`, keeping what it does
+    around the handler: nothing to do for no offsets, and the group coordinator found
+    first."""
+    sender = producer._sender
+
+    async def _do_txn_offset_commit(offsets: Any, group_id: str) -> None:
+        if not offsets:
+            return
+        try:
+            node_id = await sender._find_coordinator(CoordinationType.GROUP, group_id)
+        except GroupAuthorizationFailedError as exc:
+            sender._txn_manager.error_transaction(exc)
+            return
+        await handler(sender, offsets, group_id).do(node_id)
+
+    sender._do_txn_offset_commit = _do_txn_offset_commit
+
+
+def fail_transaction(sender: Any, error: BaseException) -> None:
+    """Fail the producer's transaction with `error`, to be aborted, keeping what it has
+    added to the broker's transaction. aiokafka's own `error_transaction` forgets the
+    partitions and the group added, and its abort then sees an empty transaction and
+    sends no EndTxn: the broker's transaction stays open, and the producer's next one
+    joins it and commits its records too (seen on the broker by
+    tests/integration/test_group_commit.py). Moves `sender._txn_manager` to
+    ABORTABLE_ERROR and fails the offsets waiting and the transaction's waiter, as
+    `error_transaction` does, without clearing `_txn_partitions` or
+    `_txn_consumer_group`."""
+    txn_manager = sender._txn_manager
+    txn_manager._transition_to(TransactionState.ABORTABLE_ERROR)
+    for _, _, future in txn_manager._pending_txn_offsets:
+        future.set_exception(error)
+    txn_manager._pending_txn_offsets.clear()
+    waiter = txn_manager._transaction_waiter
+    if not waiter.done():
+        waiter.set_exception(error)
+        # The caller learns of it through the offsets' future; the waiter holding it too
+        # is not an error lost.
+        waiter.exception()

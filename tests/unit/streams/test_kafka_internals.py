@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from types import SimpleNamespace
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -113,3 +114,47 @@ def test_the_group_generation_and_the_static_leave_are_where_the_engine_looks() 
     assert consumer._coordinator._group_instance_id is None
     assert kafka_internals.generation(None) is None
     assert kafka_internals.become_dynamic(None) is False
+
+
+async def test_the_group_fencing_internals_are_where_the_engine_looks() -> None:
+    """The member read, the coordinator and client the offset read goes through, the
+    offset commit's replaced handler and the transaction's failure
+    (`streams.group_commit`) all touch aiokafka internals: each must be where it is
+    looked for, or the worker's transactions would go without the generation check."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=NOWHERE, group_id="g", group_instance_id="i")
+    assert kafka_internals.member(consumer) is None  # not joined
+    made = inspect.getsource(GroupCoordinator.__init__)
+    for attribute in ("self.generation =", "self.member_id =", "self._group_instance_id ="):
+        assert attribute in made, attribute
+    joined = SimpleNamespace(
+        _coordinator=SimpleNamespace(generation=4, member_id="m-1", _group_instance_id="i")
+    )
+    assert kafka_internals.member(joined) == kafka_internals.GroupMember(4, "m-1", "i")  # type: ignore[arg-type]
+    assert callable(GroupCoordinator.ensure_coordinator_known)
+    assert callable(GroupCoordinator.coordinator_dead)
+    assert kafka_internals.client(consumer) is consumer._client
+
+    producer = AIOKafkaProducer(bootstrap_servers=NOWHERE, transactional_id="t")
+    sender = producer._sender
+    assert inspect.iscoroutinefunction(Sender._do_txn_offset_commit)
+    assert list(inspect.signature(Sender._do_txn_offset_commit).parameters) == [
+        "self", "offsets", "group_id",
+    ]  # fmt: skip
+    assert callable(sender._find_coordinator)
+    kafka_internals.commit_offsets_with(producer, lambda *a: None)
+    assert sender._do_txn_offset_commit is not Sender._do_txn_offset_commit
+
+    # A transaction failed this way keeps what it added, so its abort reaches the broker.
+    txn = sender._txn_manager
+    txn.set_pid_and_epoch(1, 0)  # what InitProducerId's answer does
+    txn.begin_transaction()
+    txn._txn_partitions.add(TopicPartition("t", 0))
+    txn._txn_consumer_group = "g"
+    offsets_future = asyncio.get_running_loop().create_future()
+    txn._pending_txn_offsets.append(("g", {}, offsets_future))
+    kafka_internals.fail_transaction(sender, RuntimeError("refused"))
+    assert txn.state.name == "ABORTABLE_ERROR"
+    assert not txn.is_empty_transaction()
+    assert isinstance(offsets_future.exception(), RuntimeError)
+    await producer.stop()
+    await consumer.stop()
