@@ -153,6 +153,7 @@ class Engine:
             counts=self.counts,
             watchdog=self.watchdog,
             expiries=self.expiries,
+            instance_id=engine_instance(settings),
             on_duplicate=self._duplicate,
         )
         self.loop = BatchLoop(
@@ -192,8 +193,8 @@ class Engine:
         return self.shards.stores
 
     @property
-    def producers(self) -> dict[int, AIOKafkaProducer]:
-        return self.shards.producers
+    def producer(self) -> AIOKafkaProducer | None:
+        return self.shards.producer
 
     @property
     def owned(self) -> set[int]:

@@ -1,32 +1,39 @@
-"""The batch loop: each poll's records, split by shard, each shard's share decided and
-committed as one Kafka transaction (`streams.transaction`), and what to do when a
-shard's batch fails.
+"""The batch loop: each poll's records, split by shard, each shard's share decided, and
+all of them committed as one Kafka transaction (`streams.transaction`), and what to do
+when it fails.
 
-Shards do not wait for each other. A shard's batch is committed in the background
-(`BatchLoop.in_flight`) while the next poll goes on: its other shards are decided and
-committed at once, and only shard p's own next batch waits until p's batch in flight has
-committed (one transaction at a time per shard, and a batch is decided on the state its
-predecessor committed). So the worker decides while the broker commits, and one slow
-transaction no longer holds up every shard's results. A rebalance and a stop first wait
-for every batch in flight (`drain`).
+One transaction per poll, not per shard: the worker's one producer (`streams.ownership`,
+fenced by the group generation) writes every shard's outputs, changelog and consumed
+offsets of the poll together. The broker's cost of a transaction grows with the
+partitions it touches, and a shard's batch touches most of the internal topic (credits go
+to their payees' shards), so a transaction per shard made each poll cost the broker about
+shards x partitions; one per poll costs it the partitions once. The transaction is
+committed in the background (`BatchLoop.in_flight`) while the next poll is fetched; the
+next poll's batches are decided only after it committed (each batch is decided on the
+state its predecessor committed). A rebalance and a stop first wait for it (`drain`).
 
-Per batch of shard p: every record is decided (`streams.records`) against the shard's
-`ShardStore`, with the hold expiries and prunes that are due (`streams.timers`); the
-transaction writes the outputs, the changelog and the consumed offsets together; only
-after the commit does the batch reach the local RocksDB.
+Per shard with work in a poll: its records are decided (`streams.records`) against the
+shard's `ShardStore`, with the hold expiries and prunes that are due (`streams.timers`);
+the transaction writes the outputs, the changelog and the consumed offsets together; only
+after the commit does each batch reach its local RocksDB.
 
-Poison isolation: a batch that fails because of one of its records (an output over
-limits.OUTPUT_BYTES_MAX, a record the broker refuses as too large or corrupt, an error
-while deciding a record) is aborted and split in halves, each its own transaction, until
-the record is alone; that record is then answered without its outputs (`rejected`
-`record_too_large` if it names a command_id, else a bounded dead letter) and the records
-behind it go on. Only a failure that is not about a record (the broker gone, a timeout,
-fencing) takes the retry and take-over path, which re-reads the batch from Kafka.
+Poison isolation: a shard's batch that fails because of one of its records (an output
+over limits.OUTPUT_BYTES_MAX or an error while deciding a record, found before the
+transaction; or a record the broker refuses as too large or corrupt, which fails the
+poll's transaction, whose shards are then each committed alone to find it) is split in
+halves, each its own transaction, until the record is alone; that record is then
+answered without its outputs (`rejected` `record_too_large` if it names a command_id,
+else a bounded dead letter) and the records behind it go on. Only a failure that is not
+about a record (the broker gone, a timeout, fencing) takes the retry and take-over
+path, which re-reads the batch from Kafka. A transaction whose offsets the group refused
+(this worker is not the member it was) gives its shards up until the group assigns them
+again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -36,13 +43,16 @@ from typing import Any
 
 from aiokafka.errors import (
     CorruptRecordException,
+    KafkaConnectionError,
+    KafkaError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
     RecordTooLargeError,
 )
 from aiokafka.structs import TopicPartition
 
-from streams import transaction
+from streams import kafka_internals, transaction
+from streams.group_commit import StaleMember
 from streams.ownership import Shards, fenced
 from streams.records import Output, Records, check_sizes
 from streams.timers import HoldExpiries, Prune, Pruning
@@ -75,6 +85,14 @@ class Batch:
         return batch
 
 
+@dataclass
+class Commit:
+    """One poll's transaction in flight: its task, and the batches it commits by shard."""
+
+    task: asyncio.Task[None]
+    batches: dict[int, Batch]
+
+
 class RecordFault(Exception):
     """A batch failed because of one of its records, not because of Kafka: splitting the
     batch finds the record (see `BatchLoop.isolate`)."""
@@ -105,6 +123,16 @@ def _split(
 def _failure(task: asyncio.Task[None]) -> BaseException | None:
     """Why a finished batch task failed (cancelled counts), or None if it committed."""
     return asyncio.CancelledError() if task.cancelled() else task.exception()
+
+
+def _stale(error: BaseException) -> bool:
+    """Whether the group refused a transaction's offsets (`streams.group_commit`)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, StaleMember):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _about_a_record(error: BaseException) -> bool:
@@ -148,8 +176,8 @@ class BatchLoop:
         self.time_ms = time_ms
         self.check_clock = check_clock
         self._failures: dict[int, int] = {}  # shard -> batches failed in a row
-        # Per shard, its batch being committed in the background, and that batch.
-        self.in_flight: dict[int, tuple[asyncio.Task[None], Batch]] = {}
+        # The poll's transaction being committed in the background, if one is.
+        self.in_flight: Commit | None = None
 
     def _batches(self, polled: dict[TopicPartition, list[Any]]) -> dict[int, Batch]:
         """The polled records of the owned shards, by shard, without those already
@@ -173,58 +201,126 @@ class BatchLoop:
         return batches
 
     async def process(self, polled: dict[TopicPartition, list[Any]]) -> None:
-        """One poll: every shard's batch (with what its timers have due) started in the
-        background, each in its own transaction, once that shard's previous batch has
-        committed; a failed one isolated or retried."""
-        await self._settle([p for p, (task, _) in self.in_flight.items() if task.done()])
+        """One poll: every shard's batch (with what its timers have due) decided once the
+        previous poll's transaction has committed, and all of them started committing in
+        the background, in one transaction; a failed one isolated or retried."""
+        rewound = await self._settle()
         now = time.monotonic()
         owned, stores = self.shards.owned, self.shards.stores
         expiries = self.expiries.due(now, self.now_ms(), owned, stores)
         prunes = self.pruning.due(now, self.now_ms(), owned, stores)
-        named = {tp.partition for tp, records in polled.items() if records}
-        # Shard p's batch in flight first: it moves p's next offsets (which the records
-        # polled are checked against), or, failed, puts p's consumer back.
-        rewound = await self._settle(
-            sorted((named | set(expiries) | set(prunes)) & set(self.in_flight))
-        )
         if rewound & set(expiries):
             self.expiries.rescan_soon()
         batches = self._batches(polled)
+        decided: dict[int, tuple[list[Output], list[tuple[bytes, bytes | None]]]] = {}
+        times: dict[int, int] = {}
+        faults: dict[int, tuple[Batch, RecordFault]] = {}
         for p in sorted((set(batches) | set(expiries) | set(prunes)) - rewound):
             if p not in self.shards.owned:
-                continue  # given up while a batch in flight was settled
+                continue  # given up while the transaction in flight was settled
             batch = batches.get(p, Batch())
-            task = asyncio.create_task(
-                self.shard_batch(p, batch, expiries.get(p, []), prunes.get(p, Prune())),
-                name=f"shard-{p}-batch",
-            )
-            self.in_flight[p] = (task, batch)
-
-    async def _settle(self, shards: list[int]) -> set[int]:
-        """Wait for these shards' batches in flight, and handle those that failed
-        (isolated or retried, as a failed batch always is). Returns the shards whose batch
-        failed: each is then put back at the next offset it is to apply from, so the
-        records of it polled meanwhile are stale and read again."""
-        settling = [(p, *self.in_flight.pop(p)) for p in shards if p in self.in_flight]
-        if not settling:
-            return set()
-        await asyncio.wait([task for _, task, _ in settling])
-        failed: set[int] = set()
-        for p, task, batch in settling:
-            outcome = _failure(task)
-            if outcome is None:
+            if not batch.records and not any(tp.partition == p for tp in self.shards.next):
+                # Timers due on a shard that never consumed: its transaction would carry
+                # no offsets of it, which the group's check needs (`_commit`). Later.
+                if p in expiries:
+                    self.expiries.rescan_soon()
                 continue
-            failed.add(p)
-            if (
-                batch.records
-                and not fenced(outcome, self.shards.producers.get(p))
-                and (_about_a_record(outcome))
-            ):
-                await self.isolate(p, batch, outcome)
-            else:
-                await self.failed(p, batch, outcome)
+            times[p] = self.time_ms(p)
+            try:
+                decided[p] = self._decide(
+                    p, batch, expiries.get(p, []), prunes.get(p, Prune()), times[p], None
+                )
+            except RecordFault as exc:
+                faults[p] = (batch, exc)
+                continue
+            batches[p] = batch
+        work = {p: batches[p] for p in decided}
+        if work:
+            task = asyncio.create_task(self._commit(work, decided, times), name="poll-commit")
+            self.in_flight = Commit(task, work)
+        if faults:
+            # Isolated one by one, with the worker's one producer: after the rest.
+            rewound = await self._settle()
+            for p, (batch, why) in faults.items():
+                if p in self.shards.owned and p not in rewound:
+                    await self.isolate(p, batch, why)
+                    self._resume_at_next(p)
+
+    async def _settle(self) -> set[int]:
+        """Wait for the poll's transaction in flight, and handle it if it failed (its
+        shards isolated or retried, as a failed batch always is). Returns the shards of a
+        transaction that failed: each is then put back at the next offset it is to apply
+        from, so the records of it polled meanwhile are stale and read again."""
+        commit, self.in_flight = self.in_flight, None
+        if commit is None:
+            return set()
+        await asyncio.wait([commit.task])
+        error = _failure(commit.task)
+        if error is None:
+            return set()
+        await self._failed_commit(commit.batches, error)
+        for p in commit.batches:
             self._resume_at_next(p)
-        return failed
+        return set(commit.batches)
+
+    async def _failed_commit(self, batches: dict[int, Batch], error: BaseException) -> None:
+        """A poll's transaction did not commit (its shards' staged state is discarded)."""
+        if _stale(error):
+            await self._abort_or_renew()
+            self.shards.give_up(set(batches))
+            return
+        if (
+            any(batch.records for batch in batches.values())
+            and not fenced(error, self.shards.producer)
+            and _about_a_record(error)
+        ):
+            # The broker refused a record of one of the batches: take them all over again
+            # (a refused batch also cost the idempotent producer its sequence numbers, so
+            # only a new producer goes on), then commit each shard's batch alone, and
+            # split the one that fails again.
+            await self.shards.reclaim(set(batches))
+            for p, batch in batches.items():
+                if p in self.shards.owned and self.shards.producer is not None:
+                    await self.isolate(p, batch, error, whole_first=True)
+            return
+        await self.failed(batches, error)
+
+    async def _abort_or_renew(self) -> None:
+        """End the producer's failed transaction: abort it, or, when the producer cannot
+        (its state went fatal), replace the producer, which aborts it on the broker."""
+        if not self.exactly_once or self.shards.producer is None:
+            return
+        try:
+            await self.shards.producer.abort_transaction()
+        except Exception as exc:
+            log.warning("abort failed (%r); a new producer ends the transaction", exc)
+            await self.shards.drop_producer()
+            with contextlib.suppress(KafkaError, OSError, TimeoutError):
+                await self.shards.new_producer()
+
+    async def drain(self) -> set[int]:
+        """Wait for the transaction in flight, before a rebalance or a stop. A failed one
+        is not retried here (no retry while the group is changing): its shards are
+        returned, to be taken over afresh, from what Kafka committed, if they stay this
+        worker's; its producer's transaction is ended (the producer replaced, when it
+        cannot abort, before the next assignment's first batch)."""
+        commit, self.in_flight = self.in_flight, None
+        if commit is None:
+            return set()
+        await asyncio.wait([commit.task])
+        error = _failure(commit.task)
+        if error is None:
+            return set()
+        self.counts["batches_failed"] += 1
+        log.warning(
+            "shards %s: batch failed (%r) as the group changed", sorted(commit.batches), error
+        )
+        if self.exactly_once and self.shards.producer is not None:
+            try:
+                await self.shards.producer.abort_transaction()
+            except Exception:
+                await self.shards.drop_producer()  # `Shards.assigned` makes a new one
+        return set(commit.batches)
 
     def _resume_at_next(self, p: int) -> None:
         """Point shard p's consumer at the offsets it is to apply next (after its failed
@@ -236,22 +332,6 @@ class BatchLoop:
         for tp in consumer.assignment():
             if tp.partition == p and tp in self.shards.next:
                 consumer.seek(tp, self.shards.next[tp])
-
-    async def drain(self) -> set[int]:
-        """Wait for every batch in flight, before a rebalance or a stop. A failed one is
-        not handled here (no retry while the group is changing): the shards returned are
-        to be taken over afresh, from what Kafka committed, if they stay this worker's."""
-        settling, self.in_flight = self.in_flight, {}
-        if settling:
-            await asyncio.wait([task for task, _ in settling.values()])
-        failed: set[int] = set()
-        for p, (task, _) in settling.items():
-            error = _failure(task)
-            if error is not None:
-                failed.add(p)
-                self.counts["batches_failed"] += 1
-                log.warning("shard %d: batch failed (%r) as the group changed", p, error)
-        return failed
 
     def _decide(
         self,
@@ -285,6 +365,53 @@ class BatchLoop:
             raise RecordFault(repr(exc)) from exc
         return out, changes
 
+    async def _commit(
+        self,
+        batches: dict[int, Batch],
+        decided: dict[int, tuple[list[Output], list[tuple[bytes, bytes | None]]]],
+        times: dict[int, int],
+    ) -> None:
+        """Commit decided batches in one transaction (the order: `streams.transaction`),
+        then write each to its store. Every shard's transaction carries offsets for each
+        of its partitions the worker knows (the batch's, else where the shard stands), so
+        that the group's generation check covers everything the transaction writes for
+        it (`streams.ownership`)."""
+        offsets: dict[TopicPartition, int] = {}
+        for tp, offset in self.shards.next.items():
+            if tp.partition in batches:
+                offsets[tp] = offset
+        for batch in batches.values():
+            offsets.update(batch.offsets)
+        try:
+            if self.shards.producer is None:
+                raise KafkaConnectionError("no producer: the worker's was lost")
+            unchecked = set(batches) - {tp.partition for tp in offsets}
+            if self.exactly_once and unchecked:
+                raise RuntimeError(f"shards {sorted(unchecked)} would commit without offsets")
+            written = await transaction.commit(
+                self.shards.producer,
+                exactly_once=self.exactly_once,
+                outputs=[o for out, _ in decided.values() for o in out],
+                changelog=self.changelog,
+                changes={p: changes for p, (_, changes) in decided.items() if changes},
+                offsets=offsets,
+                group_id=self.group_id,
+                member=self.shards.member_offsets,
+                as_member=kafka_internals.member(self.shards.consumer),
+                consumer=self.shards.consumer,
+            )
+        except BaseException:
+            for p in decided:
+                self.shards.stores[p].discard()
+            raise
+        if written.last is not None:
+            self.check_clock(max(times.values()), written.last)
+        # Step 7 of the commit order: the committed batches reach RocksDB.
+        for p in decided:
+            self.shards.stores[p].flush(written.changelog_next_offset.get(p))
+            self._failures.pop(p, None)
+        self.shards.next.update(offsets)
+
     async def shard_batch(
         self,
         p: int,
@@ -294,70 +421,52 @@ class BatchLoop:
         *,
         without_outputs: BaseException | None = None,
     ) -> None:
-        """Decide the batch and commit it (the order: `streams.transaction`). With
-        `without_outputs` (a batch of the one record that made its batch fail, and why),
-        that record is answered on its own (`Records.answer_alone`) instead of being
-        decided."""
-        store = self.shards.stores[p]
+        """Decide one shard's batch and commit it alone, now. With `without_outputs` (a
+        batch of the one record that made its batch fail, and why), that record is
+        answered on its own (`Records.answer_alone`) instead of being decided."""
         now_ms = self.time_ms(p)
-        out, changes = self._decide(p, batch, expiries, prunes, now_ms, without_outputs)
-        try:
-            written = await transaction.commit(
-                self.shards.producers[p],
-                exactly_once=self.exactly_once,
-                outputs=out,
-                changelog=self.changelog,
-                partition=p,
-                changes=changes,
-                offsets=batch.offsets,
-                group_id=self.group_id,
-                consumer=self.shards.consumer,
-            )
-        except BaseException:
-            store.discard()
-            raise
-        if written.last is not None:
-            self.check_clock(now_ms, written.last)
-        # Step 7 of the commit order: the committed batch reaches RocksDB.
-        store.flush(written.changelog_next_offset)
-        self.shards.next.update(batch.offsets)
-        self._failures.pop(p, None)
+        decided = self._decide(p, batch, expiries, prunes, now_ms, without_outputs)
+        await self._commit({p: batch}, {p: decided}, {p: now_ms})
 
-    async def failed(self, p: int, batch: Batch, error: BaseException) -> None:
-        """A shard's batch did not commit. Its local changes are already discarded."""
-        if fenced(error, self.shards.producers.get(p)):
-            await self.shards.give_up(p)
-            return
+    async def failed(self, batches: dict[int, Batch], error: BaseException) -> None:
+        """A transaction did not commit. Its shards' local changes are already discarded."""
         if not isinstance(error, Exception):
             raise error  # cancelled
+        shards = set(batches)
         self.counts["batches_failed"] += 1
-        self._failures[p] = self._failures.get(p, 0) + 1
-        if self._failures[p] > max_failures_in_a_row:
-            # Not an outage that passes: the same shard failing batch after batch is a
-            # bug or a broken disk. End the worker (its supervisor restarts it, and the
-            # shard moves) instead of spinning.
-            raise error
-        log.warning("shard %d: batch failed (%r); it will be read again", p, error)
-        if self.exactly_once:
-            try:
-                await self.shards.producers[p].abort_transaction()
-            except Exception as exc:
-                # The producer is unusable (its transaction state went fatal when the
-                # broker went away in the middle of a commit, say), and whether the
-                # commit happened is unknown: take the shard over again from Kafka.
-                log.warning("shard %d: abort failed (%r); taking the shard over again", p, exc)
-                await self.shards.reclaim(p)
-                return
-        else:
-            await self.shards.reclaim(p)
+        for p in shards:
+            self._failures[p] = self._failures.get(p, 0) + 1
+            if self._failures[p] > max_failures_in_a_row:
+                # Not an outage that passes: the same shard failing batch after batch is
+                # a bug or a broken disk. End the worker (its supervisor restarts it, and
+                # the shard moves) instead of spinning.
+                raise error
+        log.warning("shards %s: batch failed (%r); it will be read again", sorted(shards), error)
+        if not self.exactly_once or fenced(error, self.shards.producer):
+            # At-least-once: whether the offsets were committed is unknown. Fenced: the
+            # producer is unusable. Either way, take the shards over again from Kafka.
+            await self.shards.reclaim(shards)
+            return
+        try:
+            assert self.shards.producer is not None
+            await self.shards.producer.abort_transaction()
+        except Exception as exc:
+            # The producer is unusable (its transaction state went fatal when the broker
+            # went away in the middle of a commit, say), and whether the commit happened
+            # is unknown: take the shards over again from Kafka.
+            log.warning("shards %s: abort failed (%r); taking them over again", sorted(shards), exc)
+            await self.shards.reclaim(shards)
             return
         consumer = self.shards.consumer
         assert consumer is not None
-        for tp, offset in batch.first.items():
-            consumer.seek(tp, offset)
-            self.shards.next[tp] = offset
+        for batch in batches.values():
+            for tp, offset in batch.first.items():
+                consumer.seek(tp, offset)
+                self.shards.next[tp] = offset
 
-    async def isolate(self, p: int, batch: Batch, error: BaseException) -> None:
+    async def isolate(
+        self, p: int, batch: Batch, error: BaseException, *, whole_first: bool = False
+    ) -> None:
         """Find the record that made shard p's batch fail and answer it alone: the batch is
         split in halves, each committed as its own transaction, in order, and a half that
         fails about a record again is split again. The record left alone is answered
@@ -368,22 +477,29 @@ class BatchLoop:
         Taking the shard over between two slices keeps exactly-once: it puts the store and
         the consumer back at what Kafka committed, which is the slices committed so far,
         and the records the consumer reads again from there are skipped by `Shards.next`
-        as the following slices commit them."""
+        as the following slices commit them.
+
+        `whole_first`: the batch failed in a transaction with other shards' batches, which
+        the caller has already taken over again; it is first committed whole, alone."""
         self.counts["isolations"] += 1
         log.warning("shard %d: batch failed on a record (%r); isolating it", p, error)
         self.expiries.rescan_soon()  # the expiries the failed batch carried are found again
         # A stack of (records, why they are answered alone): the slice to commit next last.
         todo: list[tuple[list[Any], BaseException | None]] = []
-        _split(batch.records, error, todo)
         failed: BaseException | None = error
+        if whole_first:
+            todo.append((batch.records, None))
+            failed = None
+        else:
+            _split(batch.records, error, todo)
         while todo:
             # A fault raised before the transaction began left nothing to undo. Anything
             # else is undone by taking the shard over again: a batch the broker refused
             # also cost the idempotent producer its sequence numbers (the next batch
             # would fail OutOfOrderSequenceNumber), so only a new producer goes on.
             if failed is not None and not isinstance(failed, RecordFault):
-                await self.shards.reclaim(p)
-                if p not in self.shards.owned or p not in self.shards.producers:
+                await self.shards.reclaim({p})
+                if p not in self.shards.owned or self.shards.producer is None:
                     return  # no longer this worker's shard: its new owner reads it again
             failed = None
             part, alone = todo.pop()
@@ -394,12 +510,17 @@ class BatchLoop:
                 if (
                     alone is None
                     and _about_a_record(exc)
-                    and not fenced(exc, self.shards.producers.get(p))
+                    and not fenced(exc, self.shards.producer)
+                    and not _stale(exc)
                 ):
                     _split(part, exc, todo)
                     continue
                 rest = [r for records, _ in reversed(todo) for r in records]
-                await self.failed(p, Batch.of(part + rest), exc)
+                if _stale(exc):
+                    await self._abort_or_renew()
+                    self.shards.give_up({p})
+                else:
+                    await self.failed({p: Batch.of(part + rest)}, exc)
                 return
             if alone is not None:
                 record = part[0]

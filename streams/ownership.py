@@ -1,22 +1,33 @@
 """Shard ownership: which shards this worker serves, and taking one on or giving it up.
 
-Fencing: each shard has its own transactional producer, `transactional.id` =
-`<group>-shard-<p>`. Whoever takes over a shard initialises that id first, which aborts
-the previous owner's open transaction and fences it: a worker that was paused or cut off
-can no longer commit anything for the shard. Only then is the shard's state caught up
-from its changelog (`streams.recovery`) and its committed offsets read. The same three
-steps, in the same order, take a shard on when the group assigns it (`assigned`) and
-take it over again after a batch whose outcome is unknown (`reclaim`). A shard whose
-transactional id was taken by another worker is given up (`give_up`).
+Fencing by the group (KIP-447; Kafka Streams' exactly_once_v2). Each worker has one
+transactional producer, `transactional.id` = `<group>-worker-<instance id>`, and one
+transaction per poll covers every shard's batch of that poll (`streams.loop`). What keeps
+a worker the group has moved past (paused, cut off, expelled) from committing for a shard
+it no longer owns is the group generation: every transaction sends its consumed offsets
+with the member id and generation the batches were decided under, and the group
+coordinator refuses them from a member that is not the group's current one
+(`streams.group_commit`); the transaction then fails before it commits and is aborted.
+Every transaction carries offsets for each shard it writes for, so none escapes the check.
+
+Taking a shard on, in this order: read its committed offsets with `require_stable`, which
+waits while a transaction that already sent offsets for it (the previous owner's, accepted
+before the group moved on) is still open; wait until no transaction is open on its
+changelog partition (one whose offsets are still to be refused, or whose commit marker is
+still on its way, `streams.recovery`); catch its state up from the changelog; apply from
+the offsets read. So what the previous owner committed is all in, and what it did not
+commit never will be. The same steps take a shard over again after a transaction whose
+outcome is unknown (`reclaim`), after a new producer of this worker's id has first ended
+its own open transaction.
 
 Kept across a rebalance. The group's rebalances are eager: every member gives up every
 partition before the new assignment, even those it gets back. A shard this worker owned
 in generation G and is given again in generation G + 1 was nobody else's in between
 (the classic protocol's generations count rebalances one by one, and each assigns a
-partition to one member), so it is kept as it is: same producer, same store, same next
-offsets, no fence and no catch-up. Only when the new generation is not G + 1 (this
-worker missed one, for example it was expelled for a missed heartbeat and rejoined) is
-every shard taken over afresh, because another worker may have owned it meanwhile.
+partition to one member), so it is kept as it is: same store, same next offsets, no
+catch-up. Only when the new generation is not G + 1 (this worker missed one, for example
+it was expelled for a missed heartbeat and rejoined) is every shard taken over afresh,
+because another worker may have owned it meanwhile.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import TopicPartition
 
 from streams import kafka_internals
+from streams.group_commit import MemberOffsets, stable_committed
 from streams.recovery import recover
 from streams.store import ShardStore
 from streams.timers import HoldExpiries
@@ -44,6 +56,13 @@ from topics.producer import durable_producer
 log = logging.getLogger(__name__)
 
 producer_stop_timeout_s = 5.0
+# The worker's transactions are aborted by their coordinator after this long: how long a
+# shard taken over from a worker that died in the middle of one waits for it (the
+# changelog's and the offsets' waits, `streams.recovery.settle_timeout_s` and
+# `stable_timeout_s`, are longer). A transaction is begun only after its poll's batches
+# are decided, so this bounds sending and committing them, not deciding.
+transaction_timeout_ms = 10_000
+stable_timeout_s = 30.0
 # In the data directory: each shard's store (shard-<p>), and the shards served at the
 # last assignment (see `last_owned`).
 store_prefix = "shard-"
@@ -59,9 +78,11 @@ reclaim_backoff_max_s = 5.0
 
 
 def fenced(error: BaseException, producer: AIOKafkaProducer | None) -> bool:
-    """Whether a failed batch means the shard's transactional id was taken by another
-    worker: ProducerFenced anywhere in the error's chain, or as the reason the producer's
-    sender stopped (then the batch itself may fail with a plainer error)."""
+    """Whether a failed transaction means the producer's epoch was taken from it (another
+    producer initialised the worker's transactional id, or its coordinator aborted a
+    transaction that outlived the timeout): ProducerFenced anywhere in the error's chain,
+    or as the reason the producer's sender stopped (then the batch itself may fail with a
+    plainer error). Such a producer is unusable, and never about a record."""
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, ProducerFenced):
@@ -87,9 +108,11 @@ class Shards:
         counts: Counter[str],
         watchdog: Watchdog,
         expiries: HoldExpiries,
+        instance_id: str,
         on_duplicate: Callable[[], None] = lambda: None,
     ) -> None:
         self.bootstrap = bootstrap
+        self.instance_id = instance_id
         self.group_id = group_id
         self.changelog = changelog
         self.data_dir = data_dir
@@ -107,7 +130,10 @@ class Shards:
         self.drain: Callable[[], Awaitable[set[int]]] = _nothing_in_flight
         self.consumer: AIOKafkaConsumer | None = None  # set by the engine's run
         self.stores: dict[int, ShardStore] = {}
-        self.producers: dict[int, AIOKafkaProducer] = {}
+        # The worker's one producer, and (exactly-once) what sends its transactions'
+        # offsets as the group member (`streams.group_commit`).
+        self.producer: AIOKafkaProducer | None = None
+        self.member_offsets: MemberOffsets | None = None
         self.owned: set[int] = set()
         # Owned until the rebalance under way, and the generation they were owned in.
         self.held: set[int] = set()
@@ -152,7 +178,7 @@ class Shards:
             # over afresh if it comes back.
             for p in await self.drain():
                 self.owned.discard(p)
-                await self.drop_producer(p)
+                self.forget(p)
             gone = {tp.partition for tp in revoked}
             self.held |= self.owned & gone
             self.owned -= gone
@@ -190,8 +216,8 @@ class Shards:
             # (Empty after a revocation. Never a shard not given, nor, after a gap in
             # generations, one not taken over afresh.)
             self.owned = self.owned & shards if consecutive else set()
-            for p in set(self.producers) - kept - self.owned:
-                await self.drop_producer(p)
+            for p in set(self.stores) - kept - self.owned:
+                self.forget(p)
             for tp in list(self.next):
                 if tp.partition not in kept | self.owned:
                     self.next.pop(tp, None)
@@ -204,10 +230,14 @@ class Shards:
             self.counts["taken_shards"] += len(new)
             self.recovering |= set(new)
             try:
-                # Fence the shard's previous owner before reading what it left behind.
-                await asyncio.gather(*(self.new_producer(p) for p in new))
+                if self.producer is None:
+                    await self.new_producer()
+                # What the previous owner committed, final (see the module's docstring).
+                committed = await self._committed(
+                    sorted(tp for tp in assigned if tp.partition in new)
+                )
                 await self._recover(new)
-                await self._resume(sorted(tp for tp in assigned if tp.partition in new))
+                self._resume(committed)
             finally:
                 self.recovering -= set(new)
             self.owned |= set(new)
@@ -238,116 +268,138 @@ class Shards:
         except (OSError, ValueError, TypeError):
             return set()
 
-    async def _resume(self, tps: list[TopicPartition]) -> None:
-        """Apply each of a new shard's partitions from its committed offset, read after the
-        fence (so it is final)."""
+    async def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """The group's committed offsets of `tps`, once no open transaction holds offsets
+        for them."""
         assert self.consumer is not None
+        return await stable_committed(self.consumer, self.group_id, tps, timeout_s=stable_timeout_s)
+
+    def _resume(self, committed: dict[TopicPartition, int | None]) -> None:
+        """Apply each of a new shard's partitions from its committed offset."""
         resume = {}
-        for tp in tps:
-            committed = await self.consumer.committed(tp)
-            resume[f"{tp.topic}[{tp.partition}]"] = committed
-            if committed is None:
+        for tp, offset in sorted(committed.items()):
+            resume[f"{tp.topic}[{tp.partition}]"] = offset
+            if offset is None:
                 self.next.pop(tp, None)
             else:
-                self.next[tp] = committed
+                self.next[tp] = offset
         if resume:
             log.info("resuming at %s", resume)
 
     async def _recover(self, shards: list[int]) -> None:
         await recover(self.bootstrap, self.changelog, shards, store=self.store, counts=self.counts)
 
-    # Producers ---------------------------------------------------------------------------
+    # The producer ------------------------------------------------------------------------
 
-    async def new_producer(self, p: int) -> None:
-        await self.drop_producer(p)
+    async def new_producer(self) -> None:
+        """The worker's producer, new: initialising its transactional id ends the open
+        transaction of the producer it replaces (or of this worker's previous process),
+        aborting it, or completing a commit already decided."""
+        await self.drop_producer()
         producer = durable_producer(
             self.bootstrap,
-            transactional_id=f"{self.group_id}-shard-{p}" if self.exactly_once else None,
+            transactional_id=(
+                f"{self.group_id}-worker-{self.instance_id}" if self.exactly_once else None
+            ),
+            transaction_timeout_ms=transaction_timeout_ms,
             linger_ms=5,
             max_batch_size=512 * 1024,
             # A batch's first records often reach the broker while the previous
             # transaction's markers are still being written; Kafka >= 3.8 refuses them
             # with a retriable NOT_ENOUGH_REPLICAS (KIP-890 partition verification, see
-            # aio-libs/aiokafka#1172). The default 100 ms backoff would stall the shard.
-            retry_backoff_ms=10,
+            # aio-libs/aiokafka#1172), and the transaction coordinator answers a
+            # transaction begun while the previous one's markers are being written with a
+            # retriable CONCURRENT_TRANSACTIONS: with one producer per worker every
+            # transaction starts right after the last one. The default 100 ms backoff would
+            # stall the worker; 10 ms made a paced command wait 18-20 ms per poll against
+            # 12-13 ms with 2 (`tally bench engine`, 20,000 commands, 8 partitions).
+            retry_backoff_ms=2,
         )
+        member_offsets = MemberOffsets(producer) if self.exactly_once else None
         await producer.start()
-        self.producers[p] = producer
+        self.producer, self.member_offsets = producer, member_offsets
 
-    async def drop_producer(self, p: int) -> None:
-        producer = self.producers.pop(p, None)
+    async def drop_producer(self) -> None:
+        producer, self.producer, self.member_offsets = self.producer, None, None
         if producer is not None:
             # Bounded: a producer whose broker is gone can wait long for its batches.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), producer_stop_timeout_s)
+
+    def forget(self, p: int) -> None:
+        """Drop what shard p's store has staged and not committed."""
         store = self.stores.get(p)
         if store is not None:
             store.discard()
 
-    # Losing and retaking a shard ---------------------------------------------------------
+    # Losing and retaking shards ----------------------------------------------------------
 
     def forget_unowned(self) -> None:
         self.watchdog.assigned(
             [k for k in self.watchdog.partitions if k[1] in self.owned], time.monotonic()
         )
 
-    async def give_up(self, p: int) -> None:
-        """Another worker initialised shard p's transactional id: it owns the shard now.
-        Give it up, and ask the group for a new assignment, so that the group's view and
-        the fencing agree again (if the group still assigns the shard here, it is taken
-        over again from Kafka, fencing the other)."""
-        log.warning("shard %d: fenced by a newer owner; giving it up", p)
+    def give_up(self, shards: set[int]) -> None:
+        """The group refused a transaction's offsets: it has moved these shards on, or is
+        moving them, and this worker is not the member it was. Stop serving them and ask
+        the group for a new assignment; a shard assigned here again is taken over afresh
+        (its store and offsets read back from Kafka), as after any gap in generations."""
+        log.warning("shards %s: the group refused their offsets; giving them up", sorted(shards))
         self.counts["fenced"] += 1
-        self.owned.discard(p)
+        self.owned -= shards
+        for p in shards:
+            self.forget(p)
         self.forget_unowned()
-        await self.drop_producer(p)
         kafka_internals.request_rejoin(self.consumer)
 
-    async def reclaim(self, p: int) -> None:
-        """Take shard p over again, as a new owner would: a new transactional producer
-        (which fences any other holder of the shard's id and aborts its open
-        transaction), the local store caught up from the changelog, and the consumer
-        put back at the committed offsets. Whatever the failed batch did or did not
-        commit, the shard then continues from what Kafka has. Retried, with backoff,
-        until the broker answers: a broker restart must not end the worker."""
+    async def reclaim(self, shards: set[int]) -> None:
+        """Take these shards over again, as a new owner would, after a transaction whose
+        outcome is unknown: a new producer (its transactional id initialised, which ends
+        the failed transaction one way or the other), each shard's store caught up from
+        the changelog, and the consumer put back at the committed offsets. Whatever the
+        failed transaction did or did not commit, the shards then continue from what
+        Kafka has. Retried, with backoff, until the broker answers: a broker restart must
+        not end the worker."""
         assert self.consumer is not None
-        self.recovering.add(p)
+        self.recovering |= shards
         delay = reclaim_backoff_first_s
         try:
             while True:
-                if not any(tp.partition == p for tp in self.consumer.assignment()):
-                    # No longer assigned here (the group moved it): taking it would
-                    # fence its new owner.
+                here = {tp.partition for tp in self.consumer.assignment()}
+                for p in shards - here:
+                    # No longer assigned here (the group moved it): its new owner reads it.
                     self.owned.discard(p)
-                    self.forget_unowned()
-                    await self.drop_producer(p)
+                    self.forget(p)
+                shards = shards & here
+                self.forget_unowned()
+                if not shards:
                     return
                 try:
-                    await self.new_producer(p)
-                    await self._recover([p])
-                    await self._rewind(p)
-                    self.counts["reclaimed"] += 1
-                    log.info("shard %d: taken over again; serving", p)
+                    await self.new_producer()
+                    await self._recover(sorted(shards))
+                    await self._rewind(shards)
+                    self.counts["reclaimed"] += len(shards)
+                    log.info("shards %s: taken over again; serving", sorted(shards))
                     return
                 except (KafkaError, OSError, TimeoutError) as exc:
                     # The broker is not back yet. Anything else (a broken store) is not
                     # waited out: it ends the worker.
                     if self.stopping.is_set():
                         raise
-                    log.warning("shard %d: cannot take it over yet (%r); retrying", p, exc)
-                    await self.drop_producer(p)
+                    log.warning(
+                        "shards %s: cannot take them over yet (%r); retrying", sorted(shards), exc
+                    )
+                    await self.drop_producer()
                     await asyncio.sleep(delay)
                     delay = min(reclaim_backoff_max_s, delay * 2)
         finally:
-            self.recovering.discard(p)
+            self.recovering -= shards
 
-    async def _rewind(self, p: int) -> None:
-        """Put the consumer back at shard p's committed offsets."""
+    async def _rewind(self, shards: set[int]) -> None:
+        """Put the consumer back at these shards' committed offsets."""
         assert self.consumer is not None
-        for tp in self.consumer.assignment():
-            if tp.partition != p:
-                continue
-            committed = await self.consumer.committed(tp)
+        tps = sorted(tp for tp in self.consumer.assignment() if tp.partition in shards)
+        for tp, committed in (await self._committed(tps)).items():
             if committed is None:
                 self.next.pop(tp, None)
                 await self.consumer.seek_to_beginning(tp)
@@ -356,9 +408,9 @@ class Shards:
                 self.consumer.seek(tp, committed)
 
     async def close(self) -> None:
-        for p in list(self.producers):
-            await self.drop_producer(p)
+        await self.drop_producer()
         for store in self.stores.values():
+            store.discard()
             store.close()
         self.stores.clear()
         self.owned.clear()

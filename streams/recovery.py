@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaTimeoutError
 from aiokafka.structs import TopicPartition
 
 from core.progress import Progress
@@ -28,6 +30,11 @@ recovery_log_every_s = 2.0
 restore_poll_records_max = 20_000
 restore_poll_timeout_ms = 500
 standby_idle_s = 0.5
+# How long a take-over waits for a previous owner's transaction to end on the shard's
+# changelog partition (its coordinator aborts it after the producer's transaction
+# timeout, `streams.ownership.transaction_timeout_ms`), and how often it looks.
+settle_timeout_s = 30.0
+settle_backoff_s = 0.05
 
 
 def _changelog_reader(bootstrap: str) -> AIOKafkaConsumer:
@@ -55,7 +62,7 @@ async def recover(
     try:
         tps = {p: TopicPartition(changelog, p) for p in shards}
         restore.assign(list(tps.values()))
-        ends = await restore.end_offsets(list(tps.values()))
+        ends = await _settled(bootstrap, restore, list(tps.values()), timeout_s=settle_timeout_s)
         todo: dict[TopicPartition, int] = {}
         total = 0
         for p, tp in tps.items():
@@ -91,6 +98,41 @@ async def recover(
         progress.close()
     finally:
         await restore.stop()
+
+
+class Unsettled(KafkaTimeoutError):  # type: ignore[misc]
+    """A transaction stayed open on a changelog partition past the wait."""
+
+
+async def _settled(
+    bootstrap: str, restore: AIOKafkaConsumer, tps: list[TopicPartition], *, timeout_s: float
+) -> dict[TopicPartition, int]:
+    """The end of each changelog partition once no transaction is open on it: its last
+    stable offset (what read_committed reads up to) equal to its high watermark.
+
+    Only a shard's owner writes its changelog partition, so a transaction open on one
+    when the shard is taken over is its previous owner's: one whose offsets the group
+    has not accepted yet (its generation is checked when it sends them, and the new owner
+    waits for those that were accepted, `group_commit.stable_committed`), or one it has
+    committed whose marker has not reached this partition yet. Reading up to the last
+    stable offset then would stop short of what that transaction decides, and serve the
+    shard without it. Its coordinator ends it within the transaction timeout (aborting
+    one left open); a longer wait raises Unsettled."""
+    deadline = time.monotonic() + timeout_s
+    latest = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_uncommitted")
+    await latest.start()
+    try:
+        while True:
+            stable = await restore.end_offsets(tps)
+            high = await latest.end_offsets(tps)
+            open_ = sorted(tp.partition for tp in tps if stable[tp] < high[tp])
+            if not open_:
+                return dict(stable)
+            if time.monotonic() >= deadline:
+                raise Unsettled(f"a transaction is still open on changelog partitions {open_}")
+            await asyncio.sleep(settle_backoff_s)
+    finally:
+        await latest.stop()
 
 
 def _start_of(p: int, store: ShardStore, end: int, counts: Counter[str]) -> int:

@@ -1,28 +1,33 @@
-"""One shard batch's Kafka transaction: the one place its commit order is written down.
+"""One poll's Kafka transaction: the one place its commit order is written down.
 
-A batch is decided before this is called: its outputs are in a list, the state it
-changed is staged in the shard store's `pending` (latest value per key), and nothing has
-reached Kafka or RocksDB. Then, in this order:
+The batches of a poll (one per shard with work, see `streams.loop`) are decided before
+this is called: their outputs are in a list, the state each changed is staged in its
+shard store's `pending` (latest value per key), and nothing has reached Kafka or RocksDB.
+Then, in this order:
 
-1. begin the shard's transaction (exactly-once; its producer is the shard's fenced
+1. begin the worker's transaction (exactly-once; its producer is the worker's one
    transactional producer, see `streams.ownership`);
 2. send the outputs, one Kafka batch per output partition (`_send`): results to
    partition p of the events topic, credits and refunds to their payees' partitions of
    the internal topic, misplaced records forwarded to their account's partition, dead
    letters;
-3. send the changelog: every key the batch changed, once, with its last value, to
-   partition p of the changelog, as one batch (or more, when one fills);
-4. add the consumed offsets to the transaction (at-least-once: nothing yet);
+3. send the changelog: every key each batch changed, once, with its last value, to its
+   shard's partition of the changelog, as one batch per partition (or more, when one
+   fills);
+4. add the consumed offsets to the transaction as the group member the batches were
+   decided by, its generation checked by the group coordinator (`streams.group_commit`):
+   a worker the group has moved past is refused here, and its transaction aborted
+   (at-least-once: nothing yet);
 5. wait until every record sent is acknowledged, and raise the first failure: aiokafka
    commits a transaction even when the broker refused one of its batches
    (MESSAGE_TOO_LARGE, say), so a refused record would otherwise be lost with its batch
    committed around it;
 6. commit the transaction (at-least-once: commit the consumed offsets, after the
    outputs are acknowledged);
-7. only then, back in `streams.loop`, write the batch to the local RocksDB with the
-   changelog offset it reached, in one atomic write (`ShardStore.flush`).
+7. only then, back in `streams.loop`, write each batch to its shard's local RocksDB with
+   the changelog offset it reached, in one atomic write (`ShardStore.flush`).
 
-So the outputs, the changelog and the consumed offsets of a batch are visible together or
+So the outputs, the changelog and the consumed offsets of a poll are visible together or
 not at all (read_committed), and a crash anywhere before 6 loses only what Kafka has not
 committed: the batch is read again and finds the state exactly as it was before its first
 attempt. A crash between 6 and 7 leaves RocksDB behind the changelog, which recovery
@@ -40,16 +45,18 @@ from aiokafka.errors import RecordTooLargeError
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import RecordMetadata, TopicPartition
 
+from streams.group_commit import MemberOffsets, StaleMember
+from streams.kafka_internals import GroupMember
 from streams.records import Output
 
 
 @dataclass(frozen=True)
 class Written:
-    """What a committed transaction tells the loop: where the shard's changelog partition
-    ends now (None if the batch changed nothing), and the broker's answer for the batch's
-    last record (for the clock check)."""
+    """What a committed transaction tells the loop: where each changed shard's changelog
+    partition ends now (a shard whose batch changed nothing is not in it), and the
+    broker's answer for the transaction's last record (for the clock check)."""
 
-    changelog_next_offset: int | None
+    changelog_next_offset: dict[int, int]
     last: RecordMetadata | None
 
 
@@ -59,17 +66,26 @@ async def commit(
     exactly_once: bool,
     outputs: list[Output],
     changelog: str,
-    partition: int,
-    changes: Iterable[tuple[bytes, bytes | None]],
+    changes: dict[int, list[tuple[bytes, bytes | None]]],
     offsets: dict[TopicPartition, int],
     group_id: str,
+    member: MemberOffsets | None,
+    as_member: GroupMember | None,
     consumer: AIOKafkaConsumer | None,
 ) -> Written:
-    """Write one shard batch (steps 1-6 of the module's docstring) and say what it wrote."""
+    """Write the batches of one poll, of one shard or more (steps 1-6 of the module's
+    docstring), and say what they wrote. Exactly-once, the consumed offsets go with the
+    group member `as_member` (`streams.group_commit`): a transaction the group refuses
+    them for fails with StaleMember, before it commits."""
     if exactly_once:
+        if as_member is None or member is None:
+            raise StaleMember("not a member of the group: no transaction is begun")
+        member.member = as_member
         await producer.begin_transaction()
     sent = await _send(producer, outputs)
-    logged = await _send(producer, ((changelog, k, v, partition, None) for k, v in changes))
+    logged = await _send(
+        producer, ((changelog, k, v, p, None) for p, kv in changes.items() for k, v in kv)
+    )
     if exactly_once:
         if offsets:
             await producer.send_offsets_to_transaction(offsets, group_id)
@@ -80,10 +96,11 @@ async def commit(
         if offsets:
             assert consumer is not None
             await consumer.commit(offsets)
-    # The changelog's batches all go to one partition, in order: the last one ends it.
+    # Each changelog partition's batches are sent in order: its last one ends it.
+    ends = {batch.partition: batch.next_offset() for batch in logged}
     last = logged[-1] if logged else (sent[-1] if sent else None)
     return Written(
-        changelog_next_offset=logged[-1].next_offset() if logged else None,
+        changelog_next_offset=ends,
         last=None if last is None else last.future.result(),
     )
 
@@ -91,10 +108,11 @@ async def commit(
 @dataclass(frozen=True)
 class _Sent:
     """One batch handed to the producer: its delivery future (the broker's answer for
-    the batch: its base offset, and its append time on a LogAppendTime topic) and how
-    many records it holds."""
+    the batch: its base offset, and its append time on a LogAppendTime topic), its
+    partition and how many records it holds."""
 
     future: asyncio.Future[RecordMetadata]
+    partition: int
     records: int
 
     def next_offset(self) -> int:
@@ -134,7 +152,7 @@ async def _send_batch(
     # Closed, the batch leaves without waiting for the producer's linger.
     builder.close()
     future = await producer.send_batch(builder, topic, partition=partition)
-    return _Sent(future, builder.record_count())
+    return _Sent(future, partition, builder.record_count())
 
 
 async def _delivered(producer: AIOKafkaProducer, *batches: list[_Sent]) -> None:

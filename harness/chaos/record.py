@@ -19,9 +19,11 @@ from harness.waits import GroupWait
 class Zombie:
     """A worker SIGSTOPped past its session timeout: the shards it served when it was
     stopped, and those of them other workers served before it was continued. A shard is
-    served only after its new owner initialised the shard's transactional id, which
-    fences the old owner's producer: a zombie whose shards were all taken over cannot
-    commit anything for them."""
+    served only after the group assigned it to its new owner in a later generation, and
+    after that owner waited out every transaction the old owner had open for it: the
+    group coordinator refuses the offsets of the old owner's next transaction (its
+    generation is stale), so a zombie whose shards were all taken over cannot commit
+    anything for them."""
 
     worker: int
     served: list[int]

@@ -45,9 +45,9 @@ async def test_short_chaos_run_loses_and_doubles_nothing(
     assert sorted(run.carried_out) == sorted(f.kind for f in run.plan), report
     assert set(run.carried_out) == set(chaos.SHORT_KINDS), report
     # The zombie: it served shards when it was stopped, and before it woke every one of
-    # them was served by another worker, which first initialised the shard's
-    # transactional id and so fenced the zombie's producer. The checks below (one
-    # result per record, seq 1..n) show it published nothing for them afterwards.
+    # them was served by another worker, assigned them in a later generation, which the
+    # zombie's next transaction's offsets are refused for. The checks below (one result
+    # per record, seq 1..n) show it published nothing for them afterwards.
     assert len(run.zombies) == sum(f.kind == "sigstop" for f in run.plan), report
     for zombie in run.zombies:
         assert zombie.served, f"worker-{zombie.worker} served nothing when stopped\n{report}"

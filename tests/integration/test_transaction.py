@@ -11,6 +11,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from core.settings import Settings
 from streams import transaction
+from streams.group_commit import MemberOffsets
+from streams.kafka_internals import GroupMember
 from streams.records import Output
 from topics.admin import delete_topics, ensure_topics
 from topics.names import replicas
@@ -80,6 +82,9 @@ async def test_outputs_and_changelog_leave_as_batches_that_fill_and_arrive_in_or
         transactional_id=f"tx-{unique}",
         max_batch_size=2048,
     )
+    member = MemberOffsets(producer)
+    # A group nobody has joined takes offsets from generation -1 and no member id.
+    nobody = GroupMember(-1, "", None)
     await producer.start()
     try:
         outputs: list[Output] = [
@@ -88,16 +93,19 @@ async def test_outputs_and_changelog_leave_as_batches_that_fill_and_arrive_in_or
             for i in range(120)
         ]  # fmt: skip
         changes = [(b"c|%d" % i, None if i % 7 == 0 else b"state-%d" % i) for i in range(50)]
-        offsets = {TopicPartition(source, 1): 17}
+        # Two shards' batches in one transaction, as one poll's are.
+        other = [(b"c|two-%d" % i, b"s%d" % i) for i in range(5)]
+        offsets = {TopicPartition(source, 1): 17, TopicPartition(source, 2): 4}
         written = await transaction.commit(
             producer,
             exactly_once=True,
             outputs=outputs,
             changelog=changelog,
-            partition=1,
-            changes=changes,
+            changes={1: changes, 2: other},
             offsets=offsets,
             group_id=f"tx-{unique}",
+            member=member,
+            as_member=nobody,
             consumer=None,
         )
         # 40 records of ~220 bytes per partition fill a 2 KiB batch several times over.
@@ -110,10 +118,11 @@ async def test_outputs_and_changelog_leave_as_batches_that_fill_and_arrive_in_or
             exactly_once=True,
             outputs=[],
             changelog=changelog,
-            partition=1,
-            changes=[(b"c|again", b"1")],
+            changes={1: [(b"c|again", b"1")]},
             offsets={},
             group_id=f"tx-{unique}",
+            member=member,
+            as_member=nobody,
             consumer=None,
         )
     finally:
@@ -124,10 +133,11 @@ async def test_outputs_and_changelog_leave_as_batches_that_fill_and_arrive_in_or
             assert got[p] == [(k, v) for _, k, v, q, _ in outputs if q == p]
         logged = await _read(settings.kafka_bootstrap, changelog)
         assert logged[1] == [*changes, (b"c|again", b"1")]
-        assert logged[0] == logged[2] == []
+        assert logged[2] == other
+        assert logged[0] == []
         # 50 records then a commit marker: the next transaction's first record is at 51.
-        assert written.changelog_next_offset == 50
-        assert again.changelog_next_offset == 52
+        assert written.changelog_next_offset == {1: 50, 2: 5}
+        assert again.changelog_next_offset == {1: 52}
         assert written.last is not None and written.last.topic == changelog
         committed = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap, group_id=f"tx-{unique}"
@@ -135,6 +145,7 @@ async def test_outputs_and_changelog_leave_as_batches_that_fill_and_arrive_in_or
         await committed.start()
         try:
             assert await committed.committed(TopicPartition(source, 1)) == 17
+            assert await committed.committed(TopicPartition(source, 2)) == 4
         finally:
             await committed.stop()
     finally:

@@ -1,12 +1,15 @@
-"""The batch loop's scheduling (`streams.loop.BatchLoop.process`): a shard's batch commits
-in the background, the other shards do not wait for it, the shard's own next batch does,
-and a batch that failed in the background puts its shard back before anything polled
-for it since is applied; a rebalance does not keep a shard whose batch failed in flight.
+"""The batch loop's scheduling (`streams.loop.BatchLoop.process`): one poll's shards
+commit in one transaction, in the background; the next poll's batches are decided only
+once it committed; a transaction that failed in the background puts its shards back
+before anything polled for them since is applied; a shard whose records fail to decide
+is isolated alone, after the others committed; timers on a shard with no offsets wait; a
+transaction the group refused gives its shards up; a rebalance does not keep a shard
+whose batch failed in flight.
 
-Only the scheduling is under test: `shard_batch` (decide + commit) is replaced by one
-whose commits the test releases by hand, and `failed` by one that rewinds like the real
-one does. The real commits, fencing and failures are tested on the broker
-(tests/integration/test_engine.py, tests/fault)."""
+Only the scheduling is under test: `_decide` and `_commit` are replaced by ones whose
+commits the test releases by hand, and `failed` by one that rewinds like the real one
+does. The real commits, fencing and failures are tested on the broker
+(tests/integration/test_engine.py, test_group_commit.py, tests/fault)."""
 
 from __future__ import annotations
 
@@ -18,9 +21,8 @@ from typing import Any
 import pytest
 from aiokafka.structs import TopicPartition
 
-from streams.loop import Batch, BatchLoop
-from streams.timers import Prune
-from topics.schema import Expire
+from streams.group_commit import StaleMember
+from streams.loop import Batch, BatchLoop, RecordFault
 
 T = "c.commands"
 
@@ -45,24 +47,43 @@ class FakeConsumer:
         self.seeks.append((tp.partition, offset))
 
 
-class GatedLoop(BatchLoop):
-    """A loop whose batches commit when the test says so, and say so."""
+Key = frozenset[tuple[int, int]]
 
-    def __init__(self, partitions: list[int]) -> None:
+
+def _key(*shards: tuple[int, int]) -> Key:
+    """A transaction, by its shards and the first offset of each one's batch (-1: none)."""
+    return frozenset(shards)
+
+
+class GatedLoop(BatchLoop):
+    """A loop whose transactions commit when the test says so, and say so."""
+
+    def __init__(self, partitions: list[int], due: dict[int, list[Any]] | None = None) -> None:
+        self.rescans = 0
+
+        def rescan() -> None:
+            self.rescans += 1
+
+        expiries = SimpleNamespace(due=lambda *a: dict(due or {}), rescan_soon=rescan)
         nothing_due = SimpleNamespace(due=lambda *a: {}, rescan_soon=lambda: None)
         shards = SimpleNamespace(
             owned=set(partitions),
             stores={p: None for p in partitions},
-            producers={},
+            producer=None,
             next={},
             consumer=FakeConsumer(partitions),
+            given_up=[],
+        )
+        shards.give_up = lambda ps: (
+            shards.given_up.append(sorted(ps)),
+            shards.owned.difference_update(ps),
         )
         super().__init__(
             shards=shards,  # type: ignore[arg-type]
             records=None,  # type: ignore[arg-type]
-            expiries=nothing_due,  # type: ignore[arg-type]
+            expiries=expiries,  # type: ignore[arg-type]
             pruning=nothing_due,  # type: ignore[arg-type]
-            exactly_once=True,
+            exactly_once=False,  # nothing to abort: `failed` is the test's
             group_id="g",
             changelog="c.changelog",
             counts=Counter(),
@@ -70,34 +91,46 @@ class GatedLoop(BatchLoop):
             time_ms=lambda p: 0,
             check_clock=lambda *a: None,
         )
-        self.gates: dict[tuple[int, int], asyncio.Future[None]] = {}
-        self.started: list[tuple[int, int]] = []
-        self.committed: list[tuple[int, int]] = []
-        self.failed_batches: list[tuple[int, int]] = []
+        self.gates: dict[Key, asyncio.Future[None]] = {}
+        self.decided: list[tuple[int, int]] = []
+        self.started: list[Key] = []
+        self.committed: list[Key] = []
+        self.failed_batches: list[Key] = []
+        self.isolated: list[tuple[int, int]] = []
+        self.poison: set[tuple[int, int]] = set()
 
-    def gate(self, p: int, first: int) -> asyncio.Future[None]:
-        return self.gates.setdefault((p, first), asyncio.get_running_loop().create_future())
+    def gate(self, key: Key) -> asyncio.Future[None]:
+        return self.gates.setdefault(key, asyncio.get_running_loop().create_future())
 
-    async def shard_batch(
-        self,
-        p: int,
-        batch: Batch,
-        expiries: list[Expire],
-        prunes: Prune,
-        *,
-        without_outputs: BaseException | None = None,
-    ) -> None:
-        first = batch.records[0].offset
-        self.started.append((p, first))
-        await self.gate(p, first)  # raises what the test sets on it
-        self.committed.append((p, first))
+    def _decide(self, p: int, batch: Batch, *args: Any) -> Any:
+        first = batch.records[0].offset if batch.records else -1
+        if (p, first) in self.poison:
+            raise RecordFault("a record that cannot be decided")
+        self.decided.append((p, first))
+        return [], []
+
+    @staticmethod
+    def _of(batches: dict[int, Batch]) -> Key:
+        return _key(*((p, b.records[0].offset if b.records else -1) for p, b in batches.items()))
+
+    async def _commit(self, batches: dict[int, Batch], decided: Any, times: Any) -> None:
+        key = self._of(batches)
+        self.started.append(key)
+        await self.gate(key)  # raises what the test sets on it
+        self.committed.append(key)
+        for batch in batches.values():
+            self.shards.next.update(batch.offsets)
+
+    async def failed(self, batches: dict[int, Batch], error: BaseException) -> None:
+        # As the real one does after an abort: back to the batches' first offsets.
+        self.failed_batches.append(self._of(batches))
+        for batch in batches.values():
+            for tp, offset in batch.first.items():
+                self.shards.next[tp] = offset
+
+    async def isolate(self, p: int, batch: Batch, error: BaseException, **_: Any) -> None:
+        self.isolated.append((p, batch.records[0].offset))
         self.shards.next.update(batch.offsets)
-
-    async def failed(self, p: int, batch: Batch, error: BaseException) -> None:
-        # As the real one does after an abort: back to the batch's first offsets.
-        self.failed_batches.append((p, batch.records[0].offset))
-        for tp, offset in batch.first.items():
-            self.shards.next[tp] = offset
 
 
 async def _spin() -> None:
@@ -105,68 +138,57 @@ async def _spin() -> None:
         await asyncio.sleep(0)
 
 
-async def test_a_shard_commits_while_another_shards_batch_is_still_in_flight() -> None:
+async def test_one_polls_shards_commit_in_one_transaction_in_the_background() -> None:
+    loop = GatedLoop([0, 1])
+    await loop.process({**_poll(0, 10, 11), **_poll(1, 5)})
+    await _spin()
+    assert loop.started == [_key((0, 10), (1, 5))]
+    assert loop.committed == []  # process returned with it in flight
+    loop.gate(_key((0, 10), (1, 5))).set_result(None)
+    assert await loop.drain() == set()
+    assert loop.committed == [_key((0, 10), (1, 5))]
+
+
+async def test_the_next_polls_batches_are_decided_only_after_the_transaction_committed() -> None:
     loop = GatedLoop([0, 1])
     await loop.process(_poll(0, 10, 11))
     await _spin()
-    assert loop.started == [(0, 10)]
-    # Shard 0's commit hangs; the next poll's shard 1 goes on without it.
-    await loop.process(_poll(1, 5))
+    polled = asyncio.create_task(loop.process({**_poll(0, 12, 13), **_poll(1, 5)}))
     await _spin()
-    loop.gate(1, 5).set_result(None)
-    await _spin()
-    assert loop.committed == [(1, 5)]
-    assert (0, 10) not in loop.committed
-    loop.gate(0, 10).set_result(None)
-    assert await loop.drain() == set()
-    assert loop.committed == [(1, 5), (0, 10)]
-
-
-async def test_a_shards_next_batch_starts_only_after_its_batch_in_flight_committed() -> None:
-    loop = GatedLoop([0])
-    await loop.process(_poll(0, 10, 11))
-    await _spin()
-    polled = asyncio.create_task(loop.process(_poll(0, 12, 13)))
-    await _spin()
-    assert not polled.done()  # waiting for shard 0's first batch
-    assert loop.started == [(0, 10)]
-    loop.gate(0, 10).set_result(None)
+    assert not polled.done()  # waiting for the first poll's transaction
+    assert loop.decided == [(0, 10)]  # shard 1's batch too: it is decided on committed state
+    loop.gate(_key((0, 10))).set_result(None)
     await polled
     await _spin()
-    assert loop.started == [(0, 10), (0, 12)]
-    loop.gate(0, 12).set_result(None)
+    assert loop.decided == [(0, 10), (0, 12), (1, 5)]
+    loop.gate(_key((0, 12), (1, 5))).set_result(None)
     await loop.drain()
-    assert loop.committed == [(0, 10), (0, 12)]
+    assert loop.committed == [_key((0, 10)), _key((0, 12), (1, 5))]
 
 
-async def test_records_polled_behind_a_failed_batch_are_dropped_and_read_again() -> None:
-    loop = GatedLoop([0])
-    await loop.process(_poll(0, 10, 11))
+async def test_records_polled_behind_a_failed_transaction_are_dropped_and_read_again() -> None:
+    loop = GatedLoop([0, 1])
+    await loop.process({**_poll(0, 10, 11), **_poll(1, 3)})
     await _spin()
-    loop.gate(0, 10).set_exception(ConnectionError("broker gone"))
-    # The poll after it carries offsets 12, 13, fetched before the batch failed.
-    await loop.process(_poll(0, 12, 13))
+    loop.gate(_key((0, 10), (1, 3))).set_exception(ConnectionError("broker gone"))
+    # The poll after it carries offsets fetched before the transaction failed.
+    await loop.process({**_poll(0, 12, 13), **_poll(1, 4)})
     await _spin()
-    assert loop.failed_batches == [(0, 10)]
-    assert loop.started == [(0, 10)]  # 12 and 13 were not applied over the gap
-    assert loop.shards.consumer.seeks == [(0, 10)]  # read again from the failed batch
-    assert loop.in_flight == {}
+    assert loop.failed_batches == [_key((0, 10), (1, 3))]
+    assert loop.decided == [(0, 10), (1, 3)]  # 12, 13 and 4 were not applied over the gap
+    assert sorted(loop.shards.consumer.seeks) == [(0, 10), (1, 3)]  # read again
+    assert loop.in_flight is None
 
 
-async def test_drain_waits_for_every_batch_and_names_the_failed_shards() -> None:
+async def test_drain_waits_for_the_transaction_and_names_its_shards_when_it_failed() -> None:
     loop = GatedLoop([0, 1, 2])
     await loop.process({**_poll(0, 1), **_poll(1, 1), **_poll(2, 1)})
     await _spin()
     drained = asyncio.create_task(loop.drain())
     await _spin()
     assert not drained.done()
-    loop.gate(0, 1).set_result(None)
-    loop.gate(1, 1).set_exception(TimeoutError())
-    await _spin()
-    assert not drained.done()
-    loop.gate(2, 1).set_result(None)
-    assert await drained == {1}
-    assert sorted(loop.committed) == [(0, 1), (2, 1)]
+    loop.gate(_key((0, 1), (1, 1), (2, 1))).set_exception(TimeoutError())
+    assert await drained == {0, 1, 2}
     assert loop.failed_batches == []  # not retried while the group changes
     assert loop.counts["batches_failed"] == 1
 
@@ -174,32 +196,66 @@ async def test_drain_waits_for_every_batch_and_names_the_failed_shards() -> None
 async def test_a_failure_that_ends_the_worker_still_ends_it_from_the_background() -> None:
     loop = GatedLoop([0])
 
-    async def give_up(p: int, batch: Batch, error: BaseException) -> None:
+    async def give_up(batches: dict[int, Batch], error: BaseException) -> None:
         raise error
 
     loop.failed = give_up  # type: ignore[method-assign]
     await loop.process(_poll(0, 1))
     await _spin()
-    loop.gate(0, 1).set_exception(RuntimeError("disk broken"))
+    loop.gate(_key((0, 1))).set_exception(RuntimeError("disk broken"))
     await _spin()
     with pytest.raises(RuntimeError, match="disk broken"):
         await loop.process({})
 
 
-class FakeProducer:
-    def __init__(self) -> None:
-        self.stopped = False
+async def test_a_shard_that_fails_to_decide_is_isolated_alone_after_the_others_commit() -> None:
+    loop = GatedLoop([0, 1])
+    loop.poison = {(1, 7)}
+    polled = asyncio.create_task(loop.process({**_poll(0, 2), **_poll(1, 7, 8)}))
+    await _spin()
+    assert loop.started == [_key((0, 2))]  # shard 1 is not in the poll's transaction
+    assert loop.isolated == []  # and waits for it: isolation uses the same producer
+    loop.gate(_key((0, 2))).set_result(None)
+    await polled
+    assert loop.isolated == [(1, 7)]
+    assert loop.committed == [_key((0, 2))]
 
-    async def stop(self) -> None:
-        self.stopped = True
+
+async def test_timers_on_a_shard_without_offsets_wait_for_a_later_poll() -> None:
+    expire = object()  # what is due does not matter: `_decide` is the test's
+    loop = GatedLoop([0, 1], due={0: [expire], 1: [expire]})
+    loop.shards.next[TopicPartition(T, 1)] = 40  # shard 1 consumed before; shard 0 never
+    await loop.process({})
+    await _spin()
+    # Shard 1's expiry goes, with its offsets; shard 0's would carry none: not now.
+    assert loop.started == [_key((1, -1))]
+    assert loop.rescans == 1
+    loop.gate(_key((1, -1))).set_result(None)
+    await loop.drain()
+
+
+async def test_a_transaction_the_group_refused_gives_its_shards_up_without_a_retry() -> None:
+    loop = GatedLoop([0, 1, 2])
+    await loop.process({**_poll(0, 1), **_poll(1, 1)})
+    await _spin()
+    loop.gate(_key((0, 1), (1, 1))).set_exception(StaleMember("ILLEGAL_GENERATION"))
+    await loop.process({**_poll(0, 2), **_poll(2, 9)})
+    await _spin()
+    assert loop.shards.given_up == [[0, 1]]
+    assert loop.failed_batches == []
+    assert loop.shards.owned == {2}
+    # The same poll's records of a shard given up are not applied; the others' are.
+    assert loop.started[-1] == _key((2, 9))
+    loop.gate(_key((2, 9))).set_result(None)
+    await loop.drain()
 
 
 async def test_a_rebalance_does_not_keep_a_shard_whose_batch_failed_in_flight(
     tmp_path: Any,
 ) -> None:
-    """`Shards.revoked` drains the batches in flight first; a shard whose batch failed is
-    neither kept through the rebalance nor served, and its producer is gone, so a new
-    assignment takes it over afresh (fenced, recovered, from the committed offsets)."""
+    """`Shards.revoked` drains the transaction in flight first; a shard whose batch failed
+    is neither kept through the rebalance nor served, so a new assignment takes it over
+    afresh (its offsets read stable, recovered, from the committed offsets)."""
     from streams.ownership import Shards
 
     watchdog = SimpleNamespace(assigned=lambda *a: None, partitions=[])
@@ -214,10 +270,9 @@ async def test_a_rebalance_does_not_keep_a_shard_whose_batch_failed_in_flight(
         counts=Counter(),
         watchdog=watchdog,  # type: ignore[arg-type]
         expiries=None,  # type: ignore[arg-type]
+        instance_id="i",
     )
     shards.consumer = SimpleNamespace(_coordinator=SimpleNamespace(generation=7))  # type: ignore[assignment]
-    producers = {p: FakeProducer() for p in (0, 1, 2)}
-    shards.producers = dict(producers)  # type: ignore[arg-type]
     shards.owned = {0, 1, 2}
 
     async def drain() -> set[int]:
@@ -228,5 +283,3 @@ async def test_a_rebalance_does_not_keep_a_shard_whose_batch_failed_in_flight(
     assert shards.held == {0, 2}
     assert shards.held_generation == 7
     assert shards.owned == set()
-    assert 1 not in shards.producers and producers[1].stopped
-    assert not producers[0].stopped and not producers[2].stopped
