@@ -230,14 +230,7 @@ class Shards:
             self.counts["taken_shards"] += len(new)
             self.recovering |= set(new)
             try:
-                if self.producer is None:
-                    await self.new_producer()
-                # What the previous owner committed, final (see the module's docstring).
-                committed = await self._committed(
-                    sorted(tp for tp in assigned if tp.partition in new)
-                )
-                await self._recover(new)
-                self._resume(committed)
+                await self._take_over(new, sorted(tp for tp in assigned if tp.partition in new))
             finally:
                 self.recovering -= set(new)
             self.owned |= set(new)
@@ -267,6 +260,30 @@ class Shards:
             return {p for p in shards if isinstance(p, int)}
         except (OSError, ValueError, TypeError):
             return set()
+
+    async def _take_over(self, new: list[int], tps: list[TopicPartition]) -> None:
+        """Take the new shards on (the steps: the module's docstring), with a producer.
+        Retried, with backoff, until the broker answers: a failure here would leave the
+        shards assigned to this worker and served by nobody (aiokafka logs a failed
+        rebalance callback and goes on), so a broker restart in the middle of an
+        assignment is waited out, like one in the middle of a take-over (`reclaim`)."""
+        delay = reclaim_backoff_first_s
+        while True:
+            try:
+                if self.producer is None:
+                    await self.new_producer()
+                # What the previous owner committed, final.
+                committed = await self._committed(tps)
+                await self._recover(new)
+                self._resume(committed)
+                return
+            except (KafkaError, OSError, TimeoutError) as exc:
+                if self.stopping.is_set():
+                    raise
+                log.warning("shards %s: cannot take them on yet (%r); retrying", new, exc)
+                await self.drop_producer()
+                await asyncio.sleep(delay)
+                delay = min(reclaim_backoff_max_s, delay * 2)
 
     async def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
         """The group's committed offsets of `tps`, once no open transaction holds offsets
