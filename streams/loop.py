@@ -233,6 +233,11 @@ class BatchLoop:
             except RecordFault as exc:
                 faults[p] = (batch, exc)
                 continue
+            finally:
+                # Deciding a whole poll takes seconds (128,000 records): between shards,
+                # the group's heartbeats and the web endpoints get their turn, or the
+                # group expels the worker at its session timeout.
+                await asyncio.sleep(0)
             batches[p] = batch
         work = {p: batches[p] for p in decided}
         if work:

@@ -326,11 +326,12 @@ class Shards:
             # with a retriable NOT_ENOUGH_REPLICAS (KIP-890 partition verification, see
             # aio-libs/aiokafka#1172), and the transaction coordinator answers a
             # transaction begun while the previous one's markers are being written with a
-            # retriable CONCURRENT_TRANSACTIONS: with one producer per worker every
-            # transaction starts right after the last one. The default 100 ms backoff would
-            # stall the worker; 10 ms made a paced command wait 18-20 ms per poll against
-            # 12-13 ms with 2 (`tally bench engine`, 20,000 commands, 8 partitions).
-            retry_backoff_ms=2,
+            # retriable CONCURRENT_TRANSACTIONS (with one producer per worker every
+            # transaction starts right after the last one). The default 100 ms backoff
+            # would stall the worker. 2 ms was tried: 5,551/s against 9,249/s with 10 at
+            # 64 partitions (`tally bench engine --count 100000`, back to back), the
+            # retries of a transaction touching ~190 partitions spinning the worker.
+            retry_backoff_ms=10,
         )
         member_offsets = MemberOffsets(producer) if self.exactly_once else None
         await producer.start()
