@@ -256,17 +256,24 @@ class BatchLoop:
         shards isolated or retried, as a failed batch always is). Returns the shards of a
         transaction that failed: each is then put back at the next offset it is to apply
         from, so the records of it polled meanwhile are stale and read again."""
-        commit, self.in_flight = self.in_flight, None
-        if commit is None:
+        failed = await self._finish()
+        if failed is None:
             return set()
-        await asyncio.wait([commit.task])
-        error = _failure(commit.task)
-        if error is None:
-            return set()
+        commit, error = failed
         await self._failed_commit(commit.batches, error)
         for p in commit.batches:
             self._resume_at_next(p)
         return set(commit.batches)
+
+    async def _finish(self) -> tuple[Commit, BaseException] | None:
+        """Wait for the transaction in flight, if one is; the transaction and why it
+        failed, if it did."""
+        commit, self.in_flight = self.in_flight, None
+        if commit is None:
+            return None
+        await asyncio.wait([commit.task])
+        error = _failure(commit.task)
+        return None if error is None else (commit, error)
 
     async def _failed_commit(self, batches: dict[int, Batch], error: BaseException) -> None:
         """A poll's transaction did not commit (its shards' staged state is discarded)."""
@@ -307,24 +314,17 @@ class BatchLoop:
         """Wait for the transaction in flight, before a rebalance or a stop. A failed one
         is not retried here (no retry while the group is changing): its shards are
         returned, to be taken over afresh, from what Kafka committed, if they stay this
-        worker's; its producer's transaction is ended (the producer replaced, when it
-        cannot abort, before the next assignment's first batch)."""
-        commit, self.in_flight = self.in_flight, None
-        if commit is None:
+        worker's; its producer's transaction is ended (aborted, or the producer
+        replaced)."""
+        failed = await self._finish()
+        if failed is None:
             return set()
-        await asyncio.wait([commit.task])
-        error = _failure(commit.task)
-        if error is None:
-            return set()
+        commit, error = failed
         self.counts["batches_failed"] += 1
         log.warning(
             "shards %s: batch failed (%r) as the group changed", sorted(commit.batches), error
         )
-        if self.exactly_once and self.shards.producer is not None:
-            try:
-                await self.shards.producer.abort_transaction()
-            except Exception:
-                await self.shards.drop_producer()  # `Shards.assigned` makes a new one
+        await self._abort_or_renew()
         return set(commit.batches)
 
     def _resume_at_next(self, p: int) -> None:

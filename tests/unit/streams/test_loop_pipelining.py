@@ -250,16 +250,12 @@ async def test_a_transaction_the_group_refused_gives_its_shards_up_without_a_ret
     await loop.drain()
 
 
-async def test_a_rebalance_does_not_keep_a_shard_whose_batch_failed_in_flight(
-    tmp_path: Any,
-) -> None:
-    """`Shards.revoked` drains the transaction in flight first; a shard whose batch failed
-    is neither kept through the rebalance nor served, so a new assignment takes it over
-    afresh (its offsets read stable, recovered, from the committed offsets)."""
+def _shards(tmp_path: Any) -> Any:
+    """Real `Shards` with nothing behind them: no broker, a watchdog and expiries that
+    take any call."""
     from streams.ownership import Shards
 
-    watchdog = SimpleNamespace(assigned=lambda *a: None, partitions=[])
-    shards = Shards(
+    return Shards(
         bootstrap="127.0.0.1:1",
         group_id="g",
         changelog="c.changelog",
@@ -268,11 +264,20 @@ async def test_a_rebalance_does_not_keep_a_shard_whose_batch_failed_in_flight(
         lock=asyncio.Lock(),
         stopping=asyncio.Event(),
         counts=Counter(),
-        watchdog=watchdog,  # type: ignore[arg-type]
-        expiries=None,  # type: ignore[arg-type]
+        watchdog=SimpleNamespace(assigned=lambda *a: None, partitions=[]),  # type: ignore[arg-type]
+        expiries=SimpleNamespace(rescan_soon=lambda: None),  # type: ignore[arg-type]
         instance_id="i",
     )
-    shards.consumer = SimpleNamespace(_coordinator=SimpleNamespace(generation=7))  # type: ignore[assignment]
+
+
+async def test_a_rebalance_does_not_keep_a_shard_whose_batch_failed_in_flight(
+    tmp_path: Any,
+) -> None:
+    """`Shards.revoked` drains the transaction in flight first; a shard whose batch failed
+    is neither kept through the rebalance nor served, so a new assignment takes it over
+    afresh (its offsets read stable, recovered, from the committed offsets)."""
+    shards = _shards(tmp_path)
+    shards.consumer = SimpleNamespace(_coordinator=SimpleNamespace(generation=7))
     shards.owned = {0, 1, 2}
 
     async def drain() -> set[int]:
@@ -294,27 +299,13 @@ async def test_an_assignment_cut_off_by_the_broker_is_retried_until_its_shards_a
     from aiokafka.errors import KafkaConnectionError
 
     from streams import ownership
-    from streams.ownership import Shards
 
-    watchdog = SimpleNamespace(assigned=lambda *a: None, partitions=[])
-    shards = Shards(
-        bootstrap="127.0.0.1:1",
-        group_id="g",
-        changelog="c.changelog",
-        data_dir=tmp_path,
-        exactly_once=True,
-        lock=asyncio.Lock(),
-        stopping=asyncio.Event(),
-        counts=Counter(),
-        watchdog=watchdog,  # type: ignore[arg-type]
-        expiries=SimpleNamespace(rescan_soon=lambda: None),  # type: ignore[arg-type]
-        instance_id="i",
-    )
-    shards.consumer = SimpleNamespace(_coordinator=SimpleNamespace(generation=3))  # type: ignore[assignment]
+    shards = _shards(tmp_path)
+    shards.consumer = SimpleNamespace(_coordinator=SimpleNamespace(generation=3))
     reads: list[int] = []
 
     async def new_producer() -> None:
-        shards.producer = object()  # type: ignore[assignment]
+        shards.producer = object()
 
     async def committed(tps: list[Any]) -> dict[Any, int | None]:
         reads.append(len(tps))
@@ -325,10 +316,10 @@ async def test_an_assignment_cut_off_by_the_broker_is_retried_until_its_shards_a
     async def nothing(*a: Any) -> None:
         return None
 
-    shards.new_producer = new_producer  # type: ignore[method-assign]
-    shards._committed = committed  # type: ignore[method-assign]
-    shards._recover = nothing  # type: ignore[method-assign]
-    shards.drop_producer = nothing  # type: ignore[method-assign]
+    shards.new_producer = new_producer
+    shards._committed = committed
+    shards._recover = nothing
+    shards.drop_producer = nothing
     original, ownership.reclaim_backoff_first_s = ownership.reclaim_backoff_first_s, 0.0
     try:
         await shards.assigned({TopicPartition(T, 0), TopicPartition(T, 1)})
