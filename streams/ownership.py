@@ -92,8 +92,8 @@ def fenced(error: BaseException, producer: AIOKafkaProducer | None) -> bool:
 
 
 class Shards:
-    """The shards this worker owns, their stores and transactional producers, and where
-    each of their source partitions is to be applied from."""
+    """The shards this worker owns, their stores, the worker's one producer, and where
+    each of the shards' source partitions is to be applied from."""
 
     def __init__(
         self,
@@ -171,8 +171,8 @@ class Shards:
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
         """The group is rebalancing: stop serving the revoked shards, but keep their
-        producers, stores and next offsets until the assignment says whether they come
-        back (see the module's docstring)."""
+        stores and next offsets until the assignment says whether they come back (see
+        the module's docstring)."""
         async with self.lock:
             # A shard whose batch failed as the group changed is not kept: it is taken
             # over afresh if it comes back.
