@@ -54,7 +54,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 from core.settings import Settings
 from streams import agreement, kafka_internals, ownership
@@ -191,10 +191,6 @@ class Engine:
     @property
     def stores(self) -> dict[int, ShardStore]:
         return self.shards.stores
-
-    @property
-    def producer(self) -> AIOKafkaProducer | None:
-        return self.shards.producer
 
     @property
     def owned(self) -> set[int]:

@@ -10,8 +10,8 @@ offsets for them is still open. aiokafka sends TxnOffsetCommit v0 (no generation
 OffsetFetch up to v3 (no require_stable), so both are written here from Kafka's message
 definitions (clients/src/main/resources/common/message/TxnOffsetCommitRequest.json, v3,
 and OffsetFetchRequest.json, v7; both flexible versions) with aiokafka's own protocol
-types. `tests/unit/streams/test_group_commit.py` checks the encoding byte by byte, and
-the integration tests send both to the real broker.
+types. `tests/integration/test_group_commit.py` sends both to the real broker, which
+parses them and answers as the fencing needs (refusals, waits, offsets).
 """
 
 from __future__ import annotations
@@ -61,6 +61,20 @@ class StaleMember(errors.KafkaError):  # type: ignore[misc]
     to be aborted; nothing of it becomes visible."""
 
 
+def _per_topic(*partition_fields: tuple[str, Any]) -> tuple[str, CompactArray]:
+    """The `topics` field these messages share: per topic its name and its partitions,
+    each partition `partition_fields` (and, as each level of a flexible message, tagged
+    fields)."""
+    return (
+        "topics",
+        CompactArray(
+            ("name", CompactString("utf-8")),
+            ("partitions", CompactArray(*partition_fields, ("tags", TaggedFields))),
+            ("tags", TaggedFields),
+        ),
+    )
+
+
 # TxnOffsetCommit v3 ----------------------------------------------------------------------
 
 
@@ -69,19 +83,7 @@ class TxnOffsetCommitResponse_v3(Response):  # type: ignore[misc]
     API_VERSION = 3
     SCHEMA = Schema(
         ("throttle_time_ms", Int32),
-        (
-            "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("partition_index", Int32), ("error_code", Int16), ("tags", TaggedFields)
-                    ),
-                ),
-                ("tags", TaggedFields),
-            ),
-        ),
+        _per_topic(("partition_index", Int32), ("error_code", Int16)),
         ("tags", TaggedFields),
     )
 
@@ -99,22 +101,11 @@ class TxnOffsetCommitRequest_v3(RequestStruct):  # type: ignore[misc]
         ("generation_id", Int32),
         ("member_id", CompactString("utf-8")),
         ("group_instance_id", CompactString("utf-8")),
-        (
-            "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("partition_index", Int32),
-                        ("committed_offset", Int64),
-                        ("committed_leader_epoch", Int32),
-                        ("committed_metadata", CompactString("utf-8")),
-                        ("tags", TaggedFields),
-                    ),
-                ),
-                ("tags", TaggedFields),
-            ),
+        _per_topic(
+            ("partition_index", Int32),
+            ("committed_offset", Int64),
+            ("committed_leader_epoch", Int32),
+            ("committed_metadata", CompactString("utf-8")),
         ),
         ("tags", TaggedFields),
     )
@@ -221,23 +212,12 @@ class OffsetFetchResponse_v7(Response):  # type: ignore[misc]
     API_VERSION = 7
     SCHEMA = Schema(
         ("throttle_time_ms", Int32),
-        (
-            "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("partition_index", Int32),
-                        ("committed_offset", Int64),
-                        ("committed_leader_epoch", Int32),
-                        ("metadata", CompactString("utf-8")),
-                        ("error_code", Int16),
-                        ("tags", TaggedFields),
-                    ),
-                ),
-                ("tags", TaggedFields),
-            ),
+        _per_topic(
+            ("partition_index", Int32),
+            ("committed_offset", Int64),
+            ("committed_leader_epoch", Int32),
+            ("metadata", CompactString("utf-8")),
+            ("error_code", Int16),
         ),
         ("error_code", Int16),
         ("tags", TaggedFields),
