@@ -412,8 +412,10 @@ class Engine:
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[None]:
         """Hold off batches while a view reads. A batch's results are visible to
-        clients from its Kafka commit, and its RocksDB write follows the commit inside
-        the same locked section; a view that reads under the lock therefore shows
-        every result a client can already have seen (read-your-writes)."""
+        clients from its Kafka commit, and its RocksDB write follows the commit in the
+        background (`BatchLoop.in_flight`); a view that reads under the lock, once the
+        transaction in flight has ended, therefore shows every result a client can
+        already have seen (read-your-writes)."""
         async with self.lock:
+            await self.loop.quiet()
             yield

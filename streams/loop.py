@@ -265,6 +265,13 @@ class BatchLoop:
             self._resume_at_next(p)
         return set(commit.batches)
 
+    async def quiet(self) -> None:
+        """Wait until the transaction in flight, if one is, has ended: committed and
+        written to its stores, or failed with its staged state discarded. Its outcome is
+        left for the next poll to handle."""
+        if self.in_flight is not None:
+            await asyncio.wait([self.in_flight.task])
+
     async def _finish(self) -> tuple[Commit, BaseException] | None:
         """Wait for the transaction in flight, if one is; the transaction and why it
         failed, if it did."""

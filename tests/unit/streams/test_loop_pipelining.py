@@ -329,3 +329,20 @@ async def test_an_assignment_cut_off_by_the_broker_is_retried_until_its_shards_a
     assert shards.owned == {0, 1}
     assert shards.recovering == set()
     assert shards.next == {TopicPartition(T, 0): 5, TopicPartition(T, 1): 5}
+
+
+async def test_a_view_reads_only_once_the_transaction_in_flight_has_reached_the_stores() -> None:
+    """Read-your-writes: a committed result is visible to clients before its batch reaches
+    RocksDB (that happens after the commit, in the background), so a strong read waits
+    for the transaction in flight (`quiet`, used by `Engine.reading`)."""
+    loop = GatedLoop([0])
+    await loop.process(_poll(0, 4))
+    await _spin()
+    reading = asyncio.create_task(loop.quiet())
+    await _spin()
+    assert not reading.done()
+    loop.gate(_key((0, 4))).set_result(None)
+    await reading
+    assert loop.committed == [_key((0, 4))]
+    assert loop.in_flight is not None  # its outcome is still the next poll's to handle
+    await loop.drain()
