@@ -165,6 +165,7 @@ class Engine:
             group_id=self.group_id,
             changelog=self.changelog,
             counts=self.counts,
+            poll_max_records=poll_max_records,
             now_ms=self._now_ms,
             time_ms=self._time_ms,
             check_clock=self._check_clock,

@@ -2,10 +2,12 @@
 
 aiokafka has no public call for these things the engine needs: why a producer's sender
 stopped, asking the group for a rebalance, a partition's position without waiting for an
-offset reset, the group generation and member id it joined as, leaving the group as a
-static member, the group's coordinator and the consumer's client (to send it requests
-aiokafka has not got, `streams.group_commit`), sending a transaction's offsets with
-another handler, and failing a transaction so that its abort reaches the broker.
+offset reset, the group generation and member id it joined as, whether a rebalance is
+under way, leaving the group as a static member, the group's coordinator and the
+consumer's client (to send it requests aiokafka has not got, `streams.group_commit`),
+sending a transaction's offsets with another handler, failing a transaction so that its
+abort reaches the broker, and how soon a transaction begun during the previous one's
+markers asks again.
 Each reads (or sets) an internal attribute and falls back quietly when it is missing, so
 that a worker never breaks on it; `tests/unit/streams/test_kafka_internals.py` pins every
 one of them against the installed aiokafka, so an upgrade that moves them fails there,
@@ -21,6 +23,7 @@ from typing import Any
 from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.client import CoordinationType
 from aiokafka.errors import GroupAuthorizationFailedError
+from aiokafka.producer import sender as sender_module
 from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.structs import TopicPartition
 
@@ -150,6 +153,25 @@ def commit_offsets_with(
         await handler(sender, offsets, group_id).do(node_id)
 
     sender._do_txn_offset_commit = _do_txn_offset_commit
+
+
+def reassigning(consumer: AIOKafkaConsumer | None) -> bool:
+    """Whether the group is between a revocation and the next assignment (a `getmany`
+    would wait for the assignment). True when it cannot be told, so that a caller that
+    must not wait does not poll. Reads `consumer._subscription.reassignment_in_progress`."""
+    try:
+        return bool(consumer._subscription.reassignment_in_progress)  # type: ignore[union-attr]
+    except AttributeError:
+        return True
+
+
+def begin_transactions_sooner(backoff_s: float) -> None:
+    """Retry a transaction's first AddPartitionsToTxn every `backoff_s` while the
+    coordinator answers CONCURRENT_TRANSACTIONS (it is still writing the previous
+    transaction's markers, KAFKA-5477), instead of aiokafka's fixed 20 ms. Process-wide:
+    sets `aiokafka.producer.sender.BACKOFF_OVERRIDE`, which aiokafka reads only for that
+    answer to a transaction's first partitions."""
+    sender_module.BACKOFF_OVERRIDE = backoff_s
 
 
 def fail_transaction(sender: Any, error: BaseException) -> None:

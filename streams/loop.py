@@ -10,7 +10,9 @@ to their payees' shards), so a transaction per shard made each poll cost the bro
 shards x partitions; one per poll costs it the partitions once. The transaction is
 committed in the background (`BatchLoop.in_flight`) while the next poll is fetched; the
 next poll's batches are decided only after it committed (each batch is decided on the
-state its predecessor committed). A rebalance and a stop first wait for it (`drain`).
+state its predecessor committed), and with them the records the consumer fetched while
+it was committing (`_joined`), which would otherwise wait for one more transaction. A
+rebalance and a stop first wait for it (`drain`).
 
 Per shard with work in a poll: its records are decided (`streams.records`) against the
 shard's `ShardStore`, with the hold expiries and prunes that are due (`streams.timers`);
@@ -158,6 +160,7 @@ class BatchLoop:
         group_id: str,
         changelog: str,
         counts: Counter[str],
+        poll_max_records: int,
         now_ms: Callable[[], int],
         time_ms: Callable[[int], int],
         check_clock: Callable[[int, Any], None],
@@ -170,6 +173,7 @@ class BatchLoop:
         self.group_id = group_id
         self.changelog = changelog
         self.counts = counts
+        self.poll_max_records = poll_max_records
         # The engine's clock (see `streams.engine`): now, shard p's time for its next
         # batch, and the check of a committed batch's time against the broker's.
         self.now_ms = now_ms
@@ -205,6 +209,8 @@ class BatchLoop:
         previous poll's transaction has committed, and all of them started committing in
         the background, in one transaction; a failed one isolated or retried."""
         rewound = await self._settle()
+        if not rewound:
+            polled = await self._joined(polled)
         now = time.monotonic()
         owned, stores = self.shards.owned, self.shards.stores
         expiries = self.expiries.due(now, self.now_ms(), owned, stores)
@@ -250,6 +256,29 @@ class BatchLoop:
                 if p in self.shards.owned and p not in rewound:
                     await self.isolate(p, batch, why)
                     self._resume_at_next(p)
+
+    async def _joined(
+        self, polled: dict[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, list[Any]]:
+        """The poll and, after it, the records the consumer fetched since (while the
+        transaction in flight was committed), up to poll_max_records in all. Left for the
+        next poll, they would wait for the transaction this poll is about to begin too:
+        at a low rate, most of a command's latency. Only what is already fetched is
+        taken (no timeout: `getmany` then returns at once), and not during a rebalance
+        (it would wait for the assignment, holding the engine's lock the assignment
+        needs). Called only when no shard was rewound, so the consumer's positions follow
+        the poll's records."""
+        consumer = self.shards.consumer
+        room = self.poll_max_records - sum(len(records) for records in polled.values())
+        if consumer is None or room <= 0 or kafka_internals.reassigning(consumer):
+            return polled
+        more = await consumer.getmany(timeout_ms=0, max_records=room)
+        if not more:
+            return polled
+        joined = {tp: list(records) for tp, records in polled.items()}
+        for tp, records in more.items():
+            joined.setdefault(tp, []).extend(records)
+        return joined
 
     async def _settle(self) -> set[int]:
         """Wait for the poll's transaction in flight, and handle it if it failed (its

@@ -158,3 +158,35 @@ async def test_the_group_fencing_internals_are_where_the_engine_looks() -> None:
     assert isinstance(offsets_future.exception(), RuntimeError)
     await producer.stop()
     await consumer.stop()
+
+
+async def test_a_rebalance_under_way_is_read_from_the_consumers_subscription() -> None:
+    """`reassigning` follows aiokafka's own flag, the one `getmany` waits on; with no
+    consumer to read it says True (the loop then does not poll under its lock)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=NOWHERE)
+    consumer.subscribe(["t"])
+    tp = TopicPartition("t", 0)
+    consumer._subscription.assign_from_subscribed({tp})
+    assert kafka_internals.reassigning(consumer) is False
+    consumer._subscription.begin_reassignment()
+    assert kafka_internals.reassigning(consumer) is True
+    consumer._subscription.assign_from_subscribed({tp})
+    assert kafka_internals.reassigning(consumer) is False
+    assert kafka_internals.reassigning(SimpleNamespace()) is True  # type: ignore[arg-type]
+    assert kafka_internals.reassigning(None) is True
+    await consumer.stop()
+
+
+def test_the_backoff_of_a_transaction_begun_during_markers_is_the_one_aiokafka_reads() -> None:
+    from aiokafka.producer import sender
+    from aiokafka.producer.sender import AddPartitionsToTxnHandler
+
+    # aiokafka answers CONCURRENT_TRANSACTIONS on a transaction's first partitions with
+    # the module's BACKOFF_OVERRIDE, read when the answer comes (a global, not a copy).
+    assert "return BACKOFF_OVERRIDE" in inspect.getsource(AddPartitionsToTxnHandler)
+    original = sender.BACKOFF_OVERRIDE
+    try:
+        kafka_internals.begin_transactions_sooner(0.003)
+        assert sender.BACKOFF_OVERRIDE == 0.003
+    finally:
+        sender.BACKOFF_OVERRIDE = original

@@ -4,7 +4,8 @@ once it committed; a transaction that failed in the background puts its shards b
 before anything polled for them since is applied; a shard whose records fail to decide
 is isolated alone, after the others committed; timers on a shard with no offsets wait; a
 transaction the group refused gives its shards up; a rebalance does not keep a shard
-whose batch failed in flight.
+whose batch failed in flight; records fetched while a transaction commits join the next
+poll's batches, except behind a failed transaction or during a rebalance.
 
 Only the scheduling is under test: `_decide` and `_commit` are replaced by ones whose
 commits the test releases by hand, and `failed` by one that rewinds like the real one
@@ -36,12 +37,25 @@ def _poll(partition: int, *offsets: int) -> dict[Any, list[Any]]:
 
 
 class FakeConsumer:
+    """Assigned `partitions`; `fetched` holds what it has fetched and not yet returned,
+    as aiokafka's buffer does (`getmany` with no timeout returns it at once)."""
+
     def __init__(self, partitions: list[int]) -> None:
         self.tps = {TopicPartition(T, p) for p in partitions}
         self.seeks: list[tuple[int, int]] = []
+        self.fetched: list[Any] = []
+        self._subscription = SimpleNamespace(reassignment_in_progress=False)
 
     def assignment(self) -> set[Any]:
         return self.tps
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+        assert timeout_ms == 0  # the loop never waits for records under the lock
+        taken, self.fetched = self.fetched[:max_records], self.fetched[max_records:]
+        polled: dict[Any, list[Any]] = {}
+        for record in taken:
+            polled.setdefault(TopicPartition(record.topic, record.partition), []).append(record)
+        return polled
 
     def seek(self, tp: Any, offset: int) -> None:
         self.seeks.append((tp.partition, offset))
@@ -58,7 +72,12 @@ def _key(*shards: tuple[int, int]) -> Key:
 class GatedLoop(BatchLoop):
     """A loop whose transactions commit when the test says so, and say so."""
 
-    def __init__(self, partitions: list[int], due: dict[int, list[Any]] | None = None) -> None:
+    def __init__(
+        self,
+        partitions: list[int],
+        due: dict[int, list[Any]] | None = None,
+        poll_max_records: int = 1000,
+    ) -> None:
         self.rescans = 0
 
         def rescan() -> None:
@@ -87,12 +106,14 @@ class GatedLoop(BatchLoop):
             group_id="g",
             changelog="c.changelog",
             counts=Counter(),
+            poll_max_records=poll_max_records,
             now_ms=lambda: 0,
             time_ms=lambda p: 0,
             check_clock=lambda *a: None,
         )
         self.gates: dict[Key, asyncio.Future[None]] = {}
         self.decided: list[tuple[int, int]] = []
+        self.offsets_decided: list[tuple[int, list[int]]] = []
         self.started: list[Key] = []
         self.committed: list[Key] = []
         self.failed_batches: list[Key] = []
@@ -107,6 +128,7 @@ class GatedLoop(BatchLoop):
         if (p, first) in self.poison:
             raise RecordFault("a record that cannot be decided")
         self.decided.append((p, first))
+        self.offsets_decided.append((p, [r.offset for r in batch.records]))
         return [], []
 
     @staticmethod
@@ -247,6 +269,62 @@ async def test_a_transaction_the_group_refused_gives_its_shards_up_without_a_ret
     # The same poll's records of a shard given up are not applied; the others' are.
     assert loop.started[-1] == _key((2, 9))
     loop.gate(_key((2, 9))).set_result(None)
+    await loop.drain()
+
+
+async def test_records_fetched_while_the_transaction_commits_join_the_next_polls_batches() -> None:
+    loop = GatedLoop([0, 1, 2])
+    await loop.process(_poll(0, 10))
+    await _spin()
+    polled = asyncio.create_task(loop.process(_poll(0, 11)))
+    await _spin()
+    # Fetched while the first transaction is in flight: the same shard's next records
+    # and a shard the poll had none of.
+    loop.shards.consumer.fetched = [_record(0, 12), _record(0, 13), _record(2, 4)]
+    loop.gate(_key((0, 10))).set_result(None)
+    await polled
+    assert loop.offsets_decided[1:] == [(0, [11, 12, 13]), (2, [4])]
+    assert loop.started[-1] == _key((0, 11), (2, 4))
+    assert loop.in_flight is not None
+    assert loop.in_flight.batches[0].offsets == {TopicPartition(T, 0): 14}
+    loop.gate(_key((0, 11), (2, 4))).set_result(None)
+    await loop.drain()
+
+
+async def test_no_more_records_are_taken_than_a_poll_holds() -> None:
+    loop = GatedLoop([0], poll_max_records=3)
+    loop.shards.consumer.fetched = [_record(0, o) for o in (12, 13, 14, 15)]
+    await loop.process(_poll(0, 10, 11))
+    await _spin()
+    assert loop.offsets_decided == [(0, [10, 11, 12])]
+    assert [r.offset for r in loop.shards.consumer.fetched] == [13, 14, 15]
+    loop.gate(_key((0, 10))).set_result(None)
+    await loop.drain()
+
+
+async def test_nothing_fetched_is_taken_behind_a_failed_transaction() -> None:
+    """Its shards were put back at their next offsets: what the consumer holds beyond is
+    stale, and taking it would advance the positions past records never applied."""
+    loop = GatedLoop([0, 1])
+    await loop.process({**_poll(0, 10), **_poll(1, 3)})
+    await _spin()
+    loop.gate(_key((0, 10), (1, 3))).set_exception(ConnectionError("broker gone"))
+    loop.shards.consumer.fetched = [_record(0, 11), _record(1, 4)]
+    await loop.process({})
+    await _spin()
+    assert len(loop.shards.consumer.fetched) == 2
+    assert loop.decided == [(0, 10), (1, 3)]
+
+
+async def test_nothing_fetched_is_taken_during_a_rebalance() -> None:
+    loop = GatedLoop([0])
+    loop.shards.consumer._subscription.reassignment_in_progress = True
+    loop.shards.consumer.fetched = [_record(0, 11)]
+    await loop.process(_poll(0, 10))
+    await _spin()
+    assert loop.offsets_decided == [(0, [10])]
+    assert len(loop.shards.consumer.fetched) == 1
+    loop.gate(_key((0, 10))).set_result(None)
     await loop.drain()
 
 
