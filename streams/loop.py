@@ -208,7 +208,8 @@ class BatchLoop:
         """One poll: every shard's batch (with what its timers have due) decided once the
         previous poll's transaction has committed, and all of them started committing in
         the background, in one transaction; a failed one isolated or retried."""
-        rewound = await self._settle()
+        failed = await self._settle()
+        rewound = set(failed)
         if not rewound:
             polled = await self._joined(polled)
         now = time.monotonic()
@@ -218,6 +219,8 @@ class BatchLoop:
         if rewound & set(expiries):
             self.expiries.rescan_soon()
         batches = self._batches(polled)
+        for p in rewound & set(batches):
+            self._read_again(batches[p], failed[p])
         decided: dict[int, tuple[list[Output], list[tuple[bytes, bytes | None]]]] = {}
         times: dict[int, int] = {}
         faults: dict[int, tuple[Batch, RecordFault]] = {}
@@ -251,7 +254,7 @@ class BatchLoop:
             self.in_flight = Commit(task, work)
         if faults:
             # Isolated one by one, with the worker's one producer: after the rest.
-            rewound = await self._settle()
+            rewound = set(await self._settle())
             for p, (batch, why) in faults.items():
                 if p in self.shards.owned and p not in rewound:
                     await self.isolate(p, batch, why)
@@ -280,19 +283,36 @@ class BatchLoop:
             joined.setdefault(tp, []).extend(records)
         return joined
 
-    async def _settle(self) -> set[int]:
+    async def _settle(self) -> dict[int, Batch]:
         """Wait for the poll's transaction in flight, and handle it if it failed (its
-        shards isolated or retried, as a failed batch always is). Returns the shards of a
-        transaction that failed: each is then put back at the next offset it is to apply
-        from, so the records of it polled meanwhile are stale and read again."""
+        shards isolated or retried, as a failed batch always is). Returns the batches of
+        a transaction that failed, by shard: each shard is then put back at the next
+        offset it is to apply from, so the records of it polled meanwhile are stale and
+        read again (`_read_again`)."""
         failed = await self._finish()
         if failed is None:
-            return set()
+            return {}
         commit, error = failed
         await self._failed_commit(commit.batches, error)
         for p in commit.batches:
             self._resume_at_next(p)
-        return set(commit.batches)
+        return commit.batches
+
+    def _read_again(self, stale: Batch, failed: Batch) -> None:
+        """Records of a shard whose transaction failed, polled after it and dropped: each
+        of their partitions must be read again from where they start. Those of the failed
+        batch, and those the shard stands somewhere in, were put back already (by its
+        handling, `_resume_at_next`); a partition in neither (one the shard never
+        committed an offset of, its first records in this poll) is put back here, or its
+        records would be passed over for good once a later batch commits past them."""
+        consumer = self.shards.consumer
+        if consumer is None:
+            return
+        for tp, first in stale.first.items():
+            if tp.partition not in self.shards.owned:
+                return  # given up: its next owner reads it from the committed offsets
+            if tp not in failed.first and tp not in self.shards.next:
+                consumer.seek(tp, first)
 
     async def quiet(self) -> None:
         """Wait until the transaction in flight, if one is, has ended: committed and

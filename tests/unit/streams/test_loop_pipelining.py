@@ -43,6 +43,7 @@ class FakeConsumer:
     def __init__(self, partitions: list[int]) -> None:
         self.tps = {TopicPartition(T, p) for p in partitions}
         self.seeks: list[tuple[int, int]] = []
+        self.positions: dict[Any, int] = {}
         self.fetched: list[Any] = []
         self._subscription = SimpleNamespace(reassignment_in_progress=False)
 
@@ -59,6 +60,7 @@ class FakeConsumer:
 
     def seek(self, tp: Any, offset: int) -> None:
         self.seeks.append((tp.partition, offset))
+        self.positions[tp] = offset
 
 
 Key = frozenset[tuple[int, int]]
@@ -200,6 +202,23 @@ async def test_records_polled_behind_a_failed_transaction_are_dropped_and_read_a
     assert loop.decided == [(0, 10), (1, 3)]  # 12, 13 and 4 were not applied over the gap
     assert sorted(loop.shards.consumer.seeks) == [(0, 10), (1, 3)]  # read again
     assert loop.in_flight is None
+
+
+async def test_a_partition_first_read_behind_a_failed_transaction_is_read_again() -> None:
+    """Shard 0's internal partition has no committed offset (the shard never had a
+    credit) and gets its first record in the poll behind a failed transaction: dropped
+    with that poll, it must be read again, or the next batch commits past it and the
+    credit is never applied."""
+    internal = TopicPartition("c.internal", 0)
+    loop = GatedLoop([0])
+    await loop.process(_poll(0, 10))
+    await _spin()
+    loop.gate(_key((0, 10))).set_exception(ConnectionError("broker gone"))
+    credit = SimpleNamespace(topic="c.internal", partition=0, offset=0)
+    await loop.process({**_poll(0, 11), internal: [credit]})
+    await _spin()
+    assert loop.decided == [(0, 10)]
+    assert loop.shards.consumer.positions == {TopicPartition(T, 0): 10, internal: 0}
 
 
 async def test_drain_waits_for_the_transaction_and_names_its_shards_when_it_failed() -> None:
