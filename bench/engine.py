@@ -17,7 +17,8 @@ machine starts from, and the normaliser of the "vs pipe" column. The batched pip
 information, is the same loop sending one Kafka batch per partition per poll, as the
 engine does: the best a plain aiokafka pipe reaches here. The worker's CPU seconds
 over the drain (commands per CPU second) are reported beside the rates: on a shared
-machine they move less than wall-clock rates do.
+machine they move less than wall-clock rates do; so does "on commit", the share of the
+drain the worker spent waiting for its transaction in flight.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ ENGINE_COLUMNS = (
     Column("p99 ms", 9, ".1f"),
     Column("vs pipe", 9, ".1%"),
     Column("per CPU s", 11, ",.0f"),
+    Column("on commit", 11, ".0%"),
 )
 
 
@@ -81,6 +83,10 @@ class EngineResult:
     # second: steadier than wall time on a shared, noisy machine.
     worker_cpu_s: float
     commands_per_cpu_s: float
+    # The share of the drain the workers spent waiting for their transaction in flight,
+    # with nothing else to decide (their `commit_wait_ms` count): steadier than the rates
+    # on a shared machine, and what deciding while committing could win at most.
+    waiting_on_commit: float
 
 
 def _records(records: list[Record]) -> list[tuple[str, bytes, int | None]]:
@@ -129,14 +135,17 @@ async def engine_phase(
         await asyncio.gather(*(p.start() for p in procs))
         ready_at = time.monotonic()
         cpu_at_start = sum(_cpu_s(p) for p in procs)
+        wait_at_start = sum(await asyncio.gather(*(_commit_wait_ms(p) for p in procs)))
         done = all_answered(expected)
         if not await collector.wait_for(done, timeout_s=drain_timeout_s, say=say):
             raise BenchError(f"engine did not drain {count} commands in {drain_timeout_s}s")
         worker_cpu_s = sum(_cpu_s(p) for p in procs) - cpu_at_start
+        wait_ms = sum(await asyncio.gather(*(_commit_wait_ms(p) for p in procs))) - wait_at_start
         results = collector.results
         client_times = [results.received_at[i] for i in expected]
         first = min(ready_at, *results.received_at.values())
-        applied_rate = len(client_times) / max(max(client_times) - first, 1e-9)
+        drain_s = max(max(client_times) - first, 1e-9)
+        applied_rate = len(client_times) / drain_s
         results_rate = results.count / max(results.last_at - first, 1e-9)
         say(
             f"[{guarantee}] measuring latency at {latency_rate_per_s}/s for {latency_seconds}s"
@@ -159,7 +168,14 @@ async def engine_phase(
         latency_samples=len(latencies),
         worker_cpu_s=worker_cpu_s,
         commands_per_cpu_s=len(work.records) / worker_cpu_s if worker_cpu_s > 0 else math.nan,
+        waiting_on_commit=wait_ms / 1000 / drain_s / workers,
     )
+
+
+async def _commit_wait_ms(proc: EngineProcess) -> int:
+    """The worker's time so far waiting for its transaction in flight (/readyz)."""
+    counts = (await proc.readyz()).get("counts", {})
+    return int(counts.get("commit_wait_ms", 0))
 
 
 def _cpu_s(proc: EngineProcess) -> float:
@@ -343,7 +359,7 @@ async def run(
     rows: list[tuple[object, ...]] = [
         (f"engine {e.guarantee}" + (f" x{e.workers}" if e.workers > 1 else ""),
          e.applied_per_s, e.results_per_s, e.latency_p50_ms, e.latency_p99_ms,
-         e.applied_per_s / pipe, e.commands_per_cpu_s)
+         e.applied_per_s / pipe, e.commands_per_cpu_s, e.waiting_on_commit)
         for e in engines
     ]  # fmt: skip
     rows += [

@@ -327,7 +327,11 @@ class BatchLoop:
         commit, self.in_flight = self.in_flight, None
         if commit is None:
             return None
+        started = time.monotonic()
         await asyncio.wait([commit.task])
+        # How long the worker had nothing to decide: /metrics, and `tally bench engine`'s
+        # share of a drain spent waiting on the broker.
+        self.counts["commit_wait_ms"] += round((time.monotonic() - started) * 1000)
         error = _failure(commit.task)
         return None if error is None else (commit, error)
 

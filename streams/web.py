@@ -128,8 +128,14 @@ class _EngineCollector(Collector):
             labels=["outcome"],
         )
         for name, value in sorted(engine.counts.items()):
-            records.add_metric([name], value)
+            if name != "commit_wait_ms":
+                records.add_metric([name], value)
         yield records
+        yield CounterMetricFamily(
+            "tally_engine_commit_wait_seconds",
+            "Time this worker waited for its transaction in flight with nothing to decide.",
+            value=engine.counts["commit_wait_ms"] / 1000,
+        )
 
 
 class WorkerWeb:

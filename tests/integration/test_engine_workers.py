@@ -168,6 +168,7 @@ async def test_metrics_show_every_served_partition_caught_up_and_no_stall(
         assert not any(lags.values()), lags
         assert samples["tally_engine_ready"] == 1
         assert samples["tally_engine_stalled_partitions"] == 0
+        assert samples["tally_engine_commit_wait_seconds_total"] >= 0
         assert samples['tally_engine_records_total{outcome="applied"}'] == 24
         assert samples['tally_engine_shards{state="serving"}'] == PARTITIONS
     finally:

@@ -190,6 +190,19 @@ async def test_the_next_polls_batches_are_decided_only_after_the_transaction_com
     assert loop.committed == [_key((0, 10)), _key((0, 12), (1, 5))]
 
 
+async def test_the_time_spent_waiting_for_the_transaction_in_flight_is_counted() -> None:
+    loop = GatedLoop([0])
+    await loop.process(_poll(0, 10))
+    await _spin()
+    polled = asyncio.create_task(loop.process(_poll(0, 11)))
+    await asyncio.sleep(0.05)
+    loop.gate(_key((0, 10))).set_result(None)
+    await polled
+    assert 45 <= loop.counts["commit_wait_ms"] < 5000
+    loop.gate(_key((0, 11))).set_result(None)
+    await loop.drain()
+
+
 async def test_records_polled_behind_a_failed_transaction_are_dropped_and_read_again() -> None:
     loop = GatedLoop([0, 1])
     await loop.process({**_poll(0, 10, 11), **_poll(1, 3)})
