@@ -84,7 +84,7 @@ class EngineResult:
     worker_cpu_s: float
     commands_per_cpu_s: float
     # The share of the drain the workers spent waiting for their transaction in flight,
-    # with nothing else to decide (their `commit_wait_ms` count): steadier than the rates
+    # with nothing else to decide (their `commit_wait_s`): steadier than the rates
     # on a shared machine, and what deciding while committing could win at most.
     waiting_on_commit: float
 
@@ -135,12 +135,12 @@ async def engine_phase(
         await asyncio.gather(*(p.start() for p in procs))
         ready_at = time.monotonic()
         cpu_at_start = sum(_cpu_s(p) for p in procs)
-        wait_at_start = sum(await asyncio.gather(*(_commit_wait_ms(p) for p in procs)))
+        wait_at_start = sum(await asyncio.gather(*(_commit_wait_s(p) for p in procs)))
         done = all_answered(expected)
         if not await collector.wait_for(done, timeout_s=drain_timeout_s, say=say):
             raise BenchError(f"engine did not drain {count} commands in {drain_timeout_s}s")
         worker_cpu_s = sum(_cpu_s(p) for p in procs) - cpu_at_start
-        wait_ms = sum(await asyncio.gather(*(_commit_wait_ms(p) for p in procs))) - wait_at_start
+        wait_s = sum(await asyncio.gather(*(_commit_wait_s(p) for p in procs))) - wait_at_start
         results = collector.results
         client_times = [results.received_at[i] for i in expected]
         first = min(ready_at, *results.received_at.values())
@@ -168,14 +168,13 @@ async def engine_phase(
         latency_samples=len(latencies),
         worker_cpu_s=worker_cpu_s,
         commands_per_cpu_s=len(work.records) / worker_cpu_s if worker_cpu_s > 0 else math.nan,
-        waiting_on_commit=wait_ms / 1000 / drain_s / workers,
+        waiting_on_commit=wait_s / drain_s / workers,
     )
 
 
-async def _commit_wait_ms(proc: EngineProcess) -> int:
+async def _commit_wait_s(proc: EngineProcess) -> float:
     """The worker's time so far waiting for its transaction in flight (/readyz)."""
-    counts = (await proc.readyz()).get("counts", {})
-    return int(counts.get("commit_wait_ms", 0))
+    return float((await proc.readyz()).get("commit_wait_s", 0.0))
 
 
 def _cpu_s(proc: EngineProcess) -> float:

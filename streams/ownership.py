@@ -68,7 +68,8 @@ stable_timeout_s = 30.0
 # aiokafka's 20. With one producer per worker that is every transaction: at 200
 # commands/s the wait was most of the p90 transaction time (29 ms against 13 ms with
 # 3 ms, `tally bench engine --count 20000`, instrumented). One small request per retry to
-# the coordinator, on this worker's transactional id only.
+# the coordinator. aiokafka keeps it in a module global, so it is set for the process
+# (the worker's producer is its only transactional one).
 transaction_begin_backoff_s = 0.003
 # In the data directory: each shard's store (shard-<p>), and the shards served at the
 # last assignment (see `last_owned`).

@@ -128,13 +128,12 @@ class _EngineCollector(Collector):
             labels=["outcome"],
         )
         for name, value in sorted(engine.counts.items()):
-            if name != "commit_wait_ms":
-                records.add_metric([name], value)
+            records.add_metric([name], value)
         yield records
         yield CounterMetricFamily(
             "tally_engine_commit_wait_seconds",
             "Time this worker waited for its transaction in flight with nothing to decide.",
-            value=engine.counts["commit_wait_ms"] / 1000,
+            value=engine.loop.commit_wait_s,
         )
 
 
@@ -178,6 +177,7 @@ class WorkerWeb:
                 if stalled_s >= engine.watchdog.stall_after_s
             ],
             "counts": dict(engine.counts),
+            "commit_wait_s": round(engine.loop.commit_wait_s, 3),
         }
         return web.json_response(body, status=200 if engine.ready else 503)
 
