@@ -241,6 +241,7 @@ class Engine:
                 async with self.lock:
                     await self.loop.process(polled)
                 self._observe()
+                self.shards.check()  # a take-over that failed ends the run with its error
                 if warm is not None and warm.done():
                     warm.result()  # a failed standby ends the run with its error
         finally:
@@ -270,6 +271,7 @@ class Engine:
         self._stopping.set()
 
     async def _shutdown(self) -> None:
+        await self.shards.stop_taking()
         async with self.lock:
             await self.loop.drain()
             if self.consumer is not None:

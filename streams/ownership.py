@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -147,6 +148,11 @@ class Shards:
         self.held: set[int] = set()
         self.held_generation: int | None = None
         self.recovering: set[int] = set()
+        # The take-over of the shards newly assigned, under way outside the rebalance
+        # callback (see `assigned`).
+        self.taking: asyncio.Task[None] | None = None
+        # What a take-over failed with, for the run to end with (`check`).
+        self.failure: BaseException | None = None
         self.assigned_once = asyncio.Event()
         # The next offset to apply per source partition: the committed offset after a
         # shard is taken over, then each committed batch's end. The consumer's own
@@ -180,7 +186,9 @@ class Shards:
     async def revoked(self, revoked: set[TopicPartition]) -> None:
         """The group is rebalancing: stop serving the revoked shards, but keep their
         stores and next offsets until the assignment says whether they come back (see
-        the module's docstring)."""
+        the module's docstring). A take-over under way is called off: its shards were
+        not served yet, and what it caught up of their stores stays there."""
+        await self.stop_taking()
         async with self.lock:
             # A shard whose batch failed as the group changed is not kept: it is taken
             # over afresh if it comes back.
@@ -211,6 +219,17 @@ class Shards:
         return self.owned | self.held
 
     async def assigned(self, assigned: set[TopicPartition]) -> None:
+        """The group's new assignment: the shards kept through the rebalance are served
+        at once; the new ones are taken over (`_take_on`) in a task of their own, each
+        one's partitions paused until it is served.
+
+        Not in this callback: aiokafka sends no heartbeat while a rebalance callback
+        runs (`ensure_active_group` stops its heartbeat task until the join is done), so
+        a take-over longer than the session timeout (waiting out the previous owner's
+        transaction, reading a large changelog) had the group expel this worker; it
+        rejoined, was assigned the shards again and began again, and the group never
+        settled (`tally bench recovery`, 1M balances: expelled at every attempt)."""
+        await self.stop_taking()
         async with self.lock:
             shards = {tp.partition for tp in assigned}
             generation = kafka_internals.generation(self.consumer)
@@ -231,25 +250,118 @@ class Shards:
                     self.next.pop(tp, None)
             self.owned |= kept
             # Counted for /readyz: assignments received, shards kept through one, and
-            # shards taken over (fenced and caught up).
+            # shards taken over (fenced and caught up, counted once they are).
             self.counts["assignments"] += 1
             self.counts["kept_shards"] += len(kept)
             new = sorted(shards - self.owned)
-            self.counts["taken_shards"] += len(new)
-            self.recovering |= set(new)
-            try:
-                await self._take_over(new, sorted(tp for tp in assigned if tp.partition in new))
-            finally:
-                self.recovering -= set(new)
-            self.owned |= set(new)
-            self.expiries.rescan_soon()
-            self.watchdog.assigned(
-                [(tp.topic, tp.partition) for tp in assigned if tp.partition in self.owned],
-                time.monotonic(),
-            )
             self.assigned_once.set()
-            self._note_owned()
+            self._serving(assigned)
             log.info("serving shards %s (kept %s)", sorted(self.owned), sorted(kept))
+            if new:
+                tps = sorted(tp for tp in assigned if tp.partition in new)
+                # Nothing of theirs is fetched (aiokafka drops what a fetch in flight
+                # brings for a paused partition) until they are caught up and put at
+                # their committed offsets.
+                self._pause(tps)
+                self.recovering |= set(new)
+                self.taking = asyncio.create_task(
+                    self._take_on(new, tps, assigned), name=f"take over shards {new}"
+                )
+                self.taking.add_done_callback(self._taken)
+
+    async def _take_on(
+        self, new: list[int], tps: list[TopicPartition], assigned: set[TopicPartition]
+    ) -> None:
+        """Take the new shards over (the steps: the module's docstring), and serve each
+        from its committed offsets as soon as its state is caught up: a shard whose
+        changelog partition is still held by an open transaction does not hold up the
+        others, nor do the kept shards' batches wait. Retried, with backoff, until the
+        broker answers: a broker restart in the middle of an assignment is waited out,
+        like one in the middle of a take-over (`reclaim`). The producer is left as it is
+        on a failure: the kept shards' batches use it meanwhile, and one that a broker
+        restart broke fails their next transaction, which makes a new one (`reclaim`)."""
+        delay = reclaim_backoff_first_s
+        left = set(new)  # not served yet
+        try:
+            while left:
+                todo = sorted(left)
+                try:
+                    async with self.lock:  # one producer, made by one task at a time
+                        if self.producer is None:
+                            await self.new_producer()
+                    # What the previous owners committed, final.
+                    committed = await self._committed([tp for tp in tps if tp.partition in todo])
+                    await self._recover(
+                        todo,
+                        ready=functools.partial(
+                            self._serve, committed=committed, assigned=assigned, left=left
+                        ),
+                    )
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    if self.stopping.is_set():
+                        raise
+                    log.warning("shards %s: cannot take them on yet (%r); retrying", todo, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(reclaim_backoff_max_s, delay * 2)
+        finally:
+            self.recovering -= set(new)
+
+    async def _serve(
+        self,
+        shards: list[int],
+        committed: dict[TopicPartition, int | None],
+        assigned: set[TopicPartition],
+        left: set[int],
+    ) -> None:
+        """Serve these newly caught-up shards from their committed offsets (and take them
+        off the take-over's `left`)."""
+        async with self.lock:
+            await self._seek({tp: o for tp, o in committed.items() if tp.partition in shards})
+            # From here on nothing waits: a rebalance (which calls the take-over off
+            # first) finds each shard either served or not.
+            self._resume([tp for tp in committed if tp.partition in shards])
+            self.owned |= set(shards)
+            self.recovering -= set(shards)
+            self.counts["taken_shards"] += len(shards)
+            left.difference_update(shards)
+            self.expiries.rescan_soon()
+            self._serving(assigned)
+            log.info("took over shards %s; serving %s", shards, sorted(self.owned))
+
+    async def stop_taking(self) -> None:
+        """Call off the take-over under way, if any, and wait until it has stopped."""
+        task, self.taking = self.taking, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+
+    def _taken(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failure = task.exception()
+
+    def check(self) -> None:
+        """Raise the error a take-over ended with: anything the broker's absence does not
+        explain (a broken store) ends the worker, as in `reclaim`."""
+        if self.failure is not None:
+            raise self.failure
+
+    def _serving(self, assigned: set[TopicPartition]) -> None:
+        """The partitions of the shards now served, for the watchdog, and those shards
+        written down for the next placement."""
+        self.watchdog.assigned(
+            [(tp.topic, tp.partition) for tp in assigned if tp.partition in self.owned],
+            time.monotonic(),
+        )
+        self._note_owned()
+
+    def _pause(self, tps: list[TopicPartition]) -> None:
+        if self.consumer is not None and tps:
+            self.consumer.pause(*tps)
+
+    def _resume(self, tps: list[TopicPartition]) -> None:
+        assert self.consumer is not None
+        here = self.consumer.assignment()
+        self.consumer.resume(*(tp for tp in tps if tp in here))
 
     def _note_owned(self) -> None:
         """Write down which shards this worker serves, for the group's placement after a
@@ -269,50 +381,23 @@ class Shards:
         except (OSError, ValueError, TypeError):
             return set()
 
-    async def _take_over(self, new: list[int], tps: list[TopicPartition]) -> None:
-        """Take the new shards on (the steps: the module's docstring), with a producer.
-        Retried, with backoff, until the broker answers: a failure here would leave the
-        shards assigned to this worker and served by nobody (aiokafka logs a failed
-        rebalance callback and goes on), so a broker restart in the middle of an
-        assignment is waited out, like one in the middle of a take-over (`reclaim`)."""
-        delay = reclaim_backoff_first_s
-        while True:
-            try:
-                if self.producer is None:
-                    await self.new_producer()
-                # What the previous owner committed, final.
-                committed = await self._committed(tps)
-                await self._recover(new)
-                self._resume(committed)
-                return
-            except (KafkaError, OSError, TimeoutError) as exc:
-                if self.stopping.is_set():
-                    raise
-                log.warning("shards %s: cannot take them on yet (%r); retrying", new, exc)
-                await self.drop_producer()
-                await asyncio.sleep(delay)
-                delay = min(reclaim_backoff_max_s, delay * 2)
-
     async def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
         """The group's committed offsets of `tps`, once no open transaction holds offsets
         for them."""
         assert self.consumer is not None
         return await stable_committed(self.consumer, self.group_id, tps, timeout_s=stable_timeout_s)
 
-    def _resume(self, committed: dict[TopicPartition, int | None]) -> None:
-        """Apply each of a new shard's partitions from its committed offset."""
-        resume = {}
-        for tp, offset in sorted(committed.items()):
-            resume[f"{tp.topic}[{tp.partition}]"] = offset
-            if offset is None:
-                self.next.pop(tp, None)
-            else:
-                self.next[tp] = offset
-        if resume:
-            log.info("resuming at %s", resume)
-
-    async def _recover(self, shards: list[int]) -> None:
-        await recover(self.bootstrap, self.changelog, shards, store=self.store, counts=self.counts)
+    async def _recover(
+        self, shards: list[int], *, ready: Callable[[list[int]], Awaitable[None]] | None = None
+    ) -> None:
+        await recover(
+            self.bootstrap,
+            self.changelog,
+            shards,
+            store=self.store,
+            counts=self.counts,
+            ready=ready,
+        )
 
     # The producer ------------------------------------------------------------------------
 
@@ -343,7 +428,13 @@ class Shards:
         )
         kafka_internals.begin_transactions_sooner(transaction_begin_backoff_s)
         member_offsets = MemberOffsets(producer) if self.exactly_once else None
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            # (Cancelled with a take-over, or the broker is away: not left open.)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), producer_stop_timeout_s)
+            raise
         self.producer, self.member_offsets = producer, member_offsets
 
     async def drop_producer(self) -> None:
@@ -426,15 +517,29 @@ class Shards:
         """Put the consumer back at these shards' committed offsets."""
         assert self.consumer is not None
         tps = sorted(tp for tp in self.consumer.assignment() if tp.partition in shards)
-        for tp, committed in (await self._committed(tps)).items():
-            if committed is None:
+        await self._seek(await self._committed(tps))
+
+    async def _seek(self, committed: dict[TopicPartition, int | None]) -> None:
+        """Apply each partition from its committed offset (from its beginning when it
+        has none)."""
+        assert self.consumer is not None
+        here = self.consumer.assignment()
+        at = {}
+        for tp, offset in sorted(committed.items()):
+            if tp not in here:
+                continue
+            at[f"{tp.topic}[{tp.partition}]"] = offset
+            if offset is None:
                 self.next.pop(tp, None)
                 await self.consumer.seek_to_beginning(tp)
             else:
-                self.next[tp] = committed
-                self.consumer.seek(tp, committed)
+                self.next[tp] = offset
+                self.consumer.seek(tp, offset)
+        if at:
+            log.info("resuming at %s", at)
 
     async def close(self) -> None:
+        await self.stop_taking()
         await self.drop_producer()
         for store in self.stores.values():
             store.discard()

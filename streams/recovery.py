@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaTimeoutError
@@ -52,52 +52,76 @@ async def recover(
     *,
     store: Callable[[int], ShardStore],
     counts: Counter[str],
+    ready: Callable[[list[int]], Awaitable[None]] | None = None,
 ) -> None:
     """Bring each shard's RocksDB up to the end of its changelog partition. `store(p)`
-    opens (or returns the open) store of shard p."""
+    opens (or returns the open) store of shard p. With `ready`, the shards whose changelog
+    no transaction holds open are caught up first and handed to `ready`, and the others
+    then, as each settles (see `_settled`); without it, all of them at once."""
     if not shards:
         return
     restore = _changelog_reader(bootstrap)
     await restore.start()
     try:
-        tps = {p: TopicPartition(changelog, p) for p in shards}
-        restore.assign(list(tps.values()))
-        ends = await _settled(bootstrap, restore, list(tps.values()), timeout_s=settle_timeout_s)
-        todo: dict[TopicPartition, int] = {}
-        total = 0
-        for p, tp in tps.items():
-            start = _start_of(p, store(p), ends[tp], counts)
-            if start < ends[tp]:
-                restore.seek(tp, start)
-                todo[tp] = ends[tp]
-                total += ends[tp] - start
-        if not todo:
-            return
-        progress = Progress(
-            f"recovering shards {shards}",
-            total,
-            unit="changelog records",
-            say=log.info,
-            every_s=recovery_log_every_s,
-        )
-        while todo:
-            polled = await restore.getmany(
-                *todo, timeout_ms=restore_poll_timeout_ms, max_records=restore_poll_records_max
+        left = {p: TopicPartition(changelog, p) for p in shards}
+        while left:
+            ends = await _settled(
+                bootstrap,
+                restore,
+                list(left.values()),
+                timeout_s=settle_timeout_s,
+                some=ready is not None,
             )
-            for tp, records in polled.items():
-                store(tp.partition).restore(
-                    [(r.key, r.value) for r in records], records[-1].offset + 1
-                )
-                progress.add(len(records))
-            for tp in list(todo):
-                position = await restore.position(tp)
-                if position >= todo[tp]:
-                    store(tp.partition).restore([], position)
-                    del todo[tp]
-        counts["recovered_records"] += progress.done
-        progress.close()
+            group = sorted(tp.partition for tp in ends)
+            await _catch_up(restore, {p: left[p] for p in group}, ends, store, counts)
+            for p in group:
+                del left[p]
+            if ready is not None:
+                await ready(group)
     finally:
         await restore.stop()
+
+
+async def _catch_up(
+    restore: AIOKafkaConsumer,
+    tps: dict[int, TopicPartition],
+    ends: dict[TopicPartition, int],
+    store: Callable[[int], ShardStore],
+    counts: Counter[str],
+) -> None:
+    """Copy each shard's changelog, from the offset its store reached, up to `ends`."""
+    restore.assign(list(tps.values()))
+    todo: dict[TopicPartition, int] = {}
+    total = 0
+    for p, tp in tps.items():
+        start = _start_of(p, store(p), ends[tp], counts)
+        if start < ends[tp]:
+            restore.seek(tp, start)
+            todo[tp] = ends[tp]
+            total += ends[tp] - start
+    if not todo:
+        return
+    progress = Progress(
+        f"recovering shards {sorted(tps)}",
+        total,
+        unit="changelog records",
+        say=log.info,
+        every_s=recovery_log_every_s,
+    )
+    while todo:
+        polled = await restore.getmany(
+            *todo, timeout_ms=restore_poll_timeout_ms, max_records=restore_poll_records_max
+        )
+        for tp, records in polled.items():
+            store(tp.partition).restore([(r.key, r.value) for r in records], records[-1].offset + 1)
+            progress.add(len(records))
+        for tp in list(todo):
+            position = await restore.position(tp)
+            if position >= todo[tp]:
+                store(tp.partition).restore([], position)
+                del todo[tp]
+    counts["recovered_records"] += progress.done
+    progress.close()
 
 
 class Unsettled(KafkaTimeoutError):  # type: ignore[misc]
@@ -105,7 +129,12 @@ class Unsettled(KafkaTimeoutError):  # type: ignore[misc]
 
 
 async def _settled(
-    bootstrap: str, restore: AIOKafkaConsumer, tps: list[TopicPartition], *, timeout_s: float
+    bootstrap: str,
+    restore: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    *,
+    timeout_s: float,
+    some: bool = False,
 ) -> dict[TopicPartition, int]:
     """The end of each changelog partition once no transaction is open on it: its last
     stable offset (what read_committed reads up to) equal to its high watermark.
@@ -117,7 +146,8 @@ async def _settled(
     committed whose marker has not reached this partition yet. Reading up to the last
     stable offset then would stop short of what that transaction decides, and serve the
     shard without it. Its coordinator ends it within the transaction timeout (aborting
-    one left open); a longer wait raises Unsettled."""
+    one left open); a longer wait raises Unsettled. With `some`, the partitions settled
+    are returned as soon as there is one (the others are asked for again)."""
     deadline = time.monotonic() + timeout_s
     latest = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_uncommitted")
     await latest.start()
@@ -126,8 +156,8 @@ async def _settled(
             stable = await restore.end_offsets(tps)
             high = await latest.end_offsets(tps)
             open_ = sorted(tp.partition for tp in tps if stable[tp] < high[tp])
-            if not open_:
-                return dict(stable)
+            if not open_ or (some and len(open_) < len(tps)):
+                return {tp: stable[tp] for tp in tps if tp.partition not in open_}
             if time.monotonic() >= deadline:
                 raise Unsettled(f"a transaction is still open on changelog partitions {open_}")
             await asyncio.sleep(settle_backoff_s)

@@ -5,6 +5,7 @@ over without replaying its whole changelog."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -257,3 +258,70 @@ async def test_recovery_reads_a_compacted_changelog_with_gaps_and_markers_to_its
         assert counts["recovered_records"] == records < end, (counts, records, end)
     finally:
         await engine.stop()
+
+
+async def test_a_take_over_longer_than_the_session_timeout_keeps_the_worker_in_the_group(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    """aiokafka sends no heartbeat while a rebalance callback runs, so a take-over done in
+    the callback and longer than the session timeout had the group expel the worker, give
+    it the shards again, and so on. Here the take-over of shard 0 waits for a transaction
+    left open on its changelog partition (a stuck previous owner's, aborted by its
+    coordinator after its transaction timeout, longer than the session timeout): the
+    worker must stay the member it joined as (one assignment) through that wait and
+    serve every shard after it, the others meanwhile."""
+    from streams import engine as engine_module
+    from topics.names import changelog_name
+    from topics.producer import durable_producer
+
+    prefix = f"slow-{unique}"
+    local = msgspec.structs.replace(settings, topic_prefix=prefix, partitions=2)
+    app_id = f"{prefix}-engine"
+    await bench_recovery.seed(local, app_id, 200)
+    stuck_for_s = engine_module.session_timeout_ms / 1000 + 6
+    stuck = durable_producer(
+        settings.kafka_bootstrap,
+        transactional_id=f"{prefix}-stuck",
+        transaction_timeout_ms=int(stuck_for_s * 1000),
+    )
+    await stuck.start()
+    engine = EngineProcess(settings, prefix=prefix, data_dir=tmp_path / "state", partitions=2)
+    try:
+        await stuck.begin_transaction()
+        await stuck.send_and_wait(
+            changelog_name(app_id), key=b"stuck", value=b"never committed", partition=0
+        )
+        opened = time.monotonic()
+        await engine.start(wait=False)
+        url = f"http://127.0.0.1:{engine.port}/readyz"
+        serving_while_stuck: list[list[int]] = []
+        ready: dict[str, Any] = {}
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() - opened < stuck_for_s + 60:
+                try:
+                    async with session.get(url) as response:
+                        body = await response.json()
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.2)
+                    continue
+                if response.status == 200:
+                    ready = body
+                    break
+                if body["recovering"] == [0]:
+                    serving_while_stuck.append(body["serving"])
+                await asyncio.sleep(0.2)
+        waited_s = time.monotonic() - opened
+        assert ready, engine.tail()
+        assert waited_s > engine_module.session_timeout_ms / 1000, waited_s  # the case
+        assert [1] in serving_while_stuck, serving_while_stuck[-5:]
+        await asyncio.sleep(3 * engine_module.heartbeat_interval_ms / 1000)
+        body = await engine.readyz()
+        assert body["serving"] == [0, 1], body
+        assert body["counts"]["assignments"] == 1, (body["counts"], engine.tail(200))
+        for i in (0, 1, 2, 199):
+            got = (await engine.balances(bench_recovery.account_of(i))).get("USD")
+            assert got is not None and got.available == bench_recovery.balance_of(i).available
+    finally:
+        await engine.stop()
+        with contextlib.suppress(Exception):
+            await stuck.stop()

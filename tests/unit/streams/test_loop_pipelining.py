@@ -401,47 +401,6 @@ async def test_a_rebalance_does_not_keep_a_shard_whose_batch_failed_in_flight(
     assert shards.owned == set()
 
 
-async def test_an_assignment_cut_off_by_the_broker_is_retried_until_its_shards_are_served(
-    tmp_path: Any,
-) -> None:
-    """A broker restart in the middle of taking shards on (the offsets read fails) must
-    not leave them assigned here and served by nobody: aiokafka only logs a failed
-    rebalance callback. The take-on is retried until it succeeds."""
-    from aiokafka.errors import KafkaConnectionError
-
-    from streams import ownership
-
-    shards = _shards(tmp_path)
-    shards.consumer = SimpleNamespace(_coordinator=SimpleNamespace(generation=3))
-    reads: list[int] = []
-
-    async def new_producer() -> None:
-        shards.producer = object()
-
-    async def committed(tps: list[Any]) -> dict[Any, int | None]:
-        reads.append(len(tps))
-        if len(reads) < 3:
-            raise KafkaConnectionError("Connection at 127.0.0.1:9092 closed")
-        return {tp: 5 for tp in tps}
-
-    async def nothing(*a: Any) -> None:
-        return None
-
-    shards.new_producer = new_producer
-    shards._committed = committed
-    shards._recover = nothing
-    shards.drop_producer = nothing
-    original, ownership.reclaim_backoff_first_s = ownership.reclaim_backoff_first_s, 0.0
-    try:
-        await shards.assigned({TopicPartition(T, 0), TopicPartition(T, 1)})
-    finally:
-        ownership.reclaim_backoff_first_s = original
-    assert reads == [2, 2, 2]
-    assert shards.owned == {0, 1}
-    assert shards.recovering == set()
-    assert shards.next == {TopicPartition(T, 0): 5, TopicPartition(T, 1): 5}
-
-
 async def test_a_view_reads_only_once_the_transaction_in_flight_has_reached_the_stores() -> None:
     """Read-your-writes: a committed result is visible to clients before its batch reaches
     RocksDB (that happens after the commit, in the background), so a strong read waits
