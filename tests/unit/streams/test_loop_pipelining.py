@@ -361,46 +361,6 @@ async def test_nothing_fetched_is_taken_during_a_rebalance() -> None:
     await loop.drain()
 
 
-def _shards(tmp_path: Any) -> Any:
-    """Real `Shards` with nothing behind them: no broker, a watchdog and expiries that
-    take any call."""
-    from streams.ownership import Shards
-
-    return Shards(
-        bootstrap="127.0.0.1:1",
-        group_id="g",
-        changelog="c.changelog",
-        data_dir=tmp_path,
-        exactly_once=True,
-        lock=asyncio.Lock(),
-        stopping=asyncio.Event(),
-        counts=Counter(),
-        watchdog=SimpleNamespace(assigned=lambda *a: None, partitions=[]),  # type: ignore[arg-type]
-        expiries=SimpleNamespace(rescan_soon=lambda: None),  # type: ignore[arg-type]
-        instance_id="i",
-    )
-
-
-async def test_a_rebalance_does_not_keep_a_shard_whose_batch_failed_in_flight(
-    tmp_path: Any,
-) -> None:
-    """`Shards.revoked` drains the transaction in flight first; a shard whose batch failed
-    is neither kept through the rebalance nor served, so a new assignment takes it over
-    afresh (its offsets read stable, recovered, from the committed offsets)."""
-    shards = _shards(tmp_path)
-    shards.consumer = SimpleNamespace(_coordinator=SimpleNamespace(generation=7))
-    shards.owned = {0, 1, 2}
-
-    async def drain() -> set[int]:
-        return {1}
-
-    shards.drain = drain
-    await shards.revoked({TopicPartition(T, p) for p in (0, 1, 2)})
-    assert shards.held == {0, 2}
-    assert shards.held_generation == 7
-    assert shards.owned == set()
-
-
 async def test_a_view_reads_only_once_the_transaction_in_flight_has_reached_the_stores() -> None:
     """Read-your-writes: a committed result is visible to clients before its batch reaches
     RocksDB (that happens after the commit, in the background), so a strong read waits

@@ -258,3 +258,23 @@ async def test_a_take_over_that_fails_for_another_reason_ends_the_run(tmp_path: 
     await _assign(shards, consumer, 0, 1)
     with pytest.raises(RuntimeError, match="Corruption"):
         shards.check()
+
+
+async def test_a_rebalance_does_not_keep_a_shard_whose_batch_failed_in_flight(
+    tmp_path: Any,
+) -> None:
+    """`Shards.revoked` drains the transaction in flight first; a shard whose batch failed
+    is neither kept through the rebalance nor served, so a new assignment takes it over
+    afresh (its offsets read stable, recovered, from the committed offsets)."""
+    consumer = Consumer(generation=7)
+    shards = _shards(tmp_path, consumer)
+    shards.owned = {0, 1, 2}
+
+    async def drain() -> set[int]:
+        return {1}
+
+    shards.drain = drain  # type: ignore[method-assign]
+    await shards.revoked(_tps(0, 1, 2))
+    assert shards.held == {0, 2}
+    assert shards.held_generation == 7
+    assert shards.owned == set()
