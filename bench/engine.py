@@ -18,7 +18,10 @@ information, is the same loop sending one Kafka batch per partition per poll, as
 engine does: the best a plain aiokafka pipe reaches here. The worker's CPU seconds
 over the drain (commands per CPU second) are reported beside the rates: on a shared
 machine they move less than wall-clock rates do; so does "on commit", the share of the
-drain the worker spent waiting for its transaction in flight.
+drain the worker spent waiting for its transaction in flight. Below the table, the cores
+each side used over the drain: the workers, the local broker (the JVM of `make services`,
+when this machine runs it) and this bench process (its collector reading the results),
+so a run shows which of them the machine's cores went to.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.report import BenchError, Column, pct, show, table, write_report
 from core.settings import Settings
+from harness.cluster import kafka_cluster_in_use, local_broker_pid
 from harness.collector import Collector, all_answered, expected_counts
+from harness.faults import FaultUnavailable
 from harness.procs import EngineProcess, produce
 from harness.scratch import deployment, unique_prefix
 from harness.workload import Record, build
@@ -87,6 +92,11 @@ class EngineResult:
     # with nothing else to decide (their `commit_wait_s`): steadier than the rates
     # on a shared machine, and what deciding while committing could win at most.
     waiting_on_commit: float
+    # Cores used over the drain (CPU seconds / drain seconds): the workers, the local
+    # broker (NaN when it is not this machine's `make services` broker) and this process.
+    worker_cores: float
+    broker_cores: float
+    bench_cores: float
 
 
 def _records(records: list[Record]) -> list[tuple[str, bytes, int | None]]:
@@ -135,11 +145,14 @@ async def engine_phase(
         await asyncio.gather(*(p.start() for p in procs))
         ready_at = time.monotonic()
         cpu_at_start = sum(_cpu_s(p) for p in procs)
+        broker_at_start, bench_at_start = _broker_cpu_s(settings), time.process_time()
         wait_at_start = sum(await asyncio.gather(*(_commit_wait_s(p) for p in procs)))
         done = all_answered(expected)
         if not await collector.wait_for(done, timeout_s=drain_timeout_s, say=say):
             raise BenchError(f"engine did not drain {count} commands in {drain_timeout_s}s")
         worker_cpu_s = sum(_cpu_s(p) for p in procs) - cpu_at_start
+        broker_cpu_s = _broker_cpu_s(settings) - broker_at_start
+        bench_cpu_s = time.process_time() - bench_at_start
         wait_s = sum(await asyncio.gather(*(_commit_wait_s(p) for p in procs))) - wait_at_start
         results = collector.results
         client_times = [results.received_at[i] for i in expected]
@@ -169,6 +182,9 @@ async def engine_phase(
         worker_cpu_s=worker_cpu_s,
         commands_per_cpu_s=len(work.records) / worker_cpu_s if worker_cpu_s > 0 else math.nan,
         waiting_on_commit=wait_s / drain_s / workers,
+        worker_cores=worker_cpu_s / drain_s,
+        broker_cores=broker_cpu_s / drain_s,
+        bench_cores=bench_cpu_s / drain_s,
     )
 
 
@@ -178,12 +194,28 @@ async def _commit_wait_s(proc: EngineProcess) -> float:
 
 
 def _cpu_s(proc: EngineProcess) -> float:
-    """User + system CPU seconds of the worker process so far (Linux /proc; NaN elsewhere)."""
+    """User + system CPU seconds of the worker process so far (NaN if it is gone)."""
+    return math.nan if proc.proc is None else pid_cpu_s(proc.proc.pid)
+
+
+def pid_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc; NaN elsewhere, or
+    when there is no such process)."""
     try:
-        assert proc.proc is not None
-        fields = Path(f"/proc/{proc.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, AssertionError, IndexError, ValueError):
+    except (OSError, IndexError, ValueError):
+        return math.nan
+
+
+def _broker_cpu_s(settings: Settings) -> float:
+    """CPU seconds so far of the broker `make services` runs on this machine; NaN when
+    there is none or the bench runs against the three-broker cluster."""
+    if kafka_cluster_in_use(settings):
+        return math.nan
+    try:
+        return pid_cpu_s(local_broker_pid())
+    except FaultUnavailable:
         return math.nan
 
 
@@ -365,5 +397,12 @@ async def run(
         ("raw pipe (no state)", pipe),
         ("batched pipe (info)", batched, "", "", "", batched / pipe),
     ]
-    show(say, table(ENGINE_COLUMNS, rows), report)
+    lines = table(ENGINE_COLUMNS, rows)
+    lines += ["", f"cores used over the drain (this machine has {os.cpu_count() or 0}):"]
+    lines += [
+        f"  engine {e.guarantee}: workers {e.worker_cores:.2f}, broker {e.broker_cores:.2f},"
+        f" bench (collector) {e.bench_cores:.2f}"
+        for e in engines
+    ]
+    show(say, lines, report)
     return out

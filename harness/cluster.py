@@ -82,6 +82,11 @@ def _pid(pidfile: Path, marker: str) -> int:
     return pid
 
 
+def local_broker_pid() -> int:
+    """The JVM of the single broker `make services` runs (scripts/services.sh)."""
+    return _pid(cache_dir() / "kafka" / "kafka.pid", "kafka.Kafka")
+
+
 def broker_pid(n: int) -> int:
     """The JVM of cluster broker `n` (1..3)."""
     return _pid(cache_dir() / "kafka-cluster" / f"broker-{n}" / "kafka.pid", "kafka.Kafka")
