@@ -145,13 +145,14 @@ async def engine_phase(
         await asyncio.gather(*(p.start() for p in procs))
         ready_at = time.monotonic()
         cpu_at_start = sum(_cpu_s(p) for p in procs)
-        broker_at_start, bench_at_start = _broker_cpu_s(settings), time.process_time()
+        broker = local_broker(settings)
+        broker_at_start, bench_at_start = _cpu_of(broker), time.process_time()
         wait_at_start = sum(await asyncio.gather(*(_commit_wait_s(p) for p in procs)))
         done = all_answered(expected)
         if not await collector.wait_for(done, timeout_s=drain_timeout_s, say=say):
             raise BenchError(f"engine did not drain {count} commands in {drain_timeout_s}s")
         worker_cpu_s = sum(_cpu_s(p) for p in procs) - cpu_at_start
-        broker_cpu_s = _broker_cpu_s(settings) - broker_at_start
+        broker_cpu_s = _cpu_of(broker) - broker_at_start
         bench_cpu_s = time.process_time() - bench_at_start
         wait_s = sum(await asyncio.gather(*(_commit_wait_s(p) for p in procs))) - wait_at_start
         results = collector.results
@@ -208,15 +209,21 @@ def pid_cpu_s(pid: int) -> float:
         return math.nan
 
 
-def _broker_cpu_s(settings: Settings) -> float:
-    """CPU seconds so far of the broker `make services` runs on this machine; NaN when
-    there is none or the bench runs against the three-broker cluster."""
+def local_broker(settings: Settings) -> int | None:
+    """The pid of the broker `make services` runs on this machine, the one the bench
+    uses; None when there is none or the bench runs against the three-broker cluster.
+    (Its CPU is read from this pid at both ends of the drain: a broker restarted in
+    between reads NaN, not another process's seconds.)"""
     if kafka_cluster_in_use(settings):
-        return math.nan
+        return None
     try:
-        return pid_cpu_s(local_broker_pid())
+        return local_broker_pid()
     except FaultUnavailable:
-        return math.nan
+        return None
+
+
+def _cpu_of(pid: int | None) -> float:
+    return math.nan if pid is None else pid_cpu_s(pid)
 
 
 async def _latency(settings: Settings, proc: EngineProcess, collector: Collector) -> list[float]:
@@ -400,8 +407,9 @@ async def run(
     lines = table(ENGINE_COLUMNS, rows)
     lines += ["", f"cores used over the drain (this machine has {os.cpu_count() or 0}):"]
     lines += [
-        f"  engine {e.guarantee}: workers {e.worker_cores:.2f}, broker {e.broker_cores:.2f},"
-        f" bench (collector) {e.bench_cores:.2f}"
+        f"  engine {e.guarantee}: workers {e.worker_cores:.2f}, broker "
+        + ("n/a (not this machine's)" if math.isnan(e.broker_cores) else f"{e.broker_cores:.2f}")
+        + f", bench (collector) {e.bench_cores:.2f}"
         for e in engines
     ]
     show(say, lines, report)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.engine import _broker_cpu_s, pid_cpu_s
+from bench.engine import local_broker, pid_cpu_s
 from core.settings import Settings
 from harness.cluster import local_broker_pid
 from harness.faults import FaultUnavailable
@@ -45,13 +45,21 @@ def _pidfile(cache: Path, pid: int) -> None:
 def test_the_local_broker_is_the_live_kafka_process_of_the_services_pidfile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A stand-in whose command line names kafka.Kafka, as the broker's JVM does.
-    broker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "kafka.Kafka"])
+    # A stand-in whose command line names kafka.Kafka, as the broker's JVM does; it says
+    # so once it runs (before that, its /proc command line may still be pytest's).
+    broker = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)",
+         "kafka.Kafka"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert broker.stdout is not None and broker.stdout.readline() == "up\n"
     try:
         _pidfile(tmp_path, broker.pid)
         monkeypatch.setenv("TALLY_CACHE_DIR", str(tmp_path))
         assert local_broker_pid() == broker.pid
-        assert _broker_cpu_s(Settings()) >= 0
+        assert local_broker(Settings()) == broker.pid
+        assert pid_cpu_s(broker.pid) >= 0
     finally:
         broker.kill()
         broker.wait()
@@ -64,9 +72,9 @@ def test_a_pidfile_of_some_other_process_is_no_broker(
     monkeypatch.setenv("TALLY_CACHE_DIR", str(tmp_path))
     with pytest.raises(FaultUnavailable):
         local_broker_pid()
-    assert math.isnan(_broker_cpu_s(Settings()))
+    assert local_broker(Settings()) is None
 
 
 def test_no_pidfile_is_no_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TALLY_CACHE_DIR", str(tmp_path))
-    assert math.isnan(_broker_cpu_s(Settings()))
+    assert local_broker(Settings()) is None
