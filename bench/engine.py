@@ -408,7 +408,7 @@ async def run(
     lines += ["", f"cores used over the drain (this machine has {os.cpu_count() or 0}):"]
     lines += [
         f"  engine {e.guarantee}: workers {e.worker_cores:.2f}, broker "
-        + ("n/a (not this machine's)" if math.isnan(e.broker_cores) else f"{e.broker_cores:.2f}")
+        + ("n/a (not this checkout's)" if math.isnan(e.broker_cores) else f"{e.broker_cores:.2f}")
         + f", bench (collector) {e.bench_cores:.2f}"
         for e in engines
     ]
