@@ -196,7 +196,7 @@ async def _commit_wait_s(proc: EngineProcess) -> float:
 
 def _cpu_s(proc: EngineProcess) -> float:
     """User + system CPU seconds of the worker process so far (NaN if it is gone)."""
-    return math.nan if proc.proc is None else pid_cpu_s(proc.proc.pid)
+    return _cpu_of(None if proc.proc is None else proc.proc.pid)
 
 
 def pid_cpu_s(pid: int) -> float:
@@ -213,7 +213,7 @@ def local_broker(settings: Settings) -> int | None:
     """The pid of the broker `make services` runs on this machine, the one the bench
     uses; None when there is none or the bench runs against the three-broker cluster.
     (Its CPU is read from this pid at both ends of the drain: a broker restarted in
-    between reads NaN, not another process's seconds.)"""
+    between reads NaN, unless the system gave its pid to a new process meanwhile.)"""
     if kafka_cluster_in_use(settings):
         return None
     try:

@@ -34,11 +34,12 @@ log = logging.getLogger(__name__)
 # one walks every live object): 2.1 s of the worker's 20 s of CPU, counted with
 # `gc.callbacks`. Almost everything the engine makes is freed by reference counting, so
 # young collections are made rarer and full ones rarer still (at most once every
-# 20,000,000 net allocations, which still bounds cyclic garbage; a drain then ran about
-# 11 young collections and no full one). `tally bench engine --count 200000 --guarantee
-# exactly_once`, alternated with the defaults (#21): 21,928 and 22,289 commands/s
-# against 20,901 and 18,622 (per CPU second 26,455 and 24,661 against 23,068 and
-# 20,555); in a slower hour of the box, 21,841 and 20,585 against 15,922 and 16,240.
+# 20,000,000 net allocations, which still bounds cyclic garbage). `tally bench engine
+# --count 200000 --guarantee exactly_once`, these alternated with the defaults (#21):
+# 21,928 and 22,289 commands/s against 20,901 and 18,622 (per CPU second 26,455 and
+# 24,661 against 23,068 and 20,555). In a slower hour, with 100,000, 50, 100 (the same
+# first threshold; the drain ran 11 young collections and nothing else): 21,841 and
+# 20,585 against 15,922 and 16,240.
 gc_thresholds = (100_000, 20, 10)
 
 
