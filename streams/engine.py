@@ -234,6 +234,9 @@ class Engine:
         warm = self._standby() if self.settings.table_standby_replicas > 0 else None
         try:
             await consumer.start()
+            # Idle shards cost each fetch nothing with a session (`streams.fetch_session`).
+            if kafka_internals.use_fetch_sessions(consumer) is None:
+                log.warning("aiokafka's fetcher is not where expected: fetching without sessions")
             while not self._stopping.is_set():
                 polled = await consumer.getmany(
                     timeout_ms=poll_timeout_ms, max_records=poll_max_records

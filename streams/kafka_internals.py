@@ -6,8 +6,8 @@ offset reset, the group generation and member id it joined as, whether a rebalan
 under way, leaving the group as a static member, the group's coordinator and the
 consumer's client (to send it requests aiokafka has not got, `streams.group_commit`),
 sending a transaction's offsets with another handler, failing a transaction so that its
-abort reaches the broker, and how soon a transaction begun during the previous one's
-markers asks again.
+abort reaches the broker, how soon a transaction begun during the previous one's
+markers asks again, and fetching in incremental fetch sessions (`streams.fetch_session`).
 Each reads (or sets) an internal attribute and falls back quietly when it is missing, so
 that a worker never breaks on it; `tests/unit/streams/test_kafka_internals.py` pins every
 one of them against the installed aiokafka, so an upgrade that moves them fails there,
@@ -22,10 +22,14 @@ from typing import Any
 
 from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.client import CoordinationType
+from aiokafka.consumer.fetcher import Fetcher
 from aiokafka.errors import GroupAuthorizationFailedError
 from aiokafka.producer import sender as sender_module
 from aiokafka.producer.transaction_manager import TransactionState
+from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.structs import TopicPartition
+
+from streams.fetch_session import FetchSession, Plan
 
 
 @dataclass(frozen=True)
@@ -195,3 +199,115 @@ def fail_transaction(sender: Any, error: BaseException) -> None:
         # The caller learns of it through the offsets' future; the waiter holding it too
         # is not an error lost.
         waiter.exception()
+
+
+class SessionFetchRequest(FetchRequest):  # type: ignore[misc]
+    """A fetch request aiokafka's fetcher made, sent in its node's fetch session: from
+    v7 on it carries the session's id and epoch, lists only the partitions `plan` names
+    and forgets the ones it drops (`streams.fetch_session`). `topics` stays everything
+    the fetcher asked for, which is what the fetcher matches the answer against: the
+    session's partitions are exactly those."""
+
+    def __init__(self, asked: FetchRequest, session: FetchSession) -> None:
+        super().__init__(
+            asked._max_wait_ms,
+            asked._min_bytes,
+            asked._max_bytes,
+            asked._isolation_level,
+            asked.topics,
+            rack_id=asked._rack_id,
+        )
+        self.session = session
+        self.plan: Plan | None = None
+
+    def build(self, request_struct_class: Any) -> Any:
+        version = request_struct_class.API_VERSION
+        if version < 7:  # no sessions before v7: a full fetch, as aiokafka sends it
+            return super().build(request_struct_class)
+        wanted = [
+            (TopicPartition(topic, partition), offset, max_bytes)
+            for topic, partitions in self.topics
+            for partition, offset, max_bytes in partitions
+        ]
+        plan = self.plan = self.session.plan(wanted)
+        listed = [(tp, _partition(tp, offset, size, version)) for tp, offset, size in plan.send]
+        args: list[Any] = [
+            -1,  # replica_id: a consumer
+            self._max_wait_ms,
+            self._min_bytes,
+            self._max_bytes,
+            self._isolation_level,
+            plan.session_id,
+            plan.epoch,
+            _by_topic(listed),
+            _by_topic([(tp, tp.partition) for tp in plan.forget]),
+        ]
+        if version >= 11:
+            args.append(self._rack_id)
+        return request_struct_class(*args)
+
+
+def _partition(tp: TopicPartition, offset: int, max_bytes: int, version: int) -> tuple[int, ...]:
+    """A partition's entry in a fetch request, as aiokafka's own FetchRequest writes it:
+    v9+ adds current_leader_epoch (-1: unknown), the log start offset is -1 (a consumer)."""
+    if version >= 9:
+        return (tp.partition, -1, offset, -1, max_bytes)
+    return (tp.partition, offset, -1, max_bytes)
+
+
+def _by_topic(items: list[tuple[TopicPartition, Any]]) -> list[tuple[str, list[Any]]]:
+    grouped: dict[str, list[Any]] = {}
+    for tp, item in items:
+        grouped.setdefault(tp.topic, []).append(item)
+    return list(grouped.items())
+
+
+class _SessionClient:
+    """The fetcher's view of the consumer's client: a session fetch's answer (or its
+    failure) is told to its session before the fetcher reads it; everything else is the
+    client itself."""
+
+    def __init__(self, client: AIOKafkaClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def send(self, node_id: int, request: Any, **kwargs: Any) -> Any:
+        if not isinstance(request, SessionFetchRequest):
+            return await self._client.send(node_id, request, **kwargs)
+        try:
+            response = await self._client.send(node_id, request, **kwargs)
+        except BaseException:
+            if request.plan is not None:
+                request.session.failed(request.plan)
+            raise
+        if request.plan is not None:
+            request.session.answered(request.plan, response.error_code, response.session_id)
+        return response
+
+
+def use_fetch_sessions(consumer: AIOKafkaConsumer) -> dict[int, FetchSession] | None:
+    """Make a started consumer fetch in incremental fetch sessions, one per broker
+    (`streams.fetch_session`), and return them by node id (filled as the fetcher meets
+    each broker); None, and the consumer fetches as before, when aiokafka's fetcher is
+    not where this looks. Wraps `consumer._fetcher._get_actions_per_node` (the requests
+    it returns become SessionFetchRequests) and puts a `_SessionClient` over
+    `consumer._fetcher._client`."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    actions = getattr(fetcher, "_get_actions_per_node", None)
+    if not isinstance(fetcher, Fetcher) or actions is None or not hasattr(fetcher, "_client"):
+        return None
+    sessions: dict[int, FetchSession] = {}
+
+    def get_actions_per_node(assignment: Any) -> Any:
+        fetch_requests, *rest = actions(assignment)
+        in_sessions = [
+            (node_id, SessionFetchRequest(request, sessions.setdefault(node_id, FetchSession())))
+            for node_id, request in fetch_requests
+        ]
+        return (in_sessions, *rest)
+
+    fetcher._get_actions_per_node = get_actions_per_node
+    fetcher._client = _SessionClient(fetcher._client)
+    return sessions

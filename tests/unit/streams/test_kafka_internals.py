@@ -190,3 +190,24 @@ def test_the_backoff_of_a_transaction_begun_during_markers_is_the_one_aiokafka_r
         assert sender.BACKOFF_OVERRIDE == 0.003
     finally:
         sender.BACKOFF_OVERRIDE = original
+
+
+async def test_the_fetcher_internals_fetch_sessions_use_are_where_they_look() -> None:
+    """`use_fetch_sessions` wraps the fetcher's `_get_actions_per_node` (whose first
+    item is the (node id, FetchRequest) list) and its `_client` (through which the fetch
+    is sent), and the fetcher matches an answer against `request.topics`."""
+    from aiokafka.consumer.fetcher import Fetcher
+
+    assert list(inspect.signature(Fetcher._get_actions_per_node).parameters) == [
+        "self",
+        "assignment",
+    ]
+    routine = inspect.getsource(Fetcher._fetch_requests_routine)
+    assert "fetch_requests," in routine and "self._get_actions_per_node(assignment)" in routine
+    proc = inspect.getsource(Fetcher._proc_fetch_request)
+    assert "await self._client.send(node_id, request)" in proc
+    assert "request.topics" in proc
+    assert "self._client = client" in inspect.getsource(Fetcher.__init__)
+    unstarted = AIOKafkaConsumer(bootstrap_servers=NOWHERE)  # no fetcher before start()
+    assert kafka_internals.use_fetch_sessions(unstarted) is None
+    await unstarted.stop()
