@@ -163,8 +163,8 @@ kafka_format() { kafka_format_storage kafka "$KAFKA_DATA" "$KAFKA_PROPS" "$KAFKA
 kafka_launch() {
     KAFKA_LOG_OFFSET=$(kafka_log_start "$KAFKA_LOG" services.sh)
     # G1 with the pause goal Kafka's own launcher (kafka-run-class.sh) sets, which running
-    # the JVM directly would lose: with G1's default goal (200 ms) the young generation
-    # grew to ~450 MB and its pauses took 19 ms (median) to 56 ms on this 2-core box,
+    # the JVM directly would lose: with G1's default goal (200 ms) the heap filled to
+    # 440-490 MB between young pauses, which took 19 ms (median) to 56 ms on this box,
     # each one a stall of every request; with 20 ms, 13 ms and 30 ms at most
     # (-Xlog:gc over four `tally bench engine --count 200000` runs at 8 and 64 partitions).
     kafka_launch_jvm "$KAFKA_PIDFILE" "$KAFKA_LOG" "$KAFKA_PROPS" "$KAFKA_DIR" \

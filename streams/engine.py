@@ -234,7 +234,8 @@ class Engine:
         warm = self._standby() if self.settings.table_standby_replicas > 0 else None
         try:
             await consumer.start()
-            # Idle shards cost each fetch nothing with a session (`streams.fetch_session`).
+            # In a session, idle shards are left out of each fetch's request and answer
+            # (`streams.fetch_session`).
             if kafka_internals.use_fetch_sessions(consumer) is None:
                 log.warning("aiokafka's fetcher is not where expected: fetching without sessions")
             while not self._stopping.is_set():

@@ -151,6 +151,11 @@ def _asked() -> FetchRequest:
     )
 
 
+def test_a_session_request_is_a_fetch_request_aiokafka_can_build() -> None:
+    """SessionFetchRequest keeps FetchRequest's versions (v7+ carry sessions)."""
+    assert kafka_internals.SessionFetchRequest._CLASSES == FetchRequest._CLASSES
+
+
 def test_a_session_request_lists_only_the_plan_on_the_wire() -> None:
     session = FetchSession()
     request = kafka_internals.SessionFetchRequest(_asked(), session)
