@@ -414,15 +414,14 @@ class Shards:
             transaction_timeout_ms=transaction_timeout_ms,
             linger_ms=5,
             max_batch_size=512 * 1024,
-            # A batch's first records often reach the broker while the previous
-            # transaction's markers are still being written; Kafka >= 3.8 refuses them
-            # with a retriable NOT_ENOUGH_REPLICAS (KIP-890 partition verification, see
-            # aio-libs/aiokafka#1172), and the transaction coordinator answers a
-            # transaction begun while the previous one's markers are being written with a
-            # retriable CONCURRENT_TRANSACTIONS (with one producer per worker every
-            # transaction starts right after the last one). The default 100 ms backoff
-            # would stall the worker. 2 ms was tried: 5,551/s against 9,249/s with 10 at
-            # 64 partitions (`tally bench engine --count 100000`, back to back), the
+            # Kafka >= 3.8 refuses a transaction's first batch to a partition with a
+            # retriable NOT_ENOUGH_REPLICAS when its check that the partition is in the
+            # transaction (KIP-890, see aio-libs/aiokafka#1172) meets another change or
+            # check of the same transaction (`streams.transaction` orders its requests
+            # so that none do), and a leader or coordinator moving answers retriably
+            # too. The default 100 ms backoff would stall the worker. 2 ms was tried
+            # (when the requests were not yet ordered so): 5,551/s against 9,249/s with 10
+            # at 64 partitions (`tally bench engine --count 100000`, back to back), the
             # retries of a transaction touching ~190 partitions spinning the worker.
             retry_backoff_ms=10,
         )

@@ -52,9 +52,10 @@ def advertised_host(settings: Settings) -> str:
 
 class VerificationRetries(logging.Filter):
     """Fold aiokafka's per-partition warning for a retried NOT_ENOUGH_REPLICAS into one
-    line a minute with a count. Kafka >= 3.8 answers it while the previous transaction's
-    markers are being written (see `streams.ownership`); the retry lands, but one warning
-    per partition per batch would bury every other log line."""
+    line a minute with a count. Kafka >= 3.8 answers it when its check that a partition is
+    in the transaction could not be made (see `streams.transaction`), and a broker of a
+    cluster without enough replicas in sync answers it too; the retry lands, but one
+    warning per partition per batch would bury every other log line."""
 
     every_s = 60.0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import errors as Errors
 
 from core.settings import Settings
 from streams import transaction
@@ -150,3 +151,79 @@ async def test_outputs_and_changelog_leave_as_batches_that_fill_and_arrive_in_or
             await committed.stop()
     finally:
         await delete_topics(settings.kafka_bootstrap, [s.name for s in specs])
+
+
+async def test_back_to_back_transactions_are_never_refused_a_partition_check(
+    settings: Settings, unique: str
+) -> None:
+    """Transactions one right after another, as the worker's are, each with records on
+    every partition and consumed offsets: no produce request or offset commit is refused
+    a partition, in particular none NOT_ENOUGH_REPLICAS or COORDINATOR_LOAD_IN_PROGRESS,
+    which is how Kafka >= 3.8 refuses a check that a partition is in the transaction
+    when it meets another change or check of the same transaction
+    (`streams.transaction`). Each such refusal costs the transaction the producer's
+    retry backoff."""
+    out_topic, changelog, source = (f"tx-{unique}.{n}" for n in ("out", "changelog", "in"))
+    specs = [
+        TopicSpec(
+            name=name,
+            partitions=PARTITIONS,
+            cleanup_policy="delete",
+            retention_ms=-1,
+            replicas=replicas(settings),
+        )
+        for name in (out_topic, changelog, source)
+    ]
+    await ensure_topics(settings.kafka_bootstrap, specs)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        transactional_id=f"tx-{unique}",
+        retry_backoff_ms=10,
+    )
+    member = MemberOffsets(producer)
+    nobody = GroupMember(-1, "", None)
+    refused: list[str] = []
+    answered = {"produce": 0, "offsets": 0}
+    await producer.start()
+    send = producer.client.send
+
+    async def watched(node_id: int, request: Any, *args: Any, **kwargs: Any) -> Any:
+        response = await send(node_id, request, *args, **kwargs)
+        name = type(request).__name__
+        if name.startswith("ProduceRequest"):
+            answered["produce"] += 1
+            codes = [part[1] for topic in response.topics for part in topic[1]]
+            refused.extend(f"produce {Errors.for_code(c).__name__}" for c in codes if c)
+        elif name.startswith("TxnOffsetCommitRequest"):
+            answered["offsets"] += 1
+            codes = [part[1] for topic in response.topics for part in topic[1]]
+            refused.extend(f"offsets {Errors.for_code(c).__name__}" for c in codes if c)
+        return response
+
+    async def one(n: int) -> None:
+        await transaction.commit(
+            producer,
+            exactly_once=True,
+            outputs=[(out_topic, b"k", b"v%d" % n, p, None) for p in range(PARTITIONS)],
+            changelog=changelog,
+            changes={n % PARTITIONS: [(b"c|%d" % n, b"s")]},
+            offsets={TopicPartition(source, n % PARTITIONS): n + 1},
+            group_id=f"tx-{unique}",
+            member=member,
+            as_member=nobody,
+            consumer=None,
+        )
+
+    try:
+        await one(0)  # not watched: the new topics' leaders may still be moving in
+        producer.client.send = watched
+        for n in range(1, 151):
+            await one(n)
+    finally:
+        producer.client.send = send
+        await producer.stop()
+        await delete_topics(settings.kafka_bootstrap, [s.name for s in specs])
+    assert refused == []
+    assert answered["produce"] >= 150 and answered["offsets"] == 150, answered
