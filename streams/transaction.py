@@ -23,7 +23,15 @@ Then, in this order:
    a worker the group has moved past is refused here, and its transaction aborted
    (at-least-once: nothing yet);
 6. commit the transaction (at-least-once: commit the consumed offsets, after the
-   outputs are acknowledged).
+   outputs are acknowledged);
+7. only then, back in `streams.loop`, write each batch to its shard's local RocksDB with
+   the changelog offset it reached, in one atomic write (`ShardStore.flush`).
+
+So the outputs, the changelog and the consumed offsets of a poll are visible together or
+not at all (read_committed), and a crash anywhere before 6 loses only what Kafka has not
+committed: the batch is read again and finds the state exactly as it was before its first
+attempt. A crash between 6 and 7 leaves RocksDB behind the changelog, which recovery
+catches up. Any failure here leaves the caller to discard the staged state.
 
 Offsets after the records, not beside them (as aiokafka would send them): a broker from
 Kafka 3.8 on checks with the transaction coordinator that a partition is in the
@@ -40,14 +48,6 @@ transactions were those. In this order, none in either. The produce's round trip
 now before the offsets' instead of beside them; the p99 produce->result latency of
 three alternated pairs of `tally bench engine --count 200000` went from 47, 34 and
 39 ms to 25, 32 and 32.
-7. only then, back in `streams.loop`, write each batch to its shard's local RocksDB with
-   the changelog offset it reached, in one atomic write (`ShardStore.flush`).
-
-So the outputs, the changelog and the consumed offsets of a poll are visible together or
-not at all (read_committed), and a crash anywhere before 6 loses only what Kafka has not
-committed: the batch is read again and finds the state exactly as it was before its first
-attempt. A crash between 6 and 7 leaves RocksDB behind the changelog, which recovery
-catches up. Any failure here leaves the caller to discard the staged state.
 """
 
 from __future__ import annotations
