@@ -56,7 +56,7 @@ from aiokafka.structs import TopicPartition
 from streams import kafka_internals, transaction
 from streams.group_commit import StaleMember
 from streams.ownership import Shards, fenced
-from streams.records import Output, Read, Records, check_sizes
+from streams.records import Output, Records, check_sizes
 from streams.timers import HoldExpiries, Prune, Pruning
 from topics.schema import Expire
 
@@ -66,14 +66,6 @@ log = logging.getLogger(__name__)
 # over again) ends the worker: an outage of the broker is waited out by the retries
 # inside one take-over, so this many failures mean something else is wrong.
 max_failures_in_a_row = 20
-# Records read ahead (`BatchLoop._read_ahead`) between two turns of the event loop: about
-# a millisecond of decoding.
-read_ahead_chunk = 256
-
-
-# Records read ahead of deciding them (`BatchLoop._read_ahead`): by the record's id, the
-# record itself (an id names only a live object) and what it was read as.
-ReadAhead = dict[int, tuple[Any, Read]]
 
 
 @dataclass
@@ -219,7 +211,6 @@ class BatchLoop:
         """One poll: every shard's batch (with what its timers have due) decided once the
         previous poll's transaction has committed, and all of them started committing in
         the background, in one transaction; a failed one isolated or retried."""
-        read = await self._read_ahead(polled)
         failed = await self._settle()
         rewound = set(failed)
         if not rewound:
@@ -249,7 +240,7 @@ class BatchLoop:
             times[p] = self.time_ms(p)
             try:
                 decided[p] = self._decide(
-                    p, batch, expiries.get(p, []), prunes.get(p, Prune()), times[p], None, read
+                    p, batch, expiries.get(p, []), prunes.get(p, Prune()), times[p], None
                 )
             except RecordFault as exc:
                 faults[p] = (batch, exc)
@@ -271,29 +262,6 @@ class BatchLoop:
                 if p in self.shards.owned and p not in rewound:
                     await self.isolate(p, batch, why)
                     self._resume_at_next(p)
-
-    async def _read_ahead(self, polled: dict[TopicPartition, list[Any]]) -> ReadAhead:
-        """The poll's records read (`Records.read`, by `id` of the record) while the
-        transaction in flight commits, until it has: reading depends on nothing the
-        transaction changes, and the worker would otherwise wait for the broker with
-        nothing to do (12-17% of a drain, `tally bench engine`'s "on commit"). Between
-        chunks the transaction's own work gets its turn. A record that cannot be read
-        here is left to be read when it is decided, where its error is handled."""
-        read: ReadAhead = {}
-        commit = self.in_flight
-        if commit is None:
-            return read
-        for records in polled.values():
-            for start in range(0, len(records), read_ahead_chunk):
-                if commit.task.done():
-                    return read
-                for record in records[start : start + read_ahead_chunk]:
-                    try:
-                        read[id(record)] = (record, self.records.read(record))
-                    except Exception:  # read again when decided, and handled there
-                        continue
-                await asyncio.sleep(0)
-        return read
 
     async def _joined(
         self, polled: dict[TopicPartition, list[Any]]
@@ -439,22 +407,16 @@ class BatchLoop:
         prunes: Prune,
         now_ms: int,
         without_outputs: BaseException | None,
-        read: ReadAhead | None = None,
     ) -> tuple[list[Output], list[tuple[bytes, bytes | None]]]:
         """Decide shard p's batch into its outputs and changelog records, its state
-        changes staged in the store (with what of it was `read` ahead). Raises
-        RecordFault (with nothing staged) if anything in it fails."""
+        changes staged in the store. Raises RecordFault (with nothing staged) if anything
+        in it fails."""
         store = self.shards.stores[p]
         out: list[Output] = []
         try:
             if without_outputs is not None:
                 for record in batch.records:
                     self.records.answer_alone(p, record, without_outputs, now_ms, out)
-            elif read:
-                for record in batch.records:
-                    ahead = read.get(id(record))
-                    known = ahead[1] if ahead is not None and ahead[0] is record else None
-                    self.records.handle(p, store, record, now_ms, out, known)
             else:
                 for record in batch.records:
                     self.records.handle(p, store, record, now_ms, out)

@@ -43,9 +43,6 @@ log = logging.getLogger(__name__)
 Output = tuple[str, bytes | None, bytes | None, int, list[tuple[str, bytes]] | None]
 # (expires_at_ms, account, hold_id) of an open hold with an expiry
 Expiring = tuple[int, str, str]
-# A record read (`Records.read`): what its bytes say, and the source header its result
-# carries (see `_source`)
-Read = tuple[Command | Invalid | Undecodable, list[tuple[str, bytes]] | None]
 
 
 class Records:
@@ -64,32 +61,18 @@ class Records:
         # Told of every hold with an expiry that a batch opens (see `streams.timers`).
         self.watch = watch
 
-    def read(self, record: Any) -> Read:
-        """What one record of the commands or the internal topic says, and the source
-        header its result is to carry, before anything is decided: a function of the
-        record alone (so it can be read ahead)."""
-        internal = record.topic == self.topics.internal.name
-        return decode_command(record.value or b"", internal=internal), _source(record, internal)
-
     def handle(
-        self,
-        p: int,
-        store: ShardStore,
-        record: Any,
-        now_ms: int,
-        out: list[Output],
-        read: Read | None = None,
+        self, p: int, store: ShardStore, record: Any, now_ms: int, out: list[Output]
     ) -> None:
-        """Decide one record of shard p's commands or internal partition at `now_ms`
-        (`read`: what `read` made of it, if it was read ahead)."""
+        """Decide one record of shard p's commands or internal partition at `now_ms`."""
         internal = record.topic == self.topics.internal.name
-        decoded, answers = self.read(record) if read is None else read
+        decoded = decode_command(record.value or b"", internal=internal)
         if isinstance(decoded, Undecodable):
             self.dead_letter_of(p, record, decoded.reason, now_ms, out)
             return
         if isinstance(decoded, Invalid):
             outcome = ledger.reject_invalid(decoded, now_ms)
-            self.emit(p, outcome, out, answers)
+            self.emit(p, outcome, out, _source(record, internal))
             return
         owner = shard_of(decoded.account, self.partitions)
         if owner != p:
@@ -107,7 +90,7 @@ class Records:
             )  # fmt: skip
             return
         try:
-            self.decide(p, store, decoded, now_ms, out, answers)
+            self.decide(p, store, decoded, now_ms, out, _source(record, internal))
         except Exception as exc:
             # A bug in the rules must not stop the shard: the record is parked with the
             # error, nothing of it was staged, and the next record goes on.
