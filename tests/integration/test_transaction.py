@@ -5,6 +5,8 @@ committed in the same transaction."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -33,6 +35,41 @@ class CountingProducer(AIOKafkaProducer):  # type: ignore[misc]
         key = (topic, partition)
         self.batches[key] = self.batches.get(key, 0) + 1
         return await super().send_batch(batch, topic, partition=partition)
+
+
+@contextlib.asynccontextmanager
+async def _topics(settings: Settings, unique: str) -> AsyncIterator[tuple[str, str, str]]:
+    """An outputs topic, a changelog and a source topic of PARTITIONS partitions each,
+    deleted afterwards."""
+    names = tuple(f"tx-{unique}.{n}" for n in ("out", "changelog", "in"))
+    specs = [
+        TopicSpec(
+            name=name,
+            partitions=PARTITIONS,
+            cleanup_policy="delete",
+            retention_ms=-1,
+            replicas=replicas(settings),
+        )
+        for name in names
+    ]
+    await ensure_topics(settings.kafka_bootstrap, specs)
+    try:
+        yield names[0], names[1], names[2]
+    finally:
+        await delete_topics(settings.kafka_bootstrap, list(names))
+
+
+def _transactional(
+    cls: type[AIOKafkaProducer], settings: Settings, unique: str, **options: Any
+) -> AIOKafkaProducer:
+    """A transactional producer as the worker's is (acks=all, idempotent)."""
+    return cls(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        transactional_id=f"tx-{unique}",
+        **options,
+    )
 
 
 async def _read(bootstrap: str, topic: str) -> dict[int, list[tuple[bytes | None, bytes | None]]]:
@@ -64,71 +101,53 @@ async def test_outputs_and_changelog_leave_as_batches_that_fill_and_arrive_in_or
     full one is sent and a new one started, no record is lost or repeated, the order
     within a partition holds, and the changelog's end is where the next batch of the
     shard's changelog will start."""
-    out_topic, changelog, source = (f"tx-{unique}.{n}" for n in ("out", "changelog", "in"))
-    specs = [
-        TopicSpec(
-            name=name,
-            partitions=PARTITIONS,
-            cleanup_policy="delete",
-            retention_ms=-1,
-            replicas=replicas(settings),
-        )
-        for name in (out_topic, changelog, source)
-    ]
-    await ensure_topics(settings.kafka_bootstrap, specs)
-    producer = CountingProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        acks="all",
-        enable_idempotence=True,
-        transactional_id=f"tx-{unique}",
-        max_batch_size=2048,
-    )
-    member = MemberOffsets(producer)
-    # A group nobody has joined takes offsets from generation -1 and no member id.
-    nobody = GroupMember(-1, "", None)
-    await producer.start()
-    try:
-        outputs: list[Output] = [
-            (out_topic, b"k%d" % i, b"v%d-" % i + b"x" * 200, i % PARTITIONS,
-             [("tally-source", b"0:%d" % i)] if i % 2 else None)
-            for i in range(120)
-        ]  # fmt: skip
-        changes = [(b"c|%d" % i, None if i % 7 == 0 else b"state-%d" % i) for i in range(50)]
-        # Two shards' batches in one transaction, as one poll's are.
-        other = [(b"c|two-%d" % i, b"s%d" % i) for i in range(5)]
-        offsets = {TopicPartition(source, 1): 17, TopicPartition(source, 2): 4}
-        written = await transaction.commit(
-            producer,
-            exactly_once=True,
-            outputs=outputs,
-            changelog=changelog,
-            changes={1: changes, 2: other},
-            offsets=offsets,
-            group_id=f"tx-{unique}",
-            member=member,
-            as_member=nobody,
-            consumer=None,
-        )
-        # 40 records of ~220 bytes per partition fill a 2 KiB batch several times over.
-        filled = {p: producer.batches[(out_topic, p)] for p in range(PARTITIONS)}
-        assert all(n >= 3 for n in filled.values()), filled
-        assert producer.batches[(changelog, 1)] >= 1
-        # The same shard's next transaction: its changelog continues where this one ended.
-        again = await transaction.commit(
-            producer,
-            exactly_once=True,
-            outputs=[],
-            changelog=changelog,
-            changes={1: [(b"c|again", b"1")]},
-            offsets={},
-            group_id=f"tx-{unique}",
-            member=member,
-            as_member=nobody,
-            consumer=None,
-        )
-    finally:
-        await producer.stop()
-    try:
+    async with _topics(settings, unique) as (out_topic, changelog, source):
+        producer = _transactional(CountingProducer, settings, unique, max_batch_size=2048)
+        member = MemberOffsets(producer)
+        # A group nobody has joined takes offsets from generation -1 and no member id.
+        nobody = GroupMember(-1, "", None)
+        await producer.start()
+        try:
+            outputs: list[Output] = [
+                (out_topic, b"k%d" % i, b"v%d-" % i + b"x" * 200, i % PARTITIONS,
+                 [("tally-source", b"0:%d" % i)] if i % 2 else None)
+                for i in range(120)
+            ]  # fmt: skip
+            changes = [(b"c|%d" % i, None if i % 7 == 0 else b"state-%d" % i) for i in range(50)]
+            # Two shards' batches in one transaction, as one poll's are.
+            other = [(b"c|two-%d" % i, b"s%d" % i) for i in range(5)]
+            offsets = {TopicPartition(source, 1): 17, TopicPartition(source, 2): 4}
+            written = await transaction.commit(
+                producer,
+                exactly_once=True,
+                outputs=outputs,
+                changelog=changelog,
+                changes={1: changes, 2: other},
+                offsets=offsets,
+                group_id=f"tx-{unique}",
+                member=member,
+                as_member=nobody,
+                consumer=None,
+            )
+            # 40 records of ~220 bytes per partition fill a 2 KiB batch several times over.
+            filled = {p: producer.batches[(out_topic, p)] for p in range(PARTITIONS)}
+            assert all(n >= 3 for n in filled.values()), filled
+            assert producer.batches[(changelog, 1)] >= 1
+            # The same shard's next transaction: its changelog continues where this one ended.
+            again = await transaction.commit(
+                producer,
+                exactly_once=True,
+                outputs=[],
+                changelog=changelog,
+                changes={1: [(b"c|again", b"1")]},
+                offsets={},
+                group_id=f"tx-{unique}",
+                member=member,
+                as_member=nobody,
+                consumer=None,
+            )
+        finally:
+            await producer.stop()
         got = await _read(settings.kafka_bootstrap, out_topic)
         for p in range(PARTITIONS):
             assert got[p] == [(k, v) for _, k, v, q, _ in outputs if q == p]
@@ -149,8 +168,6 @@ async def test_outputs_and_changelog_leave_as_batches_that_fill_and_arrive_in_or
             assert await committed.committed(TopicPartition(source, 2)) == 4
         finally:
             await committed.stop()
-    finally:
-        await delete_topics(settings.kafka_bootstrap, [s.name for s in specs])
 
 
 async def test_back_to_back_transactions_are_never_refused_a_partition_check(
@@ -163,67 +180,47 @@ async def test_back_to_back_transactions_are_never_refused_a_partition_check(
     when it meets another change or check of the same transaction
     (`streams.transaction`). Each such refusal costs the transaction the producer's
     retry backoff."""
-    out_topic, changelog, source = (f"tx-{unique}.{n}" for n in ("out", "changelog", "in"))
-    specs = [
-        TopicSpec(
-            name=name,
-            partitions=PARTITIONS,
-            cleanup_policy="delete",
-            retention_ms=-1,
-            replicas=replicas(settings),
-        )
-        for name in (out_topic, changelog, source)
-    ]
-    await ensure_topics(settings.kafka_bootstrap, specs)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        acks="all",
-        enable_idempotence=True,
-        transactional_id=f"tx-{unique}",
-        retry_backoff_ms=10,
-    )
-    member = MemberOffsets(producer)
-    nobody = GroupMember(-1, "", None)
-    refused: list[str] = []
-    answered = {"produce": 0, "offsets": 0}
-    await producer.start()
-    send = producer.client.send
+    async with _topics(settings, unique) as (out_topic, changelog, source):
+        producer = _transactional(AIOKafkaProducer, settings, unique, retry_backoff_ms=10)
+        member = MemberOffsets(producer)
+        nobody = GroupMember(-1, "", None)
+        refused: list[str] = []
+        watching = {"produce": "ProduceRequest", "offsets": "TxnOffsetCommitRequest"}
+        answered = dict.fromkeys(watching, 0)
+        await producer.start()
+        send = producer.client.send
 
-    async def watched(node_id: int, request: Any, *args: Any, **kwargs: Any) -> Any:
-        response = await send(node_id, request, *args, **kwargs)
-        name = type(request).__name__
-        if name.startswith("ProduceRequest"):
-            answered["produce"] += 1
-            codes = [part[1] for topic in response.topics for part in topic[1]]
-            refused.extend(f"produce {Errors.for_code(c).__name__}" for c in codes if c)
-        elif name.startswith("TxnOffsetCommitRequest"):
-            answered["offsets"] += 1
-            codes = [part[1] for topic in response.topics for part in topic[1]]
-            refused.extend(f"offsets {Errors.for_code(c).__name__}" for c in codes if c)
-        return response
+        async def watched(node_id: int, request: Any, *args: Any, **kwargs: Any) -> Any:
+            response = await send(node_id, request, *args, **kwargs)
+            name = type(request).__name__
+            kind = next((k for k, prefix in watching.items() if name.startswith(prefix)), None)
+            if kind is not None:  # both answers: topics of (partition, error_code, ...)
+                answered[kind] += 1
+                codes = [part[1] for topic in response.topics for part in topic[1]]
+                refused.extend(f"{kind} {Errors.for_code(c).__name__}" for c in codes if c)
+            return response
 
-    async def one(n: int) -> None:
-        await transaction.commit(
-            producer,
-            exactly_once=True,
-            outputs=[(out_topic, b"k", b"v%d" % n, p, None) for p in range(PARTITIONS)],
-            changelog=changelog,
-            changes={n % PARTITIONS: [(b"c|%d" % n, b"s")]},
-            offsets={TopicPartition(source, n % PARTITIONS): n + 1},
-            group_id=f"tx-{unique}",
-            member=member,
-            as_member=nobody,
-            consumer=None,
-        )
+        async def one(n: int) -> None:
+            await transaction.commit(
+                producer,
+                exactly_once=True,
+                outputs=[(out_topic, b"k", b"v%d" % n, p, None) for p in range(PARTITIONS)],
+                changelog=changelog,
+                changes={n % PARTITIONS: [(b"c|%d" % n, b"s")]},
+                offsets={TopicPartition(source, n % PARTITIONS): n + 1},
+                group_id=f"tx-{unique}",
+                member=member,
+                as_member=nobody,
+                consumer=None,
+            )
 
-    try:
-        await one(0)  # not watched: the new topics' leaders may still be moving in
-        producer.client.send = watched
-        for n in range(1, 151):
-            await one(n)
-    finally:
-        producer.client.send = send
-        await producer.stop()
-        await delete_topics(settings.kafka_bootstrap, [s.name for s in specs])
+        try:
+            await one(0)  # not watched: the new topics' leaders may still be moving in
+            producer.client.send = watched
+            for n in range(1, 151):
+                await one(n)
+        finally:
+            producer.client.send = send
+            await producer.stop()
     assert refused == []
     assert answered["produce"] >= 150 and answered["offsets"] == 150, answered
