@@ -48,7 +48,7 @@ transactions were those. In this order, none in either (and none in two more pac
 runs of the code as it is). The produce's round trip is now before the offsets'
 instead of beside them; the paced p99 produce->result latency of five
 `tally bench engine --count 50000` runs alternated with the old order was 27.9-43.7 ms
-against 30.8-47.5 (the transaction's own p99 13-16 ms against 20-22).
+against 30.8-47.5.
 """
 
 from __future__ import annotations
