@@ -57,6 +57,9 @@ class Records:
     ) -> None:
         self.topics = topics
         self.partitions = partitions
+        # Asked per record: looked up once.
+        self._internal = topics.internal.name
+        self._events = topics.events.name
         self.counts = counts
         # Told of every hold with an expiry that a batch opens (see `streams.timers`).
         self.watch = watch
@@ -65,7 +68,7 @@ class Records:
         self, p: int, store: ShardStore, record: Any, now_ms: int, out: list[Output]
     ) -> None:
         """Decide one record of shard p's commands or internal partition at `now_ms`."""
-        internal = record.topic == self.topics.internal.name
+        internal = record.topic == self._internal
         decoded = decode_command(record.value or b"", internal=internal)
         if isinstance(decoded, Undecodable):
             self.dead_letter_of(p, record, decoded.reason, now_ms, out)
@@ -121,12 +124,10 @@ class Records:
     ) -> None:
         for emitted in outcome.emits:
             shard = shard_of(emitted.account, self.partitions)
-            out.append(
-                (self.topics.internal.name, emitted.account.encode(), encode(emitted), shard, None)
-            )
+            out.append((self._internal, emitted.account.encode(), encode(emitted), shard, None))
         result = outcome.result
-        self.counts[result.status.value] += 1
-        out.append((self.topics.events.name, result.account.encode(), encode(result), p, source))
+        self.counts[_STATUS[result.status]] += 1
+        out.append((self._events, result.account.encode(), encode(result), p, source))
 
     def answer_alone(
         self, p: int, record: Any, error: BaseException, now_ms: int, out: list[Output]
@@ -186,6 +187,9 @@ class Records:
         out.append((self.topics.dead_letter.name, None, encode(letter), p, None))
 
 
+# Each status's name, as `counts` keys it (a dict lookup: the enum's `.value` is a
+# descriptor call, made for every result).
+_STATUS = {status: status.value for status in Status}
 _SOURCE_VALUE = re.compile(rb"[0-9]{1,10}:[0-9]{1,19}")
 
 
@@ -212,7 +216,9 @@ def check_sizes(out: list[Output], changelog: Iterable[tuple[bytes, bytes | None
     """Refuse a batch that would write a record over limits.OUTPUT_BYTES_MAX, before
     anything is sent (the broker would refuse it, or aiokafka before it)."""
     for topic, key, value, _, headers in out:
-        size = len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers or ())
+        size = len(key or b"") + len(value or b"")
+        for name, header in headers or ():  # a loop, not sum(): no generator per record
+            size += len(name) + len(header)
         if size > limits.OUTPUT_BYTES_MAX:
             raise RecordTooLargeError(f"a record of {size} bytes for {topic}")
     for key, value in changelog:

@@ -69,6 +69,8 @@ group_bytes_max = 256 * 1024
 # Not a table row: where in the changelog partition this copy of the shard has got to.
 # '\x00' sorts before every table prefix and never occurs in ids.
 _OFFSET = b"\x00changelog-offset|"
+# What `pending` answers for a key the batch has not staged (None there is a deletion).
+_UNSTAGED = object()
 
 
 def balance_key(account: str, asset: str) -> bytes:
@@ -169,6 +171,12 @@ class ShardStore:
             self.db = Rdict(str(path), _options())
             self.rebuilt = True
         self.pending: dict[bytes, bytes | None] = {}
+        # The balances and account settings read or staged since the last flush, decoded
+        # (None: no such row): a batch reads an account's settings and balance once per
+        # command (its status, and again its assets when a balance moves), and a busy
+        # account's many times; each read from here saves a key, a lookup and a decode.
+        self._balances: dict[tuple[str, str], BalanceState | None] = {}
+        self._accounts: dict[str, AccountState | None] = {}
         # Keys in `pending` the changelog carries inside group records, not on their own,
         # and those of them not in a group yet (see the module's docstring).
         self._unlogged: set[bytes] = set()
@@ -177,18 +185,24 @@ class ShardStore:
     # Reads (the ledger's StateView) -------------------------------------------------------
 
     def _get(self, key: bytes) -> bytes | None:
-        if key in self.pending:
-            return self.pending[key]
-        value: bytes | None = self.db.get(key)
-        return value
+        value = self.pending.get(key, _UNSTAGED)
+        if value is _UNSTAGED:
+            value = self.db.get(key)
+        return value  # type: ignore[return-value]
 
     def balance(self, account: str, asset: str) -> BalanceState | None:
-        raw = self._get(balance_key(account, asset))
-        return None if raw is None else _balance.decode(raw)
+        found = self._balances.get((account, asset), _UNSTAGED)
+        if found is _UNSTAGED:
+            raw = self._get(balance_key(account, asset))
+            found = self._balances[(account, asset)] = None if raw is None else _balance.decode(raw)
+        return found  # type: ignore[return-value]
 
     def account(self, account: str) -> AccountState | None:
-        raw = self._get(account_key(account))
-        return None if raw is None else _account.decode(raw)
+        found = self._accounts.get(account, _UNSTAGED)
+        if found is _UNSTAGED:
+            raw = self._get(account_key(account))
+            found = self._accounts[account] = None if raw is None else _account.decode(raw)
+        return found  # type: ignore[return-value]
 
     def hold(self, account: str, hold_id: str) -> HoldState | None:
         raw = self._get(hold_key(account, hold_id))
@@ -207,8 +221,10 @@ class ShardStore:
         pending = self.pending
         for (account, asset), bal in outcome.balances.items():
             pending[balance_key(account, asset)] = _encode(bal)
+            self._balances[(account, asset)] = bal
         for account, acct in outcome.accounts.items():
             pending[account_key(account)] = _encode(acct)
+            self._accounts[account] = acct
         for (account, hold_id), held in outcome.holds.items():
             pending[hold_key(account, hold_id)] = None if held is None else _encode(held)
         if outcome.record is not None:
@@ -278,6 +294,13 @@ class ShardStore:
         self.pending.clear()
         self._unlogged.clear()
         self._ungrouped.clear()
+        self._forget_reads()
+
+    def _forget_reads(self) -> None:
+        """Drop the decoded reads: after each batch, committed or not, and whenever the
+        rows change under them (recovery, a wipe)."""
+        self._balances.clear()
+        self._accounts.clear()
 
     # Recovery ----------------------------------------------------------------------------
 
@@ -307,6 +330,7 @@ class ShardStore:
                 batch.put(key, value)
         batch.put(self._offset_key, b"%d" % next_offset)
         self.db.write(batch)
+        self._forget_reads()
 
     def _restore_group(
         self, staged: dict[bytes, bytes | None], key: bytes, value: bytes | None
@@ -342,7 +366,7 @@ class ShardStore:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
         self.db = Rdict(str(self.path), _options())
-        self.pending.clear()
+        self.discard()
 
     def close(self) -> None:
         # Flushed to .sst files on a clean stop: the next start opens them instead of

@@ -172,11 +172,14 @@ def dead_letter(
 # quote inside a JSON string is escaped).
 _NO_METADATA = b',"metadata":null}'
 _NO_REFERENCE = b',"reference":null}'
+_NEITHER = b',"reference":null,"metadata":null}'
 
 
 def encode(value: msgspec.Struct) -> bytes:
     """JSON bytes of any schema struct (commands, results, dead letters)."""
     raw = _encoder.encode(value)
+    if raw.endswith(_NEITHER):
+        return raw[: -len(_NEITHER)] + b"}"  # the usual case, cut at once
     if raw.endswith(_NO_METADATA):
         raw = raw[: -len(_NO_METADATA)] + b"}"
     if raw.endswith(_NO_REFERENCE):

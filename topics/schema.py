@@ -436,7 +436,9 @@ def source(partition: int, offset: int) -> bytes:
 
 def source_in(headers: Any) -> bytes | None:
     """The SOURCE_HEADER value among a Kafka record's headers, if it has one."""
-    return next((bytes(v) for k, v in headers or () if k == SOURCE_HEADER), None)
+    if not headers:
+        return None  # most records: no generator made
+    return next((bytes(v) for k, v in headers if k == SOURCE_HEADER), None)
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -466,4 +468,11 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
 
 def kind_of(command: Command) -> str:
     """A command's kind: its tag on the wire ("deposit", "credit", ...)."""
-    return str(type(command).__struct_config__.tag)
+    kind = _kinds.get(type(command))
+    if kind is None:
+        kind = _kinds[type(command)] = str(type(command).__struct_config__.tag)
+    return kind
+
+
+# Struct class -> its tag, filled by `kind_of` (once per class: it is asked per command).
+_kinds: dict[type, str] = {}

@@ -19,7 +19,7 @@ from streams.store import (
     hold_key,
     legacy_command_key,
 )
-from topics.schema import Deposit, Hold, Reason, Release, Status
+from topics.schema import Configure, Deposit, Hold, Reason, Release, Status
 
 
 def _store(tmp_path: Path) -> ShardStore:
@@ -91,6 +91,27 @@ def test_restore_copies_changelog_records_and_the_offset(tmp_path: Path) -> None
     assert target.changelog_offset() == 17
     target.restore([(command_key("a", "d1"), None)], 18)
     assert target.command("a", "d1") is None
+
+
+def test_rows_read_before_a_restore_or_a_wipe_are_read_again_after_it(tmp_path: Path) -> None:
+    """The store keeps the balances and account settings it read decoded until the
+    batch ends; rows that change under them (recovery, a wipe) are read afresh."""
+    source = ShardStore(tmp_path / "source", "cl")
+    for cmd in (
+        Deposit(command_id="d1", account="a", asset="EUR", amount=9),
+        Configure(command_id="f1", account="a", status="frozen"),
+    ):
+        source.commit(ledger.apply(source, cmd, 1))
+    records = list(source.pending.items())
+    target = ShardStore(tmp_path / "target", "cl")
+    assert target.balance("a", "EUR") is None and target.account("a") is None
+    target.restore(records, 2)
+    restored = target.balance("a", "EUR")
+    assert restored is not None and restored.available == 9
+    account = target.account("a")
+    assert account is not None and account.status == "frozen"
+    target.wipe()
+    assert target.balance("a", "EUR") is None and target.account("a") is None
 
 
 def test_commands_are_paged_for_pruning(tmp_path: Path) -> None:
