@@ -317,18 +317,19 @@ class _Change:
     def _result(
         self, status: Status, reason: Reason | None, detail: str | None, emitted: int
     ) -> Result:
+        command = self.command
         return Result(
-            command_id=self.command.command_id,
-            account=self.command.account,
-            kind=kind_of(self.command),
+            command_id=command.command_id,
+            account=command.account,
+            kind=kind_of(command),
             status=status,
             reason=reason,
             detail=detail,
             entries=self.entries if status is Status.APPLIED else [],
             emitted=emitted,
             at_ms=self.now_ms,
-            reference=self.command.reference,
-            metadata=self.command.metadata,
+            reference=command.reference,
+            metadata=command.metadata,
         )
 
 

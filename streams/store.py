@@ -28,6 +28,10 @@ record of its own, so that a command applied under the old layout cannot apply t
 after the upgrade; it answers as it did then (a retry is `duplicate`, the id on another
 account of the shard `command_id_reused`) until retention prunes it, and new records
 are only written in the new layout. Nothing is rewritten: the old records age out.
+A store this engine made empty is marked as holding none (`_NO_LEGACY`), and its reads
+skip the legacy key, a second lookup for every new command; recovery takes the mark away
+with the first legacy record it copies in from the changelog. A store without the mark
+(an older engine's files) keeps looking.
 """
 
 from __future__ import annotations
@@ -71,6 +75,10 @@ group_bytes_max = 256 * 1024
 _OFFSET = b"\x00changelog-offset|"
 # What `pending` answers for a key the batch has not staged (None there is a deletion).
 _UNSTAGED = object()
+# Not a table row either: present in a store that has never held a legacy idempotency
+# record (made empty by an engine that writes none, and restored only from records in
+# the new layout since), whose reads then skip the legacy key.
+_NO_LEGACY = b"\x00no-legacy-commands"
 
 
 def balance_key(account: str, asset: str) -> bytes:
@@ -116,6 +124,11 @@ def _record_time(raw: bytes) -> int:
         return _record.decode(raw).at_ms
     except msgspec.DecodeError:
         return 2**63
+
+
+def _is_legacy(key: bytes) -> bool:
+    """Whether a key is a legacy idempotency record's ("c|<id>": ids hold no '|')."""
+    return key.startswith(COMMAND) and b"|" not in key[2:]
 
 
 def legacy_command_key(command_id: str) -> bytes:
@@ -181,6 +194,17 @@ class ShardStore:
         # and those of them not in a group yet (see the module's docstring).
         self._unlogged: set[bytes] = set()
         self._ungrouped: list[tuple[bytes, int]] = []  # (key, the record's at_ms)
+        self._legacy = self._may_hold_legacy()
+
+    def _may_hold_legacy(self) -> bool:
+        """Whether this copy may hold legacy idempotency records: a store written by an
+        engine before the marker existed may; one this engine made empty is marked."""
+        if self.db.get(_NO_LEGACY) is not None:
+            return False
+        if next(iter(self.db.keys()), None) is not None:
+            return True
+        self.db.put(_NO_LEGACY, b"")
+        return False
 
     # Reads (the ledger's StateView) -------------------------------------------------------
 
@@ -210,7 +234,7 @@ class ShardStore:
 
     def command(self, account: str, command_id: str) -> CommandRecord | None:
         raw = self._get(command_key(account, command_id))
-        if raw is None:
+        if raw is None and self._legacy:
             raw = self._get(legacy_command_key(command_id))  # see the module's docstring
         return None if raw is None else _record.decode(raw)
 
@@ -328,6 +352,9 @@ class ShardStore:
                 batch.delete(key)
             else:
                 batch.put(key, value)
+                if not self._legacy and _is_legacy(key):
+                    self._legacy = True  # an older engine's record, from the changelog
+                    batch.delete(_NO_LEGACY)
         batch.put(self._offset_key, b"%d" % next_offset)
         self.db.write(batch)
         self._forget_reads()
@@ -367,6 +394,7 @@ class ShardStore:
         shutil.rmtree(self.path, ignore_errors=True)
         self.db = Rdict(str(self.path), _options())
         self.discard()
+        self._legacy = self._may_hold_legacy()
 
     def close(self) -> None:
         # Flushed to .sst files on a clean stop: the next start opens them instead of

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from rocksdict import Rdict
 
 from streams import ledger
 from streams.state import BalanceState, CommandRecord, HoldState
 from streams.store import (
+    _NO_LEGACY,
     GROUP,
     ShardStore,
+    _options,
     balance_key,
     command_key,
     group_bytes_max,
@@ -243,6 +246,39 @@ def test_legacy_records_are_pruned_like_new_ones(tmp_path: Path) -> None:
     # After the prune the id is free on every account again.
     fresh = ledger.apply(store, Deposit(command_id="d1", account="bob", asset="USD", amount=1), 400)
     assert fresh.result.status is Status.APPLIED
+
+
+def test_a_store_an_older_engine_wrote_still_answers_its_legacy_records(tmp_path: Path) -> None:
+    """Files an engine wrote before stores were marked legacy-free (here: a record in the
+    old layout written straight into RocksDB, and no mark) are read with the legacy
+    lookup, and stay so after a reopen."""
+    old_value = msgspec.json.encode(CommandRecord("f" * 32, Status.APPLIED, None, 5))
+    db = Rdict(str(tmp_path / "shard"), _options())
+    db[b"c|x-1"] = old_value
+    db.close()
+    for _ in range(2):
+        store = ShardStore(tmp_path / "shard", "cl")
+        assert store.command("anyone", "x-1") is not None
+        store.close()
+
+
+def test_a_store_made_empty_is_marked_until_a_legacy_record_is_restored(tmp_path: Path) -> None:
+    """A store this engine made empty carries the legacy-free mark across reopens; the
+    first record in the old layout that recovery copies in takes the mark away, in the
+    same write, and the record answers from then on, after a reopen too."""
+    store = ShardStore(tmp_path / "shard", "cl")
+    store.close()
+    store = ShardStore(tmp_path / "shard", "cl")
+    assert store.db.get(_NO_LEGACY) is not None
+    old_value = msgspec.json.encode(CommandRecord("f" * 32, Status.APPLIED, None, 5))
+    store.restore([(balance_key("a", "USD"), b"[1,0,1,0]"), (b"c|x-1", old_value)], 2)
+    assert store.db.get(_NO_LEGACY) is None
+    assert store.command("anyone", "x-1") is not None
+    store.close()
+    again = ShardStore(tmp_path / "shard", "cl")
+    assert again.command("anyone", "x-1") is not None
+    again.wipe()  # empty again: marked again
+    assert again.db.get(_NO_LEGACY) is not None and again.command("anyone", "x-1") is None
 
 
 def test_a_legacy_record_decodes_as_the_old_engine_wrote_it(tmp_path: Path) -> None:
