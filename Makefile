@@ -133,8 +133,9 @@ chaos-cluster: $(STAMP) ## Long chaos run on the 3-broker Kafka cluster and the 
 demo: $(STAMP) services ## Run the main job against the local services and print its summary
 	$(VENV)/bin/tally demo
 
-bench: $(STAMP) services ## Run the benchmarks (engine, failover, sinks, HTTP, recovery, replay, audit, reads, notify) and print their numbers
+bench: $(STAMP) services ## Run the benchmarks (engine, decide, failover, sinks, HTTP, recovery, replay, audit, reads, notify) and print their numbers
 	$(VENV)/bin/tally bench engine --count $(BENCH_COUNT)
+	$(VENV)/bin/tally bench decide --count $(BENCH_COUNT)
 	$(VENV)/bin/tally bench failover --fault kill --report reports/bench-failover-kill.json
 	$(VENV)/bin/tally bench failover --fault term --report reports/bench-failover-term.json
 	$(VENV)/bin/tally bench sinks --events $(BENCH_COUNT)

@@ -357,6 +357,42 @@ def bench_replay(events: int, report: Path) -> None:
     asyncio.run(job.run(settings, count=events, report=report))
 
 
+@bench.command(name="decide")
+@click.option("--count", default=20_000, show_default=True, type=click.IntRange(1000, 2_000_000))
+@click.option("--partitions", default=8, show_default=True, type=click.IntRange(1, 256))
+@click.option(
+    "--instructions",
+    is_flag=True,
+    help="Count the instructions per record under valgrind's cachegrind (slow: about "
+    "50 times the run), a figure that repeats on a noisy machine.",
+)
+@click.option("--setup-only", is_flag=True, hidden=True)  # the baseline --instructions runs
+@click.option(
+    "--report",
+    default="reports/bench-decide.json",
+    show_default=True,
+    help="Where the JSON report goes ('' for none).",
+)
+def bench_decide(
+    count: int, partitions: int, instructions: bool, setup_only: bool, report: str
+) -> None:
+    """The engine's per-record work alone, no Kafka: COUNT commands of the engine bench's
+    workload decided shard by shard against RocksDB stores, their changelog built and
+    flushed; CPU per record, or with --instructions the instructions per record."""
+    from bench import decide as job
+
+    sys.exit(
+        job.main(
+            read_settings(),
+            count=count,
+            partitions=partitions,
+            instructions=instructions,
+            setup_only=setup_only,
+            report=Path(report) if report else None,
+        )
+    )
+
+
 @bench.command(name="recovery")
 @click.option(
     "--balances", default=1_000_000, show_default=True, type=click.IntRange(1000, 10_000_000)
