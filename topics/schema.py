@@ -161,7 +161,8 @@ class _Base(
     metadata: Metadata | None = None
 
     def __post_init__(self) -> None:
-        _bounded_metadata(self.metadata)
+        if self.metadata is not None:  # most commands carry none: no call then
+            _bounded_metadata(self.metadata)
 
 
 class _Command(_Base, frozen=True):
