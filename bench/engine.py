@@ -62,6 +62,9 @@ latency_seconds = 10
 # the paced latency.
 latency_settle_seconds = 3
 raw_pipe_timeout_s = 300.0
+# How often the CPU of the workers, the broker and the bench is read during the drain
+# (/proc counts in 10 ms ticks).
+cpu_sample_s = 0.1
 ENGINE_COLUMNS = (
     Column("run", 22),
     Column("commands/s", 12, ",.0f"),
@@ -85,8 +88,9 @@ class EngineResult:
     latency_p50_ms: float
     latency_p99_ms: float
     latency_samples: int
-    # CPU the worker processes used from ready to the last result, and commands per CPU
-    # second: steadier than wall time on a shared, noisy machine.
+    # CPU the worker processes used over the rate's window (ready or first result, to the
+    # last result), and commands per CPU second: steadier than wall time on a shared,
+    # noisy machine (though not steady: it moved by a third within an hour there).
     worker_cpu_s: float
     commands_per_cpu_s: float
     # The share of the drain the workers spent waiting for their transaction in flight,
@@ -141,25 +145,28 @@ async def engine_phase(
     expected = expected_counts(r.command_id for r in work.records)
     collector = Collector(settings.kafka_bootstrap, proc.topics)
     await collector.start(from_end=False)
+    broker = local_broker(settings)
+    clock = CpuClock(lambda: [*(_cpu_s(p) for p in procs), _cpu_of(broker), time.process_time()])
     try:
         say(f"[{guarantee}] starting {workers} engine worker(s) in one group on the backlog")
+        # Sampled from before the workers start: the first of them drains while the
+        # others start, and the window begins with the first result if that is sooner.
+        clock.start()
         await asyncio.gather(*(p.start() for p in procs))
         ready_at = time.monotonic()
-        cpu_at_start = sum(_cpu_s(p) for p in procs)
-        broker = local_broker(settings)
-        broker_at_start, bench_at_start = _cpu_of(broker), time.process_time()
         wait_at_start = sum(await asyncio.gather(*(_commit_wait_s(p) for p in procs)))
         done = all_answered(expected)
         if not await collector.wait_for(done, timeout_s=drain_timeout_s, say=say):
             raise BenchError(f"engine did not drain {count} commands in {drain_timeout_s}s")
-        worker_cpu_s = sum(_cpu_s(p) for p in procs) - cpu_at_start
-        broker_cpu_s = _cpu_of(broker) - broker_at_start
-        bench_cpu_s = time.process_time() - bench_at_start
         wait_s = sum(await asyncio.gather(*(_commit_wait_s(p) for p in procs))) - wait_at_start
+        await clock.stop()
         results = collector.results
         client_times = [results.received_at[i] for i in expected]
         first = min(ready_at, *results.received_at.values())
         drain_s = max(max(client_times) - first, 1e-9)
+        # CPU over the same window as the rate.
+        used = clock.between(first, max(client_times))
+        worker_cpu_s, broker_cpu_s, bench_cpu_s = sum(used[:workers]), used[-2], used[-1]
         applied_rate = len(client_times) / drain_s
         results_rate = results.count / max(results.last_at - first, 1e-9)
         say(
@@ -201,6 +208,50 @@ async def engine_phase(
 async def _commit_wait_s(proc: EngineProcess) -> float:
     """The worker's time so far waiting for its transaction in flight (/readyz)."""
     return float((await proc.readyz()).get("commit_wait_s", 0.0))
+
+
+class CpuClock:
+    """CPU seconds of some processes (`read` gives each one's so far), sampled every
+    cpu_sample_s from `start` to `stop`, so that they can be read over a window known
+    only afterwards (`between`). A process not started yet reads NaN and counts 0."""
+
+    def __init__(self, read: Callable[[], list[float]]) -> None:
+        self.read = read
+        self.samples: list[tuple[float, list[float]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        values = [0.0 if math.isnan(v) else v for v in self.read()]
+        self.samples.append((time.monotonic(), values))
+
+    def start(self) -> None:
+        self.sample()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(cpu_sample_s)
+            self.sample()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.sample()
+
+    def between(self, start: float, end: float) -> list[float]:
+        """Each process's CPU seconds from `start` to `end` (monotonic), from the samples
+        around each end, interpolated."""
+        return [b - a for a, b in zip(self._at(start), self._at(end), strict=True)]
+
+    def _at(self, when: float) -> list[float]:
+        samples = self.samples
+        before = max((s for s in samples if s[0] <= when), default=samples[0], key=lambda s: s[0])
+        after = min((s for s in samples if s[0] >= when), default=samples[-1], key=lambda s: s[0])
+        if after[0] <= before[0]:
+            return list(after[1])
+        share = (when - before[0]) / (after[0] - before[0])
+        return [a + (b - a) * share for a, b in zip(before[1], after[1], strict=True)]
 
 
 def _cpu_s(proc: EngineProcess) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.engine import local_broker, pid_cpu_s
+from bench.engine import CpuClock, local_broker, pid_cpu_s
 from core.settings import Settings
 from harness.cluster import local_broker_pid
 from harness.faults import FaultUnavailable
@@ -78,3 +78,19 @@ def test_a_pidfile_of_some_other_process_is_no_broker(
 def test_no_pidfile_is_no_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TALLY_CACHE_DIR", str(tmp_path))
     assert local_broker(Settings()) is None
+
+
+def test_cpu_is_read_over_the_window_the_rate_is_taken_over() -> None:
+    """The drain's window is known only afterwards (it may begin with the first result,
+    before every worker is ready): the CPU samples around each end are interpolated, and
+    a process not started yet (NaN) counts as having used nothing."""
+    readings = iter([[math.nan, 5.0], [1.0, 5.5], [3.0, 6.0]])
+    clock = CpuClock(lambda: next(readings))
+    for at in (0.0, 1.0, 2.0):
+        clock.sample()
+        clock.samples[-1] = (at, clock.samples[-1][1])
+    assert clock.samples[0][1] == [0.0, 5.0]
+    assert clock.between(0.5, 1.5) == pytest.approx([1.5, 0.5])
+    assert clock.between(0.0, 2.0) == pytest.approx([3.0, 1.0])
+    # Outside the samples: the nearest one.
+    assert clock.between(-1.0, 5.0) == pytest.approx([3.0, 1.0])
