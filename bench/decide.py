@@ -1,6 +1,7 @@
 """`tally bench decide`: the engine's per-record work alone, with no Kafka and no clock
-but the process's own: the seeded workload of `tally bench engine`, split by shard as
-the commands topic would hold it, each shard's records decided (`streams.records`) as
+but the process's own: the seeded workload generator of `tally bench engine` (the same
+mix and accounts per command, but with its expiring holds left in and at time 0), split
+by shard as the commands topic would hold it, each shard's records decided (`streams.records`) as
 one batch against a real RocksDB `ShardStore`, its changelog built, its outputs'
 sizes checked and the batch flushed to RocksDB, as a worker does with a poll.
 
@@ -37,7 +38,7 @@ from topics.names import deployment_topics
 from topics.shard import shard_of
 
 seed = 1
-# The engine bench's workload: one account per 20 commands.
+# As the engine bench's workload: one account per 20 commands.
 commands_per_account = 20
 
 

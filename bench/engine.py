@@ -183,6 +183,7 @@ async def engine_phase(
         finally:
             gc.unfreeze()
     finally:
+        await clock.stop()  # again after a drain, harmless; after a failure, not left running
         await collector.stop()
         await asyncio.gather(*(p.stop() for p in procs))
         await scratch.drop()

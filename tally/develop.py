@@ -377,7 +377,7 @@ def bench_decide(
     count: int, partitions: int, instructions: bool, setup_only: bool, report: str
 ) -> None:
     """The engine's per-record work alone, no Kafka: COUNT commands of the engine bench's
-    workload decided shard by shard against RocksDB stores, their changelog built and
+    workload generator decided shard by shard against RocksDB stores, their changelog built and
     flushed; CPU per record, or with --instructions the instructions per record."""
     from bench import decide as job
 
